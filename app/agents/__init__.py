@@ -1,0 +1,1 @@
+"""The agents: one module per job, each named for what it does."""

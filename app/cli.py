@@ -1,0 +1,297 @@
+"""The `loopai` command: topics, tasks, artifacts, a worker, sending and tailing, and `dev` (everything on
+an embedded broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from app.client import follow, request_from, send_requests
+from app.control import ControlError, ControlPlane
+from app.domain.programs import ProgramRejected
+from app.kafka import apply_topics
+from app.records import ExecutionRequest, TaskExample, TaskSpec, utc_now
+from app.settings import ConfigError, Settings, describe_validation_error
+from app.topics import topics_for
+
+T = TypeVar("T")
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except (ControlError, ProgramRejected, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except ValidationError as exc:
+        raise click.ClickException(describe_validation_error(exc, "field")) from exc
+
+
+def _settings(ctx: click.Context) -> Settings:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    if "settings" not in obj:
+        try:
+            obj["settings"] = Settings.load(obj.get("config"), **obj.get("overrides", {}))
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from exc
+    settings: Settings = obj["settings"]
+    return settings
+
+
+def _json_file(path: Path | None) -> Any:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise click.BadParameter(f"{path}: {exc}") from exc
+
+
+@click.group()
+@click.option("--config", type=click.Path(path_type=Path, exists=True), help="YAML settings file.")
+@click.option("--bootstrap-servers", help="Kafka bootstrap servers (LOOPAI_BOOTSTRAP_SERVERS).")
+@click.option("--topic-prefix", help="Topic name prefix (LOOPAI_TOPIC_PREFIX).")
+@click.pass_context
+def cli(ctx: click.Context, config: Path | None, bootstrap_servers: str | None, topic_prefix: str | None) -> None:
+    """loopai-stream: run LLM-written programs on a Kafka stream, in a sandbox."""
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config
+    ctx.obj["overrides"] = {"bootstrap_servers": bootstrap_servers, "topic_prefix": topic_prefix}
+
+
+@cli.group()
+def topics() -> None:
+    """Topic administration."""
+
+
+@topics.command("apply")
+@click.pass_context
+def topics_apply(ctx: click.Context) -> None:
+    """Create the topics of topics/topics.yaml that are missing (idempotent)."""
+    settings = _settings(ctx)
+    for outcome in _run(apply_topics(settings, topics_for(settings.topic_prefix))):
+        click.echo(f"{'created' if outcome.created else 'exists '} {outcome.name} ({outcome.detail})")
+
+
+@cli.group()
+def task() -> None:
+    """Tasks: what a program is for, its contract and targets."""
+
+
+@task.command("create")
+@click.argument("name")
+@click.option("--description", default="")
+@click.option("--input-schema", type=click.Path(path_type=Path, exists=True), help="JSON Schema file.")
+@click.option("--output-schema", type=click.Path(path_type=Path, exists=True), help="JSON Schema file.")
+@click.option("--examples", type=click.Path(path_type=Path, exists=True),
+              help="JSON file: a list of {input, expected_output}.")
+@click.option("--accuracy-target", type=float, default=0.9)
+@click.option("--latency-target-ms", type=float, default=10.0)
+@click.option("--sampling-rate", type=float, default=0.05)
+@click.pass_context
+def task_create(ctx: click.Context, name: str, description: str, input_schema: Path | None,
+                output_schema: Path | None, examples: Path | None, accuracy_target: float,
+                latency_target_ms: float, sampling_rate: float) -> None:
+    """Create (or update) a task."""
+    spec = TaskSpec(
+        name=name, description=description, input_schema=_json_file(input_schema),
+        output_schema=_json_file(output_schema),
+        examples=[TaskExample.model_validate(e) for e in (_json_file(examples) or [])],
+        accuracy_target=accuracy_target, latency_target_ms=latency_target_ms, sampling_rate=sampling_rate,
+        updated_at=utc_now(),
+    )
+
+    async def go() -> TaskSpec:
+        async with ControlPlane(_settings(ctx)) as control:
+            return await control.put_task(spec)
+
+    try:
+        saved = _run(go())
+    except ValidationError as exc:
+        raise click.ClickException(describe_validation_error(exc, "field")) from exc
+    click.echo(f"task {saved.name} saved (active version: {saved.active_version or 'none'})")
+
+
+@task.command("show")
+@click.argument("name")
+@click.pass_context
+def task_show(ctx: click.Context, name: str) -> None:
+    """Print a task as JSON."""
+
+    async def go() -> TaskSpec:
+        async with ControlPlane(_settings(ctx)) as control:
+            return control.task(name)
+
+    click.echo(_run(go()).model_dump_json(indent=2))
+
+
+@task.command("list")
+@click.pass_context
+def task_list(ctx: click.Context) -> None:
+    """List tasks and their active versions."""
+
+    async def go() -> list[TaskSpec]:
+        async with ControlPlane(_settings(ctx)) as control:
+            return sorted(control.tables.tasks.values(), key=lambda t: t.name)
+
+    for spec in _run(go()):
+        click.echo(f"{spec.name}\tactive={spec.active_version or '-'}\tsampling={spec.sampling_rate}")
+
+
+@cli.group()
+def artifact() -> None:
+    """Program artifacts: the versions of a task's program."""
+
+
+@artifact.command("publish")
+@click.argument("task_id")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--version", type=int, help="Version number (default: the next one).")
+@click.option("--activate", is_flag=True, help="Make it the active version.")
+@click.option("--strategy", default="manual", type=click.Choice(["manual", "rule", "ml", "hybrid"]))
+@click.option("--confidence", type=float)
+@click.option("--llm-provider")
+@click.option("--llm-model")
+@click.pass_context
+def artifact_publish(ctx: click.Context, task_id: str, file: Path, version: int | None, activate: bool,
+                     strategy: str, confidence: float | None, llm_provider: str | None,
+                     llm_model: str | None) -> None:
+    """Publish FILE (Python defining run(input)) as a version of TASK_ID."""
+
+    async def go() -> Any:
+        async with ControlPlane(_settings(ctx)) as control:
+            return await control.publish(
+                task_id, file.read_text(), version=version, activate=activate, synthesis_strategy=strategy,
+                confidence=confidence, llm_provider=llm_provider, llm_model=llm_model,
+            )
+
+    published = _run(go())
+    state = "active" if activate else "inactive"
+    click.echo(f"published {task_id} v{published.version} ({published.program_id}, {state})")
+
+
+@artifact.command("activate")
+@click.argument("task_id")
+@click.argument("version", type=int)
+@click.pass_context
+def artifact_activate(ctx: click.Context, task_id: str, version: int) -> None:
+    """Make VERSION the active one (also rolls back)."""
+
+    async def go() -> TaskSpec:
+        async with ControlPlane(_settings(ctx)) as control:
+            return await control.activate(task_id, version)
+
+    _run(go())
+    click.echo(f"{task_id}: version {version} is active")
+
+
+@artifact.command("list")
+@click.argument("task_id")
+@click.pass_context
+def artifact_list(ctx: click.Context, task_id: str) -> None:
+    """List the versions of a task."""
+
+    async def go() -> tuple[TaskSpec, list[Any]]:
+        async with ControlPlane(_settings(ctx)) as control:
+            spec = control.task(task_id)
+            return spec, sorted(control.tables.artifacts.versions_of(task_id).values(), key=lambda a: a.version)
+
+    spec, versions = _run(go())
+    for a in versions:
+        mark = "*" if a.version == spec.active_version else " "
+        click.echo(f"{mark} v{a.version}\t{a.program_id}\t{a.created_at:%Y-%m-%d %H:%M:%S}\t{a.status.value}")
+
+
+@cli.command()
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run a worker against the configured broker until interrupted."""
+    from app.worker import run_worker
+
+    run_worker(_settings(ctx))
+
+
+@cli.command()
+@click.argument("task_id", required=False)
+@click.option("--input", "inputs", multiple=True, help="A JSON object; repeat for more requests.")
+@click.option("--file", "jsonl", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="JSONL file of whole requests (request_id may be omitted).")
+@click.option("--version", type=int, help="Pin a program version.")
+@click.pass_context
+def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl: Path | None,
+         version: int | None) -> None:
+    """Produce execution requests."""
+    requests: list[ExecutionRequest] = []
+    try:
+        for text in inputs:
+            if task_id is None:
+                raise click.UsageError("TASK_ID is needed with --input")
+            requests.append(request_from(task_id, json.loads(text), version=version))
+        if jsonl is not None:
+            for number, line in enumerate(jsonl.read_text().splitlines(), 1):
+                if line.strip():
+                    fields = json.loads(line)
+                    if task_id and "task_id" not in fields:
+                        fields["task_id"] = task_id
+                    requests.append(request_from(fields.pop("task_id", ""), fields.pop("input", None), **fields))
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from exc
+    except ValidationError as exc:
+        raise click.ClickException(describe_validation_error(exc, "request field")) from exc
+    if not requests:
+        raise click.UsageError("nothing to send: give --input or --file")
+    count = _run(send_requests(_settings(ctx), requests))
+    click.echo(f"sent {count} request(s)")
+
+
+@cli.command()
+@click.argument("topic")
+@click.option("--from-beginning/--from-end", default=True)
+@click.option("--idle-exit", type=float, help="Exit after this many seconds without records.")
+@click.pass_context
+def tail(ctx: click.Context, topic: str, from_beginning: bool, idle_exit: float | None) -> None:
+    """Follow TOPIC (e.g. results, requests, dead_letters) and print each record as JSON."""
+    settings = _settings(ctx)
+    try:
+        spec = topics_for(settings.topic_prefix).by_name(topic)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0])) from exc
+
+    async def go() -> None:
+        async for tp, offset, record in follow(settings, spec, from_beginning, idle_exit):
+            if isinstance(record, Exception):
+                click.echo(f"# {tp.partition}:{offset} undecodable: {record}", err=True)
+            else:
+                click.echo(record.model_dump_json())
+
+    try:
+        _run(go())
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command()
+@click.option("--duration", type=float, default=20.0, help="Seconds of traffic (0: until Ctrl-C).")
+@click.option("--rate", type=float, default=20.0, help="Requests per second.")
+def dev(duration: float, rate: float) -> None:
+    """Everything on an embedded broker: topics, sample programs, a worker, traffic, live results."""
+    from app.dev import run_dev
+
+    try:
+        sys.exit(asyncio.run(run_dev(duration, rate)))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted; stopped", err=True)
+
+
+def main() -> None:
+    cli(prog_name="loopai")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Client side of the loop: produce execution requests, follow a topic decoded."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from app.codecs import DecodeError, codec_for
+from app.kafka import BatchSender, make_consumer, make_producer, partition_for
+from app.records import ExecutionRequest, Record
+from app.settings import Settings
+from app.topics import TopicSpec, topics_for
+
+
+class RequestSender:
+    """Produces requests, partitioned by task_id. Use as `async with RequestSender(settings) as sender:`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._spec = topics_for(settings.topic_prefix).execution_requests
+        self._codec = codec_for(ExecutionRequest, settings.wire_format)
+        self._settings = settings
+        self._producer: AIOKafkaProducer
+        self._partitions = 0
+
+    async def __aenter__(self) -> RequestSender:
+        self._producer = make_producer(self._settings)
+        await self._producer.start()
+        self._partitions = len(await self._producer.partitions_for(self._spec.name))
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._producer.stop()
+
+    async def send(self, requests: Iterable[ExecutionRequest]) -> int:
+        """Send requests and wait for the broker's acknowledgement; returns how many."""
+        sender = BatchSender(self._producer)
+        count = 0
+        for request in requests:
+            key = request.task_id.encode()
+            await sender.add(self._spec.name, partition_for(key, self._partitions), key,
+                             self._codec.encode(request))
+            count += 1
+        await asyncio.gather(*await sender.flush())
+        return count
+
+
+async def send_requests(settings: Settings, requests: Iterable[ExecutionRequest]) -> int:
+    """Send requests with a producer of their own."""
+    async with RequestSender(settings) as sender:
+        return await sender.send(requests)
+
+
+async def follow(
+    settings: Settings, spec: TopicSpec, from_beginning: bool = True, idle_timeout_s: float | None = None
+) -> AsyncIterator[tuple[TopicPartition, int, Record | DecodeError]]:
+    """Yield (partition, offset, record) from a topic; undecodable values come as the DecodeError.
+    Stops after idle_timeout_s without new records, if given."""
+    codec = codec_for(spec.record, settings.wire_format)
+    consumer = make_consumer(settings, auto_offset_reset="earliest" if from_beginning else "latest")
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
+        consumer.assign(partitions)
+        if from_beginning:
+            await consumer.seek_to_beginning(*partitions)
+        else:
+            await consumer.seek_to_end(*partitions)
+        idle = 0.0
+        while True:
+            batches = await consumer.getmany(timeout_ms=200)
+            if not batches:
+                idle += 0.2
+                if idle_timeout_s is not None and idle >= idle_timeout_s:
+                    return
+                continue
+            idle = 0.0
+            for tp, messages in batches.items():
+                for message in messages:
+                    try:
+                        yield tp, message.offset, codec.decode(message.value)
+                    except DecodeError as exc:
+                        yield tp, message.offset, exc
+    finally:
+        await consumer.stop()
+
+
+def request_from(task_id: str, value: dict[str, Any], **fields: Any) -> ExecutionRequest:
+    """A request with a fresh request_id, stamped now."""
+    import uuid
+
+    from app.records import utc_now
+
+    return ExecutionRequest(
+        request_id=fields.pop("request_id", None) or str(uuid.uuid4()),
+        task_id=task_id,
+        input=value,
+        requested_at=utc_now(),
+        **fields,
+    )

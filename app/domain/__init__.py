@@ -1,0 +1,1 @@
+"""Pure logic with no Kafka and no faust: programs, request resolution, sampling."""

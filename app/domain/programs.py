@@ -1,0 +1,155 @@
+"""The program contract and its static checks: what an artifact's source may contain and how it is compiled.
+
+A program is Python source defining `run(input: dict) -> object`; the return value must be JSON-serialisable.
+It may import only ALLOWED_MODULES and sees a reduced set of builtins. These checks are the inner layer of
+the sandbox; the outer layer (a separate process with OS limits, see app/sandbox) is what contains a program
+that gets past them.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import importlib
+import types
+from collections.abc import Callable
+from typing import Any
+
+from app.records import ComplexityMetrics
+
+ALLOWED_MODULES = frozenset(
+    {
+        "bisect", "cmath", "collections", "datetime", "decimal", "difflib", "fractions", "hashlib",
+        "heapq", "itertools", "json", "math", "random", "re", "statistics", "textwrap", "unicodedata",
+        "base64", "functools",
+    }
+)
+# Public names that still lead somewhere a program must not go (e.g. eval of annotation strings).
+_WITHHELD_MODULE_NAMES = {"functools": {"singledispatch", "singledispatchmethod"}}
+
+# Attributes that reach frames, code objects or globals without a leading underscore.
+_FORBIDDEN_ATTRIBUTES = frozenset(
+    {
+        "gi_frame", "gi_code", "gi_yieldfrom", "cr_frame", "cr_code", "cr_await", "ag_frame", "ag_code",
+        "f_globals", "f_locals", "f_builtins", "f_back", "f_code", "tb_frame", "tb_next", "co_code",
+        "func_globals", "mro", "format_map",
+    }
+)
+_FORBIDDEN_NAMES = frozenset(
+    {
+        "eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "globals", "locals", "vars",
+        "breakpoint", "help", "memoryview", "exit", "quit", "dir",
+    }
+)
+_SAFE_BUILTIN_NAMES = (
+    "abs all any ascii bin bool bytearray bytes callable chr classmethod complex dict divmod enumerate "
+    "filter float format frozenset hasattr hash hex id int isinstance issubclass iter len list map max min "
+    "next object oct ord pow property range repr reversed round set slice sorted staticmethod str sum super tuple "
+    "type zip True False None NotImplemented Ellipsis __build_class__"
+).split()
+
+
+class ProgramRejected(ValueError):
+    """Source that breaks the program contract; the message lists every problem with its line."""
+
+
+def check_source(source: str) -> ast.Module:
+    """Parse and statically check a program. Returns the tree, or raises ProgramRejected."""
+    try:
+        tree = ast.parse(source, filename="<program>")
+    except SyntaxError as exc:
+        raise ProgramRejected(f"syntax error at line {exc.lineno}: {exc.msg}") from exc
+    problems: list[str] = []
+
+    def problem(node: ast.AST, text: str) -> None:
+        problems.append(f"line {getattr(node, 'lineno', '?')}: {text}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name not in ALLOWED_MODULES:
+                    problem(node, f"import of {alias.name!r} is not allowed")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level or node.module not in ALLOWED_MODULES:
+                problem(node, f"import from {node.module!r} is not allowed")
+            elif any(alias.name == "*" for alias in node.names):
+                problem(node, "star imports are not allowed")
+        elif isinstance(node, ast.Attribute):
+            if node.attr.startswith("_") or node.attr in _FORBIDDEN_ATTRIBUTES:
+                problem(node, f"attribute {node.attr!r} is not allowed")
+        elif isinstance(node, ast.Name):
+            if node.id.startswith("__") or node.id in _FORBIDDEN_NAMES:
+                problem(node, f"name {node.id!r} is not available to programs")
+        elif isinstance(node, ast.alias) and node.asname and node.asname.startswith("__"):
+            problem(node, f"name {node.asname!r} is not allowed")
+    if not any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body):
+        problems.append("no top-level function `run(input)` is defined")
+    if problems:
+        raise ProgramRejected("; ".join(problems))
+    return tree
+
+
+def complexity_of(source: str) -> ComplexityMetrics:
+    """Lines of code and cyclomatic complexity (1 + decision points) of a program."""
+    tree = ast.parse(source)
+    decisions = 0
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If | ast.For | ast.While | ast.IfExp | ast.ExceptHandler | ast.match_case):
+            decisions += 1
+        elif isinstance(node, ast.BoolOp):
+            decisions += len(node.values) - 1
+        elif isinstance(node, ast.comprehension):
+            decisions += 1 + len(node.ifs)
+    lines = [ln for ln in source.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return ComplexityMetrics(lines_of_code=len(lines), cyclomatic_complexity=1 + decisions)
+
+
+def _public_namespace(name: str) -> types.SimpleNamespace:
+    """A module's public, non-module attributes: `re.enum`, `random.os` and the like are left out."""
+    module = importlib.import_module(name)
+    withheld = _WITHHELD_MODULE_NAMES.get(name, set())
+    return types.SimpleNamespace(
+        **{
+            key: value
+            for key, value in vars(module).items()
+            if not key.startswith("_") and not isinstance(value, types.ModuleType) and key not in withheld
+        }
+    )
+
+
+class ProgramCompiler:
+    """Compiles checked programs against the restricted builtins. Build it once per sandbox process:
+    it imports every allowed module up front, so programs never make the process open files."""
+
+    def __init__(self) -> None:
+        self._modules = {name: _public_namespace(name) for name in ALLOWED_MODULES}
+        safe: dict[str, Any] = {name: getattr(builtins, name) for name in _SAFE_BUILTIN_NAMES}
+        safe.update(
+            {
+                name: value
+                for name, value in vars(builtins).items()
+                if isinstance(value, type) and issubclass(value, BaseException)
+            }
+        )
+        safe["print"] = lambda *args, **kwargs: None
+        safe["__import__"] = self._import
+        self._builtins = safe
+
+    def _import(self, name: str, globals_: Any = None, locals_: Any = None, fromlist: Any = (), level: int = 0) -> Any:
+        if level or name not in self._modules:
+            raise ImportError(f"import of {name!r} is not allowed")
+        return self._modules[name]
+
+    def compile(self, source: str) -> Callable[[dict[str, Any]], Any]:
+        """Check, compile and load a program; returns its `run` function. Raises ProgramRejected."""
+        tree = check_source(source)
+        code = compile(tree, "<program>", "exec")
+        namespace: dict[str, Any] = {"__builtins__": self._builtins, "__name__": "program"}
+        try:
+            exec(code, namespace)
+        except Exception as exc:
+            raise ProgramRejected(f"program failed while loading: {type(exc).__name__}: {exc}") from exc
+        run = namespace.get("run")
+        if not callable(run):
+            raise ProgramRejected("`run` is not a function")
+        return run  # type: ignore[no-any-return]

@@ -1,0 +1,130 @@
+"""Kafka plumbing shared by every process: client factories, explicit partitioning, batched sends,
+and idempotent topic creation from the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
+
+from app.settings import Settings
+from app.topics import Topics, TopicSpec
+
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=65536)
+def partition_for(key: bytes, partitions: int) -> int:
+    """Kafka's default partition for a key (murmur2), cached: the pure-Python hash is costly per record."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def make_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """A producer: acks=all, no idempotence (the embedded broker rejects InitProducerId v0)."""
+    args: dict[str, Any] = {
+        **settings.kafka_client_args(),
+        "acks": "all",
+        "linger_ms": 0,
+        "max_batch_size": 1 << 20,
+        "max_request_size": 4 << 20,
+        "enable_idempotence": False,
+    }
+    args.update(overrides)
+    return AIOKafkaProducer(**args)
+
+
+def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer that reads from the earliest offset and never commits unless told to."""
+    args: dict[str, Any] = {
+        **settings.kafka_client_args(),
+        "auto_offset_reset": "earliest",
+        "enable_auto_commit": False,
+        "max_partition_fetch_bytes": 4 << 20,
+        "fetch_max_bytes": 16 << 20,
+    }
+    args.update(overrides)
+    return AIOKafkaConsumer(*topics, **args)
+
+
+class BatchSender:
+    """Accumulates records per partition and sends them as record batches (send_batch), which costs far
+    less per record than send(). flush() returns the futures of the broker's acknowledgements."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._batches: dict[tuple[str, int], Any] = {}
+        self._futures: list[asyncio.Future[Any]] = []
+
+    async def add(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
+        slot = (topic, partition)
+        batch = self._batches.get(slot)
+        if batch is None:
+            batch = self._batches[slot] = self._producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            # Batch full: ship it and start the next one.
+            await self._ship(slot, batch)
+            batch = self._batches[slot] = self._producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"record of {len(value)} bytes does not fit a batch for {topic}")
+
+    async def _ship(self, slot: tuple[str, int], batch: Any) -> None:
+        batch.close()
+        self._futures.append(await self._producer.send_batch(batch, slot[0], partition=slot[1]))
+
+    async def flush(self) -> list[asyncio.Future[Any]]:
+        """Send every open batch; the returned futures resolve when the broker has acknowledged them."""
+        for slot, batch in self._batches.items():
+            if batch.record_count():
+                await self._ship(slot, batch)
+        self._batches.clear()
+        futures, self._futures = self._futures, []
+        return futures
+
+
+@dataclass(frozen=True)
+class TopicOutcome:
+    name: str
+    created: bool
+    detail: str
+
+
+async def apply_topics(settings: Settings, topics: Topics) -> list[TopicOutcome]:
+    """Create every registered topic that is missing; existing ones are reported, not changed."""
+    admin = AIOKafkaAdminClient(**settings.kafka_client_args())
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        outcomes = []
+        missing: list[TopicSpec] = []
+        for spec in topics.all():
+            if spec.name in existing:
+                outcomes.append(TopicOutcome(spec.name, False, "exists"))
+            else:
+                missing.append(spec)
+        if missing:
+            new = [
+                NewTopic(s.name, s.partitions, settings.replication_factor, topic_configs=s.config)
+                for s in missing
+            ]
+            response = await admin.create_topics(new)
+            for name, code, message in _topic_errors(response):
+                # 36: created concurrently by another process, which is the outcome we wanted.
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise RuntimeError(f"cannot create topic {name}: error {code}: {message}")
+            for s in missing:
+                configs = ", ".join(f"{k}={v}" for k, v in s.config.items())
+                outcomes.append(TopicOutcome(s.name, True, f"{s.partitions} partitions, {configs}"))
+        return outcomes
+    finally:
+        await admin.close()
+
+
+def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
+    return [(err[0], err[1], err[2] if len(err) > 2 else None) for err in response.topic_errors]

@@ -1,0 +1,150 @@
+"""The record models: pydantic mirrors of schemas/*.avsc, one to one (tests/test_records.py proves it).
+
+Fields typed `JsonValue` are JSON strings on the Avro wire (logicalType "json") and nested JSON in the
+JSON wire format.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+JsonValue = Any
+TaskName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
+NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+
+_EXECUTION_NAMESPACE = uuid.UUID("6f0d6a52-8d0b-4f57-9a55-1f0f5d6c2a11")
+
+
+def utc_now() -> datetime:
+    """Now, in UTC, at millisecond precision (what timestamp-millis keeps)."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def execution_id_for(task_id: str, request_id: str) -> str:
+    """Deterministic execution id: a redelivered request gets the same id."""
+    return str(uuid.uuid5(_EXECUTION_NAMESPACE, f"{task_id}/{request_id}"))
+
+
+class Record(BaseModel):
+    """Common config: unknown fields are errors, bytes travel as base64 in JSON."""
+
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class ExecutionStatus(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    REJECTED = "rejected"
+
+
+class SynthesisStrategy(StrEnum):
+    MANUAL = "manual"
+    RULE = "rule"
+    ML = "ml"
+    HYBRID = "hybrid"
+
+
+class ProgramStatus(StrEnum):
+    DRAFT = "draft"
+    VALIDATED = "validated"
+    DEPRECATED = "deprecated"
+
+
+class ExecutionRequest(Record):
+    """A request to run a task's program on one input."""
+
+    request_id: NonEmpty
+    task_id: NonEmpty
+    version: Annotated[int, Field(gt=0)] | None = None
+    input: dict[str, JsonValue]
+    force_validation: bool = False
+    timeout_ms: Annotated[int, Field(ge=1, le=60_000)] | None = None
+    expected_output: JsonValue = None
+    requested_at: datetime | None = None
+
+
+class ExecutionResult(Record):
+    """The one result of one request."""
+
+    execution_id: str
+    request_id: str
+    task_id: str
+    program_id: str | None = None
+    version: int | None = None
+    status: ExecutionStatus
+    output: JsonValue = None
+    error_message: str | None = None
+    latency_ms: float = 0.0
+    memory_usage_mb: float | None = None
+    sampled_for_validation: bool = False
+    executed_at: datetime
+    worker_id: str
+
+
+class ComplexityMetrics(Record):
+    lines_of_code: int
+    cyclomatic_complexity: int
+    estimated_latency_ms: float | None = None
+
+
+class ProgramArtifact(Record):
+    """One version of a task's program."""
+
+    task_id: TaskName
+    version: Annotated[int, Field(gt=0)]
+    program_id: NonEmpty
+    language: str = "python"
+    source_code: NonEmpty
+    synthesis_strategy: SynthesisStrategy = SynthesisStrategy.MANUAL
+    confidence: Annotated[float, Field(ge=0, le=1)] | None = None
+    complexity_metrics: ComplexityMetrics | None = None
+    llm_provider: str | None = None
+    llm_model: str | None = None
+    created_at: datetime
+    status: ProgramStatus = ProgramStatus.DRAFT
+
+
+class TaskExample(Record):
+    input: JsonValue
+    expected_output: JsonValue = None
+
+
+class TaskSpec(Record):
+    """A task: its contract, targets, and which program version serves it."""
+
+    name: TaskName
+    description: Annotated[str, StringConstraints(max_length=5000)] = ""
+    input_schema: dict[str, JsonValue] | None = None
+    output_schema: dict[str, JsonValue] | None = None
+    examples: list[TaskExample] = Field(default_factory=list)
+    accuracy_target: Annotated[float, Field(ge=0, le=1)] = 0.9
+    latency_target_ms: Annotated[float, Field(gt=0)] = 10.0
+    sampling_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    active_version: Annotated[int, Field(gt=0)] | None = None
+    updated_at: datetime
+
+
+class DeadLetter(Record):
+    """A message that could not be decoded or processed."""
+
+    reason: str
+    error_type: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: bytes | None = None
+    value: bytes | None = None
+    worker_id: str
+    dead_lettered_at: datetime
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.__name__: cls for cls in (ExecutionRequest, ExecutionResult, ProgramArtifact, TaskSpec, DeadLetter)
+}

@@ -1,0 +1,1 @@
+"""The sandbox: pre-started executor processes that run untrusted programs under OS limits."""

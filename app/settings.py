@@ -1,0 +1,169 @@
+"""Settings: one object built from LOOPAI_* environment variables and an optional YAML file.
+
+The YAML file may use ${VAR} and ${VAR:-default}; environment variables override the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """Configuration that cannot be used; the message names the field."""
+
+
+def substitute_env(text: str, environ: dict[str, str]) -> str:
+    """Replace ${VAR} and ${VAR:-default} in text; an unset variable without default is an error."""
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"config file refers to ${{{name}}}, which is not set")
+
+    return _VAR.sub(replace, text)
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Everything a loopai process can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOPAI_", extra="forbid", frozen=True)
+
+    # Kafka connection; the security fields pass straight through to the clients.
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    topic_prefix: str = Field("loopai.", pattern=r"^[A-Za-z0-9._-]*$")
+    wire_format: Literal["json", "avro"] = "json"
+    replication_factor: int = Field(1, ge=1)
+
+    worker_id: str = Field(default_factory=_default_worker_id, min_length=1)
+    app_id: str = Field("loopai", min_length=1, description="faust app id; also names the executor group")
+
+    # Executor
+    executor_batch_size: int = Field(1000, ge=1, le=100_000)
+    executor_max_inflight_batches: int = Field(4, ge=1, le=64)
+    default_timeout_ms: int = Field(1000, ge=1, le=60_000)
+
+    # Sandbox
+    sandbox_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    sandbox_memory_mb: int = Field(512, ge=64)
+    sandbox_max_output_bytes: int = Field(1_000_000, ge=1024)
+    sandbox_chunk_size: int = Field(200, ge=1)
+
+    # Group membership; the defaults suit a real cluster, the embedded broker wants them short.
+    session_timeout_s: float = Field(30.0, gt=0)
+    heartbeat_interval_s: float = Field(3.0, gt=0)
+    rebalance_timeout_s: float = Field(30.0, gt=0)
+    commit_interval_s: float = Field(2.0, gt=0)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit arguments win, then the environment; load() passes file values as defaults below both.
+        return init_settings, env_settings
+
+    @classmethod
+    def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:
+        """Build the settings from a YAML file (optional), the environment and overrides.
+
+        Raises ConfigError naming the offending field.
+        """
+        file_values: dict[str, Any] = {}
+        if config_file is not None:
+            try:
+                text = Path(config_file).read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
+            try:
+                loaded = yaml.safe_load(substitute_env(text, dict(os.environ)))
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {config_file} is not valid YAML: {exc}") from exc
+            if loaded is None:
+                loaded = {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {config_file} must hold a mapping of setting: value")
+            file_values = loaded
+        env_set = {name for name in cls.model_fields if f"LOOPAI_{name.upper()}" in os.environ}
+        values = {k: v for k, v in file_values.items() if k not in env_set}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, "setting")) from exc
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as LOOPAI_* variables, to hand to a child process."""
+        env = {}
+        for name, value in self.model_dump(exclude_none=True).items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            env[f"LOOPAI_{name.upper()}"] = str(value)
+        return env
+
+    def kafka_client_args(self) -> dict[str, Any]:
+        """Connection arguments shared by every aiokafka client."""
+        args: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            args["sasl_mechanism"] = self.sasl_mechanism
+            args["sasl_plain_username"] = self.sasl_username
+            args["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            args["ssl_context"] = create_ssl_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            )
+        return args
+
+    def group_args(self) -> dict[str, Any]:
+        """Consumer-group timing arguments for aiokafka consumers."""
+        return {
+            "session_timeout_ms": int(self.session_timeout_s * 1000),
+            "heartbeat_interval_ms": int(self.heartbeat_interval_s * 1000),
+            "rebalance_timeout_ms": int(self.rebalance_timeout_s * 1000),
+        }
+
+
+def describe_validation_error(exc: ValidationError, what: str) -> str:
+    """One line per problem, each naming the field: "invalid setting 'x': reason"."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "(root)"
+        lines.append(f"invalid {what} '{field}': {err['msg']}")
+    return "; ".join(lines)

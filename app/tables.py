@@ -1,0 +1,179 @@
+"""Tables materialised from compacted topics (task specs, program artifacts), read by every worker.
+
+Reads each topic from the beginning to its true end, then follows it live. The true end is the high
+watermark of a real fetch: the embedded broker's ListOffsets(latest) under-reports it (base offset of the
+last record batch + 1), which is also why faust table recovery comes back stale on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from app.codecs import DecodeError, codec_for
+from app.kafka import make_consumer
+from app.records import ProgramArtifact, Record, TaskSpec
+from app.settings import Settings
+from app.topics import TopicSpec
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Record)
+
+
+def artifact_key(task_id: str, version: int) -> str:
+    """The key of one artifact version on the artifacts topic."""
+    return f"{task_id}/{version}"
+
+
+class Table(Generic[R]):
+    """The latest record per key of one compacted topic; a null value (tombstone) deletes the key."""
+
+    def __init__(self, spec: TopicSpec, settings: Settings) -> None:
+        self.spec = spec
+        self._codec = codec_for(spec.record, settings.wire_format)
+        self._rows: dict[str, R] = {}
+        self.skipped = 0
+
+    def apply(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+        if key is None:
+            self.skipped += 1
+            log.error("%s offset %d has no key; skipped", self.spec.name, offset)
+            return
+        name = key.decode("utf-8", "replace")
+        if value is None:
+            self._forget(name)
+            return
+        try:
+            record = self._codec.decode(value)
+        except DecodeError as exc:
+            # Every worker reads this topic, so a dead letter per worker would repeat it; log instead.
+            self.skipped += 1
+            log.error("%s offset %d key %s cannot be decoded; skipped: %s", self.spec.name, offset, name, exc)
+            return
+        self._remember(name, record)
+
+    def _remember(self, key: str, record: R) -> None:
+        self._rows[key] = record
+
+    def _forget(self, key: str) -> None:
+        self._rows.pop(key, None)
+
+    def get(self, key: str) -> R | None:
+        return self._rows.get(key)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def values(self) -> Iterator[R]:
+        return iter(list(self._rows.values()))
+
+
+class ArtifactTable(Table[ProgramArtifact]):
+    """Program artifacts, also indexed by task: versions_of(task) without scanning the table."""
+
+    def __init__(self, spec: TopicSpec, settings: Settings) -> None:
+        super().__init__(spec, settings)
+        self._by_task: dict[str, dict[int, ProgramArtifact]] = {}
+
+    def _remember(self, key: str, record: ProgramArtifact) -> None:
+        super()._remember(key, record)
+        self._by_task.setdefault(record.task_id, {})[record.version] = record
+
+    def _forget(self, key: str) -> None:
+        record = self.get(key)
+        super()._forget(key)
+        if record is not None:
+            self._by_task.get(record.task_id, {}).pop(record.version, None)
+
+    def version(self, task_id: str, version: int) -> ProgramArtifact | None:
+        return self._by_task.get(task_id, {}).get(version)
+
+    def versions_of(self, task_id: str) -> dict[int, ProgramArtifact]:
+        return dict(self._by_task.get(task_id, {}))
+
+
+class TableReader:
+    """One consumer (no group, every partition assigned) feeding the task and artifact tables."""
+
+    def __init__(self, settings: Settings, tasks_spec: TopicSpec, artifacts_spec: TopicSpec) -> None:
+        self._settings = settings
+        self.tasks: Table[TaskSpec] = Table(tasks_spec, settings)
+        self.artifacts = ArtifactTable(artifacts_spec, settings)
+        self._tables: dict[str, Table[TaskSpec] | ArtifactTable] = {
+            tasks_spec.name: self.tasks,
+            artifacts_spec.name: self.artifacts,
+        }
+        self._consumer: AIOKafkaConsumer | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        """Read every table to its true end (follow() then keeps them current)."""
+        self._consumer = make_consumer(self._settings, fetch_max_wait_ms=100)
+        await self._consumer.start()
+        partitions = []
+        for name in self._tables:
+            parts = self._consumer.partitions_for_topic(name)
+            deadline = time.monotonic() + 10
+            while not parts and time.monotonic() < deadline:
+                await self._consumer._client.force_metadata_update()
+                parts = self._consumer.partitions_for_topic(name)
+                if not parts:
+                    await asyncio.sleep(0.2)
+            if not parts:
+                raise RuntimeError(f"topic {name} does not exist; run `loopai topics apply` first")
+            partitions += [TopicPartition(name, p) for p in sorted(parts)]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_beginning(*partitions)
+        await asyncio.wait_for(self._catch_up(partitions), timeout_s)
+        self.ready.set()
+        log.info("tables ready: %d tasks, %d artifacts", len(self.tasks), len(self.artifacts))
+
+    def follow(self) -> None:
+        """Keep applying new records in the background (a live artifact switch lands here)."""
+        self._follower = asyncio.ensure_future(self._follow())
+
+    async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    async def _catch_up(self, partitions: list[TopicPartition]) -> None:
+        while True:
+            await self._poll(timeout_ms=100)
+            if await self._at_end(partitions):
+                return
+
+    async def _at_end(self, partitions: list[TopicPartition]) -> bool:
+        assert self._consumer is not None
+        for tp in partitions:
+            highwater = self._consumer.highwater(tp)
+            if highwater is None or await self._consumer.position(tp) < highwater:
+                return False
+        return True
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                await self._poll(timeout_ms=500)
+            except KafkaError as exc:
+                log.warning("table reader: %s; retrying", exc)
+                await asyncio.sleep(0.5)
+
+    async def _poll(self, timeout_ms: int) -> None:
+        assert self._consumer is not None
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms)
+        for tp, messages in batches.items():
+            table = self._tables[tp.topic]
+            for message in messages:
+                table.apply(message.key, message.value, message.offset)

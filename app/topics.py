@@ -1,0 +1,79 @@
+"""The topic registry: reads topics/topics.yaml, applies the prefix, pairs each topic with its record type.
+
+No other module spells a topic name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import yaml
+
+from app.contract import contract_dir
+from app.records import RECORD_TYPES, Record
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic: its full name, partitions, configs and the record type it carries."""
+
+    key: str
+    name: str
+    partitions: int
+    record: type[Record]
+    config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def compacted(self) -> bool:
+        return "compact" in self.config.get("cleanup.policy", "")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """All topics of one deployment (one prefix)."""
+
+    execution_requests: TopicSpec
+    execution_results: TopicSpec
+    program_artifacts: TopicSpec
+    task_specs: TopicSpec
+    dead_letters: TopicSpec
+
+    def all(self) -> list[TopicSpec]:
+        return [
+            self.execution_requests,
+            self.execution_results,
+            self.program_artifacts,
+            self.task_specs,
+            self.dead_letters,
+        ]
+
+    def by_name(self, name: str) -> TopicSpec:
+        """The topic with this full name, or by its short key (e.g. "results" or "execution_results")."""
+        for spec in self.all():
+            if name in (spec.name, spec.key) or spec.key.endswith("_" + name):
+                return spec
+        known = ", ".join(s.key for s in self.all())
+        raise KeyError(f"unknown topic {name!r}; known: {known}")
+
+
+@cache
+def _definitions() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((contract_dir("topics") / "topics.yaml").read_text())
+    return loaded
+
+
+@cache
+def topics_for(prefix: str) -> Topics:
+    """The registry for a topic-name prefix."""
+    specs = {}
+    for key, definition in _definitions().items():
+        specs[key] = TopicSpec(
+            key=key,
+            name=prefix + definition["name"],
+            partitions=int(definition["partitions"]),
+            record=RECORD_TYPES[definition["record"]],
+            config={k: str(v) for k, v in (definition.get("config") or {}).items()},
+        )
+    return Topics(**specs)
