@@ -66,8 +66,7 @@ async def _traffic_and_results(
 ) -> int:
     sent: set[str] = set()
     seen: dict[str, str] = {}  # request_id -> "task vN status"
-    done = asyncio.Event()
-    printer = asyncio.ensure_future(_print_results(settings, sent, seen, done))
+    printer = asyncio.ensure_future(_print_results(settings, seen))
     traffic = sample_traffic()
     started = time.monotonic()
     switched = False
@@ -88,8 +87,9 @@ async def _traffic_and_results(
             sent.add(request.request_id)
             await sender.send([request])
             await asyncio.sleep(1 / rate)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), timeout=30)
+        deadline = time.monotonic() + 30
+        while not sent <= seen.keys() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
     finally:
         await sender.__aexit__(None, None, None)
         printer.cancel()
@@ -97,12 +97,14 @@ async def _traffic_and_results(
             await printer
     missing = len(sent - seen.keys())
     _say(f"summary: {len(sent)} sent, {len(sent & seen.keys())} results, {missing} missing")
+    if missing:
+        _say(f"  missing request ids: {sorted(sent - seen.keys())[:5]}")
     for label, count in sorted(Counter(seen.values()).items()):
         _say(f"  {label:<32} {count}")
     return 0 if missing == 0 else 1
 
 
-async def _print_results(settings: Settings, sent: set[str], seen: dict[str, str], done: asyncio.Event) -> None:
+async def _print_results(settings: Settings, seen: dict[str, str]) -> None:
     spec = topics_for(settings.topic_prefix).execution_results
     async for _, _, result in follow(settings, spec):
         if not isinstance(result, ExecutionResult):
@@ -110,5 +112,3 @@ async def _print_results(settings: Settings, sent: set[str], seen: dict[str, str
         label = f"{result.task_id} v{result.version}"
         seen[result.request_id] = f"{label} {result.status.value}"
         _say(f"{label:<22} {result.status.value:<8} {result.latency_ms:6.3f} ms  {result.output}")
-        if sent and sent <= seen.keys():
-            done.set()
