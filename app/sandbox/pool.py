@@ -104,9 +104,11 @@ class SandboxProcess:
     async def run(self, calls: Sequence[Call]) -> list[Outcome]:
         """Run calls in order. Raises SandboxDied with the answers so far if the process ends early."""
         assert self._transport is not None
+        self._results = []
+        if not self.alive:
+            raise SandboxDied(self.kill_reason or "sandbox process is not running")
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
-        self._results = []
         self._expected = len(calls)
         self._timeouts = [c.timeout_s for c in calls]
         loads = []
@@ -248,6 +250,9 @@ class SandboxPool:
 
     async def _run_chunk(self, calls: Sequence[Call], retried: bool = False) -> list[Outcome]:
         process = await self._idle.get()
+        while not process.alive:  # died while idle: not the fault of these calls
+            await self._replace(process)
+            process = await self._idle.get()
         try:
             outcomes = await process.run(calls)
         except SandboxDied as death:

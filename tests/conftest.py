@@ -1,0 +1,141 @@
+"""Fixtures: the real embedded broker (one per session), settings with a unique topic prefix per test,
+worker processes, and helpers that wait for results by request id."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+from app.client import follow
+from app.kafka import apply_topics
+from app.records import DeadLetter, ExecutionResult
+from app.settings import Settings
+from app.topics import topics_for
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    log = tmp_path_factory.mktemp("broker") / "broker.log"
+    with EmbeddedBroker(log_file=log) as running:
+        yield running
+
+
+def make_settings(broker: EmbeddedBroker, **overrides: Any) -> Settings:
+    """Settings on the embedded broker with a prefix no other test uses."""
+    prefix = f"t{os.getpid()}-{next(_counter)}."
+    values: dict[str, Any] = {
+        "bootstrap_servers": broker.bootstrap_servers,
+        "topic_prefix": prefix,
+        "app_id": f"app-{prefix.rstrip('.')}",
+        "sandbox_processes": 2,
+        **EMBEDDED_TIMINGS,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+async def settings(broker: EmbeddedBroker) -> Settings:
+    made = make_settings(broker)
+    await apply_topics(made, topics_for(made.topic_prefix))
+    return made
+
+
+class WorkerProcess:
+    """`loopai worker` in a subprocess, its output in a log file."""
+
+    def __init__(self, settings: Settings, log_path: Path, worker_id: str) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.worker_id = worker_id
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60) -> WorkerProcess:
+        env = {**os.environ, **self.settings.to_env(), "LOOPAI_WORKER_ID": self.worker_id}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"],
+            env=env, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited {self.process.returncode}:\n{self.log()[-3000:]}")
+            if f"worker {self.worker_id} serving" in self.log():
+                return self
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not serving after {timeout_s}s:\n{self.log()[-3000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings, worker_id: str | None = None) -> WorkerProcess:
+        worker_id = worker_id or f"worker-{len(started) + 1}"
+        worker = WorkerProcess(settings, tmp_path / f"{worker_id}.log", worker_id).start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop(signal.SIGKILL if worker.process and worker.process.poll() is None else signal.SIGTERM)
+
+
+async def collect(settings: Settings, topic_key: str, until: Callable[[list[Any]], bool],
+                  timeout_s: float = 30) -> list[Any]:
+    """Records of a topic (from the beginning) until `until(records)` holds; fails on timeout."""
+    spec = topics_for(settings.topic_prefix).by_name(topic_key)
+    records: list[Any] = []
+
+    async def read() -> None:
+        async for _, _, record in follow(settings, spec):
+            records.append(record)
+            if until(records):
+                return
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except TimeoutError:
+        pytest.fail(f"timed out after {timeout_s}s on {spec.name}; have {len(records)}: {records[-5:]}")
+    return records
+
+
+async def results_for(settings: Settings, request_ids: Iterable[str], timeout_s: float = 30) -> dict[str, ExecutionResult]:
+    """The result of each request id (the last one seen if redelivered)."""
+    wanted = set(request_ids)
+    records = await collect(
+        settings, "execution_results",
+        lambda rs: wanted <= {r.request_id for r in rs if isinstance(r, ExecutionResult)}, timeout_s,
+    )
+    return {r.request_id: r for r in records if isinstance(r, ExecutionResult) and r.request_id in wanted}
+
+
+async def dead_letters(settings: Settings, count: int, timeout_s: float = 30) -> list[DeadLetter]:
+    return await collect(settings, "dead_letters", lambda rs: len(rs) >= count, timeout_s)

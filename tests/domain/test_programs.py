@@ -1,0 +1,78 @@
+import pytest
+
+from app.domain.programs import ProgramCompiler, ProgramRejected, check_source, complexity_of
+from app.samples import program_source
+
+
+@pytest.fixture(scope="module")
+def compiler() -> ProgramCompiler:
+    return ProgramCompiler()
+
+
+@pytest.mark.parametrize("name", ["spam_v1", "spam_v2", "intent_v1"])
+def test_sample_programs_pass_the_checks(name: str, compiler: ProgramCompiler) -> None:
+    run = compiler.compile(program_source(name))
+    assert run({"text": "FREE prize, click http://x"}) in ("spam", {"label": "spam", "score": 9}, "other")
+
+
+def test_program_sees_allowed_modules_and_its_input(compiler: ProgramCompiler) -> None:
+    run = compiler.compile(
+        "import json, math\nfrom collections import Counter\n"
+        "def run(input):\n    return [json.dumps(input), math.floor(2.5), Counter('aab')['a']]\n"
+    )
+    assert run({"k": 1}) == ['{"k": 1}', 2, 2]
+
+
+@pytest.mark.parametrize(
+    ("source", "complaint"),
+    [
+        ("import os\ndef run(input): return 1", "import of 'os' is not allowed"),
+        ("import subprocess\ndef run(input): return 1", "import of 'subprocess'"),
+        ("from socket import socket\ndef run(input): return 1", "import from 'socket'"),
+        ("from . import x\ndef run(input): return 1", "import from None"),
+        ("from json import *\ndef run(input): return 1", "star imports"),
+        ("def run(input): return __import__('os')", "name '__import__'"),
+        ("def run(input): return ().__class__.__bases__[0].__subclasses__()", "attribute '__class__'"),
+        ("def run(input): return open('/etc/passwd').read()", "name 'open'"),
+        ("def run(input): return eval('1')", "name 'eval'"),
+        ("def run(input): return getattr((), '__cl' + 'ass__')", "name 'getattr'"),
+        ("def run(input):\n    g = (x for x in [])\n    return g.gi_frame.f_back", "attribute 'gi_frame'"),
+        ("def run(input): return __builtins__", "name '__builtins__'"),
+        ("def run(input): return input._private", "attribute '_private'"),
+        ("def helper(input): return 1", "no top-level function `run"),
+        ("def run(input) return 1", "syntax error at line 1"),
+    ],
+)
+def test_rejected_sources(source: str, complaint: str) -> None:
+    with pytest.raises(ProgramRejected, match=complaint):
+        check_source(source)
+
+
+def test_rejection_lists_every_problem_with_its_line() -> None:
+    with pytest.raises(ProgramRejected) as caught:
+        check_source("import os\nimport sys\ndef run(input): return 1")
+    assert "line 1: import of 'os'" in str(caught.value) and "line 2: import of 'sys'" in str(caught.value)
+
+
+def test_module_attributes_that_are_modules_are_withheld(compiler: ProgramCompiler) -> None:
+    run = compiler.compile("import random\ndef run(input): return random.os")
+    with pytest.raises(AttributeError):
+        run({})
+
+
+def test_runtime_import_of_a_disallowed_module_fails(compiler: ProgramCompiler) -> None:
+    # The import hook is the second line of defence behind the static check.
+    hook = compiler._builtins["__import__"]
+    with pytest.raises(ImportError, match="'os' is not allowed"):
+        hook("os")
+
+
+def test_failure_while_loading_is_a_rejection(compiler: ProgramCompiler) -> None:
+    with pytest.raises(ProgramRejected, match="ZeroDivisionError"):
+        compiler.compile("X = 1 / 0\ndef run(input): return X")
+
+
+def test_complexity() -> None:
+    metrics = complexity_of("def run(input):\n    # comment\n    if input and input.get('a'):\n        return 1\n    return 2\n")
+    assert metrics.lines_of_code == 4
+    assert metrics.cyclomatic_complexity == 3  # 1 + if + `and`

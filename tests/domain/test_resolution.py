@@ -1,0 +1,67 @@
+from typing import Any
+
+import pytest
+
+from app.domain.resolution import InputValidators, Refused, Runnable, resolve
+from app.records import ExecutionRequest, ProgramArtifact, TaskSpec, utc_now
+
+SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+
+
+def _artifact(version: int) -> ProgramArtifact:
+    return ProgramArtifact(task_id="spam", version=version, program_id=f"spam-v{version}",
+                           source_code="def run(input): return 1", created_at=utc_now())
+
+
+TASKS = {"spam": TaskSpec(name="spam", input_schema=SCHEMA, active_version=2, sampling_rate=0.3,
+                          updated_at=utc_now()),
+         "idle": TaskSpec(name="idle", updated_at=utc_now())}
+ARTIFACTS = {("spam", 1): _artifact(1), ("spam", 2): _artifact(2)}
+
+
+def _resolve(**fields: Any) -> Runnable | Refused:
+    request = ExecutionRequest(**{"request_id": "r", "task_id": "spam", "input": {"text": "x"}, **fields})
+    return resolve(request, TASKS.get, lambda t, v: ARTIFACTS.get((t, v)), InputValidators(), 1000)
+
+
+def test_active_version_runs() -> None:
+    decision = _resolve()
+    assert isinstance(decision, Runnable)
+    assert (decision.artifact.version, decision.timeout_ms, decision.sampling_rate) == (2, 1000, 0.3)
+
+
+def test_pinned_version_and_timeout() -> None:
+    decision = _resolve(version=1, timeout_ms=25)
+    assert isinstance(decision, Runnable)
+    assert (decision.artifact.version, decision.timeout_ms) == (1, 25)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"task_id": "nope"}, "unknown task 'nope'"),
+        ({"task_id": "idle"}, "task 'idle' has no active version"),
+        ({"version": 9}, "task 'spam' has no version 9"),
+        ({"input": {"text": 5}}, "input_schema at text: 5 is not of type 'string'"),
+        ({"input": {}}, "input_schema at (root): 'text' is a required property"),
+    ],
+)
+def test_refusals(fields: dict[str, Any], message: str) -> None:
+    decision = _resolve(**fields)
+    assert isinstance(decision, Refused)
+    assert message in decision.message
+
+
+def test_active_version_that_is_not_published() -> None:
+    tasks = {"spam": TASKS["spam"].model_copy(update={"active_version": 5})}
+    request = ExecutionRequest(request_id="r", task_id="spam", input={"text": "x"})
+    decision = resolve(request, tasks.get, lambda t, v: ARTIFACTS.get((t, v)), InputValidators(), 1000)
+    assert decision == Refused("active version 5 of task 'spam' is not published", 5)
+
+
+def test_validator_follows_a_changed_schema() -> None:
+    validators = InputValidators()
+    task = TASKS["spam"]
+    assert validators.errors(task, {"n": 1}) is not None
+    relaxed = task.model_copy(update={"input_schema": {"type": "object"}})
+    assert validators.errors(relaxed, {"n": 1}) is None

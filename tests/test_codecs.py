@@ -1,0 +1,112 @@
+"""Codecs round-trip every record type in both wire formats and refuse malformed bytes, broker-free."""
+
+import io
+from datetime import UTC, datetime
+from typing import Any
+
+import fastavro
+import orjson
+import pytest
+
+from app.codecs import DecodeError, codec_for, parsed_schema
+from app.records import (
+    ComplexityMetrics, DeadLetter, ExecutionRequest, ExecutionResult, ExecutionStatus, ProgramArtifact,
+    Record, TaskExample, TaskSpec,
+)
+
+WHEN = datetime(2026, 11, 22, 3, 4, 5, 678000, tzinfo=UTC)
+
+SAMPLES: list[Record] = [
+    ExecutionRequest(request_id="r1", task_id="spam", input={"text": "hi", "n": [1, 2.5, None]},
+                     expected_output={"label": "ham"}, requested_at=WHEN),
+    ExecutionRequest(request_id="r2", task_id="spam", version=3, input={}, force_validation=True, timeout_ms=50),
+    ExecutionResult(execution_id="e", request_id="r1", task_id="spam", program_id="p", version=2,
+                    status=ExecutionStatus.OK, output=["a", {"b": 1}], latency_ms=0.25, memory_usage_mb=31.5,
+                    sampled_for_validation=True, executed_at=WHEN, worker_id="w1"),
+    ExecutionResult(execution_id="e", request_id="r1", task_id="spam", status=ExecutionStatus.REJECTED,
+                    error_message="unknown task", executed_at=WHEN, worker_id="w1"),
+    ProgramArtifact(task_id="spam", version=1, program_id="spam-v1-abc", source_code="def run(input): return 1",
+                    confidence=0.8, complexity_metrics=ComplexityMetrics(lines_of_code=1, cyclomatic_complexity=1),
+                    llm_provider="acme", llm_model="m1", created_at=WHEN),
+    TaskSpec(name="spam", description="d", input_schema={"type": "object"},
+             examples=[TaskExample(input={"text": "free"}, expected_output="spam")], active_version=2,
+             updated_at=WHEN),
+    DeadLetter(reason="bad", error_type="DecodeError", source_topic="t", source_partition=1, source_offset=99,
+               key=b"k", value=b"\x00\xffraw", worker_id="w", dead_lettered_at=WHEN),
+]
+
+
+@pytest.mark.parametrize("wire_format", ["json", "avro"])
+@pytest.mark.parametrize("record", SAMPLES, ids=lambda r: type(r).__name__)
+def test_round_trip(record: Record, wire_format: str) -> None:
+    codec = codec_for(type(record), wire_format)
+    assert codec.decode(codec.encode(record)) == record
+
+
+@pytest.mark.parametrize("record", SAMPLES, ids=lambda r: type(r).__name__)
+def test_json_encoding_satisfies_the_avsc(record: Record) -> None:
+    """The JSON wire form, read back and given to fastavro, validates against the .avsc."""
+    name = type(record).__name__
+    decoded = codec_for(type(record), "json").decode(codec_for(type(record), "json").encode(record))
+    assert fastavro.validation.validate(decoded.model_dump(), parsed_schema(name), raise_errors=True)
+
+
+def test_json_wire_form_is_snake_case_nested_json() -> None:
+    encoded = codec_for(ExecutionRequest, "json").encode(SAMPLES[0])
+    assert orjson.loads(encoded) == {
+        "request_id": "r1", "task_id": "spam", "version": None, "input": {"text": "hi", "n": [1, 2.5, None]},
+        "force_validation": False, "timeout_ms": None, "expected_output": {"label": "ham"},
+        "requested_at": "2026-11-22T03:04:05.678000Z",
+    }
+
+
+def test_avro_bytes_are_schemaless_avro() -> None:
+    """Another Avro reader with only the .avsc reads what we write; JSON fields are JSON strings."""
+    encoded = codec_for(ExecutionRequest, "avro").encode(SAMPLES[1])
+    assert encoded == b"\x04r2\x08spam\x02\x06\x04{}\x01\x02\x64\x00\x00"
+    raw = fastavro.schemaless_reader(io.BytesIO(encoded), parsed_schema("ExecutionRequest"), None)
+    assert raw["input"] == {} and raw["timeout_ms"] == 50
+
+
+MALFORMED_JSON: list[tuple[bytes, str]] = [
+    (b"", "invalid ExecutionRequest"),
+    (b"not json", "invalid ExecutionRequest"),
+    (b"[1,2]", "invalid ExecutionRequest"),
+    (b'{"request_id": "r", "task_id": "t"}', "input: Field required"),
+    (b'{"request_id": "r", "task_id": "t", "input": {}, "timeout_ms": 0}', "timeout_ms"),
+    (b'{"request_id": "r", "task_id": "t", "input": {}, "colour": "red"}', "colour: Extra inputs"),
+    (b"\xff\xfe\x00", "invalid ExecutionRequest"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), MALFORMED_JSON)
+def test_malformed_json_is_a_decode_error(data: bytes, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        codec_for(ExecutionRequest, "json").decode(data)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x04r2", b"\xff" * 12, b"\x04r2\x08spam\x02\x06\x04{}\x01\x02\x64\x00\x00extra"])
+def test_malformed_avro_is_a_decode_error(data: bytes) -> None:
+    with pytest.raises(DecodeError, match="Avro ExecutionRequest|invalid ExecutionRequest"):
+        codec_for(ExecutionRequest, "avro").decode(data)
+
+
+def test_avro_that_breaks_a_validation_rule_is_a_decode_error() -> None:
+    values: dict[str, Any] = {**SAMPLES[1].model_dump(), "timeout_ms": 0}
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, parsed_schema("ExecutionRequest"), values)
+    with pytest.raises(DecodeError, match="timeout_ms"):
+        codec_for(ExecutionRequest, "avro").decode(buffer.getvalue())
+
+
+def test_loose_reading_salvages_ids_of_invalid_requests() -> None:
+    codec = codec_for(ExecutionRequest, "json")
+    assert codec.loose(b'{"request_id": "r", "task_id": "t", "timeout_ms": 0}') == {
+        "request_id": "r", "task_id": "t", "timeout_ms": 0}
+    assert codec.loose(b"garbage") is None
+    assert codec.loose(b"[1]") is None
+
+
+def test_unknown_wire_format() -> None:
+    with pytest.raises(ValueError, match="unknown wire format 'xml'"):
+        codec_for(ExecutionRequest, "xml")

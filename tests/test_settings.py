@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from app.settings import ConfigError, Settings, substitute_env
+
+
+def test_defaults_need_no_configuration() -> None:
+    settings = Settings.load()
+    assert settings.bootstrap_servers == "127.0.0.1:9092"
+    assert settings.wire_format == "json"
+
+
+def test_yaml_file_with_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_HOST", "kafka.internal:9093")
+    config = tmp_path / "loopai.yaml"
+    config.write_text("bootstrap_servers: ${KAFKA_HOST}\nsandbox_processes: ${WORKERS:-3}\nwire_format: avro\n")
+    settings = Settings.load(config)
+    assert settings.bootstrap_servers == "kafka.internal:9093"
+    assert settings.sandbox_processes == 3  # string from substitution, converted
+    assert settings.wire_format == "avro"
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "loopai.yaml"
+    config.write_text("topic_prefix: from-file.\n")
+    monkeypatch.setenv("LOOPAI_TOPIC_PREFIX", "from-env.")
+    assert Settings.load(config).topic_prefix == "from-env."
+
+
+def test_invalid_value_names_the_field(tmp_path: Path) -> None:
+    config = tmp_path / "loopai.yaml"
+    config.write_text("sandbox_processes: 0\n")
+    with pytest.raises(ConfigError, match=r"invalid setting 'sandbox_processes': .*greater than or equal to 1"):
+        Settings.load(config)
+
+
+def test_unknown_field_is_an_error(tmp_path: Path) -> None:
+    config = tmp_path / "loopai.yaml"
+    config.write_text("bootstrap_server: x:1\n")
+    with pytest.raises(ConfigError, match="invalid setting 'bootstrap_server'"):
+        Settings.load(config)
+
+
+def test_unset_variable_without_default_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"\$\{NOPE\}"):
+        substitute_env("a: ${NOPE}", {})
+
+
+def test_file_that_is_not_a_mapping(tmp_path: Path) -> None:
+    config = tmp_path / "loopai.yaml"
+    config.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        Settings.load(config)
+
+
+def test_secret_is_hidden_but_reaches_the_client_args() -> None:
+    settings = Settings.load(security_protocol="SASL_PLAINTEXT", sasl_mechanism="PLAIN",
+                             sasl_username="u", sasl_password="s3cret")
+    assert "s3cret" not in repr(settings)
+    assert settings.kafka_client_args()["sasl_plain_password"] == "s3cret"
+
+
+def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Settings.load(topic_prefix="x.", sandbox_processes=3, session_timeout_s=4.0)
+    for name, value in original.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert Settings.load() == original

@@ -1,0 +1,32 @@
+from app.records import DeadLetter, ExecutionRequest, ProgramArtifact, TaskSpec
+from app.topics import topics_for
+
+
+def test_prefix_applies_to_every_topic() -> None:
+    topics = topics_for("acme.")
+    assert {spec.name for spec in topics.all()} == {
+        "acme.execution-requests", "acme.execution-results", "acme.program-artifacts",
+        "acme.task-specs", "acme.dead-letters",
+    }
+
+
+def test_tables_are_compacted_and_streams_are_not() -> None:
+    topics = topics_for("")
+    assert topics.program_artifacts.compacted and topics.task_specs.compacted
+    assert not topics.execution_requests.compacted
+    assert topics.execution_requests.config["retention.ms"] == "604800000"
+
+
+def test_each_topic_carries_its_record_type() -> None:
+    topics = topics_for("")
+    assert topics.execution_requests.record is ExecutionRequest
+    assert topics.program_artifacts.record is ProgramArtifact
+    assert topics.task_specs.record is TaskSpec
+    assert topics.dead_letters.record is DeadLetter
+
+
+def test_lookup_by_short_name() -> None:
+    topics = topics_for("p.")
+    assert topics.by_name("results").name == "p.execution-results"
+    assert topics.by_name("dead_letters").name == "p.dead-letters"
+    assert topics.by_name("p.task-specs").key == "task_specs"
