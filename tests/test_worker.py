@@ -1,0 +1,81 @@
+"""Worker processes on the real broker: restart recovery, two workers in one group, the Avro wire."""
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+from app.client import RequestSender, request_from
+from app.control import ControlPlane
+from app.kafka import apply_topics
+from app.records import ExecutionStatus, TaskSpec, utc_now
+from app.samples import program_source
+from app.settings import Settings
+from app.topics import topics_for
+from tests.conftest import WorkerProcess, make_settings, results_for
+from tests.test_tables import _artifact, _publish_in_one_batch
+
+
+async def test_restarted_worker_recovers_the_tables_exactly(
+    settings: Settings, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    versions = 300
+    async with ControlPlane(settings) as control:
+        await control.put_task(TaskSpec(name="counter", updated_at=utc_now()))
+    await _publish_in_one_batch(settings, [_artifact("counter", v) for v in range(1, versions + 1)])
+    async with ControlPlane(settings) as control:
+        await control.activate("counter", 217)
+
+    for round_ in range(2):
+        worker = start_worker(settings, worker_id=f"restart-{round_}")
+        requests = [request_from("counter", {}, version=v) for v in range(1, versions + 1)]
+        requests.append(request_from("counter", {}))
+        async with RequestSender(settings) as sender:
+            await sender.send(requests)
+        results = await results_for(settings, [r.request_id for r in requests])
+        outputs = [results[r.request_id].output for r in requests]
+        assert outputs == [*range(1, versions + 1), 217], f"round {round_}"
+        assert worker.stop() == 0
+
+
+async def test_two_workers_split_partitions_and_lose_nothing_when_one_stops(
+    settings: Settings, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    tasks = [f"t{i}" for i in range(12)]  # keys spread over the 6 request partitions
+    async with ControlPlane(settings) as control:
+        for name in tasks:
+            await control.put_task(TaskSpec(name=name, updated_at=utc_now()))
+            await control.publish(name, "def run(input):\n    return input['i']\n", activate=True)
+    first = start_worker(settings, worker_id="pair-1")
+    second = start_worker(settings, worker_id="pair-2")
+
+    sent = []
+    async with RequestSender(settings) as sender:
+        for wave in range(20):
+            wave_requests = [request_from(tasks[i % 12], {"i": wave * 100 + i}) for i in range(100)]
+            await sender.send(wave_requests)
+            sent += wave_requests
+            if wave == 5:
+                await results_for(settings, [r.request_id for r in sent])  # both are serving now
+                first.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.1)
+    results = await results_for(settings, [r.request_id for r in sent], timeout_s=60)
+    assert len(results) == len(sent) == 2000
+    assert all(results[r.request_id].output == r.input["i"] for r in sent)
+    assert {r.worker_id for r in results.values()} == {"pair-1", "pair-2"}
+    assert first.process.wait(timeout=30) == 0
+    assert second.stop() == 0
+
+
+async def test_avro_wire_format_end_to_end(broker, start_worker: Callable[..., WorkerProcess]) -> None:
+    settings = make_settings(broker, wire_format="avro")
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    async with ControlPlane(settings) as control:
+        await control.put_task(TaskSpec(name="spam", updated_at=utc_now()))
+        await control.publish("spam", program_source("spam_v2"), activate=True)
+    start_worker(settings)
+    request = request_from("spam", {"text": "WINNER winner"}, expected_output={"label": "spam"})
+    async with RequestSender(settings) as sender:
+        await sender.send([request])
+    result = (await results_for(settings, [request.request_id]))[request.request_id]
+    assert result.status is ExecutionStatus.OK
+    assert result.output == {"label": "spam", "score": 3}  # winner 3; half capitals is not shouting
