@@ -4,6 +4,7 @@ an embedded broker)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Coroutine
@@ -99,22 +100,18 @@ def task_create(ctx: click.Context, name: str, description: str, input_schema: P
                 output_schema: Path | None, examples: Path | None, accuracy_target: float,
                 latency_target_ms: float, sampling_rate: float) -> None:
     """Create (or update) a task."""
-    spec = TaskSpec(
-        name=name, description=description, input_schema=_json_file(input_schema),
-        output_schema=_json_file(output_schema),
-        examples=[TaskExample.model_validate(e) for e in (_json_file(examples) or [])],
-        accuracy_target=accuracy_target, latency_target_ms=latency_target_ms, sampling_rate=sampling_rate,
-        updated_at=utc_now(),
-    )
-
     async def go() -> TaskSpec:
+        spec = TaskSpec(
+            name=name, description=description, input_schema=_json_file(input_schema),
+            output_schema=_json_file(output_schema),
+            examples=[TaskExample.model_validate(e) for e in (_json_file(examples) or [])],
+            accuracy_target=accuracy_target, latency_target_ms=latency_target_ms,
+            sampling_rate=sampling_rate, updated_at=utc_now(),
+        )
         async with ControlPlane(_settings(ctx)) as control:
             return await control.put_task(spec)
 
-    try:
-        saved = _run(go())
-    except ValidationError as exc:
-        raise click.ClickException(describe_validation_error(exc, "field")) from exc
+    saved = _run(go())
     click.echo(f"task {saved.name} saved (active version: {saved.active_version or 'none'})")
 
 
@@ -234,7 +231,7 @@ def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl
                 raise click.UsageError("TASK_ID is needed with --input")
             requests.append(request_from(task_id, json.loads(text), version=version))
         if jsonl is not None:
-            for number, line in enumerate(jsonl.read_text().splitlines(), 1):
+            for line in jsonl.read_text().splitlines():
                 if line.strip():
                     fields = json.loads(line)
                     if task_id and "task_id" not in fields:
@@ -270,10 +267,8 @@ def tail(ctx: click.Context, topic: str, from_beginning: bool, idle_exit: float 
             else:
                 click.echo(record.model_dump_json())
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         _run(go())
-    except KeyboardInterrupt:
-        pass
 
 
 @cli.command()

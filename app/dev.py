@@ -33,7 +33,7 @@ async def run_dev(duration_s: float, rate: float) -> int:
     """Run the demo; returns an exit code (0 when every request got its result)."""
     log_dir = Path(tempfile.mkdtemp(prefix="loopai-dev-"))
     with EmbeddedBroker(log_file=log_dir / "broker.log") as broker:
-        settings = Settings.load(bootstrap_servers=broker.bootstrap_servers, **EMBEDDED_TIMINGS)
+        settings = Settings.load(None, bootstrap_servers=broker.bootstrap_servers, **EMBEDDED_TIMINGS)
         _say(f"embedded broker on {broker.bootstrap_servers} (logs in {log_dir})")
         for outcome in await apply_topics(settings, topics_for(settings.topic_prefix)):
             _say(f"  topic {outcome.name}: {'created' if outcome.created else 'exists'}")
@@ -49,8 +49,9 @@ async def run_dev(duration_s: float, rate: float) -> int:
             stdout=open(log_dir / "worker.log", "wb"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
         )
-        _say(f"worker started (pid {worker.pid}); sending {rate:g} requests/s; Ctrl-C stops")
         try:
+            await _wait_until_serving(worker, log_dir / "worker.log")
+            _say(f"worker serving (pid {worker.pid}); sending {rate:g} requests/s; Ctrl-C stops")
             return await _traffic_and_results(settings, duration_s, rate, worker, log_dir)
         finally:
             worker.send_signal(signal.SIGTERM)
@@ -59,6 +60,17 @@ async def run_dev(duration_s: float, rate: float) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
             _say(f"worker stopped (exit {worker.returncode}); broker stopping")
+
+
+async def _wait_until_serving(worker: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            raise SystemExit(f"the worker exited (code {worker.returncode}); see {log}")
+        if b" serving" in log.read_bytes():
+            return
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"the worker did not start within {timeout_s:.0f}s; see {log}")
 
 
 async def _traffic_and_results(

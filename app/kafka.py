@@ -105,7 +105,7 @@ async def apply_topics(settings: Settings, topics: Topics) -> list[TopicOutcome]
         missing: list[TopicSpec] = []
         for spec in topics.all():
             if spec.name in existing:
-                outcomes.append(TopicOutcome(spec.name, False, "exists"))
+                outcomes.append(TopicOutcome(spec.name, False, "left unchanged"))
             else:
                 missing.append(spec)
         if missing:

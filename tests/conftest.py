@@ -127,7 +127,9 @@ async def collect(settings: Settings, topic_key: str, until: Callable[[list[Any]
     return records
 
 
-async def results_for(settings: Settings, request_ids: Iterable[str], timeout_s: float = 30) -> dict[str, ExecutionResult]:
+async def results_for(
+    settings: Settings, request_ids: Iterable[str], timeout_s: float = 30
+) -> dict[str, ExecutionResult]:
     """The result of each request id (the last one seen if redelivered)."""
     wanted = set(request_ids)
     records = await collect(

@@ -10,8 +10,15 @@ import pytest
 
 from app.codecs import DecodeError, codec_for, parsed_schema
 from app.records import (
-    ComplexityMetrics, DeadLetter, ExecutionRequest, ExecutionResult, ExecutionStatus, ProgramArtifact,
-    Record, TaskExample, TaskSpec,
+    ComplexityMetrics,
+    DeadLetter,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStatus,
+    ProgramArtifact,
+    Record,
+    TaskExample,
+    TaskSpec,
 )
 
 WHEN = datetime(2026, 11, 22, 3, 4, 5, 678000, tzinfo=UTC)
@@ -85,9 +92,12 @@ def test_malformed_json_is_a_decode_error(data: bytes, message: str) -> None:
         codec_for(ExecutionRequest, "json").decode(data)
 
 
-@pytest.mark.parametrize("data", [b"", b"\x04r2", b"\xff" * 12, b"\x04r2\x08spam\x02\x06\x04{}\x01\x02\x64\x00\x00extra"])
+TRAILING = b"\x04r2\x08spam\x02\x06\x04{}\x01\x02\x64\x00\x00extra"
+
+
+@pytest.mark.parametrize("data", [b"", b"\x04r2", b"\xff" * 12, TRAILING])
 def test_malformed_avro_is_a_decode_error(data: bytes) -> None:
-    with pytest.raises(DecodeError, match="Avro ExecutionRequest|invalid ExecutionRequest"):
+    with pytest.raises(DecodeError, match=r"Avro ExecutionRequest|invalid ExecutionRequest"):
         codec_for(ExecutionRequest, "avro").decode(data)
 
 

@@ -72,7 +72,8 @@ def test_model_mirrors_avsc(name: str) -> None:
     assert [f["name"] for f in schema["fields"]] == list(model.model_fields)
     for avro_field in schema["fields"]:
         field = model.model_fields[avro_field["name"]]
-        assert _normalise(_avro_kind(avro_field["type"])) == _normalise(_python_kind(field.annotation)), avro_field["name"]
+        expected = _normalise(_avro_kind(avro_field["type"]))
+        assert expected == _normalise(_python_kind(field.annotation)), avro_field["name"]
         if "default" in avro_field:
             default = field.get_default(call_default_factory=True)
             default = default.value if isinstance(default, Enum) else default

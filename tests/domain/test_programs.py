@@ -73,6 +73,8 @@ def test_failure_while_loading_is_a_rejection(compiler: ProgramCompiler) -> None
 
 
 def test_complexity() -> None:
-    metrics = complexity_of("def run(input):\n    # comment\n    if input and input.get('a'):\n        return 1\n    return 2\n")
+    metrics = complexity_of(
+        "def run(input):\n    # comment\n    if input and input.get('a'):\n        return 1\n    return 2\n"
+    )
     assert metrics.lines_of_code == 4
     assert metrics.cyclomatic_complexity == 3  # 1 + if + `and`

@@ -19,8 +19,9 @@ HOSTILE = {
         "def run(input):\n    while True:\n        try:\n            while True:\n                pass\n"
         "        except BaseException:\n            pass\n",
         "timeout", "timeout"),
-    "stuck in C code": ("import hashlib\ndef run(input):\n    return hashlib.pbkdf2_hmac('sha256', b'x', b'y', 10 ** 9).hex()\n",
-                        "timeout", "killed and replaced"),
+    "stuck in C code": (
+        "import hashlib\ndef run(input):\n    return hashlib.pbkdf2_hmac('sha256', b'x', b'y', 10 ** 9).hex()\n",
+        "timeout", "killed and replaced"),
     "memory bomb": ("def run(input):\n    return len('x' * (10 ** 10))\n", "error", "out of memory"),
     "growing memory bomb": (
         "def run(input):\n    hoard = []\n    while True:\n        hoard.append(bytearray(50_000_000))\n",

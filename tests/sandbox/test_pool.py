@@ -5,8 +5,8 @@ import signal
 
 import pytest
 
-from app.sandbox.pool import Call, SandboxPool
 from app.samples import program_source
+from app.sandbox.pool import Call, SandboxPool
 
 SPAM = program_source("spam_v1")
 
@@ -48,7 +48,8 @@ async def test_concurrent_batches_share_the_pool(pool: SandboxPool) -> None:
 
 
 async def test_process_killed_from_outside_is_replaced_and_call_retried(pool: SandboxPool) -> None:
-    slow = Call("slow", "def run(input):\n    total = 0\n    for i in range(30_000_000):\n        total += i\n    return total\n", 20.0, {})
+    source = "def run(input):\n    total = 0\n    for i in range(30_000_000):\n        total += i\n    return total\n"
+    slow = Call("slow", source, 20.0, {})
     task = asyncio.ensure_future(pool.run([slow]))
     await asyncio.sleep(0.3)  # it is now running in one of the processes
     for pid in pool.pids:

@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make dev` runs the loop, `make test` runs the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: dev test lint bench
+
+$(BIN)/loopai: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+dev: $(BIN)/loopai
+	$(BIN)/loopai dev
+
+test: $(BIN)/loopai
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/loopai
+	$(BIN)/ruff check app tests bench
+	$(BIN)/mypy app
+
+bench: $(BIN)/loopai
+	$(BIN)/python -m bench
