@@ -1,0 +1,244 @@
+"""One run, one broker, one topic of requests, three consumers of it:
+
+- the plain aiokafka loop in this process (getmany -> orjson -> program in-process -> send_batch): the
+  practical limit, with no isolation;
+- Quix Streams on the same job (its own virtualenv, bench/.venv-quix, made on first use);
+- the loopai pipeline: a `loopai worker` process with its sandbox pool.
+
+Throughput for each is records / (seconds from its first message processed to its last one produced),
+so start-up time does not count. For the pipeline that span is read from the results' executed_at.
+Then request->result latency of the pipeline at a steady rate. Prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from app.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+from app.client import RequestSender, request_from
+from app.control import ControlPlane
+from app.kafka import BatchSender, apply_topics, make_consumer, make_producer
+from app.records import TaskSpec, utc_now
+from app.samples import SAMPLE_PROGRAMS, SPAM_TEXTS, program_source
+from app.settings import Settings
+from app.topics import topics_for
+
+HERE = Path(__file__).resolve().parent
+QUIX_VENV = HERE / ".venv-quix"
+PROGRAM = "spam_v1"
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def executed_span(settings: Settings, expected: int, timeout_s: float) -> float:
+    """Seconds from the first to the last executed_at among `expected` results."""
+    spec = topics_for(settings.topic_prefix).execution_results
+    consumer = make_consumer(settings)
+    await consumer.start()
+    tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_beginning(*tps)
+    stamps: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(stamps) < expected:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(stamps)} of {expected} results after {timeout_s}s")
+            for messages in (await consumer.getmany(timeout_ms=500, max_records=50_000)).values():
+                stamps += [orjson.loads(m.value)["executed_at"] for m in messages]
+    finally:
+        await consumer.stop()
+    moments = [datetime.fromisoformat(s) for s in stamps]
+    return max((max(moments) - min(moments)).total_seconds(), 0.001)
+
+
+async def plain_loop(settings: Settings, source: str, output: str, count: int) -> float:
+    """decode -> classify in-process -> encode -> produce with send_batch, acks awaited only at the end,
+    no commits: the practical limit. Returns seconds from the first message to the last ack."""
+    namespace: dict[str, Any] = {}
+    exec(program_source(PROGRAM), namespace)
+    run = namespace["run"]
+    consumer = make_consumer(settings, source, group_id="bench-plain", **settings.group_args())
+    producer = make_producer(settings)
+    await consumer.start()
+    await producer.start()
+    done = 0
+    started = 0.0
+    acks: list[asyncio.Future[Any]] = []
+    try:
+        while done < count:
+            batches = await consumer.getmany(timeout_ms=500, max_records=1000)
+            if batches and not started:
+                started = time.perf_counter()
+            sender = BatchSender(producer)
+            for tp, messages in batches.items():
+                for m in messages:
+                    value = orjson.loads(m.value)
+                    out = {"request_id": value["request_id"], "task_id": value["task_id"],
+                           "output": run(value["input"])}
+                    await sender.add(output, tp.partition, m.key, orjson.dumps(out))
+                done += len(messages)
+            acks += await sender.flush()
+        await asyncio.gather(*acks)
+        return time.perf_counter() - started
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+def quix_available() -> bool:
+    python = QUIX_VENV / "bin" / "python"
+    if python.exists():
+        return True
+    say("  making bench/.venv-quix (quixstreams, once)...")
+    made = subprocess.run(f"{sys.executable} -m venv {QUIX_VENV} && {QUIX_VENV}/bin/pip install -q "
+                          "quixstreams==3.28.1 orjson", shell=True, capture_output=True, text=True)
+    if made.returncode != 0:
+        say(f"  could not install quixstreams: {made.stderr[-500:]}")
+    return made.returncode == 0
+
+
+async def latency(settings: Settings, rate: int, seconds: float) -> list[float]:
+    """Send at a steady rate; milliseconds from send to result seen, per request."""
+    spec = topics_for(settings.topic_prefix).execution_results
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    consumer = make_consumer(settings)
+    await consumer.start()
+    tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+
+    async def receive() -> None:
+        while True:
+            for messages in (await consumer.getmany(timeout_ms=100)).values():
+                now = time.perf_counter()
+                for m in messages:
+                    request_id = orjson.loads(m.value)["request_id"]
+                    if request_id in sent_at:
+                        latencies.append((now - sent_at.pop(request_id)) * 1000)
+
+    receiver = asyncio.ensure_future(receive())
+    per_tick = max(1, rate // 100)
+    async with RequestSender(settings) as sender:
+        started = time.perf_counter()
+        tick = 0
+        while time.perf_counter() - started < seconds:
+            batch = [request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]}) for i in range(per_tick)]
+            now = time.perf_counter()
+            for r in batch:
+                sent_at[r.request_id] = now
+            await sender.send(batch)
+            tick += 1
+            await asyncio.sleep(max(0.0, started + tick * 0.01 - time.perf_counter()))
+    deadline = time.monotonic() + 30
+    while sent_at and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    receiver.cancel()
+    await consumer.stop()
+    return latencies
+
+
+async def bench(count: int, rate: int) -> None:
+    log_dir = Path(tempfile.mkdtemp(prefix="loopai-bench-"))
+    with EmbeddedBroker(log_file=log_dir / "broker.log") as broker:
+        settings = Settings.load(None, bootstrap_servers=broker.bootstrap_servers, topic_prefix="bench.",
+                                 **EMBEDDED_TIMINGS)
+        topics = topics_for(settings.topic_prefix)
+        await apply_topics(settings, topics)
+        partitions = topics.execution_requests.partitions
+        admin = AIOKafkaAdminClient(**settings.kafka_client_args())
+        await admin.start()
+        await admin.create_topics([NewTopic(f"bench.{name}-out", partitions, 1) for name in ("plain", "quix")])
+        await admin.close()
+        async with ControlPlane(settings) as control:
+            # No input_schema: the same job as the baselines (decode, classify, encode, produce).
+            await control.put_task(TaskSpec(name="spam-filter", updated_at=utc_now()))
+            await control.publish("spam-filter", program_source(PROGRAM), activate=True)
+        assert ("spam-filter", PROGRAM, True) in SAMPLE_PROGRAMS
+
+        say(f"producing {count} requests to {topics.execution_requests.name} ({partitions} partitions)...")
+        requests = [request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]}) for i in range(count)]
+        started = time.perf_counter()
+        async with RequestSender(settings) as sender:
+            for i in range(0, count, 10_000):
+                await sender.send(requests[i:i + 10_000])
+        say(f"  {count / (time.perf_counter() - started):,.0f} msg/s produced")
+        rates: dict[str, float] = {}
+
+        say("plain aiokafka loop (in-process, no isolation)...")
+        seconds = await plain_loop(settings, topics.execution_requests.name, "bench.plain-out", count)
+        rates["plain aiokafka loop"] = count / seconds
+
+        if quix_available():
+            say("Quix Streams (orjson serde, in-process, no isolation)...")
+            program = log_dir / "program.py"
+            program.write_text(program_source(PROGRAM))
+            job = subprocess.run(
+                [str(QUIX_VENV / "bin" / "python"), str(HERE / "quix_job.py"), broker.bootstrap_servers,
+                 topics.execution_requests.name, "bench.quix-out", str(count), "bench-quix", str(program)],
+                capture_output=True, text=True, timeout=600)
+            if job.returncode == 0:
+                rates["Quix Streams"] = count / json.loads(job.stdout.strip().splitlines()[-1])["seconds"]
+            else:
+                say(f"  Quix job failed: {job.stderr[-800:]}")
+
+        say("loopai pipeline (worker process + sandbox pool)...")
+        worker_log = open(log_dir / "worker.log", "wb")  # noqa: SIM115 - the worker writes it until the end
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"],
+                                  env={**os.environ, **settings.to_env(), "LOOPAI_LOG_LEVEL": "WARNING"},
+                                  stdout=worker_log, stderr=subprocess.STDOUT)
+        try:
+            rates["loopai pipeline"] = count / await executed_span(settings, count, 600)
+            say(f"latency at a steady {rate} req/s for 5 s...")
+            lat = sorted(await latency(settings, rate, 5.0))
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+
+    say("")
+    say(f"{'job':<24}{'msg/s':>12}")
+    for name, value in rates.items():
+        say(f"{name:<24}{value:>12,.0f}")
+    pipeline = rates["loopai pipeline"]
+    say("")
+    say(f"pipeline / plain loop   {pipeline / rates['plain aiokafka loop']:.2f}  (target >= 0.50)")
+    if "Quix Streams" in rates:
+        say(f"pipeline / Quix Streams {pipeline / rates['Quix Streams']:.2f}  (target >= 1.00)")
+    if lat:
+        p50 = statistics.median(lat)
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        say(f"request->result latency at {rate} req/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(lat)} requests)")
+    print(json.dumps({"requests": count, "rates": rates, "latency_ms": {"p50": p50, "p99": p99} if lat else None}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200_000)
+    parser.add_argument("--rate", type=int, default=2000, help="requests/s for the latency phase")
+    args = parser.parse_args()
+    asyncio.run(bench(args.requests, args.rate))
+
+
+if __name__ == "__main__":
+    main()
