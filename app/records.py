@@ -6,6 +6,7 @@ JSON wire format.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -17,7 +18,8 @@ JsonValue = Any
 TaskName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 
-_EXECUTION_NAMESPACE = uuid.UUID("6f0d6a52-8d0b-4f57-9a55-1f0f5d6c2a11")
+EXECUTION_NAMESPACE = uuid.UUID("6f0d6a52-8d0b-4f57-9a55-1f0f5d6c2a11")
+_NAMESPACE_BYTES = EXECUTION_NAMESPACE.bytes
 
 
 def utc_now() -> datetime:
@@ -27,8 +29,13 @@ def utc_now() -> datetime:
 
 
 def execution_id_for(task_id: str, request_id: str) -> str:
-    """Deterministic execution id: a redelivered request gets the same id."""
-    return str(uuid.uuid5(_EXECUTION_NAMESPACE, f"{task_id}/{request_id}"))
+    """Deterministic execution id, uuid5(namespace, "task_id/request_id"): a redelivered request gets the
+    same id. Computed directly with hashlib; uuid.uuid5 costs several times more per request."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{task_id}/{request_id}".encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50
+    digest[8] = (digest[8] & 0x3F) | 0x80
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class Record(BaseModel):

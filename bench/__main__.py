@@ -47,6 +47,25 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
+async def wait_for_commits(settings: Settings, group: str, expected: int, timeout_s: float) -> None:
+    """Until the group has committed `expected` offsets: cheap to poll, unlike reading every result.
+    (consumer.committed, not the admin client: aiokafka cannot parse the embedded broker's OffsetFetch
+    answer to the admin's request version.)"""
+    spec = topics_for(settings.topic_prefix).execution_requests
+    probe = make_consumer(settings, group_id=group)
+    await probe.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            committed = [await probe.committed(TopicPartition(spec.name, p)) for p in range(spec.partitions)]
+            if sum(offset or 0 for offset in committed) >= expected:
+                return
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"group {group} did not commit {expected} offsets in {timeout_s}s")
+    finally:
+        await probe.stop()
+
+
 async def executed_span(settings: Settings, expected: int, timeout_s: float) -> float:
     """Seconds from the first to the last executed_at among `expected` results."""
     spec = topics_for(settings.topic_prefix).execution_results
@@ -120,7 +139,7 @@ async def latency(settings: Settings, rate: int, seconds: float) -> list[float]:
     spec = topics_for(settings.topic_prefix).execution_results
     sent_at: dict[str, float] = {}
     latencies: list[float] = []
-    consumer = make_consumer(settings)
+    consumer = make_consumer(settings, fetch_max_wait_ms=5)
     await consumer.start()
     tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
     consumer.assign(tps)
@@ -208,7 +227,8 @@ async def bench(count: int, rate: int) -> None:
                                   env={**os.environ, **settings.to_env(), "LOOPAI_LOG_LEVEL": "WARNING"},
                                   stdout=worker_log, stderr=subprocess.STDOUT)
         try:
-            rates["loopai pipeline"] = count / await executed_span(settings, count, 600)
+            await wait_for_commits(settings, f"{settings.app_id}-executors", count, 600)
+            rates["loopai pipeline"] = count / await executed_span(settings, count, 60)
             say(f"latency at a steady {rate} req/s for 5 s...")
             lat = sorted(await latency(settings, rate, 5.0))
         finally:

@@ -2,6 +2,7 @@
 
 import types
 import typing
+import uuid
 from datetime import datetime
 from enum import Enum
 from typing import Any
@@ -10,7 +11,14 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from app.codecs import load_schema
-from app.records import RECORD_TYPES, ExecutionRequest, TaskSpec, execution_id_for, utc_now
+from app.records import (
+    EXECUTION_NAMESPACE,
+    RECORD_TYPES,
+    ExecutionRequest,
+    TaskSpec,
+    execution_id_for,
+    utc_now,
+)
 
 
 def _avro_kind(avro: Any) -> Any:
@@ -123,6 +131,12 @@ def test_request_edges_that_are_valid() -> None:
 def test_task_validation_rules(fields: dict[str, Any], complaint: str) -> None:
     with pytest.raises(ValidationError, match=complaint):
         TaskSpec.model_validate({"name": "ok_name-1", "updated_at": utc_now(), **fields})
+
+
+@pytest.mark.parametrize(("task_id", "request_id"), [("t", "r1"), ("spam-filter", "9b2c…"), ("x" * 200, "")])
+def test_execution_id_is_a_uuid5(task_id: str, request_id: str) -> None:
+    expected = uuid.uuid5(EXECUTION_NAMESPACE, f"{task_id}/{request_id}")
+    assert execution_id_for(task_id, request_id) == str(expected)
 
 
 def test_execution_id_is_deterministic_and_distinct() -> None:
