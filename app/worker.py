@@ -3,6 +3,7 @@ the sandbox pool, then executes requests; later agents (sampling, analytics) joi
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
@@ -39,6 +40,11 @@ class LoopWorker(Service):
         self.tables.follow()
         await self.pool.start()
         await self.executor.start()
+        # Everything alive now (faust, aiokafka, tables) lives as long as the process: keep the collector
+        # from scanning it again and again, and let it run less often. Each batch allocates tens of
+        # thousands of short-lived objects; with the defaults collection took about a third of the time.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         log.info("worker %s serving: sandbox %s", self.settings.worker_id, self.pool.protections)
 
     async def on_stop(self) -> None:

@@ -1,7 +1,9 @@
 """A sandbox process: reads batches of calls on stdin, runs them one by one, writes one result line each.
 
-Protocol (JSON lines). In: {"load": [[key, source], ...], "run": [[key, timeout_s, input], ...]}.
-Out: first {"hello": {...protections}}, then per call [status, output, error, latency_ms, memory_mb].
+Protocol (JSON lines). In: {"load": [[key, source], ...], "run": [[key, timeout_s, input], ...],
+"stream": bool}. Out: first {"hello": {...protections}}, then lists of answers, one per call, each
+[status, output, error, latency_ms, memory_mb]. Answers are flushed every few milliseconds (per call when
+"stream" is set, which the pool uses to find which call of a batch hung or crashed the process).
 It locks itself down before reading the first batch; see lock_down().
 """
 
@@ -23,6 +25,7 @@ from app.domain.programs import ProgramCompiler, ProgramRejected
 from app.sandbox.seccomp import install_filter
 
 _CLONE_NEWNET = 0x40000000
+_FLUSH_S = 0.002
 
 
 class _CallTimeout(BaseException):
@@ -132,9 +135,18 @@ def serve(memory_mb: int, max_output: int, scratch: str) -> None:
         load_timeout = min((call[1] for call in batch["run"]), default=1.0)
         for key, source in batch.get("load", ()):
             programs[key] = _load(compiler, source, load_timeout)
+        stream = bool(batch.get("stream"))
+        answers: list[list[Any]] = []
+        flushed = time.perf_counter()
         for key, timeout_s, value in batch["run"]:
             program = programs.get(key, f"program {key} was not loaded")
-            os.write(out_fd, orjson.dumps(_run_one(program, timeout_s, value, max_output)) + b"\n")
+            answers.append(_run_one(program, timeout_s, value, max_output))
+            now = time.perf_counter()
+            if stream or now - flushed > _FLUSH_S:
+                os.write(out_fd, orjson.dumps(answers) + b"\n")
+                answers, flushed = [], now
+        if answers:
+            os.write(out_fd, orjson.dumps(answers) + b"\n")
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 Each call has a wall deadline. A process that passes it (stuck in C code, or a program swallowing its own
 timeout) is killed and replaced; the call is a timeout and the rest of its batch runs elsewhere. A process
 that dies on its own gets its call retried once in a fresh process; dying twice makes the call an error.
+Answers arrive a few milliseconds apart in groups, so when a process dies with several calls unanswered,
+those calls run again one answer at a time ("stream" mode) to find the one at fault.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class SandboxProcess:
         self._done: asyncio.Future[None] | None = None
         self._results: list[Outcome] = []
         self._expected = 0
-        self._timeouts: list[float] = []
+        self._deadlines: list[float] = []  # per call: seconds of silence allowed while it is unanswered
+        self.streaming = False
         self._last_progress = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self.loaded: set[str] = set()
@@ -101,7 +104,7 @@ class SandboxProcess:
     def pid(self) -> int | None:
         return self._transport.get_pid() if self._transport else None
 
-    async def run(self, calls: Sequence[Call]) -> list[Outcome]:
+    async def run(self, calls: Sequence[Call], stream: bool = False) -> list[Outcome]:
         """Run calls in order. Raises SandboxDied with the answers so far if the process ends early."""
         assert self._transport is not None
         self._results = []
@@ -110,13 +113,22 @@ class SandboxProcess:
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
         self._expected = len(calls)
-        self._timeouts = [c.timeout_s for c in calls]
+        self.streaming = stream
+        if stream:
+            self._deadlines = [c.timeout_s for c in calls]
+        else:  # any unanswered call may be the one running: allow the longest of them
+            longest, self._deadlines = 0.0, [0.0] * len(calls)
+            for i in range(len(calls) - 1, -1, -1):
+                longest = max(longest, calls[i].timeout_s)
+                self._deadlines[i] = longest
         loads = []
         for call in calls:
             if call.key not in self.loaded:
                 loads.append((call.key, call.source))
                 self.loaded.add(call.key)
-        message = orjson.dumps({"load": loads, "run": [(c.key, c.timeout_s, c.input) for c in calls]})
+        message = orjson.dumps(
+            {"load": loads, "run": [(c.key, c.timeout_s, c.input) for c in calls], "stream": stream}
+        )
         self._last_progress = loop.time()
         self._arm_watchdog()
         stdin = self._transport.get_pipe_transport(0)
@@ -132,7 +144,7 @@ class SandboxProcess:
     def _arm_watchdog(self) -> None:
         loop = asyncio.get_running_loop()
         index = len(self._results)
-        deadline = self._last_progress + self._timeouts[index] + _GRACE_S
+        deadline = self._last_progress + self._deadlines[index] + _GRACE_S
         self._watchdog = loop.call_at(deadline, self._check_deadline, index)
 
     def _check_deadline(self, index: int) -> None:
@@ -141,7 +153,7 @@ class SandboxProcess:
         if len(self._results) != index:  # progress since: watch the call now running
             self._arm_watchdog()
             return
-        self.kill(f"call exceeded its timeout of {self._timeouts[index] * 1000:.0f} ms")
+        self.kill(f"call exceeded its timeout of {self._deadlines[index] * 1000:.0f} ms")
 
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
@@ -170,12 +182,12 @@ class SandboxProcess:
         if self._hello is not None and not self._hello.done():
             self._hello.set_result(dict(message["hello"]))
             return
-        status, output, error, latency_ms, memory_mb = message
-        if status not in _STATUSES or (error is not None and not isinstance(error, str)):
-            raise ValueError(f"bad answer {message!r:.200}")
-        if self._done is None or self._done.done():
+        if self._done is None or self._done.done() or len(self._results) + len(message) > self._expected:
             raise ValueError("answer without a call")
-        self._results.append(Outcome(status, output, error, float(latency_ms), memory_mb))
+        for status, output, error, latency_ms, memory_mb in message:
+            if status not in _STATUSES or (error is not None and not isinstance(error, str)):
+                raise ValueError(f"bad answer {status!r:.50}")
+            self._results.append(Outcome(status, output, error, float(latency_ms), memory_mb))
         self._last_progress = asyncio.get_running_loop().time()
         if len(self._results) == self._expected:
             self._done.set_result(None)
@@ -248,31 +260,34 @@ class SandboxPool:
         parts = await asyncio.gather(*(self._run_chunk(chunk) for chunk in chunks))
         return [outcome for part in parts for outcome in part]
 
-    async def _run_chunk(self, calls: Sequence[Call], retried: bool = False) -> list[Outcome]:
+    async def _run_chunk(self, calls: Sequence[Call], stream: bool = False, retried: bool = False) -> list[Outcome]:
         process = await self._idle.get()
         while not process.alive:  # died while idle: not the fault of these calls
             await self._replace(process)
             process = await self._idle.get()
         try:
-            outcomes = await process.run(calls)
+            outcomes = await process.run(calls, stream)
         except SandboxDied as death:
-            return await self._after_death(process, calls, str(death), retried)
+            return await self._after_death(process, calls, str(death), stream, retried)
         self._idle.put_nowait(process)
         return outcomes
 
-    async def _after_death(self, process: SandboxProcess, calls: Sequence[Call], reason: str,
+    async def _after_death(self, process: SandboxProcess, calls: Sequence[Call], reason: str, stream: bool,
                            retried: bool) -> list[Outcome]:
         done = list(process._results)
         await self._replace(process)
-        failed = calls[len(done)]
-        rest = calls[len(done) + 1:]
+        unanswered = calls[len(done):]
+        if not stream and len(unanswered) > 1:
+            # Answers since the last flush were lost with the process: find the culprit call by call.
+            return [*done, *await self._run_chunk(unanswered, stream=True)]
+        failed, rest = unanswered[0], unanswered[1:]
         if reason.startswith("call exceeded"):
             outcome = Outcome("timeout", error=f"{reason}; its sandbox process was killed and replaced")
         elif retried:
             outcome = Outcome("error", error=f"{reason} twice while running this call")
         else:
             # Maybe not this call's fault (killed from outside, say): one more try in a fresh process.
-            outcome = (await self._run_chunk([failed], retried=True))[0]
+            outcome = (await self._run_chunk([failed], stream=True, retried=True))[0]
         tail = await self._run_chunk(rest) if rest else []
         return [*done, outcome, *tail]
 
