@@ -63,16 +63,24 @@ class BatchSender:
         self._futures: list[asyncio.Future[Any]] = []
 
     async def add(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
+        if not self.try_add(topic, partition, key, value):
+            await self.add_after_full(topic, partition, key, value)
+
+    def try_add(self, topic: str, partition: int, key: bytes | None, value: bytes) -> bool:
+        """Append without awaiting (the hot path); False when the partition's batch is full, and then
+        add_after_full() ships it and appends to a new one."""
         slot = (topic, partition)
         batch = self._batches.get(slot)
         if batch is None:
             batch = self._batches[slot] = self._producer.create_batch()
+        return batch.append(key=key, value=value, timestamp=None) is not None
+
+    async def add_after_full(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
+        slot = (topic, partition)
+        await self._ship(slot, self._batches[slot])
+        batch = self._batches[slot] = self._producer.create_batch()
         if batch.append(key=key, value=value, timestamp=None) is None:
-            # Batch full: ship it and start the next one.
-            await self._ship(slot, batch)
-            batch = self._batches[slot] = self._producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                raise ValueError(f"record of {len(value)} bytes does not fit a batch for {topic}")
+            raise ValueError(f"record of {len(value)} bytes does not fit a batch for {topic}")
 
     async def _ship(self, slot: tuple[str, int], batch: Any) -> None:
         batch.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -34,7 +35,7 @@ from app.client import RequestSender, request_from
 from app.control import ControlPlane
 from app.kafka import BatchSender, apply_topics, make_consumer, make_producer
 from app.records import TaskSpec, utc_now
-from app.samples import SAMPLE_PROGRAMS, SPAM_TEXTS, program_source
+from app.samples import SPAM_TEXTS, program_source
 from app.settings import Settings
 from app.topics import topics_for
 
@@ -94,6 +95,9 @@ async def plain_loop(settings: Settings, source: str, output: str, count: int) -
     namespace: dict[str, Any] = {}
     exec(program_source(PROGRAM), namespace)
     run = namespace["run"]
+    gc.collect()
+    gc.freeze()  # the same collector tuning as the worker, for a like-for-like limit
+    gc.set_threshold(50_000, 20, 100)
     consumer = make_consumer(settings, source, group_id="bench-plain", **settings.group_args())
     producer = make_producer(settings)
     await consumer.start()
@@ -118,6 +122,8 @@ async def plain_loop(settings: Settings, source: str, output: str, count: int) -
         await asyncio.gather(*acks)
         return time.perf_counter() - started
     finally:
+        gc.set_threshold(700, 10, 10)
+        gc.unfreeze()
         await consumer.stop()
         await producer.stop()
 
@@ -177,31 +183,62 @@ async def latency(settings: Settings, rate: int, seconds: float) -> list[float]:
     return latencies
 
 
+async def provision(settings: Settings, count: int) -> None:
+    """Topics, the spam-filter task with its program active, and `count` requests on the requests topic."""
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    async with ControlPlane(settings) as control:
+        # No input_schema: the same job as the baselines (decode, classify, encode, produce).
+        await control.put_task(TaskSpec(name="spam-filter", updated_at=utc_now()))
+        await control.publish("spam-filter", program_source(PROGRAM), activate=True)
+    async with RequestSender(settings) as sender:
+        for start in range(0, count, 10_000):
+            await sender.send(request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]})
+                              for i in range(start, min(count, start + 10_000)))
+
+
+async def pipeline(
+    settings: Settings, count: int, workers: int, log_dir: Path, rate: int | None
+) -> tuple[float, list[float]]:
+    """Run `workers` worker processes on the requests already produced; msg/s, and latencies if rate."""
+    env = {**os.environ, **settings.to_env(), "LOOPAI_LOG_LEVEL": "WARNING",
+           "LOOPAI_SANDBOX_PROCESSES": str(max(1, (os.cpu_count() or 1) // workers))}
+    processes = []
+    for n in range(workers):
+        log = open(log_dir / f"worker-{settings.topic_prefix}{n}.log", "wb")  # noqa: SIM115 - until the end
+        processes.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker"],
+                                          env={**env, "LOOPAI_WORKER_ID": f"bench-{n}"},
+                                          stdout=log, stderr=subprocess.STDOUT))
+    try:
+        await wait_for_commits(settings, f"{settings.app_id}-executors", count, 600)
+        throughput = count / await executed_span(settings, count, 60)
+        latencies = sorted(await latency(settings, rate, 5.0)) if rate else []
+        return throughput, latencies
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+
+
 async def bench(count: int, rate: int) -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="loopai-bench-"))
+    cores = os.cpu_count() or 1
     with EmbeddedBroker(log_file=log_dir / "broker.log") as broker:
-        settings = Settings.load(None, bootstrap_servers=broker.bootstrap_servers, topic_prefix="bench.",
+        def settings_for(prefix: str) -> Settings:
+            return Settings.load(None, bootstrap_servers=broker.bootstrap_servers, topic_prefix=prefix,
                                  **EMBEDDED_TIMINGS)
+
+        settings = settings_for("bench.")
         topics = topics_for(settings.topic_prefix)
-        await apply_topics(settings, topics)
         partitions = topics.execution_requests.partitions
+        say(f"producing {count} requests to {topics.execution_requests.name} ({partitions} partitions)...")
+        started = time.perf_counter()
+        await provision(settings, count)
+        say(f"  {count / (time.perf_counter() - started):,.0f} msg/s produced")
         admin = AIOKafkaAdminClient(**settings.kafka_client_args())
         await admin.start()
         await admin.create_topics([NewTopic(f"bench.{name}-out", partitions, 1) for name in ("plain", "quix")])
         await admin.close()
-        async with ControlPlane(settings) as control:
-            # No input_schema: the same job as the baselines (decode, classify, encode, produce).
-            await control.put_task(TaskSpec(name="spam-filter", updated_at=utc_now()))
-            await control.publish("spam-filter", program_source(PROGRAM), activate=True)
-        assert ("spam-filter", PROGRAM, True) in SAMPLE_PROGRAMS
-
-        say(f"producing {count} requests to {topics.execution_requests.name} ({partitions} partitions)...")
-        requests = [request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]}) for i in range(count)]
-        started = time.perf_counter()
-        async with RequestSender(settings) as sender:
-            for i in range(0, count, 10_000):
-                await sender.send(requests[i:i + 10_000])
-        say(f"  {count / (time.perf_counter() - started):,.0f} msg/s produced")
         rates: dict[str, float] = {}
 
         say("plain aiokafka loop (in-process, no isolation)...")
@@ -221,34 +258,27 @@ async def bench(count: int, rate: int) -> None:
             else:
                 say(f"  Quix job failed: {job.stderr[-800:]}")
 
-        say("loopai pipeline (worker process + sandbox pool)...")
-        worker_log = open(log_dir / "worker.log", "wb")  # noqa: SIM115 - the worker writes it until the end
-        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"],
-                                  env={**os.environ, **settings.to_env(), "LOOPAI_LOG_LEVEL": "WARNING"},
-                                  stdout=worker_log, stderr=subprocess.STDOUT)
-        try:
-            await wait_for_commits(settings, f"{settings.app_id}-executors", count, 600)
-            rates["loopai pipeline"] = count / await executed_span(settings, count, 60)
-            say(f"latency at a steady {rate} req/s for 5 s...")
-            lat = sorted(await latency(settings, rate, 5.0))
-        finally:
-            worker.terminate()
-            worker.wait(timeout=30)
+        say("loopai pipeline, 1 worker process (+ its sandbox pool)...")
+        rates["loopai pipeline, 1 worker"], lat = await pipeline(settings, count, 1, log_dir, rate)
+        if cores > 1:
+            say(f"loopai pipeline, {cores} worker processes...")
+            multi = settings_for("bench-multi.")
+            await provision(multi, count)
+            rates[f"loopai pipeline, {cores} workers"], _ = await pipeline(multi, count, cores, log_dir, None)
 
     say("")
-    say(f"{'job':<24}{'msg/s':>12}")
+    say(f"{'job':<32}{'msg/s':>10}{'vs plain':>10}{'vs Quix':>9}")
     for name, value in rates.items():
-        say(f"{name:<24}{value:>12,.0f}")
-    pipeline = rates["loopai pipeline"]
-    say("")
-    say(f"pipeline / plain loop   {pipeline / rates['plain aiokafka loop']:.2f}  (target >= 0.50)")
-    if "Quix Streams" in rates:
-        say(f"pipeline / Quix Streams {pipeline / rates['Quix Streams']:.2f}  (target >= 1.00)")
+        vs_quix = f"{value / rates['Quix Streams']:.2f}" if "Quix Streams" in rates else "-"
+        say(f"{name:<32}{value:>10,.0f}{value / rates['plain aiokafka loop']:>10.2f}{vs_quix:>9}")
+    say("targets: pipeline >= 0.50 x plain loop, >= 1.00 x Quix Streams")
     if lat:
         p50 = statistics.median(lat)
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        say(f"request->result latency at {rate} req/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({len(lat)} requests)")
-    print(json.dumps({"requests": count, "rates": rates, "latency_ms": {"p50": p50, "p99": p99} if lat else None}))
+        say(f"request->result latency, 1 worker at {rate} req/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+            f"({len(lat)} requests)")
+    print(json.dumps({"requests": count, "rates": rates,
+                      "latency_ms": {"p50": p50, "p99": p99} if lat else None}))
 
 
 def main() -> None:

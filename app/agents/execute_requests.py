@@ -193,7 +193,8 @@ class ExecuteRequests:
             try:
                 sender = BatchSender(self._producer)
                 for topic, partition, key, value in encoded:
-                    await sender.add(topic, partition, key, value)
+                    if not sender.try_add(topic, partition, key, value):
+                        await sender.add_after_full(topic, partition, key, value)
                 await asyncio.gather(*await sender.flush())
                 break
             except KafkaError as exc:

@@ -1,0 +1,47 @@
+"""Kafka plumbing on the real broker: batched sends (including full batches), partitioning, topic apply."""
+
+import asyncio
+
+from aiokafka import TopicPartition
+
+from app.kafka import BatchSender, apply_topics, make_consumer, make_producer, partition_for
+from app.settings import Settings
+from app.topics import topics_for
+
+# murmur2 test vectors from Kafka's Java client (UtilsTest.testMurmur2), as signed 32-bit ints.
+JAVA_MURMUR2 = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
+                b"a-little-bit-longer-string": -1486304829, b"abc": 479470107}
+
+
+def test_partition_for_matches_kafkas_default_partitioner() -> None:
+    # Java: Utils.toPositive(murmur2(key)) % partitions, so Java producers and ours agree on partitions.
+    for key, java_hash in JAVA_MURMUR2.items():
+        for partitions in (1, 3, 6, 7):
+            assert partition_for(key, partitions) == (java_hash & 0x7FFFFFFF) % partitions, (key, partitions)
+
+
+async def test_batch_sender_ships_full_batches_in_order(settings: Settings) -> None:
+    topic = topics_for(settings.topic_prefix).dead_letters.name
+    producer = make_producer(settings, max_batch_size=2048)  # a few records per batch
+    await producer.start()
+    sender = BatchSender(producer)
+    for i in range(500):
+        await sender.add(topic, 0, None, f"record-{i:04d}".encode() * 10)
+    await asyncio.gather(*await sender.flush())
+    await producer.stop()
+    consumer = make_consumer(settings)
+    await consumer.start()
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    values: list[bytes] = []
+    while len(values) < 500:
+        batches = await consumer.getmany(timeout_ms=2000)
+        assert batches, f"only {len(values)} records arrived"
+        values += [m.value for m in batches[tp]]
+    await consumer.stop()
+    assert values == [f"record-{i:04d}".encode() * 10 for i in range(500)]
+
+
+async def test_apply_topics_reports_what_it_did(settings: Settings) -> None:
+    again = await apply_topics(settings, topics_for(settings.topic_prefix))  # the fixture applied them once
+    assert [o.created for o in again] == [False] * 5
