@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     sandbox_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     sandbox_memory_mb: int = Field(512, ge=64)
     sandbox_max_output_bytes: int = Field(1_000_000, ge=1024)
-    sandbox_chunk_size: int = Field(200, ge=1)
+    sandbox_chunk_size: int = Field(500, ge=1)
 
     # Group membership; the defaults suit a real cluster, the embedded broker wants them short.
     session_timeout_s: float = Field(30.0, gt=0)

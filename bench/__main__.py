@@ -89,16 +89,19 @@ async def executed_span(settings: Settings, expected: int, timeout_s: float) -> 
     return max((max(moments) - min(moments)).total_seconds(), 0.001)
 
 
-async def plain_loop(settings: Settings, source: str, output: str, count: int) -> float:
-    """decode -> classify in-process -> encode -> produce with send_batch, acks awaited only at the end,
-    no commits: the practical limit. Returns seconds from the first message to the last ack."""
+async def plain_loop(settings: Settings, source: str, output: str, count: int, at_least_once: bool) -> float:
+    """decode -> classify in-process -> encode -> produce with send_batch. Without at_least_once, acks are
+    awaited only at the end and nothing is committed (the practical limit); with it, each batch's acks are
+    awaited and its offsets committed before the next getmany (the pipeline's guarantee, done simply).
+    Returns seconds from the first message to the last ack."""
     namespace: dict[str, Any] = {}
     exec(program_source(PROGRAM), namespace)
     run = namespace["run"]
     gc.collect()
     gc.freeze()  # the same collector tuning as the worker, for a like-for-like limit
     gc.set_threshold(50_000, 20, 100)
-    consumer = make_consumer(settings, source, group_id="bench-plain", **settings.group_args())
+    group = "bench-plain-alo" if at_least_once else "bench-plain"
+    consumer = make_consumer(settings, source, group_id=group, **settings.group_args())
     producer = make_producer(settings)
     await consumer.start()
     await producer.start()
@@ -119,6 +122,10 @@ async def plain_loop(settings: Settings, source: str, output: str, count: int) -
                     await sender.add(output, tp.partition, m.key, orjson.dumps(out))
                 done += len(messages)
             acks += await sender.flush()
+            if at_least_once and batches:
+                await asyncio.gather(*acks)
+                acks.clear()
+                await consumer.commit()
         await asyncio.gather(*acks)
         return time.perf_counter() - started
     finally:
@@ -237,13 +244,17 @@ async def bench(count: int, rate: int) -> None:
         say(f"  {count / (time.perf_counter() - started):,.0f} msg/s produced")
         admin = AIOKafkaAdminClient(**settings.kafka_client_args())
         await admin.start()
-        await admin.create_topics([NewTopic(f"bench.{name}-out", partitions, 1) for name in ("plain", "quix")])
+        outputs = ("plain", "plain-alo", "quix")
+        await admin.create_topics([NewTopic(f"bench.{name}-out", partitions, 1) for name in outputs])
         await admin.close()
         rates: dict[str, float] = {}
 
         say("plain aiokafka loop (in-process, no isolation)...")
-        seconds = await plain_loop(settings, topics.execution_requests.name, "bench.plain-out", count)
+        seconds = await plain_loop(settings, topics.execution_requests.name, "bench.plain-out", count, False)
         rates["plain aiokafka loop"] = count / seconds
+        say("plain aiokafka loop, at-least-once (acks awaited and offsets committed per batch)...")
+        seconds = await plain_loop(settings, topics.execution_requests.name, "bench.plain-alo-out", count, True)
+        rates["plain loop, at-least-once"] = count / seconds
 
         if quix_available():
             say("Quix Streams (orjson serde, in-process, no isolation)...")

@@ -178,16 +178,20 @@ class ExecuteRequests:
         results = batch.ready
         if batch.outcomes is not None:
             outcomes = await batch.outcomes
-            batch.fetched_at = utc_now()  # results carry the time their batch finished executing
+            executed_at = batch.fetched_at = utc_now()  # results carry when their batch finished executing
+            worker_id = self._settings.worker_id
             for (request, runnable), outcome in zip(batch.pending, outcomes, strict=True):
                 execution_id = execution_id_for(request.task_id, request.request_id)
-                results.append(self._fields(
-                    batch, request.task_id, request.request_id, execution_id=execution_id,
-                    status=outcome.status, output=outcome.output, error_message=outcome.error,
-                    latency_ms=outcome.latency_ms, memory_usage_mb=outcome.memory_mb,
-                    program_id=runnable.artifact.program_id, version=runnable.artifact.version,
-                    sampled_for_validation=is_sampled(execution_id, runnable.sampling_rate, request.force_validation),
-                ))
+                artifact = runnable.artifact
+                results.append({  # every ExecutionResult field, in .avsc order (see _fields)
+                    "execution_id": execution_id, "request_id": request.request_id, "task_id": request.task_id,
+                    "program_id": artifact.program_id, "version": artifact.version, "status": outcome.status,
+                    "output": outcome.output, "error_message": outcome.error, "latency_ms": outcome.latency_ms,
+                    "memory_usage_mb": outcome.memory_mb,
+                    "sampled_for_validation": is_sampled(execution_id, runnable.sampling_rate,
+                                                         request.force_validation),
+                    "executed_at": executed_at, "worker_id": worker_id,
+                })
         encoded = self._encode(results, batch.letters)
         while True:
             try:
