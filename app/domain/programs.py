@@ -104,11 +104,22 @@ def complexity_of(source: str) -> ComplexityMetrics:
     return ComplexityMetrics(lines_of_code=len(lines), cyclomatic_complexity=1 + decisions)
 
 
-def _public_namespace(name: str) -> types.SimpleNamespace:
+class _ReadOnlyModule(types.SimpleNamespace):
+    """What a program gets for `import json`: programs share a sandbox process, so none may change what
+    another one sees (json.dumps = ...)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"module attributes are read-only for programs (tried to set {name!r})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"module attributes are read-only for programs (tried to delete {name!r})")
+
+
+def _public_namespace(name: str) -> _ReadOnlyModule:
     """A module's public, non-module attributes: `re.enum`, `random.os` and the like are left out."""
     module = importlib.import_module(name)
     withheld = _WITHHELD_MODULE_NAMES.get(name, set())
-    return types.SimpleNamespace(
+    return _ReadOnlyModule(
         **{
             key: value
             for key, value in vars(module).items()

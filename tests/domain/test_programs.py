@@ -78,3 +78,11 @@ def test_complexity() -> None:
     )
     assert metrics.lines_of_code == 4
     assert metrics.cyclomatic_complexity == 3  # 1 + if + `and`
+
+
+def test_programs_cannot_change_modules_other_programs_see(compiler: ProgramCompiler) -> None:
+    tamper = compiler.compile("import json\ndef run(input):\n    json.dumps = lambda value: 'forged'\n")
+    with pytest.raises(AttributeError, match="read-only"):
+        tamper({})
+    honest = compiler.compile("import json\ndef run(input):\n    return json.dumps(input)\n")
+    assert honest({"a": 1}) == '{"a": 1}'
