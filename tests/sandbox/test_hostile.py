@@ -51,14 +51,6 @@ HOSTILE = {
 }
 
 
-@pytest.fixture
-async def pool():
-    started = SandboxPool(2, memory_mb=256, max_output=1_000_000, chunk_size=50)
-    await started.start()
-    yield started
-    await started.stop()
-
-
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 async def test_hostile_program_is_contained(name: str, pool: SandboxPool) -> None:
     source, status, message = HOSTILE[name]

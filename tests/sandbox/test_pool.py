@@ -3,20 +3,10 @@ import os
 import platform
 import signal
 
-import pytest
-
 from app.samples import program_source
 from app.sandbox.pool import Call, SandboxPool
 
 SPAM = program_source("spam_v1")
-
-
-@pytest.fixture
-async def pool():
-    started = SandboxPool(2, memory_mb=256, max_output=10_000, chunk_size=50)
-    await started.start()
-    yield started
-    await started.stop()
 
 
 def spam(text: str) -> Call:
