@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -10,7 +11,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from app.codecs import DecodeError, codec_for
 from app.kafka import BatchSender, make_consumer, make_producer, partition_for
-from app.records import ExecutionRequest, Record
+from app.records import ExecutionRequest, Record, utc_now
 from app.settings import Settings
 from app.topics import TopicSpec, topics_for
 
@@ -62,7 +63,10 @@ async def follow(
     consumer = make_consumer(settings, auto_offset_reset="earliest" if from_beginning else "latest")
     await consumer.start()
     try:
-        partitions = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
+        # The cluster's partitions, which may differ from topics.yaml for a topic made elsewhere.
+        partitions = [TopicPartition(spec.name, p) for p in sorted(consumer.partitions_for_topic(spec.name) or ())]
+        if not partitions:
+            raise KeyError(f"topic {spec.name} does not exist; run `loopai topics apply`")
         consumer.assign(partitions)
         if from_beginning:
             await consumer.seek_to_beginning(*partitions)
@@ -89,10 +93,6 @@ async def follow(
 
 def request_from(task_id: str, value: dict[str, Any], **fields: Any) -> ExecutionRequest:
     """A request with a fresh request_id, stamped now."""
-    import uuid
-
-    from app.records import utc_now
-
     return ExecutionRequest(
         request_id=fields.pop("request_id", None) or str(uuid.uuid4()),
         task_id=task_id,

@@ -9,6 +9,7 @@ import hashlib
 from types import TracebackType
 from typing import Any
 
+import jsonschema
 from aiokafka import AIOKafkaProducer
 
 from app.codecs import codec_for
@@ -126,8 +127,6 @@ class ControlPlane:
 
 
 def _check_json_schema(schema: dict[str, Any], field: str) -> None:
-    import jsonschema
-
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:

@@ -4,7 +4,6 @@ and idempotent topic creation from the registry."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -16,8 +15,6 @@ from aiokafka.partitioner import murmur2
 
 from app.settings import Settings
 from app.topics import Topics, TopicSpec
-
-log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=65536)
