@@ -7,11 +7,11 @@ from collections.abc import Callable
 from app.client import RequestSender, request_from
 from app.control import ControlPlane
 from app.kafka import apply_topics
-from app.records import ExecutionStatus, TaskSpec, utc_now
+from app.records import ExecutionStatus, TaskSpec, execution_id_for, utc_now
 from app.samples import program_source
 from app.settings import Settings
 from app.topics import topics_for
-from tests.conftest import WorkerProcess, make_settings, results_for
+from tests.conftest import WorkerProcess, collect, make_settings, results_for
 from tests.test_tables import _artifact, _publish_in_one_batch
 
 
@@ -79,3 +79,35 @@ async def test_avro_wire_format_end_to_end(broker, start_worker: Callable[..., W
     result = (await results_for(settings, [request.request_id]))[request.request_id]
     assert result.status is ExecutionStatus.OK
     assert result.output == {"label": "spam", "score": 3}  # winner 3; half capitals is not shouting
+
+
+async def test_a_worker_killed_mid_stream_loses_nothing(
+    settings: Settings, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """SIGKILL: no drain, no commit. The survivor redoes the uncommitted batches; a duplicate carries the
+    same execution_id and output."""
+    tasks = [f"k{i}" for i in range(12)]
+    async with ControlPlane(settings) as control:
+        for name in tasks:
+            await control.put_task(TaskSpec(name=name, updated_at=utc_now()))
+            await control.publish(name, "def run(input):\n    return input['i'] * 3\n", activate=True)
+    doomed = start_worker(settings, worker_id="doomed")
+    start_worker(settings, worker_id="survivor")
+    sent = []
+    async with RequestSender(settings) as sender:
+        for wave in range(15):
+            wave_requests = [request_from(tasks[i % 12], {"i": wave * 100 + i}) for i in range(100)]
+            await sender.send(wave_requests)
+            sent += wave_requests
+            if wave == 4:
+                doomed.process.send_signal(signal.SIGKILL)
+            await asyncio.sleep(0.05)
+    wanted = {r.request_id for r in sent}
+    records = await collect(settings, "execution_results",
+                            lambda rs: wanted <= {r.request_id for r in rs}, timeout_s=60)
+    by_request: dict[str, set[tuple[str, int]]] = {}
+    for result in records:
+        by_request.setdefault(result.request_id, set()).add((result.execution_id, result.output))
+    assert all(len(variants) == 1 for variants in by_request.values())  # duplicates agree
+    assert all(by_request[r.request_id] == {(execution_id_for(r.task_id, r.request_id), r.input["i"] * 3)}
+               for r in sent)

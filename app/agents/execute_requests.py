@@ -99,18 +99,21 @@ class ExecuteRequests:
 
     async def stop(self) -> None:
         self._stopping = True
-        fetch, complete = self._tasks
-        with contextlib.suppress(asyncio.CancelledError):
-            await fetch
-        try:
-            await asyncio.wait_for(self.drain(), timeout=30)
-        except TimeoutError:
-            log.warning("in-flight batches not finished in 30s; they will be redelivered")
-        complete.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await complete
-        await self._consumer.stop()
-        await self._producer.stop()
+        if self._tasks:
+            fetch, complete = self._tasks
+            with contextlib.suppress(asyncio.CancelledError):
+                await fetch
+            try:
+                await asyncio.wait_for(self.drain(), timeout=30)
+            except TimeoutError:
+                log.warning("in-flight batches not finished in 30s; they will be redelivered")
+            complete.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await complete
+        if hasattr(self, "_consumer"):
+            await self._consumer.stop()
+        if hasattr(self, "_producer"):
+            await self._producer.stop()
 
     async def drain(self) -> None:
         """Wait until every fetched batch is completed and committed."""
