@@ -17,6 +17,7 @@ import asyncio
 import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -190,32 +191,60 @@ async def latency(settings: Settings, rate: int, seconds: float) -> list[float]:
     return latencies
 
 
-async def provision(settings: Settings, count: int) -> None:
-    """Topics, the spam-filter task with its program active, and `count` requests on the requests topic."""
+async def provision(settings: Settings) -> None:
+    """Topics, and the spam-filter task with its program active."""
     await apply_topics(settings, topics_for(settings.topic_prefix))
     async with ControlPlane(settings) as control:
         # No input_schema: the same job as the baselines (decode, classify, encode, produce).
         await control.put_task(TaskSpec(name="spam-filter", updated_at=utc_now()))
         await control.publish("spam-filter", program_source(PROGRAM), activate=True)
+
+
+async def produce(settings: Settings, count: int) -> None:
+    """`count` spam-filter requests on the requests topic."""
     async with RequestSender(settings) as sender:
         for start in range(0, count, 10_000):
             await sender.send(request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]})
                               for i in range(start, min(count, start + 10_000)))
 
 
+async def wait_for_stable_group(logs: list[Path], partitions: int, timeout_s: float = 120) -> None:
+    """Until every worker's latest assignment is non-empty and together they cover every partition."""
+    pattern = re.compile(r"executor assigned \[([0-9, ]*)\]")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        latest = [pattern.findall(log.read_text(errors="replace")) for log in logs]
+        if all(latest):
+            owned = [set(map(int, filter(None, found[-1].split(", ")))) for found in latest]
+            if all(owned) and set().union(*owned) == set(range(partitions)):
+                return
+        await asyncio.sleep(0.5)
+    raise TimeoutError("the executor group did not settle")
+
+
 async def pipeline(
     settings: Settings, count: int, workers: int, log_dir: Path, rate: int | None
 ) -> tuple[float, list[float]]:
-    """Run `workers` worker processes on the requests already produced; msg/s, and latencies if rate."""
-    env = {**os.environ, **settings.to_env(), "LOOPAI_LOG_LEVEL": "WARNING",
+    """msg/s of `workers` worker processes over `count` requests, and latencies if rate is given.
+
+    One worker starts on requests already produced. Several are started first and the requests produced
+    once their group has settled: otherwise a rebalance, as each one joins, falls inside the measurement.
+    """
+    env = {**os.environ, **settings.to_env(), "LOOPAI_LOG_LEVEL": "INFO",
            "LOOPAI_SANDBOX_PROCESSES": str(max(1, (os.cpu_count() or 1) // workers))}
-    processes = []
+    if workers == 1:
+        await produce(settings, count)
+    processes, logs = [], []
     for n in range(workers):
-        log = open(log_dir / f"worker-{settings.topic_prefix}{n}.log", "wb")  # noqa: SIM115 - until the end
+        logs.append(log_dir / f"worker-{settings.topic_prefix}{n}.log")
+        log = open(logs[-1], "wb")  # noqa: SIM115 - the worker writes it until the end
         processes.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker"],
                                           env={**env, "LOOPAI_WORKER_ID": f"bench-{n}"},
                                           stdout=log, stderr=subprocess.STDOUT))
     try:
+        if workers > 1:
+            await wait_for_stable_group(logs, topics_for(settings.topic_prefix).execution_requests.partitions)
+            await produce(settings, count)
         await wait_for_commits(settings, f"{settings.app_id}-executors", count, 600)
         throughput = count / await executed_span(settings, count, 60)
         latencies = sorted(await latency(settings, rate, 5.0)) if rate else []
@@ -239,8 +268,9 @@ async def bench(count: int, rate: int) -> None:
         topics = topics_for(settings.topic_prefix)
         partitions = topics.execution_requests.partitions
         say(f"producing {count} requests to {topics.execution_requests.name} ({partitions} partitions)...")
+        await provision(settings)
         started = time.perf_counter()
-        await provision(settings, count)
+        await produce(settings, count)
         say(f"  {count / (time.perf_counter() - started):,.0f} msg/s produced")
         admin = AIOKafkaAdminClient(**settings.kafka_client_args())
         await admin.start()
@@ -270,11 +300,13 @@ async def bench(count: int, rate: int) -> None:
                 say(f"  Quix job failed: {job.stderr[-800:]}")
 
         say("loopai pipeline, 1 worker process (+ its sandbox pool)...")
-        rates["loopai pipeline, 1 worker"], lat = await pipeline(settings, count, 1, log_dir, rate)
+        single = settings_for("bench-1.")
+        await provision(single)
+        rates["loopai pipeline, 1 worker"], lat = await pipeline(single, count, 1, log_dir, rate)
         if cores > 1:
-            say(f"loopai pipeline, {cores} worker processes...")
+            say(f"loopai pipeline, {cores} worker processes (requests produced once their group settles)...")
             multi = settings_for("bench-multi.")
-            await provision(multi, count)
+            await provision(multi)
             rates[f"loopai pipeline, {cores} workers"], _ = await pipeline(multi, count, cores, log_dir, None)
 
     say("")
