@@ -2,12 +2,12 @@
 
 import asyncio
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from app.client import RequestSender, request_from
 from app.control import ControlPlane
 from app.kafka import apply_topics
-from app.records import ExecutionStatus, TaskSpec, execution_id_for, utc_now
+from app.records import ExecutionRequest, ExecutionStatus, TaskSpec, execution_id_for, utc_now
 from app.samples import program_source
 from app.settings import Settings
 from app.topics import topics_for
@@ -40,24 +40,15 @@ async def test_restarted_worker_recovers_the_tables_exactly(
 async def test_two_workers_split_partitions_and_lose_nothing_when_one_stops(
     settings: Settings, start_worker: Callable[..., WorkerProcess]
 ) -> None:
-    tasks = [f"t{i}" for i in range(12)]  # keys spread over the 6 request partitions
-    async with ControlPlane(settings) as control:
-        for name in tasks:
-            await control.put_task(TaskSpec(name=name, updated_at=utc_now()))
-            await control.publish(name, "def run(input):\n    return input['i']\n", activate=True)
+    tasks = await _twelve_tasks(settings, "def run(input):\n    return input['i']\n")
     first = start_worker(settings, worker_id="pair-1")
     second = start_worker(settings, worker_id="pair-2")
 
-    sent = []
-    async with RequestSender(settings) as sender:
-        for wave in range(20):
-            wave_requests = [request_from(tasks[i % 12], {"i": wave * 100 + i}) for i in range(100)]
-            await sender.send(wave_requests)
-            sent += wave_requests
-            if wave == 5:
-                await results_for(settings, [r.request_id for r in sent])  # both are serving now
-                first.process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.1)
+    async def stop_first(sent: list[ExecutionRequest]) -> None:
+        await results_for(settings, [r.request_id for r in sent])  # both are serving now
+        first.process.send_signal(signal.SIGTERM)
+
+    sent = await _send_waves(settings, tasks, waves=20, pause_s=0.1, at_wave=5, action=stop_first)
     results = await results_for(settings, [r.request_id for r in sent], timeout_s=60)
     assert len(results) == len(sent) == 2000
     assert all(results[r.request_id].output == r.input["i"] for r in sent)
@@ -86,22 +77,14 @@ async def test_a_worker_killed_mid_stream_loses_nothing(
 ) -> None:
     """SIGKILL: no drain, no commit. The survivor redoes the uncommitted batches; a duplicate carries the
     same execution_id and output."""
-    tasks = [f"k{i}" for i in range(12)]
-    async with ControlPlane(settings) as control:
-        for name in tasks:
-            await control.put_task(TaskSpec(name=name, updated_at=utc_now()))
-            await control.publish(name, "def run(input):\n    return input['i'] * 3\n", activate=True)
+    tasks = await _twelve_tasks(settings, "def run(input):\n    return input['i'] * 3\n")
     doomed = start_worker(settings, worker_id="doomed")
     start_worker(settings, worker_id="survivor")
-    sent = []
-    async with RequestSender(settings) as sender:
-        for wave in range(15):
-            wave_requests = [request_from(tasks[i % 12], {"i": wave * 100 + i}) for i in range(100)]
-            await sender.send(wave_requests)
-            sent += wave_requests
-            if wave == 4:
-                doomed.process.send_signal(signal.SIGKILL)
-            await asyncio.sleep(0.05)
+
+    async def kill_doomed(sent: list[ExecutionRequest]) -> None:
+        doomed.process.send_signal(signal.SIGKILL)
+
+    sent = await _send_waves(settings, tasks, waves=15, pause_s=0.05, at_wave=4, action=kill_doomed)
     wanted = {r.request_id for r in sent}
     records = await collect(settings, "execution_results",
                             lambda rs: wanted <= {r.request_id for r in rs}, timeout_s=60)
@@ -111,3 +94,30 @@ async def test_a_worker_killed_mid_stream_loses_nothing(
     assert all(len(variants) == 1 for variants in by_request.values())  # duplicates agree
     assert all(by_request[r.request_id] == {(execution_id_for(r.task_id, r.request_id), r.input["i"] * 3)}
                for r in sent)
+
+
+async def _twelve_tasks(settings: Settings, source: str) -> list[str]:
+    """Twelve tasks running `source`: their keys spread over the 6 request partitions."""
+    tasks = [f"t{i}" for i in range(12)]
+    async with ControlPlane(settings) as control:
+        for name in tasks:
+            await control.put_task(TaskSpec(name=name, updated_at=utc_now()))
+            await control.publish(name, source, activate=True)
+    return tasks
+
+
+async def _send_waves(
+    settings: Settings, tasks: list[str], waves: int, pause_s: float, at_wave: int,
+    action: Callable[[list[ExecutionRequest]], Awaitable[None]],
+) -> list[ExecutionRequest]:
+    """Waves of 100 requests (input i unique), with `action` after wave `at_wave`; returns all sent."""
+    sent: list[ExecutionRequest] = []
+    async with RequestSender(settings) as sender:
+        for wave in range(waves):
+            wave_requests = [request_from(tasks[i % 12], {"i": wave * 100 + i}) for i in range(100)]
+            await sender.send(wave_requests)
+            sent += wave_requests
+            if wave == at_wave:
+                await action(sent)
+            await asyncio.sleep(pause_s)
+    return sent
