@@ -127,7 +127,7 @@ class ExecuteRequests:
                 batch = self._prepare(batches)
                 if batch.pending:
                     batch.outcomes = asyncio.ensure_future(self._pool.run([
-                        Call(r.artifact.program_id, r.artifact.source_code, r.timeout_ms / 1000, q.input)
+                        Call(q.task_id, r.artifact.program_id, r.artifact.source_code, r.timeout_ms / 1000, q.input)
                         for q, r in batch.pending
                     ]))
                 await self._inflight.put(batch)  # waits while too many batches are in flight

@@ -29,8 +29,9 @@ _STATUSES = frozenset({"ok", "error", "timeout"})
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One program call. `key` names a program version; `source` is sent once per process."""
+    """One program call for a task. `key` names a program version; `source` is sent once per process."""
 
+    task_id: str
     key: str
     source: str
     timeout_s: float

@@ -10,7 +10,7 @@ import pytest
 
 from app.sandbox.pool import Call, SandboxPool
 
-GOOD = Call("good", "def run(input):\n    return input['n'] * 2\n", 1.0, {"n": 21})
+GOOD = Call("good", "good", "def run(input):\n    return input['n'] * 2\n", 1.0, {"n": 21})
 CANARY = Path("/tmp/loopai-hostile-canary")
 
 HOSTILE = {
@@ -54,7 +54,7 @@ HOSTILE = {
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 async def test_hostile_program_is_contained(name: str, pool: SandboxPool) -> None:
     source, status, message = HOSTILE[name]
-    outcomes = await pool.run([Call(name, source, 1.0, {}), GOOD])
+    outcomes = await pool.run([Call(name, name, source, 1.0, {}), GOOD])
     assert (outcomes[0].status, outcomes[1].status) == (status, "ok"), outcomes
     assert message in (outcomes[0].error or "")
     assert outcomes[1].output == 42  # the call after it in the same batch is served
@@ -64,7 +64,7 @@ async def test_hostile_program_is_contained(name: str, pool: SandboxPool) -> Non
 
 async def test_process_killed_twice_during_one_call_gives_an_error(pool: SandboxPool) -> None:
     """A call whose process dies, and dies again on retry, is an error result; the pool carries on."""
-    looping = Call("spin", "def run(input):\n    while True:\n        pass\n", 20.0, {})
+    looping = Call("spin", "spin", "def run(input):\n    while True:\n        pass\n", 20.0, {})
     task = asyncio.ensure_future(pool.run([looping]))
     for _ in range(2):
         await asyncio.sleep(0.5)

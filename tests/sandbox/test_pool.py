@@ -10,7 +10,7 @@ SPAM = program_source("spam_v1")
 
 
 def spam(text: str) -> Call:
-    return Call("spam-v1", SPAM, 1.0, {"text": text})
+    return Call("spam", "spam-v1", SPAM, 1.0, {"text": text})
 
 
 async def test_results_come_back_in_order(pool: SandboxPool) -> None:
@@ -28,7 +28,7 @@ async def test_processes_are_locked_down(pool: SandboxPool) -> None:
 
 async def test_program_compiled_once_per_process(pool: SandboxPool) -> None:
     source = "import random\nSTAMP = random.random()\ndef run(input):\n    return STAMP\n"
-    outcomes = await pool.run([Call("stamp", source, 1.0, {}) for _ in range(200)])
+    outcomes = await pool.run([Call("stamp", "stamp", source, 1.0, {}) for _ in range(200)])
     assert len({o.output for o in outcomes}) <= 2  # one load per process, not per call
 
 
@@ -39,7 +39,7 @@ async def test_concurrent_batches_share_the_pool(pool: SandboxPool) -> None:
 
 async def test_process_killed_from_outside_is_replaced_and_call_retried(pool: SandboxPool) -> None:
     source = "def run(input):\n    total = 0\n    for i in range(30_000_000):\n        total += i\n    return total\n"
-    slow = Call("slow", source, 20.0, {})
+    slow = Call("slow", "slow", source, 20.0, {})
     task = asyncio.ensure_future(pool.run([slow]))
     await asyncio.sleep(0.3)  # it is now running in one of the processes
     for pid in pool.pids:
