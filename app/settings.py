@@ -68,8 +68,13 @@ class Settings(BaseSettings):
     default_timeout_ms: int = Field(1000, ge=1, le=60_000)
 
     # Sandbox
+    sandbox_isolation: Literal["strict", "weak"] = Field(
+        "strict", description="weak: no namespaces (development on hosts without user namespaces only)"
+    )
     sandbox_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    sandbox_spares: int = Field(1, ge=0, le=64, description="processes started ahead for tasks that need one")
     sandbox_memory_mb: int = Field(512, ge=64)
+    sandbox_cpu_seconds: int = Field(3600, ge=1, description="CPU budget of one sandbox process's life")
     sandbox_max_output_bytes: int = Field(1_000_000, ge=1024)
     sandbox_chunk_size: int = Field(500, ge=1)
 

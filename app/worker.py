@@ -11,6 +11,7 @@ import faust
 from mode import Service
 
 from app.agents.execute_requests import ExecuteRequests
+from app.sandbox.boundary import Boundary
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
 from app.tables import TableReader
@@ -28,9 +29,9 @@ class LoopWorker(Service):
         topics = topics_for(settings.topic_prefix)
         self.tables = TableReader(settings, topics.task_specs, topics.program_artifacts)
         self.pool = SandboxPool(
+            Boundary.from_settings(settings),
             settings.sandbox_processes,
-            memory_mb=settings.sandbox_memory_mb,
-            max_output=settings.sandbox_max_output_bytes,
+            spares=settings.sandbox_spares,
             chunk_size=settings.sandbox_chunk_size,
         )
         self.executor = ExecuteRequests(settings, topics, self.tables, self.pool)

@@ -12,10 +12,11 @@ import ast
 import builtins
 import importlib
 import types
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from app.records import ComplexityMetrics
+if TYPE_CHECKING:
+    from app.records import ComplexityMetrics
 
 ALLOWED_MODULES = frozenset(
     {
@@ -24,26 +25,30 @@ ALLOWED_MODULES = frozenset(
         "base64", "functools",
     }
 )
-# Public names that still lead somewhere a program must not go (e.g. eval of annotation strings).
-_WITHHELD_MODULE_NAMES = {"functools": {"singledispatch", "singledispatchmethod"}}
+# Public names that still lead somewhere a program must not go: eval of annotation strings (singledispatch),
+# copying attributes named by strings (update_wrapper and wraps take `assigned=("__globals__",)`).
+_WITHHELD_MODULE_NAMES = {"functools": {"singledispatch", "singledispatchmethod", "update_wrapper", "wraps"}}
+_WITHHELD_NAMES = frozenset().union(*_WITHHELD_MODULE_NAMES.values())
 
 # Attributes that reach frames, code objects or globals without a leading underscore.
 _FORBIDDEN_ATTRIBUTES = frozenset(
     {
         "gi_frame", "gi_code", "gi_yieldfrom", "cr_frame", "cr_code", "cr_await", "ag_frame", "ag_code",
         "f_globals", "f_locals", "f_builtins", "f_back", "f_code", "tb_frame", "tb_next", "co_code",
-        "func_globals", "mro", "format_map",
+        "func_globals", "mro",
+        # str.format and format_map walk attributes and items named inside the format string, at run time
+        "format", "format_map",
     }
 )
 _FORBIDDEN_NAMES = frozenset(
     {
         "eval", "exec", "compile", "open", "getattr", "setattr", "delattr", "globals", "locals", "vars",
-        "breakpoint", "help", "memoryview", "exit", "quit", "dir",
+        "breakpoint", "help", "memoryview", "exit", "quit", "dir", "hasattr",
     }
 )
 _SAFE_BUILTIN_NAMES = (
     "abs all any ascii bin bool bytearray bytes callable chr classmethod complex dict divmod enumerate "
-    "filter float format frozenset hasattr hash hex id int isinstance issubclass iter len list map max min "
+    "filter float format frozenset hash hex id int isinstance issubclass iter len list map max min "
     "next object oct ord pow property range repr reversed round set slice sorted staticmethod str sum super tuple "
     "type zip True False None NotImplemented Ellipsis __build_class__"
 ).split()
@@ -65,23 +70,8 @@ def check_source(source: str) -> ast.Module:
         problems.append(f"line {getattr(node, 'lineno', '?')}: {text}")
 
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name not in ALLOWED_MODULES:
-                    problem(node, f"import of {alias.name!r} is not allowed")
-        elif isinstance(node, ast.ImportFrom):
-            if node.level or node.module not in ALLOWED_MODULES:
-                problem(node, f"import from {node.module!r} is not allowed")
-            elif any(alias.name == "*" for alias in node.names):
-                problem(node, "star imports are not allowed")
-        elif isinstance(node, ast.Attribute):
-            if node.attr.startswith("_") or node.attr in _FORBIDDEN_ATTRIBUTES:
-                problem(node, f"attribute {node.attr!r} is not allowed")
-        elif isinstance(node, ast.Name):
-            if node.id.startswith("__") or node.id in _FORBIDDEN_NAMES:
-                problem(node, f"name {node.id!r} is not available to programs")
-        elif isinstance(node, ast.alias) and node.asname and node.asname.startswith("__"):
-            problem(node, f"name {node.asname!r} is not allowed")
+        for text in _check_node(node):
+            problem(node, text)
     if not any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body):
         problems.append("no top-level function `run(input)` is defined")
     if problems:
@@ -89,8 +79,51 @@ def check_source(source: str) -> ast.Module:
     return tree
 
 
+def _check_node(node: ast.AST) -> Iterator[str]:
+    """The problems of one syntax node. Names that reach an attribute are checked wherever the language lets
+    a program write them: attribute access, class patterns of `match`, and imported names."""
+    if isinstance(node, ast.Import):
+        for alias in node.names:
+            if alias.name not in ALLOWED_MODULES:
+                yield f"import of {alias.name!r} is not allowed"
+    elif isinstance(node, ast.ImportFrom):
+        if node.level or node.module not in ALLOWED_MODULES:
+            yield f"import from {node.module!r} is not allowed"
+        for alias in node.names:
+            if alias.name == "*":
+                yield "star imports are not allowed"
+            elif alias.name.startswith("_") or alias.name in _WITHHELD_MODULE_NAMES.get(node.module or "", ()):
+                yield f"import of {node.module}.{alias.name} is not allowed"
+    elif isinstance(node, ast.Attribute):
+        if _is_forbidden_attribute(node.attr):
+            yield f"attribute {node.attr!r} is not allowed"
+    elif isinstance(node, ast.MatchClass):  # `case C(attr=...)` reads attribute `attr` of the subject
+        for name in node.kwd_attrs:
+            if _is_forbidden_attribute(name):
+                yield f"attribute {name!r} in a class pattern is not allowed"
+    elif isinstance(node, ast.Name):
+        if node.id.startswith("__") or node.id in _FORBIDDEN_NAMES:
+            yield f"name {node.id!r} is not available to programs"
+    elif isinstance(node, ast.alias) and node.asname and node.asname.startswith("__"):
+        yield f"name {node.asname!r} is not allowed"
+    elif isinstance(node, ast.Global | ast.Nonlocal):
+        for name in node.names:
+            if name.startswith("__"):
+                yield f"name {name!r} is not allowed"
+    elif isinstance(node, ast.MatchAs | ast.MatchStar) and node.name and node.name.startswith("__"):
+        yield f"name {node.name!r} is not allowed"
+    elif isinstance(node, ast.MatchMapping) and node.rest and node.rest.startswith("__"):
+        yield f"name {node.rest!r} is not allowed"
+
+
+def _is_forbidden_attribute(name: str) -> bool:
+    return name.startswith("_") or name in _FORBIDDEN_ATTRIBUTES or name in _WITHHELD_NAMES
+
+
 def complexity_of(source: str) -> ComplexityMetrics:
     """Lines of code and cyclomatic complexity (1 + decision points) of a program."""
+    from app.records import ComplexityMetrics  # here, not above: sandbox processes import this module bare
+
     tree = ast.parse(source)
     decisions = 0
     for node in ast.walk(tree):
@@ -105,8 +138,8 @@ def complexity_of(source: str) -> ComplexityMetrics:
 
 
 class _ReadOnlyModule(types.SimpleNamespace):
-    """What a program gets for `import json`: programs share a sandbox process, so none may change what
-    another one sees (json.dumps = ...)."""
+    """What a program gets for `import json`: read-only, so that a program cannot change the modules that the
+    sandbox's own loop uses (json.dumps = ...)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"module attributes are read-only for programs (tried to set {name!r})")

@@ -1,19 +1,21 @@
-"""A sandbox process: reads batches of calls on stdin, runs them one by one, writes one result line each.
+"""A sandbox process: reads batches of calls on stdin, runs them one by one, writes their answers on stdout.
 
-Protocol (JSON lines). In: {"load": [[key, source], ...], "run": [[key, timeout_s, input], ...],
-"stream": bool}. Out: first {"hello": {...protections}}, then lists of answers, one per call, each
-[status, output, error, latency_ms, memory_mb]. Answers are flushed every few milliseconds (per call when
-"stream" is set, which the pool uses to find which call of a batch hung or crashed the process).
-It locks itself down before reading the first batch; see lock_down().
+Started inside the boundary (app/sandbox/boundary.py) with argv: memory_mb cpu_s max_output open_files
+progress_fd seccomp_hex. Protocol (JSON lines). In: {"batch": n, "load": [[key, source], ...],
+"run": [[key, timeout_s, input], ...]}. Out: first {"hello": {...protections}}, then lists of answers, one per
+call in order, each [status, output, error, latency_ms, memory_mb], flushed every few milliseconds.
+Before and after each call it writes (batch, call index, start time or 0) to the shared progress page, so the
+pool knows which call was running if it has to kill the process. It serves one task only (the pool's rule)
+and exits after a batch in which a call timed out or ran out of memory, or when its CPU budget runs low.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import mmap
 import os
 import resource
 import signal
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -22,10 +24,11 @@ from typing import Any
 import orjson
 
 from app.domain.programs import ProgramCompiler, ProgramRejected
-from app.sandbox.seccomp import install_filter
+from app.sandbox.seccomp import load_filter
 
-_CLONE_NEWNET = 0x40000000
+PROGRESS = struct.Struct("qqq")  # batch, call index, start (monotonic ns; 0 when no call is running)
 _FLUSH_S = 0.002
+_RETIRE_CPU_SHARE = 0.8
 
 
 class _CallTimeout(BaseException):
@@ -40,43 +43,42 @@ def _on_alarm(signum: int, frame: Any) -> None:
         raise _CallTimeout()
 
 
-def lock_down(memory_mb: int, scratch: str) -> dict[str, Any]:
-    """Apply every OS limit available here; returns which are active."""
-    os.chdir(scratch)
+def lock_down(memory_mb: int, cpu_s: int, open_files: int, seccomp_filter: bytes) -> dict[str, Any]:
+    """Set the rlimits, then load the seccomp filter (irreversible). Returns what is in force; raises if the
+    filter cannot be loaded (the pool refuses such a process)."""
     limits = {
-        resource.RLIMIT_AS: memory_mb << 20,
-        resource.RLIMIT_FSIZE: 0,
-        resource.RLIMIT_CORE: 0,
-        resource.RLIMIT_NPROC: 0,
-        resource.RLIMIT_NOFILE: 32,
+        resource.RLIMIT_AS: (memory_mb << 20, memory_mb << 20),
+        resource.RLIMIT_CPU: (cpu_s, cpu_s + 1),  # past the soft limit SIGXCPU, past the hard one SIGKILL
+        resource.RLIMIT_FSIZE: (0, 0),
+        resource.RLIMIT_CORE: (0, 0),
+        resource.RLIMIT_NPROC: (0, 0),
+        resource.RLIMIT_NOFILE: (open_files, open_files),
+        resource.RLIMIT_MEMLOCK: (0, 0),
+        resource.RLIMIT_MSGQUEUE: (0, 0),
     }
     for limit, value in limits.items():
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(limit, (value, value))
+        resource.setrlimit(limit, value)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file write fails instead of killing us
-    netns = False
-    with contextlib.suppress(OSError, AttributeError):
-        netns = ctypes.CDLL(None, use_errno=True).unshare(_CLONE_NEWNET) == 0
-    seccomp = install_filter()
-    return {"pid": os.getpid(), "seccomp": seccomp, "netns": netns, "memory_mb": memory_mb}
+    load_filter(seccomp_filter)
+    return {"uid": os.getuid(), "pid": os.getpid(), "seccomp": True, "memory_mb": memory_mb, "cpu_s": cpu_s}
 
 
-def _run_one(
-    program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, value: Any, max_output: int
-) -> list[Any]:
+def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, value: Any,
+             max_output: int) -> tuple[list[Any], bool]:
+    """One call's answer, and whether the process should retire after this batch."""
     global _in_call
     if isinstance(program, str):
-        return ["error", None, program, 0.0, None]
-    status, output, error = "ok", None, None
+        return ["error", None, program, 0.0, None], False
+    status, output, error, retire = "ok", None, None, False
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     started = time.perf_counter()
     _in_call = True
     try:
         output = program(value)
     except _CallTimeout:
-        status, error = "timeout", f"program exceeded its timeout of {timeout_s * 1000:.0f} ms"
+        status, error, retire = "timeout", f"program exceeded its timeout of {timeout_s * 1000:.0f} ms", True
     except MemoryError:
-        status, error = "error", "program ran out of memory"
+        status, error, retire = "error", "program ran out of memory", True
     except RecursionError:
         status, error = "error", "program exceeded the maximum recursion depth"
     except BaseException as exc:  # the program's own failure, whatever it raised
@@ -85,19 +87,17 @@ def _run_one(
         _in_call = False
         signal.setitimer(signal.ITIMER_REAL, 0)
     latency_ms = (time.perf_counter() - started) * 1000
-    memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if status == "ok":
-        try:
-            encoded = orjson.dumps(output)
-        except (TypeError, orjson.JSONEncodeError) as exc:
-            return ["error", None, f"output is not JSON-serialisable: {exc}", latency_ms, memory_mb]
-        except MemoryError:
-            return ["error", None, "output too large to serialise", latency_ms, memory_mb]
-        if len(encoded) > max_output:
-            return ["error", None, f"output is {len(encoded)} bytes; the limit is {max_output}",
-                    latency_ms, memory_mb]
-        return [status, orjson.Fragment(encoded), None, latency_ms, memory_mb]
-    return [status, None, error, latency_ms, memory_mb]
+    if status != "ok":
+        return [status, None, error, latency_ms, None], retire
+    try:
+        encoded = orjson.dumps(output)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        return ["error", None, f"output is not JSON-serialisable: {exc}", latency_ms, None], False
+    except MemoryError:
+        return ["error", None, "output too large to serialise", latency_ms, None], True
+    if len(encoded) > max_output:
+        return ["error", None, f"output is {len(encoded)} bytes; the limit is {max_output}", latency_ms, None], False
+    return [status, orjson.Fragment(encoded), None, latency_ms, None], False
 
 
 def _load(compiler: ProgramCompiler, source: str, timeout_s: float) -> Callable[[dict[str, Any]], Any] | str:
@@ -118,40 +118,74 @@ def _load(compiler: ProgramCompiler, source: str, timeout_s: float) -> Callable[
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def serve(memory_mb: int, max_output: int, scratch: str) -> None:
-    """The process's whole life: lock down, then answer batches until stdin closes."""
+def _memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def serve(memory_mb: int, cpu_s: int, max_output: int, open_files: int, progress_fd: int,
+          seccomp_filter: bytes) -> None:
+    """The process's whole life: lock down, then answer batches until stdin closes or it retires."""
     reader = os.fdopen(os.dup(0), "rb")
     out_fd = os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDWR)
+    devnull = os.open(os.devnull, os.O_RDONLY)
     for fd in (0, 1, 2):  # nothing a program does can reach the protocol pipes through these
         os.dup2(devnull, fd)
-    compiler = ProgramCompiler()
+    progress = mmap.mmap(progress_fd, PROGRESS.size)
+    compiler = ProgramCompiler()  # imports every allowed module while files can still be opened
     signal.signal(signal.SIGALRM, _on_alarm)
-    hello = lock_down(memory_mb, scratch)
-    os.write(out_fd, orjson.dumps({"hello": hello}) + b"\n")
+    hello = lock_down(memory_mb, cpu_s, open_files, seccomp_filter)
+    _write_all(out_fd, orjson.dumps({"hello": hello}) + b"\n")
     programs: dict[str, Callable[[dict[str, Any]], Any] | str] = {}
+    pack, perf, now_ns = PROGRESS.pack_into, time.perf_counter, time.monotonic_ns
     for line in reader:
         batch = orjson.loads(line)
-        load_timeout = min((call[1] for call in batch["run"]), default=1.0)
+        number, calls = batch["batch"], batch["run"]
         for key, source in batch.get("load", ()):
-            programs[key] = _load(compiler, source, load_timeout)
-        stream = bool(batch.get("stream"))
+            first = next((i for i, call in enumerate(calls) if call[0] == key), 0)
+            pack(progress, 0, number, first, now_ns())
+            programs[key] = _load(compiler, source, calls[first][1] if calls else 1.0)
         answers: list[list[Any]] = []
-        flushed = time.perf_counter()
-        for key, timeout_s, value in batch["run"]:
-            program = programs.get(key, f"program {key} was not loaded")
-            answers.append(_run_one(program, timeout_s, value, max_output))
-            now = time.perf_counter()
-            if stream or now - flushed > _FLUSH_S:
-                os.write(out_fd, orjson.dumps(answers) + b"\n")
-                answers, flushed = [], now
-        if answers:
-            os.write(out_fd, orjson.dumps(answers) + b"\n")
+        retire = False
+        flushed = perf()
+        for index, (key, timeout_s, value) in enumerate(calls):
+            pack(progress, 0, number, index, now_ns())
+            answer, spent = _run_one(programs.get(key, f"program {key} was not loaded"), timeout_s, value,
+                                     max_output)
+            pack(progress, 0, number, index, 0)
+            answers.append(answer)
+            retire = retire or spent
+            if perf() - flushed > _FLUSH_S:
+                _flush(out_fd, answers)
+                answers, flushed = [], perf()
+        _flush(out_fd, answers)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        if retire or usage.ru_utime + usage.ru_stime > cpu_s * _RETIRE_CPU_SHARE:
+            return  # the pool replaces a process that is gone while idle, at no call's cost
 
 
-def main() -> None:
-    memory_mb, max_output, scratch = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    serve(memory_mb, max_output, scratch)
+def _flush(out_fd: int, answers: list[list[Any]]) -> None:
+    if answers:
+        memory_mb = _memory_mb()
+        for answer in answers:
+            answer[4] = memory_mb
+        _write_all(out_fd, orjson.dumps(answers) + b"\n")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def main(probe: str | None = None) -> None:
+    """Serve calls; or, for the isolation tests, lock down and then run `probe` (see Boundary.command)."""
+    memory_mb, cpu_s, max_output, open_files, progress_fd = (int(arg) for arg in sys.argv[1:6])
+    seccomp_filter = bytes.fromhex(sys.argv[6])
+    if probe is None:
+        serve(memory_mb, cpu_s, max_output, open_files, progress_fd, seccomp_filter)
+        return
+    lock_down(memory_mb, cpu_s, open_files, seccomp_filter)
+    exec(compile(probe, "<probe>", "exec"), {"__name__": "__probe__"})
 
 
 if __name__ == "__main__":

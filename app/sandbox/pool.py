@@ -1,30 +1,40 @@
-"""The sandbox pool: pre-started sandbox processes, called in batches from the worker's event loop.
+"""The sandbox pool: sandbox processes started inside the OS boundary, each serving one task at a time, called in
+batches from the worker's event loop.
 
-Each call has a wall deadline. A process that passes it (stuck in C code, or a program swallowing its own
-timeout) is killed and replaced; the call is a timeout and the rest of its batch runs elsewhere. A process
-that dies on its own gets its call retried once in a fresh process; dying twice makes the call an error.
-Answers arrive a few milliseconds apart in groups, so when a process dies with several calls unanswered,
-those calls run again one answer at a time ("stream" mode) to find the one at fault.
+One task per process: a process is bound to the first task it serves and is never handed to another one; when
+a task needs a process and the pool is full, the least recently used idle process of another task is stopped
+and a warm spare (already started and locked down) takes its place, so switching costs no cold start.
+
+Fair blame: every process writes the index and start time of the call it is running to a shared page. A call
+that outlives its timeout (stuck in C code, or swallowing its own timer) is killed once and charged once, as
+a timeout. A process that dies by itself is charged to the call it was running, which gets one more try in a
+fresh process (it may have been killed from outside); dying twice makes it an error. Every other call of the
+batch that had no answer yet runs again in a fresh process: innocent calls are never failed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import logging
-import shutil
-import sys
-import tempfile
+import mmap
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from app.sandbox.boundary import Boundary, SandboxUnavailable
+from app.sandbox.child import PROGRESS
+
 log = logging.getLogger(__name__)
 
 _GRACE_S = 0.25  # beyond a call's own timeout, before the process is killed from outside
+_START_TIMEOUT_S = 30.0
 _STATUSES = frozenset({"ok", "error", "timeout"})
+_MAX_BLAMELESS_DEATHS = 3  # deaths with no call running, per chunk, before its calls are failed
+_STDERR_KEPT = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +60,12 @@ class Outcome:
 class SandboxDied(Exception):
     """The process ended before answering every call of its batch."""
 
+    def __init__(self, reason: str, answers: list[Outcome], running: int | None, timed_out: bool) -> None:
+        super().__init__(reason)
+        self.answers = answers  # answers received, in call order
+        self.running = running  # index (in the batch) of the call running when it ended, if any
+        self.timed_out = timed_out  # killed by the watchdog for overrunning that call's timeout
+
 
 class _Protocol(asyncio.SubprocessProtocol):
     def __init__(self, owner: SandboxProcess) -> None:
@@ -58,110 +74,130 @@ class _Protocol(asyncio.SubprocessProtocol):
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if fd == 1:
             self._owner._on_data(data)
+        else:
+            self._owner._on_stderr(data)
 
-    def process_exited(self) -> None:
-        self._owner._on_exit()
+    def connection_lost(self, exc: Exception | None) -> None:  # process exited and its pipes are drained
+        self._owner._on_lost()
 
 
 class SandboxProcess:
-    """One sandbox process and its pipes."""
+    """One sandbox process, its pipes and its progress page."""
 
-    def __init__(self, memory_mb: int, max_output: int) -> None:
-        self._memory_mb = memory_mb
-        self._max_output = max_output
-        self._max_line = max_output + 4096
+    def __init__(self, boundary: Boundary) -> None:
+        self._boundary = boundary
+        self._max_line = boundary.limits.max_output + 4096
         self._transport: asyncio.SubprocessTransport | None = None
         self._buffer = bytearray()
+        self._stderr = bytearray()
+        self._page_fd = os.memfd_create("loopai-progress", os.MFD_CLOEXEC)
+        os.ftruncate(self._page_fd, PROGRESS.size)
+        self._page = mmap.mmap(self._page_fd, PROGRESS.size)
         self._hello: asyncio.Future[dict[str, Any]] | None = None
         self._done: asyncio.Future[None] | None = None
         self._results: list[Outcome] = []
         self._expected = 0
-        self._deadlines: list[float] = []  # per call: seconds of silence allowed while it is unanswered
-        self.streaming = False
-        self._last_progress = 0.0
+        self._batch = 0
+        self._timeouts: list[float] = []
         self._watchdog: asyncio.TimerHandle | None = None
+        self._lost = False
         self.loaded: set[str] = set()
+        self.task: str | None = None
+        self.last_used = 0.0
         self.kill_reason: str | None = None
+        self._killed_running: int | None = None
         self.protections: dict[str, Any] = {}
-        self._scratch = tempfile.mkdtemp(prefix="loopai-sandbox-")
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
-        self._transport, _ = await loop.subprocess_exec(
-            lambda: _Protocol(self),
-            sys.executable, "-I", "-m", "app.sandbox.child",
-            str(self._memory_mb), str(self._max_output), self._scratch,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-        )
-        self.protections = await asyncio.wait_for(self._hello, 30)
+        try:
+            self._transport, _ = await loop.subprocess_exec(
+                lambda: _Protocol(self), *self._boundary.command(self._page_fd),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env=self._boundary.environment(), pass_fds=(self._page_fd,),
+            )
+            self.protections = await asyncio.wait_for(self._hello, _START_TIMEOUT_S)
+        except (SandboxDied, OSError, TimeoutError) as exc:
+            await self.stop()
+            raise SandboxUnavailable(self._boundary.explain(self._stderr.decode(errors="replace") or str(exc))) from exc
 
     @property
     def alive(self) -> bool:
-        return self._transport is not None and self._transport.get_returncode() is None
+        return self._transport is not None and not self._lost and self._transport.get_returncode() is None
 
     @property
     def pid(self) -> int | None:
         return self._transport.get_pid() if self._transport else None
 
-    async def run(self, calls: Sequence[Call], stream: bool = False) -> list[Outcome]:
-        """Run calls in order. Raises SandboxDied with the answers so far if the process ends early."""
+    async def run(self, batch: int, calls: Sequence[Call]) -> list[Outcome]:
+        """Run calls in order. Raises SandboxDied if the process ends before answering all of them."""
         assert self._transport is not None
-        self._results = []
         if not self.alive:
-            raise SandboxDied(self.kill_reason or "sandbox process is not running")
+            raise SandboxDied(self.kill_reason or "sandbox process is not running", [], None, False)
         loop = asyncio.get_running_loop()
+        self._results = []
         self._done = loop.create_future()
         self._expected = len(calls)
-        self.streaming = stream
-        if stream:
-            self._deadlines = [c.timeout_s for c in calls]
-        else:  # any unanswered call may be the one running: allow the longest of them
-            longest, self._deadlines = 0.0, [0.0] * len(calls)
-            for i in range(len(calls) - 1, -1, -1):
-                longest = max(longest, calls[i].timeout_s)
-                self._deadlines[i] = longest
+        self._batch = batch
+        self._timeouts = [call.timeout_s for call in calls]
         loads = []
         for call in calls:
             if call.key not in self.loaded:
                 loads.append((call.key, call.source))
                 self.loaded.add(call.key)
         message = orjson.dumps(
-            {"load": loads, "run": [(c.key, c.timeout_s, c.input) for c in calls], "stream": stream}
+            {"batch": batch, "load": loads, "run": [(c.key, c.timeout_s, c.input) for c in calls]}
         )
-        self._last_progress = loop.time()
-        self._arm_watchdog()
+        self._watchdog = loop.call_at(loop.time() + min(self._timeouts) + _GRACE_S, self._watch)
         stdin = self._transport.get_pipe_transport(0)
         assert isinstance(stdin, asyncio.WriteTransport)
         stdin.write(message + b"\n")
         try:
             await self._done
+        except SandboxDied as death:
+            raise SandboxDied(str(death), list(self._results), self._running(), self._killed_running is not None) \
+                from None
         finally:
-            if self._watchdog:
-                self._watchdog.cancel()
+            self._watchdog.cancel()
+            self._done = None
         return self._results
 
-    def _arm_watchdog(self) -> None:
-        loop = asyncio.get_running_loop()
-        index = len(self._results)
-        deadline = self._last_progress + self._deadlines[index] + _GRACE_S
-        self._watchdog = loop.call_at(deadline, self._check_deadline, index)
+    def _running(self) -> int | None:
+        """The index of the call running now (or when the process ended), from its progress page."""
+        if self._killed_running is not None:
+            return self._killed_running
+        batch, index, started_ns = PROGRESS.unpack_from(self._page, 0)
+        if batch != self._batch or not started_ns or index < len(self._results):
+            return None
+        return int(index)
 
-    def _check_deadline(self, index: int) -> None:
+    def _watch(self) -> None:
+        """Kill the process if the call it is running has overrun its timeout; else look again later."""
         if self._done is None or self._done.done():
             return
-        if len(self._results) != index:  # progress since: watch the call now running
-            self._arm_watchdog()
-            return
-        self.kill(f"call exceeded its timeout of {self._deadlines[index] * 1000:.0f} ms")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        batch, index, started_ns = PROGRESS.unpack_from(self._page, 0)
+        check_at = now + _GRACE_S
+        if batch == self._batch and started_ns and index >= len(self._results):
+            deadline = started_ns / 1e9 + self._timeouts[index] + _GRACE_S  # loop.time() is CLOCK_MONOTONIC too
+            if now >= deadline:
+                self._killed_running = int(index)
+                self.kill(f"call exceeded its timeout of {self._timeouts[index] * 1000:.0f} ms")
+                return
+            check_at = deadline
+        self._watchdog = loop.call_at(check_at, self._watch)
 
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
             self.kill_reason = reason
-        if self.alive:
-            assert self._transport is not None
+        if self._transport is not None and self._transport.get_returncode() is None:
             self._transport.kill()
+
+    def _on_stderr(self, data: bytes) -> None:
+        if len(self._stderr) < _STDERR_KEPT:
+            self._stderr += data[: _STDERR_KEPT - len(self._stderr)]
 
     def _on_data(self, data: bytes) -> None:
         self._buffer += data
@@ -175,7 +211,7 @@ class SandboxProcess:
         for line in lines:
             try:
                 self._accept(orjson.loads(line))
-            except (ValueError, TypeError, IndexError) as exc:
+            except (ValueError, TypeError, IndexError, KeyError) as exc:
                 self.kill(f"malformed answer from sandbox process: {exc}")
                 return
 
@@ -189,18 +225,18 @@ class SandboxProcess:
             if status not in _STATUSES or (error is not None and not isinstance(error, str)):
                 raise ValueError(f"bad answer {status!r:.50}")
             self._results.append(Outcome(status, output, error, float(latency_ms), memory_mb))
-        self._last_progress = asyncio.get_running_loop().time()
         if len(self._results) == self._expected:
             self._done.set_result(None)
 
-    def _on_exit(self) -> None:
+    def _on_lost(self) -> None:
+        self._lost = True
         if self.kill_reason is None:
             code = self._transport.get_returncode() if self._transport else None
             self.kill_reason = f"sandbox process exited (code {code})"
         if self._hello is not None and not self._hello.done():
-            self._hello.set_exception(SandboxDied(self.kill_reason))
+            self._hello.set_exception(SandboxDied(self.kill_reason, [], None, False))
         if self._done is not None and not self._done.done():
-            self._done.set_exception(SandboxDied(self.kill_reason))
+            self._done.set_exception(SandboxDied(self.kill_reason, [], None, False))
 
     async def stop(self) -> None:
         if self._transport is not None:
@@ -214,94 +250,206 @@ class SandboxProcess:
                     await asyncio.sleep(0.02)
                 self.kill("stopped")
             self._transport.close()
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        if not self._page.closed:
+            self._page.close()
+            os.close(self._page_fd)
 
 
 class SandboxPool:
-    """A fixed number of sandbox processes; run() spreads a batch of calls over the idle ones."""
+    """Up to `processes` sandbox processes bound to tasks, plus `spares` started ahead. run() spreads a batch's
+    calls over processes of their own task."""
 
-    def __init__(self, processes: int, memory_mb: int = 512, max_output: int = 1_000_000,
-                 chunk_size: int = 200) -> None:
+    def __init__(self, boundary: Boundary, processes: int, spares: int = 1, chunk_size: int = 500) -> None:
+        self._boundary = boundary
         self._size = processes
-        self._memory_mb = memory_mb
-        self._max_output = max_output
+        self._spare_target = spares
         self._chunk_size = chunk_size
-        self._idle: asyncio.Queue[SandboxProcess] = asyncio.Queue()
-        self._all: list[SandboxProcess] = []
-        self.replaced = 0
+        self._idle: dict[str, list[SandboxProcess]] = {}
+        self._bound: dict[str, int] = {}  # per task: processes bound to it, busy or idle
+        self._spares: list[SandboxProcess] = []
+        self._all: set[SandboxProcess] = set()
+        self._changed = asyncio.Condition()
+        self._background_work: set[asyncio.Task[None]] = set()
+        self._starting = 0  # spares being started
+        self._batches = itertools.count(1)
+        self.protections: dict[str, Any] = {}
+        self.replaced = 0  # processes that died or were killed
+        self.evicted = 0  # idle processes stopped to make room for another task
 
     async def start(self) -> None:
-        started = await asyncio.gather(*(self._spawn() for _ in range(self._size)))
-        for process in started:
-            self._idle.put_nowait(process)
-        log.info("sandbox pool: %d processes, protections %s", self._size, started[0].protections)
-
-    @property
-    def protections(self) -> dict[str, Any]:
-        return self._all[0].protections if self._all else {}
+        """Start the spares. Raises SandboxUnavailable (with what to do) if the boundary cannot be set up."""
+        first = await self._spawn()
+        self.protections = first.protections
+        self._spares.append(first)
+        self._refill()
+        log.info("sandbox pool: %d processes + %d spares, protections %s", self._size, self._spare_target,
+                 self.protections)
 
     @property
     def pids(self) -> list[int]:
+        """Host pids of the live processes (bubblewrap's, whose death takes the sandbox process with it)."""
         return [p.pid for p in self._all if p.alive and p.pid is not None]
 
-    async def _spawn(self) -> SandboxProcess:
-        process = SandboxProcess(self._memory_mb, self._max_output)
-        await process.start()
-        self._all.append(process)
-        return process
+    def pids_of(self, task_id: str) -> list[int]:
+        """Host pids of the live processes bound to a task."""
+        return [p.pid for p in self._all if p.task == task_id and p.alive and p.pid is not None]
+
+    def pids_running(self, task_id: str) -> list[int]:
+        """Host pids of the task's processes that are running one of its calls right now."""
+        return [p.pid for p in self._all if p.task == task_id and p.alive and p.pid is not None
+                and p._done is not None and p._running() is not None]
 
     async def run(self, calls: Sequence[Call]) -> list[Outcome]:
         """Outcomes in the order of calls."""
         if not calls:
             return []
-        size = max(1, min(self._chunk_size, -(-len(calls) // self._size)))
-        chunks = [calls[i:i + size] for i in range(0, len(calls), size)]
-        if len(chunks) == 1:
-            return await self._run_chunk(chunks[0])
-        parts = await asyncio.gather(*(self._run_chunk(chunk) for chunk in chunks))
-        return [outcome for part in parts for outcome in part]
-
-    async def _run_chunk(self, calls: Sequence[Call], stream: bool = False, retried: bool = False) -> list[Outcome]:
-        process = await self._idle.get()
-        while not process.alive:  # died while idle: not the fault of these calls
-            await self._replace(process)
-            process = await self._idle.get()
-        try:
-            outcomes = await process.run(calls, stream)
-        except SandboxDied as death:
-            return await self._after_death(process, calls, str(death), stream, retried)
-        self._idle.put_nowait(process)
-        return outcomes
-
-    async def _after_death(self, process: SandboxProcess, calls: Sequence[Call], reason: str, stream: bool,
-                           retried: bool) -> list[Outcome]:
-        done = list(process._results)
-        await self._replace(process)
-        unanswered = calls[len(done):]
-        if not stream and len(unanswered) > 1:
-            # Answers since the last flush were lost with the process: find the culprit call by call.
-            return [*done, *await self._run_chunk(unanswered, stream=True)]
-        failed, rest = unanswered[0], unanswered[1:]
-        if reason.startswith("call exceeded"):
-            outcome = Outcome("timeout", error=f"{reason}; its sandbox process was killed and replaced")
-        elif retried:
-            outcome = Outcome("error", error=f"{reason} twice while running this call")
+        outcomes: list[Outcome | None] = [None] * len(calls)
+        by_task: dict[str, list[int]] = {}
+        for index, call in enumerate(calls):
+            by_task.setdefault(call.task_id, []).append(index)
+        jobs = []
+        for task, indices in by_task.items():
+            size = max(1, min(self._chunk_size, -(-len(indices) // self._size)))
+            jobs += [self._run_chunk(task, indices[i:i + size], calls, outcomes) for i in range(0, len(indices), size)]
+        if len(jobs) == 1:
+            await jobs[0]
         else:
-            # Maybe not this call's fault (killed from outside, say): one more try in a fresh process.
-            outcome = (await self._run_chunk([failed], stream=True, retried=True))[0]
-        tail = await self._run_chunk(rest) if rest else []
-        return [*done, outcome, *tail]
+            await asyncio.gather(*jobs)
+        return outcomes  # type: ignore[return-value]  # every slot is filled by its chunk
 
-    async def _replace(self, process: SandboxProcess) -> None:
-        self.replaced += 1
-        log.warning("sandbox process %s replaced: %s", process.pid, process.kill_reason)
-        await process.stop()
-        self._all.remove(process)
-        self._idle.put_nowait(await self._spawn())
+    async def _run_chunk(self, task: str, indices: list[int], calls: Sequence[Call],
+                         outcomes: list[Outcome | None]) -> None:
+        pending, retried, blameless = indices, set(), 0
+        while pending:
+            process = await self._acquire(task)
+            try:
+                answers = await process.run(next(self._batches), [calls[i] for i in pending])
+            except SandboxDied as death:
+                await self._release(process)
+                for index, outcome in zip(pending, death.answers, strict=False):
+                    outcomes[index] = outcome
+                unanswered = pending[len(death.answers):]
+                pending = unanswered
+                if death.running is None or death.running < len(death.answers):
+                    blameless += 1
+                    if blameless > _MAX_BLAMELESS_DEATHS:
+                        for index in pending:
+                            outcomes[index] = Outcome("error", error=f"{death}; the sandbox process kept dying")
+                        return
+                    continue
+                culprit = pending[death.running - len(death.answers)]
+                if death.timed_out:
+                    outcomes[culprit] = Outcome("timeout", error=f"{death}; its sandbox process was killed")
+                elif culprit in retried:
+                    outcomes[culprit] = Outcome("error", error=f"{death} twice while running this call")
+                else:  # perhaps killed from outside: one more try in a fresh process
+                    retried.add(culprit)
+                    continue
+                pending = [index for index in pending if index != culprit]
+                continue
+            for index, outcome in zip(pending, answers, strict=True):
+                outcomes[index] = outcome
+            await self._release(process)
+            return
+
+    async def _acquire(self, task: str) -> SandboxProcess:
+        async with self._changed:
+            while True:
+                idle = self._idle.get(task)
+                if idle:
+                    process = idle.pop()
+                    if process.alive:
+                        return process
+                    self._forget(process)
+                    continue
+                if self._bound.get(task, 0) < self._size:
+                    if sum(self._bound.values()) >= self._size:
+                        self._evict_for(task)
+                    if sum(self._bound.values()) < self._size:
+                        self._bound[task] = self._bound.get(task, 0) + 1
+                        break
+                await self._changed.wait()
+        try:
+            process = await self._take_spare()
+        except BaseException:
+            async with self._changed:
+                self._bound[task] -= 1
+                self._changed.notify_all()
+            raise
+        process.task = task
+        return process
+
+    def _evict_for(self, task: str) -> None:
+        """Stop the least recently used idle process of another task, freeing its place."""
+        candidates = [p for other, idle in self._idle.items() if other != task for p in idle]
+        if not candidates:
+            return
+        victim = min(candidates, key=lambda p: p.last_used)
+        self._idle[victim.task or ""].remove(victim)
+        self.evicted += 1
+        self._forget(victim, replaced=False)
+
+    async def _release(self, process: SandboxProcess) -> None:
+        async with self._changed:
+            if process.alive and process.task is not None:
+                process.last_used = asyncio.get_running_loop().time()
+                self._idle.setdefault(process.task, []).append(process)
+            else:
+                self._forget(process)
+            self._changed.notify_all()
+
+    def _forget(self, process: SandboxProcess, replaced: bool = True) -> None:
+        """Drop a bound process (dead, or evicted) and stop it in the background."""
+        if process.task is not None:
+            self._bound[process.task] -= 1
+            if not self._bound[process.task]:
+                del self._bound[process.task]
+        if replaced:
+            self.replaced += 1
+            log.warning("sandbox process %s of task %s replaced: %s", process.pid, process.task,
+                        process.kill_reason)
+        self._all.discard(process)
+        self._background(process.stop())
+
+    async def _take_spare(self) -> SandboxProcess:
+        while self._spares:
+            process = self._spares.pop()
+            if process.alive:
+                self._refill()
+                return process
+            self._all.discard(process)
+            self._background(process.stop())
+        self._refill()
+        return await self._spawn()  # no warm spare left: a cold start
+
+    def _refill(self) -> None:
+        for _ in range(self._spare_target - len(self._spares) - self._starting):
+            self._starting += 1
+            self._background(self._add_spare())
+
+    async def _add_spare(self) -> None:
+        try:
+            self._spares.append(await self._spawn())
+        except SandboxUnavailable as exc:
+            log.error("could not start a spare sandbox process: %s", exc)
+        finally:
+            self._starting -= 1
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background_work.add(task)
+        task.add_done_callback(self._background_work.discard)
+
+    async def _spawn(self) -> SandboxProcess:
+        process = SandboxProcess(self._boundary)
+        await process.start()
+        self._all.add(process)
+        return process
 
     async def stop(self) -> None:
-        await asyncio.gather(*(p.stop() for p in self._all), return_exceptions=True)
+        await asyncio.gather(*self._background_work, return_exceptions=True)
+        await asyncio.gather(*(p.stop() for p in list(self._all)), return_exceptions=True)
         self._all.clear()
-        with contextlib.suppress(asyncio.QueueEmpty):
-            while True:
-                self._idle.get_nowait()
+        self._spares.clear()
+        self._idle.clear()
+        self._bound.clear()

@@ -48,6 +48,46 @@ def test_rejected_sources(source: str, complaint: str) -> None:
         check_source(source)
 
 
+# Families of ways to reach attributes by name that attribute syntax alone does not show.
+@pytest.mark.parametrize(
+    ("source", "complaint"),
+    [
+        # structural pattern matching: class patterns read the attributes their keywords name
+        ("def run(input):\n    match run:\n        case object(__globals__=g):\n            return g",
+         "line 3: attribute '__globals__' in a class pattern"),
+        ("def run(input):\n    match input:\n        case dict(gi_frame=f):\n            return f",
+         "attribute 'gi_frame' in a class pattern"),
+        ("def run(input):\n    match input:\n        case str(format=f):\n            return f",
+         "attribute 'format' in a class pattern"),
+        ("def run(input):\n    match input:\n        case {**__builtins__}:\n            return 1",
+         "name '__builtins__'"),
+        ("def run(input):\n    match input:\n        case [*__x]:\n            return 1", "name '__x'"),
+        # standard-library helpers that copy or read attributes named by strings
+        ("import functools\ndef run(input): return functools.update_wrapper", "attribute 'update_wrapper'"),
+        ("from functools import wraps\ndef run(input): return wraps", "import of functools.wraps"),
+        ("from functools import update_wrapper\ndef run(input): return 1", "import of functools.update_wrapper"),
+        ("from json import __loader__\ndef run(input): return 1", "import of json.__loader__"),
+        ("def run(input): return hasattr(run, '__globals__')", "name 'hasattr'"),
+        # string formatting whose replacement fields walk attributes and items
+        ("def run(input): return '{0.__globals__}'.format(run)", "attribute 'format'"),
+        ("def run(input): return '{f.__globals__}'.format_map({'f': run})", "attribute 'format_map'"),
+        ("def run(input): return str.format('{0.__class__}', run)", "attribute 'format'"),
+        ("def run(input): return list(map(str.format, ['{0.__class__}'], [run]))", "attribute 'format'"),
+        # names that rebind the program's builtins
+        ("def run(input):\n    global __builtins__\n    return 1", "name '__builtins__'"),
+    ],
+)
+def test_attribute_reaching_families_are_rejected(source: str, complaint: str) -> None:
+    with pytest.raises(ProgramRejected, match=complaint):
+        check_source(source)
+
+
+def test_withheld_helpers_are_not_reachable_at_run_time(compiler: ProgramCompiler) -> None:
+    for name in ("update_wrapper", "wraps", "singledispatch"):
+        assert not hasattr(compiler._modules["functools"], name)
+    assert "hasattr" not in compiler._builtins
+
+
 def test_rejection_lists_every_problem_with_its_line() -> None:
     with pytest.raises(ProgramRejected) as caught:
         check_source("import os\nimport sys\ndef run(input): return 1")

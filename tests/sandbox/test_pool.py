@@ -1,50 +1,109 @@
+"""The pool: order of outcomes, one task per process, warm spares, replacement and fair blame."""
+
 import asyncio
 import os
-import platform
 import signal
+import time
 
 from app.samples import program_source
 from app.sandbox.pool import Call, SandboxPool
 
 SPAM = program_source("spam_v1")
+SPIN = "def run(input):\n    while True:\n        pass\n"
+STUCK_IN_C = "import hashlib\ndef run(input):\n    return hashlib.pbkdf2_hmac('sha256', b'x', b'y', 10 ** 9).hex()\n"
+COUNTER = "CALLS = []\ndef run(input):\n    CALLS.append(1)\n    return len(CALLS)\n"
+DOUBLE = "def run(input):\n    return input['n'] * 2\n"
 
 
-def spam(text: str) -> Call:
-    return Call("spam", "spam-v1", SPAM, 1.0, {"text": text})
+def spam(text: str, task: str = "spam") -> Call:
+    return Call(task, "spam-v1", SPAM, 1.0, {"text": text})
+
+
+async def wait_for(condition, timeout_s: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{what} not reached within {timeout_s}s")
 
 
 async def test_results_come_back_in_order(pool: SandboxPool) -> None:
-    calls = [spam("free stuff" if i % 3 == 0 else "hello") for i in range(500)]
+    calls = [spam("free stuff" if i % 3 == 0 else "hello", task=f"t{i % 4}") for i in range(500)]
     outcomes = await pool.run(calls)
     assert [o.output for o in outcomes] == ["spam" if i % 3 == 0 else "ham" for i in range(500)]
     assert all(o.status == "ok" and o.latency_ms >= 0 and o.memory_mb > 0 for o in outcomes)
 
 
-async def test_processes_are_locked_down(pool: SandboxPool) -> None:
-    if platform.system() == "Linux" and platform.machine() in ("x86_64", "aarch64"):
-        assert pool.protections["seccomp"] is True
-    assert all(pid != os.getpid() for pid in pool.pids)
+async def test_each_process_serves_one_task_only(pool: SandboxPool) -> None:
+    """Tasks a, b, c take turns on a pool of two: a process never moves to another task, it is replaced."""
+    served: dict[int, set[str]] = {}
+    for round_ in range(6):
+        task = "abc"[round_ % 3]
+        outcomes = await pool.run([Call(task, f"{task}-v1", DOUBLE, 1.0, {"n": i}) for i in range(20)])
+        assert [o.output for o in outcomes] == [2 * i for i in range(20)]
+        for pid in pool.pids_of(task):
+            served.setdefault(pid, set()).add(task)
+    assert all(len(tasks) == 1 for tasks in served.values()), served
+    assert pool.evicted > 0 and pool.replaced == 0
 
 
-async def test_program_compiled_once_per_process(pool: SandboxPool) -> None:
-    source = "import random\nSTAMP = random.random()\ndef run(input):\n    return STAMP\n"
-    outcomes = await pool.run([Call("stamp", "stamp", source, 1.0, {}) for _ in range(200)])
-    assert len({o.output for o in outcomes}) <= 2  # one load per process, not per call
+async def test_globals_persist_between_calls_of_a_task_in_one_process(pool: SandboxPool) -> None:
+    """Documented: a program's globals live as long as its process; each process has its own."""
+    outcomes = await pool.run([Call("count", "count-v1", COUNTER, 1.0, {}) for _ in range(10)])
+    assert sorted(o.output for o in outcomes) == sorted([1, 2, 3, 4, 5] * 2)  # two processes, five calls each
+    again = await pool.run([Call("count", "count-v1", COUNTER, 1.0, {}) for _ in range(2)])
+    assert {o.output for o in again} <= {6, 7}
 
 
 async def test_concurrent_batches_share_the_pool(pool: SandboxPool) -> None:
-    batches = await asyncio.gather(*(pool.run([spam("free")] * 30) for _ in range(5)))
+    batches = await asyncio.gather(*(pool.run([spam("free", task=f"t{n % 3}")] * 30) for n in range(5)))
     assert all(o.output == "spam" for batch in batches for o in batch)
 
 
-async def test_process_killed_from_outside_is_replaced_and_call_retried(pool: SandboxPool) -> None:
+async def test_stuck_calls_are_killed_once_and_charged_once(pool: SandboxPool) -> None:
+    """Ten calls stuck in C next to ten good ones of the same task: ten timeouts, ten oks, ten replacements."""
+    stuck = Call("mixed", "stuck", STUCK_IN_C, 0.2, {})
+    calls = [c for i in range(10) for c in (stuck, Call("mixed", "double", DOUBLE, 0.2, {"n": i}))]
+    started = time.monotonic()
+    outcomes = await pool.run(calls)
+    elapsed = time.monotonic() - started
+    assert [o.status for o in outcomes[0::2]] == ["timeout"] * 10
+    assert all("killed" in (o.error or "") for o in outcomes[0::2])
+    assert [o.output for o in outcomes[1::2]] == [2 * i for i in range(10)]
+    assert pool.replaced == 10
+    print(f"10 stuck + 10 good calls: {elapsed:.1f}s, {pool.replaced} processes replaced")
+
+
+async def test_process_killed_from_outside_gets_its_call_retried(pool: SandboxPool) -> None:
     source = "def run(input):\n    total = 0\n    for i in range(30_000_000):\n        total += i\n    return total\n"
-    slow = Call("slow", "slow", source, 20.0, {})
-    task = asyncio.ensure_future(pool.run([slow]))
-    await asyncio.sleep(0.3)  # it is now running in one of the processes
-    for pid in pool.pids:
-        os.kill(pid, signal.SIGKILL)  # as an OOM killer would
+    task = asyncio.ensure_future(pool.run([Call("slow", "slow", source, 20.0, {})]))
+    victim = await wait_for(lambda: pool.pids_running("slow"), what="the call running")
+    os.kill(victim[0], signal.SIGKILL)  # as an OOM killer would
     outcome = (await task)[0]
     assert outcome.status == "ok" and outcome.output == sum(range(30_000_000))
-    assert pool.replaced == 2  # the busy one at once, the idle one when next taken
+    assert pool.replaced == 1
     assert (await pool.run([spam("free")] * 10))[0].output == "spam"
+
+
+async def test_process_killed_twice_during_one_call_gives_an_error(pool: SandboxPool) -> None:
+    task = asyncio.ensure_future(pool.run([Call("spin", "spin", SPIN, 20.0, {})]))
+    killed: set[int] = set()
+    for _ in range(2):
+        pids = await wait_for(lambda done=frozenset(killed): set(pool.pids_running("spin")) - done,
+                              what="the call running")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        killed |= pids
+    outcome = (await task)[0]
+    assert outcome.status == "error" and "twice" in (outcome.error or "")
+    assert (await pool.run([spam("free")]))[0].output == "spam"
+
+
+async def test_a_process_dying_while_idle_costs_no_call(pool: SandboxPool) -> None:
+    assert (await pool.run([spam("free")]))[0].output == "spam"
+    for pid in pool.pids_of("spam"):
+        os.kill(pid, signal.SIGKILL)
+    await wait_for(lambda: not pool.pids_of("spam"), what="the process gone")
+    assert [o.output for o in await pool.run([spam("free")] * 5)] == ["spam"] * 5

