@@ -16,9 +16,11 @@ from pydantic import ValidationError
 
 from app.client import follow, request_from, send_requests
 from app.control import ControlError, ControlPlane
-from app.domain.programs import ProgramRejected
+from app.domain.programs import ProgramRejected, check_source
 from app.kafka import apply_topics
 from app.records import ExecutionRequest, TaskExample, TaskSpec, utc_now
+from app.sandbox.boundary import Boundary, SandboxUnavailable
+from app.sandbox.pool import run_once
 from app.settings import ConfigError, Settings, describe_validation_error
 from app.topics import topics_for
 
@@ -203,6 +205,53 @@ def artifact_list(ctx: click.Context, task_id: str) -> None:
     for a in versions:
         mark = "*" if a.version == spec.active_version else " "
         click.echo(f"{mark} v{a.version}\t{a.program_id}\t{a.created_at:%Y-%m-%d %H:%M:%S}\t{a.status.value}")
+
+
+@artifact.command("check")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+def artifact_check(file: Path) -> None:
+    """Check FILE against the program contract, offline; exit 1 listing every problem with its line."""
+    try:
+        check_source(_read_source(file))
+    except ProgramRejected as exc:
+        for problem in str(exc).split("; "):
+            click.echo(f"{file}: {problem}", err=True)
+        sys.exit(1)
+    click.echo(f"{file}: ok")
+
+
+@cli.command("run")
+@click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--input", "input_json", required=True, help="The input, a JSON object.")
+@click.option("--timeout-ms", type=click.IntRange(1, 60_000), help="Default: the default_timeout_ms setting.")
+@click.option("--memory-mb", type=click.IntRange(64), help="Default: the sandbox_memory_mb setting.")
+@click.pass_context
+def run_program(ctx: click.Context, file: Path, input_json: str, timeout_ms: int | None,
+                memory_mb: int | None) -> None:
+    """Run FILE once, offline, in the sandbox workers use (same layers and limits); print the outcome as JSON.
+    Exit 0 when the program returned, 1 otherwise."""
+    try:
+        value = json.loads(input_json)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--input") from exc
+    settings = _settings(ctx)
+    if memory_mb is not None:
+        settings = settings.model_copy(update={"sandbox_memory_mb": memory_mb})
+    timeout_s = (timeout_ms or settings.default_timeout_ms) / 1000
+    try:
+        outcome = asyncio.run(run_once(Boundary.from_settings(settings), _read_source(file), value, timeout_s))
+    except SandboxUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps({"status": outcome.status, "output": outcome.output, "error_message": outcome.error,
+                           "duration_ms": round(outcome.latency_ms, 3), "memory_mb": outcome.memory_mb}))
+    sys.exit(0 if outcome.status == "ok" else 1)
+
+
+def _read_source(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(f"{file} is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
 
 
 @cli.command()

@@ -453,3 +453,13 @@ class SandboxPool:
         self._spares.clear()
         self._idle.clear()
         self._bound.clear()
+
+
+async def run_once(boundary: Boundary, source: str, value: Any, timeout_s: float) -> Outcome:
+    """Run a program once in a fresh sandbox process of `boundary` (the worker's layers and limits)."""
+    pool = SandboxPool(boundary, processes=1, spares=0)
+    await pool.start()
+    try:
+        return (await pool.run([Call("run", "program", source, timeout_s, value)]))[0]
+    finally:
+        await pool.stop()
