@@ -1,0 +1,83 @@
+"""The sandbox on its own: calls per second through the pool, one call at a time and in batches, with spam_v1.
+
+    python -m bench.sandbox [--rounds N] [--processes P]
+
+Prints, per isolation mode (strict: bubblewrap + rlimits + seccomp; weak: rlimits + seccomp only), the median
+over rounds of: µs for a single call round trip, µs per call in batches of 100 and 1,000, and the cold start
+of one sandbox process. Rounds are interleaved between modes so that drift of the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+from app.samples import program_source
+from app.sandbox.boundary import Boundary, Limits
+from app.sandbox.pool import Call, SandboxPool, SandboxProcess
+
+SPAM = program_source("spam_v1")
+
+
+def calls(count: int) -> list[Call]:
+    return [Call("spam", "spam-v1", SPAM, 1.0, {"text": "FREE prize" if i % 2 else "hello"}) for i in range(count)]
+
+
+async def one_round(boundary: Boundary, processes: int) -> dict[str, float]:
+    started = time.perf_counter()
+    process = SandboxProcess(boundary)
+    await process.start()
+    cold_ms = (time.perf_counter() - started) * 1000
+    await process.stop()
+    pool = SandboxPool(boundary, processes, spares=1, chunk_size=500)
+    await pool.start()
+    try:
+        await pool.run(calls(200))  # bind and warm the task's processes
+        figures = {"cold start ms": cold_ms}
+        single = calls(1)
+        started = time.perf_counter()
+        for _ in range(300):
+            await pool.run(single)
+        figures["single call µs"] = (time.perf_counter() - started) / 300 * 1e6
+        for size in (100, 1000):
+            batch = calls(size)
+            started = time.perf_counter()
+            for _ in range(20):
+                await pool.run(batch)
+            figures[f"per call, batches of {size} µs"] = (time.perf_counter() - started) / (20 * size) * 1e6
+        return figures
+    finally:
+        await pool.stop()
+
+
+async def bench(rounds: int, processes: int) -> None:
+    modes = {"strict": Boundary(Limits()), "weak": Boundary(Limits(), isolation="weak")}
+    results: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    for _ in range(rounds):
+        for mode, boundary in modes.items():
+            results[mode].append(await one_round(boundary, processes))
+    names = list(results["strict"][0])
+    print(f"sandbox pool, {processes} processes, spam_v1, median of {rounds} rounds (min-max)")
+    print(f"{'figure':<30}" + "".join(f"{mode:>24}" for mode in modes))
+    for name in names:
+        cells = []
+        for mode in modes:
+            values = [r[name] for r in results[mode]]
+            cells.append(f"{statistics.median(values):10.1f} ({min(values):.1f}-{max(values):.1f})")
+        print(f"{name:<30}" + "".join(f"{cell:>24}" for cell in cells))
+    strict = statistics.median(r["per call, batches of 1000 µs"] for r in results["strict"])
+    print(f"batched calls per second, strict: {1e6 / strict:,.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=2)
+    args = parser.parse_args()
+    asyncio.run(bench(args.rounds, args.processes))
+
+
+if __name__ == "__main__":
+    main()
