@@ -79,14 +79,13 @@ class JsonCodec(Generic[R]):
 
     def __init__(self, model: type[R]) -> None:
         self.model = model
-        self._serializer = model.__pydantic_serializer__
 
     def encode(self, record: R) -> bytes:
-        out: bytes = self._serializer.to_json(record)
-        return out
+        return self.encode_fields(record.model_dump())
 
     def encode_fields(self, fields: dict[str, Any]) -> bytes:
-        return orjson.dumps(fields, default=_bytes_as_base64)
+        """The one JSON encoding of records: UTC times end in "Z", bytes are URL-safe base64 (as pydantic)."""
+        return orjson.dumps(fields, default=_bytes_as_base64, option=orjson.OPT_UTC_Z)
 
     def decode(self, data: bytes) -> R:
         try:
@@ -141,9 +140,9 @@ class AvroCodec(Generic[R]):
 
 
 def _bytes_as_base64(value: Any) -> Any:
-    """orjson has no bytes type; pydantic's JSON for bytes fields is base64 (Record config)."""
+    """orjson has no bytes type; bytes fields are URL-safe base64, which pydantic reads (Record config)."""
     if isinstance(value, bytes):
-        return base64.b64encode(value).decode()
+        return base64.urlsafe_b64encode(value).decode()
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 

@@ -30,24 +30,21 @@ class TopicSpec:
         return "compact" in self.config.get("cleanup.policy", "")
 
 
-@dataclass(frozen=True)
 class Topics:
-    """All topics of one deployment (one prefix)."""
+    """All topics of one deployment (one prefix), as attributes named by their keys in topics/topics.yaml
+    (`topics.execution_results`). A topic added there is here too; nothing else lists them."""
 
-    execution_requests: TopicSpec
-    execution_results: TopicSpec
-    program_artifacts: TopicSpec
-    task_specs: TopicSpec
-    dead_letters: TopicSpec
+    def __init__(self, specs: dict[str, TopicSpec]) -> None:
+        self._specs = specs
+
+    def __getattr__(self, key: str) -> TopicSpec:
+        try:
+            return self.__dict__["_specs"][key]  # type: ignore[no-any-return]
+        except KeyError:
+            raise AttributeError(f"no topic {key!r} in topics/topics.yaml") from None
 
     def all(self) -> list[TopicSpec]:
-        return [
-            self.execution_requests,
-            self.execution_results,
-            self.program_artifacts,
-            self.task_specs,
-            self.dead_letters,
-        ]
+        return list(self._specs.values())
 
     def by_name(self, name: str) -> TopicSpec:
         """The topic with this full name, or by its short key (e.g. "results" or "execution_results")."""
@@ -76,4 +73,4 @@ def topics_for(prefix: str) -> Topics:
             record=RECORD_TYPES[definition["record"]],
             config={k: str(v) for k, v in (definition.get("config") or {}).items()},
         )
-    return Topics(**specs)
+    return Topics(specs)
