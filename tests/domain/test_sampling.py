@@ -1,4 +1,4 @@
-from app.domain.sampling import is_sampled
+from app.domain.sampling import ADAPTIVE_MAX, STRATEGIES, Sampler, is_sampled
 from app.records import execution_id_for
 
 
@@ -18,3 +18,65 @@ def test_edges_and_forcing() -> None:
 def test_same_id_same_choice() -> None:
     eid = execution_id_for("t", "r42")
     assert {is_sampled(eid, 0.5) for _ in range(10)} == {is_sampled(eid, 0.5)}
+
+
+# Strategies: over 10,000 executions the achieved rate is within TOLERANCE of the configured one (uuid5 ids
+# are uniform; the binomial standard deviation at 10k and rate 0.1 is 0.003).
+TOLERANCE = 0.015
+IDS = [execution_id_for("task", str(i)) for i in range(10_000)]
+
+
+def decide(sampler: Sampler, eid: str, strategy: str, rate: float = 0.1, **kwargs) -> bool:
+    fields = {"status": "ok", "output": "ham", "latency_ms": 1.0, "latency_target_ms": 10.0, **kwargs}
+    return sampler.decide(eid, "task", strategy, rate, **fields)
+
+
+def test_random_strategy_rate() -> None:
+    sampler = Sampler()
+    share = sum(decide(sampler, eid, "random") for eid in IDS) / len(IDS)
+    assert abs(share - 0.1) < TOLERANCE
+
+
+def test_stratified_sees_rare_classes_at_the_same_overall_rate() -> None:
+    sampler = Sampler()
+    labels = ["rare" if i % 50 == 0 else "common" for i in range(len(IDS))]  # 2 % rare
+    picked = [label for eid, label in zip(IDS, labels, strict=True) if decide(sampler, eid, "stratified",
+                                                                               output={"label": label})]
+    assert abs(len(picked) / len(IDS) - 0.1) < TOLERANCE
+    rare = picked.count("rare")
+    # Its equal share (half the sample) is more than it has: every rare execution is taken.
+    assert rare >= 0.95 * labels.count("rare")
+    random_rare = sum(1 for eid, label in zip(IDS, labels, strict=True) if label == "rare" and is_sampled(eid, 0.1))
+    assert rare > 10 * random_rare
+
+
+def test_edge_cases_are_always_sampled() -> None:
+    sampler = Sampler()
+    assert all(decide(sampler, eid, "edge_cases", status="error", output=None) for eid in IDS[:200])
+    assert all(decide(sampler, eid, "edge_cases", status="timeout", output=None) for eid in IDS[:200])
+    assert all(decide(sampler, eid, "edge_cases", latency_ms=25.0) for eid in IDS[:200])
+    assert all(decide(sampler, eid, "edge_cases", output={"label": "x", "confidence": 0.3}) for eid in IDS[:200])
+    share = sum(decide(sampler, eid, "edge_cases", output={"label": "x", "confidence": 0.9}) for eid in IDS)
+    assert abs(share / len(IDS) - 0.1) < TOLERANCE
+
+
+def test_adaptive_rate_rises_with_disagreement_and_falls_back_within_bounds() -> None:
+    sampler = Sampler()
+    assert sampler.adaptive_rate("task", 0.1) == 0.1
+    for _ in range(100):
+        sampler.observe_validation("task", matched=False)
+    high = sampler.adaptive_rate("task", 0.1)
+    assert 0.3 < high <= ADAPTIVE_MAX
+    share = sum(decide(sampler, eid, "adaptive") for eid in IDS) / len(IDS)
+    assert abs(share - high) < TOLERANCE * 2
+    for _ in range(200):
+        sampler.observe_validation("task", matched=True)
+    assert 0.1 <= sampler.adaptive_rate("task", 0.1) < 0.11
+
+
+def test_decisions_are_deterministic_and_forced_always_samples() -> None:
+    for strategy in STRATEGIES:
+        first = [decide(Sampler(), eid, strategy) for eid in IDS[:500]]
+        again = [decide(Sampler(), eid, strategy) for eid in IDS[:500]]
+        assert first == again
+        assert all(decide(Sampler(), eid, strategy, rate=0.0, forced=True) for eid in IDS[:50])

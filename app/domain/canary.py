@@ -1,0 +1,58 @@
+"""Canary rollout: which requests run the candidate version, and when the candidate is promoted or rolled back.
+
+Routing is deterministic in the request id, so a redelivered request runs the same version. The decision
+compares validated accuracy: promote once the candidate has at least `min_validations` validations and its
+accuracy is at least both the active version's and the task's target; roll back once it falls below the
+active version's (or the target) by more than `margin`, or an anomaly signal was raised against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+
+def runs_canary(request_id: str, percent: float) -> bool:
+    """True for a `percent` share of request ids (0-100), the same answer every time for one id."""
+    if percent <= 0:
+        return False
+    digest = hashlib.blake2b(request_id.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") / 0x1_0000_0000 * 100 < percent
+
+
+@dataclass(frozen=True, slots=True)
+class Accuracy:
+    validated: int = 0
+    matched: int = 0
+
+    @property
+    def rate(self) -> float | None:
+        return self.matched / self.validated if self.validated else None
+
+    def add(self, matched: bool) -> Accuracy:
+        return Accuracy(self.validated + 1, self.matched + int(matched))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: str  # promote | rollback | wait
+    reason: str
+
+
+def decide(candidate: Accuracy, active: Accuracy, accuracy_target: float, min_validations: int,
+           margin: float, signals: int = 0) -> Decision:
+    """What to do with a canary now, and why (the reason goes on the decision record)."""
+    if signals:
+        return Decision("rollback", f"{signals} anomaly signal(s) raised against the candidate")
+    if candidate.validated < min_validations or candidate.rate is None:
+        return Decision("wait", f"{candidate.validated} of {min_validations} validations")
+    bar = accuracy_target if active.rate is None else max(accuracy_target, active.rate)
+    floor = accuracy_target if active.rate is None else min(accuracy_target, active.rate)
+    described = (f"candidate accuracy {candidate.rate:.3f} over {candidate.validated} validations; active "
+                 + (f"{active.rate:.3f} over {active.validated}" if active.rate is not None else "unvalidated")
+                 + f"; target {accuracy_target:.3f}")
+    if candidate.rate >= bar:
+        return Decision("promote", described)
+    if candidate.rate < floor - margin:
+        return Decision("rollback", described)
+    return Decision("wait", described)
