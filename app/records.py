@@ -63,6 +63,39 @@ class ProgramStatus(StrEnum):
     DEPRECATED = "deprecated"
 
 
+class SamplingStrategy(StrEnum):
+    RANDOM = "random"
+    STRATIFIED = "stratified"
+    EDGE_CASES = "edge_cases"
+    ADAPTIVE = "adaptive"
+
+
+class OracleKind(StrEnum):
+    LABEL = "label"
+    SHADOW = "shadow"
+    EXTERNAL = "external"
+
+
+class Comparison(StrEnum):
+    EXACT = "exact"
+    NORMALISED_TEXT = "normalised_text"
+    NUMERIC = "numeric"
+    JSON_FIELDS = "json_fields"
+
+
+class ValidationStatus(StrEnum):
+    VALIDATED = "validated"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+
+class CanaryAction(StrEnum):
+    STARTED = "started"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+
 class ExecutionRequest(Record):
     """A request to run a task's program on one input."""
 
@@ -122,6 +155,16 @@ class TaskExample(Record):
     expected_output: JsonValue = None
 
 
+class OracleSpec(Record):
+    """Who says what the right output was, and how outputs are compared with it."""
+
+    kind: OracleKind
+    comparison: Comparison = Comparison.EXACT
+    tolerance: float = 1e-6
+    shadow_version: Annotated[int, Field(gt=0)] | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+
 class TaskSpec(Record):
     """A task: its contract, targets, and which program version serves it."""
 
@@ -135,6 +178,10 @@ class TaskSpec(Record):
     sampling_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
     active_version: Annotated[int, Field(gt=0)] | None = None
     updated_at: datetime
+    sampling_strategy: SamplingStrategy = SamplingStrategy.RANDOM
+    oracle: OracleSpec | None = None
+    canary_version: Annotated[int, Field(gt=0)] | None = None
+    canary_percent: Annotated[float, Field(ge=0, le=100)] = 0.0
 
 
 class DeadLetter(Record):
@@ -151,6 +198,66 @@ class DeadLetter(Record):
     dead_lettered_at: datetime
 
 
+class ValidationRequest(Record):
+    """A sampled execution to check against an oracle."""
+
+    execution_id: str
+    request_id: str
+    task_id: str
+    version: int
+    input: JsonValue
+    output: JsonValue = None
+    status: str
+    expected_output: JsonValue = None
+    oracle: OracleSpec
+    requested_at: datetime
+
+
+class OracleVerdict(Record):
+    """An oracle service's answer for one execution."""
+
+    execution_id: NonEmpty
+    task_id: str
+    output: JsonValue = None
+    oracle_id: str = ""
+    answered_at: datetime
+
+
+class Validation(Record):
+    """One sampled execution compared with an oracle (or expired waiting for one)."""
+
+    execution_id: str
+    request_id: str
+    task_id: str
+    version: int
+    input: JsonValue
+    program_output: JsonValue = None
+    oracle_output: JsonValue = None
+    oracle_kind: OracleKind
+    comparison: Comparison
+    status: ValidationStatus
+    match: bool | None = None
+    details: str = ""
+    validated_at: datetime
+
+
+class CanaryDecision(Record):
+    """A change in a task's canary rollout."""
+
+    task_id: str
+    candidate_version: int
+    active_version: int | None = None
+    action: CanaryAction
+    reason: str
+    candidate_accuracy: float | None = None
+    active_accuracy: float | None = None
+    validations: int = 0
+    decided_by: str = "auto"
+    decided_at: datetime
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
-    cls.__name__: cls for cls in (ExecutionRequest, ExecutionResult, ProgramArtifact, TaskSpec, DeadLetter)
+    cls.__name__: cls
+    for cls in (ExecutionRequest, ExecutionResult, ProgramArtifact, TaskSpec, DeadLetter, ValidationRequest,
+                OracleVerdict, Validation, CanaryDecision)
 }

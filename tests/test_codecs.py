@@ -10,15 +10,25 @@ import pytest
 
 from app.codecs import DecodeError, codec_for, parsed_schema
 from app.records import (
+    CanaryAction,
+    CanaryDecision,
+    Comparison,
     ComplexityMetrics,
     DeadLetter,
     ExecutionRequest,
     ExecutionResult,
     ExecutionStatus,
+    OracleKind,
+    OracleSpec,
+    OracleVerdict,
     ProgramArtifact,
     Record,
+    SamplingStrategy,
     TaskExample,
     TaskSpec,
+    Validation,
+    ValidationRequest,
+    ValidationStatus,
 )
 
 WHEN = datetime(2026, 11, 22, 3, 4, 5, 678000, tzinfo=UTC)
@@ -40,6 +50,21 @@ SAMPLES: list[Record] = [
              updated_at=WHEN),
     DeadLetter(reason="bad", error_type="DecodeError", source_topic="t", source_partition=1, source_offset=99,
                key=b"k", value=b"\x00\xffraw", worker_id="w", dead_lettered_at=WHEN),
+    TaskSpec(name="spam", updated_at=WHEN, sampling_strategy=SamplingStrategy.STRATIFIED, canary_version=3,
+             canary_percent=12.5, oracle=OracleSpec(kind=OracleKind.SHADOW, comparison=Comparison.JSON_FIELDS,
+                                                    shadow_version=1, timeout_s=5)),
+    ValidationRequest(execution_id="e", request_id="r", task_id="spam", version=2, input={"text": "x"},
+                      output={"label": "spam"}, status="ok", expected_output="spam",
+                      oracle=OracleSpec(kind=OracleKind.LABEL), requested_at=WHEN),
+    OracleVerdict(execution_id="e", task_id="spam", output="ham", oracle_id="labels.jsonl", answered_at=WHEN),
+    Validation(execution_id="e", request_id="r", task_id="spam", version=2, input={"text": "x"},
+               program_output="spam", oracle_output="ham", oracle_kind=OracleKind.EXTERNAL,
+               comparison=Comparison.EXACT, status=ValidationStatus.VALIDATED, match=False,
+               details="'spam' != 'ham'", validated_at=WHEN),
+    Validation(execution_id="e", request_id="r", task_id="spam", version=2, input={}, oracle_kind=OracleKind.EXTERNAL,
+               comparison=Comparison.EXACT, status=ValidationStatus.EXPIRED, validated_at=WHEN),
+    CanaryDecision(task_id="spam", candidate_version=3, active_version=2, action=CanaryAction.PROMOTED,
+                   reason="better", candidate_accuracy=0.97, active_accuracy=0.9, validations=40, decided_at=WHEN),
 ]
 
 

@@ -1,3 +1,5 @@
+import pytest
+
 from app.records import DeadLetter, ExecutionRequest, ProgramArtifact, TaskSpec
 from app.topics import topics_for
 
@@ -6,8 +8,16 @@ def test_prefix_applies_to_every_topic() -> None:
     topics = topics_for("acme.")
     assert {spec.name for spec in topics.all()} == {
         "acme.execution-requests", "acme.execution-results", "acme.program-artifacts",
-        "acme.task-specs", "acme.dead-letters",
+        "acme.task-specs", "acme.dead-letters", "acme.validation-requests", "acme.oracle-requests",
+        "acme.oracle-verdicts", "acme.validations", "acme.canary-decisions",
     }
+
+
+def test_a_topic_is_found_by_key_and_unknown_ones_are_named() -> None:
+    topics = topics_for("acme.")
+    assert topics.oracle_verdicts.name == "acme.oracle-verdicts"
+    with pytest.raises(AttributeError, match="no topic 'nope' in topics/topics.yaml"):
+        _ = topics.nope
 
 
 def test_tables_are_compacted_and_streams_are_not() -> None:
