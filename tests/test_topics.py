@@ -16,7 +16,7 @@ def test_prefix_applies_to_every_topic() -> None:
 def test_a_topic_is_found_by_key_and_unknown_ones_are_named() -> None:
     topics = topics_for("acme.")
     assert topics.oracle_verdicts.name == "acme.oracle-verdicts"
-    with pytest.raises(AttributeError, match="no topic 'nope' in topics/topics.yaml"):
+    with pytest.raises(AttributeError, match=r"no topic 'nope' in topics/topics\.yaml"):
         _ = topics.nope
 
 
