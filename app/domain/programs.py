@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib
+import re
 import types
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -46,6 +47,22 @@ _FORBIDDEN_NAMES = frozenset(
         "breakpoint", "help", "memoryview", "exit", "quit", "dir", "hasattr",
     }
 )
+# Special methods a program may define: the ones that make its own values behave like numbers, containers,
+# strings or context managers. Not hooks that change how other code looks up attributes, matches patterns,
+# checks types, builds classes or finalises objects (__getattr__, __match_args__, __instancecheck__,
+# __init_subclass__, __set_name__, __del__, __reduce__…).
+_ALLOWED_DUNDER_DEFS = frozenset(
+    "__init__ __repr__ __str__ __eq__ __ne__ __lt__ __le__ __gt__ __ge__ __hash__ __bool__ __len__ __iter__ "
+    "__next__ __contains__ __getitem__ __setitem__ __delitem__ __add__ __sub__ __mul__ __truediv__ "
+    "__floordiv__ __mod__ __pow__ __neg__ __pos__ __abs__ __radd__ __rsub__ __rmul__ __and__ __or__ "
+    "__xor__ __enter__ __exit__ __call__ __int__ __float__ __index__ __round__".split()
+)
+# Class patterns may match positionally only on these: they match the subject itself, reading no attribute.
+_SELF_MATCHING_CLASSES = frozenset(
+    "bool bytearray bytes dict float frozenset int list set str tuple".split()
+)
+_DUNDER = re.compile(r"^__\w+__$")
+
 _SAFE_BUILTIN_NAMES = (
     "abs all any ascii bin bool bytearray bytes callable chr classmethod complex dict divmod enumerate "
     "filter float format frozenset hash hex id int isinstance issubclass iter len list map max min "
@@ -101,6 +118,16 @@ def _check_node(node: ast.AST) -> Iterator[str]:
         for name in node.kwd_attrs:
             if _is_forbidden_attribute(name):
                 yield f"attribute {name!r} in a class pattern is not allowed"
+        if node.patterns and not (isinstance(node.cls, ast.Name) and node.cls.id in _SELF_MATCHING_CLASSES):
+            # C(x) reads the attributes that C.__match_args__ names: data the check cannot see
+            yield "positional sub-patterns are allowed only for built-in types (use keyword patterns)"
+    elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        if node.name.startswith("__") and node.name not in _ALLOWED_DUNDER_DEFS:
+            yield f"defining {node.name!r} is not allowed"
+        if isinstance(node, ast.ClassDef) and node.keywords:
+            yield "class keywords (metaclass=…) are not allowed"
+    elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _DUNDER.match(node.value):
+        yield f"the string {node.value!r} names a special attribute and is not allowed"
     elif isinstance(node, ast.Name):
         if node.id.startswith("__") or node.id in _FORBIDDEN_NAMES:
             yield f"name {node.id!r} is not available to programs"
@@ -161,6 +188,12 @@ def _public_namespace(name: str) -> _ReadOnlyModule:
     )
 
 
+def _type_of(value: Any) -> type:
+    """`type(x)` for programs: the one-argument form only (three arguments would build a class with any
+    special method, named by strings the static check cannot see)."""
+    return type(value)
+
+
 class ProgramCompiler:
     """Compiles checked programs against the restricted builtins. Build it once per sandbox process:
     it imports every allowed module up front, so programs never make the process open files."""
@@ -176,6 +209,7 @@ class ProgramCompiler:
             }
         )
         safe["print"] = lambda *args, **kwargs: None
+        safe["type"] = _type_of
         safe["__import__"] = self._import
         self._builtins = safe
 

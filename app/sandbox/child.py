@@ -36,6 +36,7 @@ class _CallTimeout(BaseException):
 
 
 _in_call = False
+_last_output_size = 0  # bytes of the last call's encoded output: answers are flushed before a line gets long
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
@@ -66,7 +67,8 @@ def lock_down(memory_mb: int, cpu_s: int, open_files: int, seccomp_filter: bytes
 def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, value: Any,
              max_output: int) -> tuple[list[Any], bool]:
     """One call's answer, and whether the process should retire after this batch."""
-    global _in_call
+    global _in_call, _last_output_size
+    _last_output_size = 0
     if isinstance(program, str):
         return ["error", None, program, 0.0, None], False
     status, output, error, retire = "ok", None, None, False
@@ -97,6 +99,7 @@ def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, v
         return ["error", None, "output too large to serialise", latency_ms, None], True
     if len(encoded) > max_output:
         return ["error", None, f"output is {len(encoded)} bytes; the limit is {max_output}", latency_ms, None], False
+    _last_output_size = len(encoded)
     return [status, orjson.Fragment(encoded), None, latency_ms, None], False
 
 
@@ -145,7 +148,7 @@ def serve(memory_mb: int, cpu_s: int, max_output: int, open_files: int, progress
             pack(progress, 0, number, first, now_ns())
             programs[key] = _load(compiler, source, calls[first][1] if calls else 1.0)
         answers: list[list[Any]] = []
-        retire = False
+        retire, pending, last = False, 0, len(calls) - 1
         flushed = perf()
         for index, (key, timeout_s, value) in enumerate(calls):
             pack(progress, 0, number, index, now_ns())
@@ -154,9 +157,16 @@ def serve(memory_mb: int, cpu_s: int, max_output: int, open_files: int, progress
             pack(progress, 0, number, index, 0)
             answers.append(answer)
             retire = retire or spent
-            if perf() - flushed > _FLUSH_S:
+            pending += _last_output_size + len(answer[2] or "")
+            if index < last and (perf() - flushed > _FLUSH_S or pending > max_output):
                 _flush(out_fd, answers)
-                answers, flushed = [], perf()
+                answers, flushed, pending = [], perf(), 0
+        if calls:
+            # The batch's inputs are freed now, and with them any finaliser a program hung on them: it runs
+            # as part of the last call (still unanswered, so the worker's watchdog holds it to that timeout).
+            pack(progress, 0, number, last, now_ns())
+            batch = calls = value = None  # type: ignore[assignment]
+            pack(progress, 0, number, last, 0)
         _flush(out_fd, answers)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         if retire or usage.ru_utime + usage.ru_stime > cpu_s * _RETIRE_CPU_SHARE:

@@ -31,6 +31,7 @@ from app.sandbox.child import PROGRESS
 log = logging.getLogger(__name__)
 
 _GRACE_S = 0.25  # beyond a call's own timeout, before the process is killed from outside
+_IDLE_LIMIT_S = 2.0  # with no call running, how long a process may go without answering before it is killed
 _START_TIMEOUT_S = 30.0
 _STATUSES = frozenset({"ok", "error", "timeout"})
 _MAX_BLAMELESS_DEATHS = 3  # deaths with no call running, per chunk, before its calls are failed
@@ -86,7 +87,9 @@ class SandboxProcess:
 
     def __init__(self, boundary: Boundary) -> None:
         self._boundary = boundary
-        self._max_line = boundary.limits.max_output + 4096
+        # Answers are flushed before a line holds more than max_output bytes of outputs and errors; the last one
+        # added may bring up to max_output more.
+        self._max_line = 2 * boundary.limits.max_output + (1 << 20)
         self._transport: asyncio.SubprocessTransport | None = None
         self._buffer = bytearray()
         self._stderr = bytearray()
@@ -100,6 +103,10 @@ class SandboxProcess:
         self._batch = 0
         self._timeouts: list[float] = []
         self._watchdog: asyncio.TimerHandle | None = None
+        self._progress_at = 0.0  # loop time of the last sign of progress: batch sent, answers, a call started
+        self._last_page: tuple[int, int, int] = (0, 0, 0)
+        self._last_check = 0.0
+        self._started: dict[int, float] = {}  # call index -> when it started, as far as the worker can tell
         self._lost = False
         self.loaded: set[str] = set()
         self.task: str | None = None
@@ -149,7 +156,9 @@ class SandboxProcess:
         message = orjson.dumps(
             {"batch": batch, "load": loads, "run": [(c.key, c.timeout_s, c.input) for c in calls]}
         )
-        self._watchdog = loop.call_at(loop.time() + min(self._timeouts) + _GRACE_S, self._watch)
+        self._progress_at = self._last_check = loop.time()
+        self._started = {}
+        self._watchdog = loop.call_at(self._progress_at + _GRACE_S, self._watch)
         stdin = self._transport.get_pipe_transport(0)
         assert isinstance(stdin, asyncio.WriteTransport)
         stdin.write(message + b"\n")
@@ -164,29 +173,43 @@ class SandboxProcess:
         return self._results
 
     def _running(self) -> int | None:
-        """The index of the call running now (or when the process ended), from its progress page."""
+        """The index of the call running now (or when the process ended), from its progress page. The page is
+        written by untrusted code's process: anything out of range reads as "no call running"."""
         if self._killed_running is not None:
             return self._killed_running
         batch, index, started_ns = PROGRESS.unpack_from(self._page, 0)
-        if batch != self._batch or not started_ns or index < len(self._results):
+        if batch != self._batch or not started_ns or not len(self._results) <= index < self._expected:
             return None
         return int(index)
 
     def _watch(self) -> None:
-        """Kill the process if the call it is running has overrun its timeout; else look again later."""
+        """Kill the process if the call it runs has overrun its timeout, or if it has made no progress for
+        _IDLE_LIMIT_S while no call runs (a finaliser spinning between calls, say); else look again later."""
         if self._done is None or self._done.done():
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
-        batch, index, started_ns = PROGRESS.unpack_from(self._page, 0)
-        check_at = now + _GRACE_S
-        if batch == self._batch and started_ns and index >= len(self._results):
-            deadline = started_ns / 1e9 + self._timeouts[index] + _GRACE_S  # loop.time() is CLOCK_MONOTONIC too
+        page = PROGRESS.unpack_from(self._page, 0)
+        if page != self._last_page:
+            self._last_page, self._progress_at = page, now
+        index = self._running()
+        if index is not None:
+            if index not in self._started:
+                # The page's start time (CLOCK_MONOTONIC, like loop.time()), but only where the worker saw the
+                # call begin: between its last look and now. A process cannot move its own deadline later.
+                self._started[index] = min(max(page[2] / 1e9, self._last_check), now)
+            deadline = self._started[index] + self._timeouts[index] + _GRACE_S
             if now >= deadline:
-                self._killed_running = int(index)
+                self._killed_running = index
                 self.kill(f"call exceeded its timeout of {self._timeouts[index] * 1000:.0f} ms")
                 return
             check_at = deadline
+        else:
+            if now - self._progress_at > _IDLE_LIMIT_S:
+                self.kill(f"sandbox process made no progress for {_IDLE_LIMIT_S:.0f} s with no call running")
+                return
+            check_at = now + _GRACE_S
+        self._last_check = now
         self._watchdog = loop.call_at(check_at, self._watch)
 
     def kill(self, reason: str) -> None:
@@ -221,6 +244,9 @@ class SandboxProcess:
             return
         if self._done is None or self._done.done() or len(self._results) + len(message) > self._expected:
             raise ValueError("answer without a call")
+        if not message:
+            raise ValueError("an empty group of answers")
+        self._progress_at = asyncio.get_running_loop().time()
         for status, output, error, latency_ms, memory_mb in message:
             if status not in _STATUSES or (error is not None and not isinstance(error, str)):
                 raise ValueError(f"bad answer {status!r:.50}")

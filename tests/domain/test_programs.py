@@ -75,11 +75,38 @@ def test_rejected_sources(source: str, complaint: str) -> None:
         ("def run(input): return list(map(str.format, ['{0.__class__}'], [run]))", "attribute 'format'"),
         # names that rebind the program's builtins
         ("def run(input):\n    global __builtins__\n    return 1", "name '__builtins__'"),
+        # positional class patterns read the attributes the class's __match_args__ names (data, not syntax)
+        ("import json\ndef run(input):\n    match json.dumps:\n        case object(g):\n            return g",
+         "positional sub-patterns are allowed only for built-in types"),
+        # special methods that change lookup, matching, type checks, class building or finalisation
+        ("class G:\n    @lambda f: ('x',)\n    def __match_args__():\n        pass\ndef run(input): return 1",
+         "defining '__match_args__'"),
+        ("class M:\n    def __instancecheck__(cls, obj):\n        return True\ndef run(input): return 1",
+         "defining '__instancecheck__'"),
+        ("class E:\n    def __del__(self):\n        pass\ndef run(input): return 1", "defining '__del__'"),
+        ("class G(metaclass=type):\n    pass\ndef run(input): return 1", "class keywords"),
+        ("def run(input): return {'__match_args__': 1}", "the string '__match_args__'"),
     ],
 )
 def test_attribute_reaching_families_are_rejected(source: str, complaint: str) -> None:
     with pytest.raises(ProgramRejected, match=complaint):
         check_source(source)
+
+
+def test_ordinary_patterns_and_special_methods_still_work(compiler: ProgramCompiler) -> None:
+    run = compiler.compile(
+        "class Money:\n    def __init__(self, cents):\n        self.cents = cents\n"
+        "    def __add__(self, other):\n        return Money(self.cents + other.cents)\n"
+        "def run(input):\n    match input:\n        case {'n': int(n)}:\n            total = Money(n) + Money(1)\n"
+        "            return [total.cents, type(total) is Money]\n        case _:\n            return None\n"
+    )
+    assert run({"n": 41}) == [42, True]
+
+
+def test_type_builds_no_classes(compiler: ProgramCompiler) -> None:
+    run = compiler.compile("def run(input):\n    return type('C', (), {'x': 1})\n")
+    with pytest.raises(TypeError):
+        run({})
 
 
 def test_withheld_helpers_are_not_reachable_at_run_time(compiler: ProgramCompiler) -> None:

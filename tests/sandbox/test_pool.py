@@ -107,3 +107,33 @@ async def test_a_process_dying_while_idle_costs_no_call(pool: SandboxPool) -> No
         os.kill(pid, signal.SIGKILL)
     await wait_for(lambda: not pool.pids_of("spam"), what="the process gone")
     assert [o.output for o in await pool.run([spam("free")] * 5)] == ["spam"] * 5
+
+
+FINALISER = (
+    "def spin():\n    try:\n        yield 1\n    finally:\n        while True:\n            try:\n"
+    "                while True:\n                    pass\n            except BaseException:\n                pass\n"
+    "def run(input):\n    keep = spin()\n    next(keep)\n    input['keep'] = keep\n    return input['n']\n"
+)
+
+
+async def test_a_finaliser_spinning_after_its_call_is_bounded_and_stays_in_its_task(pool: SandboxPool) -> None:
+    """A program hangs a spinning finaliser on its input, which is freed after the call answered. The worker's
+    watchdog still bounds it (charged within the task), and another task's calls in the batch are served."""
+    started = time.monotonic()
+    for _ in range(2):
+        outcomes = await pool.run([Call("hang", "hang", FINALISER, 0.3, {"n": 1}),
+                                   *(Call("other", "double", DOUBLE, 0.3, {"n": i}) for i in range(3))])
+        assert [o.output for o in outcomes[1:]] == [0, 2, 4]
+        assert outcomes[0].status in ("ok", "timeout")
+    elapsed = time.monotonic() - started
+    print(f"finaliser: {elapsed:.1f}s, {pool.replaced} replaced, last outcome {outcomes[0].status}")
+    assert elapsed < 10
+    assert pool.replaced >= 1
+
+
+async def test_large_outputs_in_one_batch_all_arrive(pool: SandboxPool) -> None:
+    """Outputs near the limit come back whole however many finish within one flush interval."""
+    big = "def run(input):\n    return 'x' * 600_000\n"
+    outcomes = await pool.run([Call("big", "big", big, 1.0, {}) for _ in range(40)])
+    assert [o.status for o in outcomes] == ["ok"] * 40 and all(len(o.output) == 600_000 for o in outcomes)
+    assert pool.replaced == 0
