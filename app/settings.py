@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     rebalance_timeout_s: float = Field(30.0, gt=0)
     commit_interval_s: float = Field(2.0, gt=0)
 
+    # Validation loop
+    canary_min_validations: int = Field(50, ge=1, description="validations of a canary before any decision")
+    canary_margin: float = Field(0.05, ge=0, le=1, description="how far below the bar a canary is rolled back")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

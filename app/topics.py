@@ -22,8 +22,15 @@ class TopicSpec:
     key: str
     name: str
     partitions: int
-    record: type[Record]
+    record_name: str | None  # None for internal topics (faust table changelogs): bytes that only faust reads
     config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def record(self) -> type[Record]:
+        """The record type the topic carries."""
+        if self.record_name is None:
+            raise KeyError(f"topic {self.name} is internal and carries no record type")
+        return RECORD_TYPES[self.record_name]
 
     @property
     def compacted(self) -> bool:
@@ -61,6 +68,12 @@ def _definitions() -> dict[str, Any]:
     return loaded
 
 
+def _known_record(name: str | None) -> str | None:
+    if name is not None and name not in RECORD_TYPES:
+        raise KeyError(f"topics/topics.yaml names an unknown record type {name!r}")
+    return name
+
+
 @cache
 def topics_for(prefix: str) -> Topics:
     """The registry for a topic-name prefix."""
@@ -70,7 +83,7 @@ def topics_for(prefix: str) -> Topics:
             key=key,
             name=prefix + definition["name"],
             partitions=int(definition["partitions"]),
-            record=RECORD_TYPES[definition["record"]],
+            record_name=_known_record(definition.get("record")),
             config={k: str(v) for k, v in (definition.get("config") or {}).items()},
         )
     return Topics(specs)

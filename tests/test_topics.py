@@ -9,7 +9,8 @@ def test_prefix_applies_to_every_topic() -> None:
     assert {spec.name for spec in topics.all()} == {
         "acme.execution-requests", "acme.execution-results", "acme.program-artifacts",
         "acme.task-specs", "acme.dead-letters", "acme.validation-requests", "acme.oracle-requests",
-        "acme.oracle-verdicts", "acme.validations", "acme.canary-decisions",
+        "acme.oracle-verdicts", "acme.validations", "acme.canary-decisions", "acme.oracle-pending-changelog",
+        "acme.canary-accuracy-changelog",
     }
 
 

@@ -32,6 +32,10 @@ class Accuracy:
     def add(self, matched: bool) -> Accuracy:
         return Accuracy(self.validated + 1, self.matched + int(matched))
 
+    def counts(self) -> list[int]:
+        """[validated, matched], as stored in a table."""
+        return [self.validated, self.matched]
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:

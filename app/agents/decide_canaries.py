@@ -1,0 +1,98 @@
+"""Decides canary rollouts: consumes validations (key task_id), keeps validated and matched counts per task
+version in a faust table, and when a task's canary has shown itself better or worse (app/domain/canary.py)
+produces a canary decision and the task's new spec (promoted: the candidate becomes active; rolled back: the
+canary ends)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import faust
+
+from app.agents.plumbing import event_dead_letter, raw_topic
+from app.codecs import DecodeError, codec_for
+from app.domain.canary import Accuracy, decide
+from app.records import (
+    CanaryAction,
+    CanaryDecision,
+    DeadLetter,
+    TaskSpec,
+    Validation,
+    ValidationStatus,
+    utc_now,
+)
+from app.settings import Settings
+from app.tables import TableReader
+from app.topics import Topics
+
+log = logging.getLogger(__name__)
+
+
+class DecideCanaries:
+    """The canary agent of a worker, registered on its faust app."""
+
+    def __init__(self, app: faust.App, settings: Settings, topics: Topics, tables: TableReader) -> None:
+        self._settings = settings
+        self._tables = tables
+        self._validations = codec_for(Validation, settings.wire_format)
+        self._decisions = codec_for(CanaryDecision, settings.wire_format)
+        self._specs = codec_for(TaskSpec, settings.wire_format)
+        self._letters = codec_for(DeadLetter, settings.wire_format)
+        self._decisions_topic = raw_topic(app, topics.canary_decisions)
+        self._specs_topic = raw_topic(app, topics.task_specs)
+        self._dead_letters = raw_topic(app, topics.dead_letters)
+        self._decided: set[tuple[str, int]] = set()  # (task, candidate) already promoted or rolled back here
+        # "task/version" -> [validated, matched]
+        self.accuracy = app.Table(
+            "canary_accuracy", key_type=str, key_serializer="raw", value_serializer="json",
+            partitions=topics.canary_accuracy.partitions,
+            changelog_topic=app.topic(topics.canary_accuracy.name, key_type=str, key_serializer="raw",
+                                      value_serializer="json", partitions=topics.canary_accuracy.partitions,
+                                      compacting=True),
+        )
+        app.agent(raw_topic(app, topics.validations), name="decide_canaries")(self._consume)
+
+    def accuracy_of(self, task_id: str, version: int | None) -> Accuracy:
+        counts = self.accuracy.get(f"{task_id}/{version}") if version is not None else None
+        return Accuracy(*counts) if counts else Accuracy()
+
+    async def _consume(self, stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                validation = self._validations.decode(event.value)
+            except DecodeError as exc:
+                letter = event_dead_letter(event, str(exc), "DecodeError", self._settings.worker_id)
+                await self._dead_letters.send(key=letter.key, value=self._letters.encode(letter))
+                continue
+            if validation.status is not ValidationStatus.VALIDATED or validation.match is None:
+                continue
+            key = f"{validation.task_id}/{validation.version}"
+            self.accuracy[key] = self.accuracy_of(validation.task_id, validation.version).add(validation.match).counts()
+            await self._maybe_decide(validation.task_id)
+
+    async def _maybe_decide(self, task_id: str) -> None:
+        task = self._tables.tasks.get(task_id)
+        if task is None or task.canary_version is None or (task_id, task.canary_version) in self._decided:
+            return
+        candidate = self.accuracy_of(task_id, task.canary_version)
+        active = self.accuracy_of(task_id, task.active_version)
+        decision = decide(candidate, active, task.accuracy_target, self._settings.canary_min_validations,
+                          self._settings.canary_margin)
+        if decision.action == "wait":
+            return
+        self._decided.add((task_id, task.canary_version))
+        promoted = decision.action == "promote"
+        spec = task.model_copy(update={
+            "active_version": task.canary_version if promoted else task.active_version,
+            "canary_version": None, "canary_percent": 0.0, "updated_at": utc_now(),
+        })
+        record = CanaryDecision(
+            task_id=task_id, candidate_version=task.canary_version, active_version=task.active_version,
+            action=CanaryAction.PROMOTED if promoted else CanaryAction.ROLLED_BACK, reason=decision.reason,
+            candidate_accuracy=candidate.rate, active_accuracy=active.rate, validations=candidate.validated,
+            decided_at=utc_now(),
+        )
+        await self._specs_topic.send(key=task_id.encode(), value=self._specs.encode(spec))
+        await self._decisions_topic.send(key=task_id.encode(), value=self._decisions.encode(record))
+        log.info("canary of %s v%d %s: %s", task_id, task.canary_version, record.action.value, decision.reason)

@@ -1,0 +1,98 @@
+"""Joins external oracles' verdicts with the requests they answer: consumes oracle-requests and oracle-verdicts
+(both keyed by execution_id, co-partitioned) and produces validations. A request waits in a faust table (its
+changelog is the registry's oracle_pending topic, so it survives a restart or a rebalance); one still
+unanswered past its oracle's timeout_s becomes an `expired` validation, never a silent drop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import faust
+
+from app.agents.plumbing import event_dead_letter, raw_topic
+from app.codecs import DecodeError, codec_for
+from app.domain.validation import unvalidated, validated
+from app.records import DeadLetter, OracleVerdict, Validation, ValidationRequest, ValidationStatus, utc_now
+from app.settings import Settings
+from app.topics import Topics
+
+log = logging.getLogger(__name__)
+_EXPIRY_CHECK_S = 1.0
+
+
+class JoinOracleVerdicts:
+    """The external-oracle join of a worker, registered on its faust app."""
+
+    def __init__(self, app: faust.App, settings: Settings, topics: Topics) -> None:
+        self._settings = settings
+        self._requests = codec_for(ValidationRequest, settings.wire_format)
+        self._stored = codec_for(ValidationRequest, "json")  # the table's own format, whatever the wire's
+        self._verdicts = codec_for(OracleVerdict, settings.wire_format)
+        self._validations = codec_for(Validation, settings.wire_format)
+        self._letters = codec_for(DeadLetter, settings.wire_format)
+        self._requests_topic = topics.oracle_requests.name
+        self._validations_topic = raw_topic(app, topics.validations)
+        self._dead_letters = raw_topic(app, topics.dead_letters)
+        # execution_id (raw bytes, so partitioned like the source topics) ->
+        #   {"request": ValidationRequest as JSON text, "deadline": unix seconds}.
+        # use_partitioner: the expiry timer changes it outside a stream, keyed like the source topics.
+        self.pending = app.Table(
+            "oracle_pending", key_type=str, key_serializer="raw", value_serializer="json", use_partitioner=True,
+            partitions=topics.oracle_pending.partitions,
+            changelog_topic=app.topic(topics.oracle_pending.name, key_type=str, key_serializer="raw",
+                                      value_serializer="json", partitions=topics.oracle_pending.partitions,
+                                      compacting=True),
+        )
+        app.agent(raw_topic(app, topics.oracle_requests, topics.oracle_verdicts), name="join_oracle_verdicts")(
+            self._consume)
+        app.timer(_EXPIRY_CHECK_S, name="expire_oracle_requests")(self._expire)
+
+    async def _consume(self, stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                if event.message.topic == self._requests_topic:
+                    self._wait_for_verdict(self._requests.decode(event.value))
+                else:
+                    await self._judge(self._verdicts.decode(event.value))
+            except DecodeError as exc:
+                await self._dead_letter(event, str(exc), "DecodeError")
+            except Exception as exc:  # one message's failure must not stop the stream
+                log.exception("oracle join failed at %s:%d", event.message.topic, event.message.offset)
+                await self._dead_letter(event, f"oracle join failed: {exc}", type(exc).__name__)
+
+    def _wait_for_verdict(self, request: ValidationRequest) -> None:
+        if request.execution_id in self.pending:
+            return  # redelivered: the first copy's deadline stands
+        self.pending[request.execution_id] = {
+            "request": self._stored.encode(request).decode(),
+            "deadline": time.time() + request.oracle.timeout_s,
+        }
+
+    async def _judge(self, verdict: OracleVerdict) -> None:
+        waiting = self.pending.get(verdict.execution_id)
+        if waiting is None:
+            log.warning("verdict for %s, which is not waiting (answered already, or expired)",
+                        verdict.execution_id)
+            return
+        request = self._stored.decode(waiting["request"].encode())
+        await self._send(validated(request, verdict.output, utc_now()))
+        del self.pending[verdict.execution_id]
+
+    async def _expire(self) -> None:
+        now = time.time()
+        for execution_id, waiting in list(self.pending.items()):
+            if waiting["deadline"] <= now:
+                request = self._stored.decode(waiting["request"].encode())
+                await self._send(unvalidated(request, ValidationStatus.EXPIRED,
+                                             f"no verdict within {request.oracle.timeout_s:g} s", utc_now()))
+                del self.pending[execution_id]
+
+    async def _send(self, record: Validation) -> None:
+        await self._validations_topic.send(key=record.task_id.encode(), value=self._validations.encode(record))
+
+    async def _dead_letter(self, event: Any, reason: str, error_type: str) -> None:
+        letter = event_dead_letter(event, reason, error_type, self._settings.worker_id)
+        await self._dead_letters.send(key=letter.key, value=self._letters.encode(letter))

@@ -1,0 +1,68 @@
+"""Validation of sampled executions: which oracle checks an execution, and the validation record of a
+comparison. Pure: the agents decode, call these, and send."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from app.domain.comparison import compare
+from app.records import (
+    Comparison,
+    OracleKind,
+    OracleSpec,
+    TaskSpec,
+    Validation,
+    ValidationRequest,
+    ValidationStatus,
+)
+
+LABEL_ORACLE = OracleSpec(kind=OracleKind.LABEL)
+
+
+def oracle_for(task: TaskSpec, expected_output: Any) -> OracleSpec | None:
+    """The oracle of an execution: the task's, else a label oracle when the request carries an expected output,
+    else none (the execution is sampled but nothing can validate it)."""
+    if task.oracle is not None:
+        if task.oracle.kind is OracleKind.LABEL and expected_output is None:
+            return None
+        return task.oracle
+    return LABEL_ORACLE if expected_output is not None else None
+
+
+def shadow_version_for(request: ValidationRequest, task: TaskSpec | None) -> int | None:
+    """The version a shadow oracle runs: the configured one, else the task's active version when the execution
+    ran another one (a canary or a pinned version). None when there is nothing to compare with."""
+    configured = request.oracle.shadow_version
+    if configured is not None:
+        return configured if configured != request.version else None
+    if task is not None and task.active_version is not None and task.active_version != request.version:
+        return task.active_version
+    return None
+
+
+def validated(request: ValidationRequest, oracle_output: Any, at: datetime) -> Validation:
+    """The validation record of comparing the program's output with the oracle's."""
+    oracle = request.oracle
+    if request.status != "ok":
+        # An execution that failed is wrong whenever the oracle had an answer.
+        match, details = False, f"the execution ended as {request.status}"
+    else:
+        verdict = compare(oracle.comparison.value, request.output, oracle_output, oracle.tolerance)
+        match, details = verdict.match, verdict.details
+    return _record(request, at, ValidationStatus.VALIDATED, oracle_output=oracle_output, match=match,
+                   details=details)
+
+
+def unvalidated(request: ValidationRequest, status: ValidationStatus, details: str, at: datetime) -> Validation:
+    """A validation that could not compare: expired waiting for an oracle, or the oracle itself failed."""
+    return _record(request, at, status, details=details)
+
+
+def _record(request: ValidationRequest, at: datetime, status: ValidationStatus, **fields: Any) -> Validation:
+    return Validation(
+        execution_id=request.execution_id, request_id=request.request_id, task_id=request.task_id,
+        version=request.version, input=request.input, program_output=request.output,
+        oracle_kind=request.oracle.kind, comparison=request.oracle.comparison or Comparison.EXACT, status=status,
+        validated_at=at, **fields,
+    )
