@@ -57,10 +57,6 @@ _ALLOWED_DUNDER_DEFS = frozenset(
     "__floordiv__ __mod__ __pow__ __neg__ __pos__ __abs__ __radd__ __rsub__ __rmul__ __and__ __or__ "
     "__xor__ __enter__ __exit__ __call__ __int__ __float__ __index__ __round__".split()
 )
-# Class patterns may match positionally only on these: they match the subject itself, reading no attribute.
-_SELF_MATCHING_CLASSES = frozenset(
-    "bool bytearray bytes dict float frozenset int list set str tuple".split()
-)
 _DUNDER = re.compile(r"^__\w+__$")
 
 _SAFE_BUILTIN_NAMES = (
@@ -118,14 +114,17 @@ def _check_node(node: ast.AST) -> Iterator[str]:
         for name in node.kwd_attrs:
             if _is_forbidden_attribute(name):
                 yield f"attribute {name!r} in a class pattern is not allowed"
-        if node.patterns and not (isinstance(node.cls, ast.Name) and node.cls.id in _SELF_MATCHING_CLASSES):
-            # C(x) reads the attributes that C.__match_args__ names: data the check cannot see
-            yield "positional sub-patterns are allowed only for built-in types (use keyword patterns)"
+        if node.patterns:
+            # C(x) reads the attributes that C.__match_args__ names: data the check cannot see (and a name like
+            # `int` can be rebound to any class)
+            yield "positional sub-patterns in class patterns are not allowed (use `case int() as x` or keywords)"
     elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
         if node.name.startswith("__") and node.name not in _ALLOWED_DUNDER_DEFS:
             yield f"defining {node.name!r} is not allowed"
         if isinstance(node, ast.ClassDef) and node.keywords:
             yield "class keywords (metaclass=…) are not allowed"
+    elif isinstance(node, ast.keyword) and node.arg is not None and node.arg.startswith("_"):
+        yield f"keyword argument {node.arg!r} is not allowed"
     elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _DUNDER.match(node.value):
         yield f"the string {node.value!r} names a special attribute and is not allowed"
     elif isinstance(node, ast.Name):
@@ -189,8 +188,11 @@ def _public_namespace(name: str) -> _ReadOnlyModule:
 
 
 def _type_of(value: Any) -> type:
-    """`type(x)` for programs: the one-argument form only (three arguments would build a class with any
-    special method, named by strings the static check cannot see)."""
+    """`type(x)` for programs: the one-argument form, and not of a class. Three arguments would build a class
+    with any special method named by strings the static check cannot see; the type of a class is a metaclass,
+    which does the same."""
+    if isinstance(value, type):
+        raise TypeError("type() of a class is not available to programs")
     return type(value)
 
 

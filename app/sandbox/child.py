@@ -1,9 +1,11 @@
 """A sandbox process: reads batches of calls on stdin, runs them one by one, writes their answers on stdout.
 
 Started inside the boundary (app/sandbox/boundary.py) with argv: memory_mb cpu_s max_output open_files
-progress_fd seccomp_hex. Protocol (JSON lines). In: {"batch": n, "load": [[key, source], ...],
-"run": [[key, timeout_s, input], ...]}. Out: first {"hello": {...protections}}, then lists of answers, one per
-call in order, each [status, output, error, latency_ms, memory_mb], flushed every few milliseconds.
+progress_fd seccomp_hex. Protocol. In, JSON lines:
+{"batch": n, "load": [[key, source], ...], "run": [[key, timeout_s, input], ...]}.
+Out: first {"hello": {...protections}}, then frames of answers, one per call in order, flushed every few
+milliseconds: a JSON line [[status, output_length, error, latency_ms, memory_mb], ...] followed by the
+outputs' JSON bytes (output_length -1: no output).
 Before and after each call it writes (batch, call index, start time or 0) to the shared progress page, so the
 pool knows which call was running if it has to kill the process. It serves one task only (the pool's rule)
 and exits after a batch in which a call timed out or ran out of memory, or when its CPU budget runs low.
@@ -100,7 +102,7 @@ def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, v
     if len(encoded) > max_output:
         return ["error", None, f"output is {len(encoded)} bytes; the limit is {max_output}", latency_ms, None], False
     _last_output_size = len(encoded)
-    return [status, orjson.Fragment(encoded), None, latency_ms, None], False
+    return [status, encoded, None, latency_ms, None], False
 
 
 def _load(compiler: ProgramCompiler, source: str, timeout_s: float) -> Callable[[dict[str, Any]], Any] | str:
@@ -174,11 +176,18 @@ def serve(memory_mb: int, cpu_s: int, max_output: int, open_files: int, progress
 
 
 def _flush(out_fd: int, answers: list[list[Any]]) -> None:
+    """One frame: a JSON line of answers whose output slot holds the output's length in bytes (-1: none),
+    then the outputs' JSON, concatenated. The worker keeps outputs as bytes and never parses them."""
     if answers:
         memory_mb = _memory_mb()
+        outputs = []
         for answer in answers:
             answer[4] = memory_mb
-        _write_all(out_fd, orjson.dumps(answers) + b"\n")
+            output = answer[1]
+            answer[1] = -1 if output is None else len(output)
+            if output is not None:
+                outputs.append(output)
+        _write_all(out_fd, orjson.dumps(answers) + b"\n" + b"".join(outputs))
 
 
 def _write_all(fd: int, data: bytes) -> None:

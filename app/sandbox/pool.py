@@ -31,7 +31,6 @@ from app.sandbox.child import PROGRESS
 log = logging.getLogger(__name__)
 
 _GRACE_S = 0.25  # beyond a call's own timeout, before the process is killed from outside
-_IDLE_LIMIT_S = 2.0  # with no call running, how long a process may go without answering before it is killed
 _START_TIMEOUT_S = 30.0
 _STATUSES = frozenset({"ok", "error", "timeout"})
 _MAX_BLAMELESS_DEATHS = 3  # deaths with no call running, per chunk, before its calls are failed
@@ -51,11 +50,19 @@ class Call:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """What a call came to. The output stays the JSON bytes the sandbox process wrote: the worker passes it on
+    without building its objects (a 1 MB output of tiny objects would cost the worker tens of MB)."""
+
     status: str  # ok | error | timeout
-    output: Any = None
+    output_json: bytes | None = None
     error: str | None = None
     latency_ms: float = 0.0
     memory_mb: float | None = None
+
+    @property
+    def output(self) -> Any:
+        """The output as Python values (parsed on each access: for validation and tests, not the hot path)."""
+        return None if self.output_json is None else orjson.loads(self.output_json)
 
 
 class SandboxDied(Exception):
@@ -103,8 +110,9 @@ class SandboxProcess:
         self._batch = 0
         self._timeouts: list[float] = []
         self._watchdog: asyncio.TimerHandle | None = None
-        self._progress_at = 0.0  # loop time of the last sign of progress: batch sent, answers, a call started
-        self._last_page: tuple[int, int, int] = (0, 0, 0)
+        self._progress_at = 0.0  # loop time the batch was sent or the last answers arrived
+        self._due = 0.0  # by when the next answers must arrive, whatever the process says it is doing
+        self._loading = False
         self._last_check = 0.0
         self._started: dict[int, float] = {}  # call index -> when it started, as far as the worker can tell
         self._lost = False
@@ -158,6 +166,8 @@ class SandboxProcess:
         )
         self._progress_at = self._last_check = loop.time()
         self._started = {}
+        self._loading = bool(loads)
+        self._due = self._progress_at + self._next_due()
         self._watchdog = loop.call_at(self._progress_at + _GRACE_S, self._watch)
         stdin = self._transport.get_pipe_transport(0)
         assert isinstance(stdin, asyncio.WriteTransport)
@@ -182,17 +192,23 @@ class SandboxProcess:
             return None
         return int(index)
 
+    def _next_due(self) -> float:
+        """Seconds the next answers may take. Answers are flushed every few milliseconds, so the next frame can
+        wait at most for the longest unanswered call (plus loading its program once, at a batch's start)."""
+        remaining = self._timeouts[len(self._results):]
+        longest = max(remaining, default=0.0)
+        return longest * (2 if self._loading and not self._results else 1) + _GRACE_S
+
     def _watch(self) -> None:
-        """Kill the process if the call it runs has overrun its timeout, or if it has made no progress for
-        _IDLE_LIMIT_S while no call runs (a finaliser spinning between calls, say); else look again later."""
+        """Kill the process when the call it says it runs has overrun its timeout (blame is exact), or when its
+        next answers are overdue whatever it says (its own reports are not trusted for time); else look again."""
         if self._done is None or self._done.done():
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
         page = PROGRESS.unpack_from(self._page, 0)
-        if page != self._last_page:
-            self._last_page, self._progress_at = page, now
         index = self._running()
+        check_at = min(self._due, now + _GRACE_S)
         if index is not None:
             if index not in self._started:
                 # The page's start time (CLOCK_MONOTONIC, like loop.time()), but only where the worker saw the
@@ -203,14 +219,13 @@ class SandboxProcess:
                 self._killed_running = index
                 self.kill(f"call exceeded its timeout of {self._timeouts[index] * 1000:.0f} ms")
                 return
-            check_at = deadline
-        else:
-            if now - self._progress_at > _IDLE_LIMIT_S:
-                self.kill(f"sandbox process made no progress for {_IDLE_LIMIT_S:.0f} s with no call running")
-                return
-            check_at = now + _GRACE_S
+            check_at = min(deadline, check_at)
+        if now >= self._due:
+            self._killed_running = index
+            self.kill(f"no answer within {self._next_due():.1f} s")
+            return
         self._last_check = now
-        self._watchdog = loop.call_at(check_at, self._watch)
+        self._watchdog = loop.call_at(max(check_at, now + 0.01), self._watch)
 
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
@@ -224,33 +239,58 @@ class SandboxProcess:
 
     def _on_data(self, data: bytes) -> None:
         self._buffer += data
-        if b"\n" not in data:
-            if len(self._buffer) > self._max_line:
-                self._buffer.clear()
-                self.kill("answer larger than the output limit")
-            return
-        *lines, rest = self._buffer.split(b"\n")
-        self._buffer = bytearray(rest)
-        for line in lines:
-            try:
-                self._accept(orjson.loads(line))
-            except (ValueError, TypeError, IndexError, KeyError) as exc:
-                self.kill(f"malformed answer from sandbox process: {exc}")
-                return
+        try:
+            while self._take_frame():
+                pass
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            self._buffer.clear()
+            self.kill(f"malformed answer from sandbox process: {exc}")
 
-    def _accept(self, message: Any) -> None:
+    def _take_frame(self) -> bool:
+        """Accept one whole frame from the buffer (a header line, then its outputs); False if none is whole."""
+        end = self._buffer.find(b"\n")
+        if end < 0:
+            if len(self._buffer) > self._max_line:
+                raise ValueError("answer larger than the output limit")
+            return False
+        header = orjson.loads(self._buffer[:end])
         if self._hello is not None and not self._hello.done():
-            self._hello.set_result(dict(message["hello"]))
-            return
-        if self._done is None or self._done.done() or len(self._results) + len(message) > self._expected:
+            del self._buffer[:end + 1]
+            self._hello.set_result(dict(header["hello"]))
+            return True
+        lengths = [answer[1] for answer in header]
+        if not all(type(n) is int and -1 <= n <= self._boundary.limits.max_output for n in lengths):
+            raise ValueError("bad output length")
+        size = end + 1 + sum(n for n in lengths if n > 0)
+        if len(self._buffer) < size:
+            if size > self._max_line:
+                raise ValueError("answer larger than the output limit")
+            return False
+        frame = bytes(self._buffer[end + 1:size])
+        del self._buffer[:size]
+        self._accept(header, frame)
+        return True
+
+    def _accept(self, answers: Any, outputs: bytes) -> None:
+        if self._done is None or self._done.done() or len(self._results) + len(answers) > self._expected:
             raise ValueError("answer without a call")
-        if not message:
+        if not answers:
             raise ValueError("an empty group of answers")
-        self._progress_at = asyncio.get_running_loop().time()
-        for status, output, error, latency_ms, memory_mb in message:
-            if status not in _STATUSES or (error is not None and not isinstance(error, str)):
+        at = 0
+        for status, length, error, latency_ms, memory_mb in answers:
+            # Checked, not trusted: these go into results, whose encoders must never fail on them.
+            if status not in _STATUSES or not (error is None or isinstance(error, str)):
                 raise ValueError(f"bad answer {status!r:.50}")
+            if type(latency_ms) not in (int, float) or not 0 <= latency_ms < 1e9:
+                raise ValueError("bad latency")
+            if memory_mb is not None and (type(memory_mb) not in (int, float) or not 0 <= memory_mb < 1e9):
+                raise ValueError("bad memory figure")
+            output = None
+            if length >= 0:
+                output, at = outputs[at:at + length], at + length
             self._results.append(Outcome(status, output, error, float(latency_ms), memory_mb))
+        self._progress_at = asyncio.get_running_loop().time()
+        self._due = self._progress_at + self._next_due()
         if len(self._results) == self._expected:
             self._done.set_result(None)
 

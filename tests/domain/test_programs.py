@@ -77,7 +77,10 @@ def test_rejected_sources(source: str, complaint: str) -> None:
         ("def run(input):\n    global __builtins__\n    return 1", "name '__builtins__'"),
         # positional class patterns read the attributes the class's __match_args__ names (data, not syntax)
         ("import json\ndef run(input):\n    match json.dumps:\n        case object(g):\n            return g",
-         "positional sub-patterns are allowed only for built-in types"),
+         "positional sub-patterns in class patterns are not allowed"),
+        ("int = object\ndef run(input):\n    match input:\n        case int(g):\n            return g",
+         "positional sub-patterns in class patterns are not allowed"),
+        ("def run(input): return list(dict(__globals__=0))", "keyword argument '__globals__'"),
         # special methods that change lookup, matching, type checks, class building or finalisation
         ("class G:\n    @lambda f: ('x',)\n    def __match_args__():\n        pass\ndef run(input): return 1",
          "defining '__match_args__'"),
@@ -97,16 +100,18 @@ def test_ordinary_patterns_and_special_methods_still_work(compiler: ProgramCompi
     run = compiler.compile(
         "class Money:\n    def __init__(self, cents):\n        self.cents = cents\n"
         "    def __add__(self, other):\n        return Money(self.cents + other.cents)\n"
-        "def run(input):\n    match input:\n        case {'n': int(n)}:\n            total = Money(n) + Money(1)\n"
+        "def run(input):\n    match input:\n        case {'n': int() as n}:\n            total = Money(n) + Money(1)\n"
         "            return [total.cents, type(total) is Money]\n        case _:\n            return None\n"
     )
     assert run({"n": 41}) == [42, True]
 
 
-def test_type_builds_no_classes(compiler: ProgramCompiler) -> None:
-    run = compiler.compile("def run(input):\n    return type('C', (), {'x': 1})\n")
-    with pytest.raises(TypeError):
-        run({})
+def test_type_builds_no_classes_and_gives_no_metaclass(compiler: ProgramCompiler) -> None:
+    for body in ("type('C', (), {'x': 1})", "type(type(0))", "type(int)"):
+        run = compiler.compile(f"def run(input):\n    return {body}\n")
+        with pytest.raises(TypeError):
+            run({})
+    assert compiler.compile("def run(input):\n    return type(0) is int\n")({}) is True
 
 
 def test_withheld_helpers_are_not_reachable_at_run_time(compiler: ProgramCompiler) -> None:

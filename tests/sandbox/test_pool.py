@@ -4,9 +4,13 @@ import asyncio
 import os
 import signal
 import time
+from dataclasses import dataclass
+
+import pytest
 
 from app.samples import program_source
-from app.sandbox.pool import Call, SandboxPool
+from app.sandbox.boundary import Boundary, Limits
+from app.sandbox.pool import Call, SandboxDied, SandboxPool, SandboxProcess
 
 SPAM = program_source("spam_v1")
 SPIN = "def run(input):\n    while True:\n        pass\n"
@@ -137,3 +141,65 @@ async def test_large_outputs_in_one_batch_all_arrive(pool: SandboxPool) -> None:
     outcomes = await pool.run([Call("big", "big", big, 1.0, {}) for _ in range(40)])
     assert [o.status for o in outcomes] == ["ok"] * 40 and all(len(o.output) == 600_000 for o in outcomes)
     assert pool.replaced == 0
+
+
+# Processes that speak the protocol dishonestly, as a program that got past the static check could make its
+# process do. Each runs after the same lock-down as a real sandbox process.
+@dataclass(frozen=True)
+class Scripted(Boundary):
+    script: str = ""
+
+    def command(self, progress_fd: int, probe: str | None = None) -> list[str]:
+        return super().command(progress_fd, probe=self.script)
+
+
+HANDSHAKE = (
+    "import json, mmap, os, struct, sys, time\n"
+    "page = mmap.mmap(int(sys.argv[5]), 24)\n"
+    "os.write(1, b'{\"hello\": {\"seccomp\": true}}\\n')\n"
+    "number = json.loads(sys.stdin.buffer.readline())['batch']\n"
+)
+STALL = HANDSHAKE + (
+    "for k in range(400):  # the page keeps changing, says no call runs, and no answer ever comes\n"
+    "    struct.pack_into('qqq', page, 0, number, k % 2, 0)\n"
+    "    time.sleep(0.05)\n"
+)
+FORGE = HANDSHAKE + "os.write(1, b'[[\"ok\", 1, null, 1e308, {\"memory\": \"x\"}]]\\n1')\ntime.sleep(20)\n"
+
+
+async def test_a_process_that_only_rewrites_its_page_is_killed_when_its_answer_is_overdue() -> None:
+    process = SandboxProcess(Scripted(Limits(memory_mb=256), script=STALL))
+    await process.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(SandboxDied, match="no answer within"):
+            await process.run(1, [Call("t", "k", DOUBLE, 0.3, {"n": 1})] * 3)
+    finally:
+        await process.stop()
+    assert time.monotonic() - started < 3  # 0.3 s timeout, loading allowance and grace: about 0.85 s
+
+
+async def test_forged_answers_that_results_could_not_carry_are_refused() -> None:
+    process = SandboxProcess(Scripted(Limits(memory_mb=256), script=FORGE))
+    await process.start()
+    try:
+        with pytest.raises(SandboxDied):
+            await process.run(1, [Call("t", "k", DOUBLE, 5.0, {"n": 1})])
+        assert "malformed answer" in (process.kill_reason or "")
+    finally:
+        await process.stop()
+
+
+async def test_outputs_stay_bytes_in_the_worker(pool: SandboxPool) -> None:
+    """A 1 MB output of 333,000 tiny objects costs the worker its bytes, not 23 MB of Python objects."""
+    import tracemalloc
+
+    many = "def run(input):\n    return [{}] * 330_000\n"
+    tracemalloc.start()
+    try:
+        outcomes = await pool.run([Call("many", "many", many, 2.0, {}) for _ in range(20)])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(o.status == "ok" and len(o.output_json) == 990_001 for o in outcomes)
+    assert peak < 100 << 20, f"peak {peak >> 20} MB"  # 20 outputs of 1 MB, with room for the frames
