@@ -1,0 +1,91 @@
+"""A reference oracle service: answers external oracle requests from a JSONL file of labelled inputs.
+
+Consumes oracle-requests, looks each request's input up among the labels, and produces an oracle verdict
+keyed by execution id. An input without a label gets no answer, so its validation expires (as with any
+oracle that cannot answer). File lines: {"input": {...}, "output": <the right output>}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from app.codecs import DecodeError, codec_for
+from app.kafka import BatchSender, make_consumer, make_producer, partition_for
+from app.records import OracleVerdict, ValidationRequest, utc_now
+from app.settings import Settings
+from app.topics import topics_for
+
+log = logging.getLogger(__name__)
+
+
+class LabelsError(ValueError):
+    """A labels file that cannot be used; the message names the line."""
+
+
+def load_labels(path: Path) -> dict[bytes, Any]:
+    """The labels of a JSONL file, keyed by the canonical JSON of their input."""
+    labels: dict[bytes, Any] = {}
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise LabelsError(f"cannot read {path}: {exc.strerror}") from exc
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = orjson.loads(line)
+            labels[canonical(entry["input"])] = entry["output"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise LabelsError(f"{path} line {number}: not an object with input and output ({exc})") from exc
+    return labels
+
+
+def canonical(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+async def serve_oracle(settings: Settings, labels: dict[bytes, Any], oracle_id: str,
+                       stop: asyncio.Event) -> int:
+    """Answer oracle requests until `stop` is set; returns how many were answered."""
+    topics = topics_for(settings.topic_prefix)
+    requests = codec_for(ValidationRequest, settings.wire_format)
+    verdicts = codec_for(OracleVerdict, settings.wire_format)
+    consumer = make_consumer(settings, topics.oracle_requests.name, group_id=f"{settings.app_id}-reference-oracle",
+                             **settings.group_args())
+    producer = make_producer(settings)
+    await producer.start()
+    await consumer.start()
+    answered = 0
+    try:
+        partitions = topics.oracle_verdicts.partitions
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=200)
+            sender = BatchSender(producer)
+            for messages in batches.values():
+                for message in messages:
+                    try:
+                        request = requests.decode(message.value)
+                    except DecodeError as exc:
+                        log.warning("oracle request at offset %d skipped: %s", message.offset, exc)
+                        continue
+                    key = canonical(request.input)
+                    if key not in labels:
+                        continue
+                    verdict = OracleVerdict(execution_id=request.execution_id, task_id=request.task_id,
+                                            output=labels[key], oracle_id=oracle_id, answered_at=utc_now())
+                    eid = request.execution_id.encode()
+                    await sender.add(topics.oracle_verdicts.name, partition_for(eid, partitions), eid,
+                                     verdicts.encode(verdict))
+                    answered += 1
+            await asyncio.gather(*await sender.flush())
+            if batches:
+                await consumer.commit()
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return answered
