@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from app.codecs import DecodeError, codec_for
 from app.kafka import BatchSender, make_consumer, make_producer, partition_for
+from app.metadata import topic_partitions
 from app.records import ExecutionRequest, Record, utc_now
 from app.settings import Settings
 from app.topics import TopicSpec, topics_for
@@ -29,7 +30,11 @@ class RequestSender:
     async def __aenter__(self) -> RequestSender:
         self._producer = make_producer(self._settings)
         await self._producer.start()
-        self._partitions = len(await self._producer.partitions_for(self._spec.name))
+        try:
+            self._partitions = len(await topic_partitions(self._producer, self._spec.name))
+        except BaseException:
+            await self._producer.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -58,15 +63,13 @@ async def follow(
     settings: Settings, spec: TopicSpec, from_beginning: bool = True, idle_timeout_s: float | None = None
 ) -> AsyncIterator[tuple[TopicPartition, int, Record | DecodeError]]:
     """Yield (partition, offset, record) from a topic; undecodable values come as the DecodeError.
-    Stops after idle_timeout_s without new records, if given."""
+    Stops after idle_timeout_s without new records, if given. Raises TopicUnavailable for a missing topic."""
     codec = codec_for(spec.record, settings.wire_format)
     consumer = make_consumer(settings, auto_offset_reset="earliest" if from_beginning else "latest")
     await consumer.start()
     try:
         # The cluster's partitions, which may differ from topics.yaml for a topic made elsewhere.
-        partitions = [TopicPartition(spec.name, p) for p in sorted(consumer.partitions_for_topic(spec.name) or ())]
-        if not partitions:
-            raise KeyError(f"topic {spec.name} does not exist; run `loopai topics apply`")
+        partitions = [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
         consumer.assign(partitions)
         if from_beginning:
             await consumer.seek_to_beginning(*partitions)
@@ -92,11 +95,7 @@ async def follow(
 
 
 def request_from(task_id: str, value: dict[str, Any], **fields: Any) -> ExecutionRequest:
-    """A request with a fresh request_id, stamped now."""
-    return ExecutionRequest(
-        request_id=fields.pop("request_id", None) or str(uuid.uuid4()),
-        task_id=task_id,
-        input=value,
-        requested_at=utc_now(),
-        **fields,
-    )
+    """A request, with a fresh request_id and stamped now unless fields give them."""
+    fields["request_id"] = fields.get("request_id") or str(uuid.uuid4())
+    fields.setdefault("requested_at", utc_now())
+    return ExecutionRequest(task_id=task_id, input=value, **fields)

@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaProducer
 from app.codecs import codec_for
 from app.domain.programs import check_source, complexity_of
 from app.kafka import make_producer, partition_for
+from app.metadata import topic_partitions
 from app.records import ProgramArtifact, ProgramStatus, SynthesisStrategy, TaskSpec, utc_now
 from app.settings import Settings
 from app.tables import TableReader, artifact_key
@@ -35,11 +36,22 @@ class ControlPlane:
         self._producer: AIOKafkaProducer
         self._tasks_codec = codec_for(TaskSpec, settings.wire_format)
         self._artifacts_codec = codec_for(ProgramArtifact, settings.wire_format)
+        self._partitions: dict[str, int] = {}
 
     async def __aenter__(self) -> ControlPlane:
         await self.tables.start()
         self._producer = make_producer(self._settings)
-        await self._producer.start()
+        try:
+            await self._producer.start()
+            # The cluster's partition counts, which may differ from topics.yaml for topics made elsewhere.
+            self._partitions = {
+                spec.name: len(await topic_partitions(self._producer, spec.name))
+                for spec in (self._topics.task_specs, self._topics.program_artifacts)
+            }
+        except BaseException:
+            await self._producer.stop()
+            await self.tables.stop()
+            raise
         return self
 
     async def __aexit__(
@@ -99,7 +111,7 @@ class ControlPlane:
         spec = self._topics.program_artifacts
         await self._producer.send_and_wait(
             spec.name, self._artifacts_codec.encode(artifact), key=key,
-            partition=partition_for(task_id.encode(), spec.partitions),
+            partition=partition_for(task_id.encode(), self._partitions[spec.name]),
         )
         self.tables.artifacts.apply(key, self._artifacts_codec.encode(artifact), -1)
         if activate:
@@ -109,19 +121,29 @@ class ControlPlane:
     async def activate(self, task_id: str, version: int) -> TaskSpec:
         """Make a published version the active one (also how to roll back)."""
         task = self.task(task_id)
-        if self.tables.artifacts.version(task_id, version) is None:
-            published = sorted(self.tables.artifacts.versions_of(task_id))
-            raise ControlError(f"task {task_id!r} has no version {version}; published: {published or 'none'}")
+        self._check_published(task_id, version)
         updated = task.model_copy(update={"active_version": version, "updated_at": utc_now()})
         await self._send_task(updated)
         return updated
+
+    def check_request_target(self, task_id: str, version: int | None = None) -> None:
+        """Raise ControlError unless the task exists and a pinned version is published: a request that
+        fails this could only be rejected."""
+        self.task(task_id)
+        if version is not None:
+            self._check_published(task_id, version)
+
+    def _check_published(self, task_id: str, version: int) -> None:
+        if self.tables.artifacts.version(task_id, version) is None:
+            published = sorted(self.tables.artifacts.versions_of(task_id))
+            raise ControlError(f"task {task_id!r} has no version {version}; published: {published or 'none'}")
 
     async def _send_task(self, task: TaskSpec) -> None:
         spec = self._topics.task_specs
         value = self._tasks_codec.encode(task)
         key = task.name.encode()
         await self._producer.send_and_wait(
-            spec.name, value, key=key, partition=partition_for(key, spec.partitions)
+            spec.name, value, key=key, partition=partition_for(key, self._partitions[spec.name])
         )
         self.tables.tasks.apply(key, value, -1)
 

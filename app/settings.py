@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    connect_timeout_s: float = Field(5.0, gt=0, description="how long a command waits for the broker to answer")
 
     topic_prefix: str = Field("loopai.", pattern=r"^[A-Za-z0-9._-]*$")
     wire_format: Literal["json", "avro"] = "json"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
@@ -19,6 +18,7 @@ from aiokafka.errors import KafkaError
 
 from app.codecs import DecodeError, codec_for
 from app.kafka import make_consumer
+from app.metadata import topic_partitions
 from app.records import ProgramArtifact, Record, TaskSpec
 from app.settings import Settings
 from app.topics import TopicSpec
@@ -115,24 +115,19 @@ class TableReader:
         self.ready = asyncio.Event()
 
     async def start(self, timeout_s: float = 60.0) -> None:
-        """Read every table to its true end (follow() then keeps them current)."""
+        """Read every table to its true end (follow() then keeps them current). Raises TopicUnavailable."""
         self._consumer = make_consumer(self._settings, fetch_max_wait_ms=100)
         await self._consumer.start()
-        partitions = []
-        for name in self._tables:
-            parts = self._consumer.partitions_for_topic(name)
-            deadline = time.monotonic() + 10
-            while not parts and time.monotonic() < deadline:
-                await self._consumer._client.force_metadata_update()
-                parts = self._consumer.partitions_for_topic(name)
-                if not parts:
-                    await asyncio.sleep(0.2)
-            if not parts:
-                raise RuntimeError(f"topic {name} does not exist; run `loopai topics apply` first")
-            partitions += [TopicPartition(name, p) for p in sorted(parts)]
-        self._consumer.assign(partitions)
-        await self._consumer.seek_to_beginning(*partitions)
-        await asyncio.wait_for(self._catch_up(partitions), timeout_s)
+        try:
+            partitions = [
+                TopicPartition(name, p) for name in self._tables for p in await topic_partitions(self._consumer, name)
+            ]
+            self._consumer.assign(partitions)
+            await self._consumer.seek_to_beginning(*partitions)
+            await asyncio.wait_for(self._catch_up(partitions), timeout_s)
+        except BaseException:
+            await self.stop()
+            raise
         self.ready.set()
         log.info("tables ready: %d tasks, %d artifacts", len(self.tasks), len(self.artifacts))
 
@@ -147,6 +142,7 @@ class TableReader:
                 await self._follower
         if self._consumer is not None:
             await self._consumer.stop()
+            self._consumer = None
 
     async def _catch_up(self, partitions: list[TopicPartition]) -> None:
         while True:

@@ -1,12 +1,15 @@
 """Fixtures: the real embedded broker (one per session), settings with a unique topic prefix per test,
-worker processes, and helpers that wait for results by request id."""
+worker processes, helpers that wait for results by request id, and metadata answered as Apache Kafka
+answers it."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.conn import AIOKafkaConnection
+from aiokafka.protocol.metadata import MetadataRequest
 
 from app.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from app.client import follow
@@ -141,3 +146,78 @@ async def results_for(
 
 async def dead_letters(settings: Settings, count: int, timeout_s: float = 30) -> list[DeadLetter]:
     return await collect(settings, "dead_letters", lambda rs: len(rs) >= count, timeout_s)
+
+
+class KafkaLikeMetadata:
+    """Makes the embedded broker's metadata answers look like Apache Kafka's, in this process.
+
+    Kafka answers a request that names no topics (aiokafka's bootstrap) with no topics, and a client learns
+    a topic only by asking for it; the embedded broker lists every topic up front. hide() also keeps a topic
+    out of every answer for a while, as Kafka does for a topic created a moment ago, and advertise() makes
+    the cluster advertise other broker addresses (a misconfigured advertised.listeners).
+    """
+
+    def __init__(self) -> None:
+        self._hidden_until: dict[str, float] = {}
+        self._advertised: list[tuple[str, int]] | None = None
+        self.withheld = 0  # answers that left out a topic the embedded broker had named
+
+    def hide(self, topic: str, seconds: float) -> None:
+        self._hidden_until[topic] = time.monotonic() + seconds
+
+    def advertise(self, *addresses: tuple[str, int]) -> None:
+        self._advertised = list(addresses)
+
+    async def answer(self, request: MetadataRequest, pending: Any) -> Any:
+        response = await pending
+        names_no_topic = request._topics == []  # v1+: an empty array asks for no topics at all
+        now = time.monotonic()
+        # The topic name is the second field of a topic's entry in every version.
+        topics = [] if names_no_topic else [t for t in response.topics if self._hidden_until.get(t[1], 0) <= now]
+        self.withheld += len(topics) < len(response.topics)
+        response.topics = topics
+        if self._advertised is not None:
+            response.brokers = [(i, host, port, None) for i, (host, port) in enumerate(self._advertised)]
+        return response
+
+
+@pytest.fixture
+def kafka_like_metadata(monkeypatch: pytest.MonkeyPatch) -> KafkaLikeMetadata:
+    """Every aiokafka client of this test process sees metadata as Apache Kafka serves it."""
+    metadata = KafkaLikeMetadata()
+    send = AIOKafkaConnection.send
+
+    def send_like_kafka(conn: AIOKafkaConnection, request: Any, expect_response: bool = True) -> Any:
+        pending = send(conn, request, expect_response)
+        if isinstance(request, MetadataRequest) and expect_response:
+            return metadata.answer(request, pending)
+        return pending
+
+    monkeypatch.setattr(AIOKafkaConnection, "send", send_like_kafka)
+    return metadata
+
+
+@pytest.fixture
+def silent_broker() -> Iterator[str]:
+    """An address that accepts TCP connections and never answers a byte (a hung or wrong server)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # the kernel completes handshakes without accept(); nothing is ever read
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def wait_for_text(
+    path: Path, wanted: str | re.Pattern[str], process: subprocess.Popen[bytes], timeout_s: float
+) -> re.Match[str]:
+    """Wait until a process's output file holds the text (or pattern); fails if the process exits first."""
+    pattern = wanted if isinstance(wanted, re.Pattern) else re.compile(re.escape(wanted))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        found = pattern.search(text)
+        if found:
+            return found
+        if process.poll() is not None:
+            pytest.fail(f"exited with {process.returncode} before {pattern.pattern!r}:\n{text[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"no {pattern.pattern!r} after {timeout_s}s:\n{text[-3000:]}")
