@@ -1,5 +1,8 @@
-"""The `loopai` command: topics, tasks, artifacts, a worker, sending and tailing, and `dev` (everything on
-an embedded broker)."""
+"""The `loopai` command: topics, tasks, artifacts, a worker, sending and tailing, and `dev` (everything
+on an embedded broker).
+
+Every command that talks to Kafka first checks that the broker answers, so a wrong address is one line of
+error within connect_timeout_s rather than a traceback or a long hang."""
 
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from app.client import follow, request_from, send_requests
 from app.control import ControlError, ControlPlane
 from app.domain.programs import ProgramRejected, check_source
 from app.kafka import apply_topics
+from app.metadata import BrokerUnreachable, TopicUnavailable, check_broker
 from app.records import ExecutionRequest, TaskExample, TaskSpec, utc_now
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.pool import run_once
@@ -30,10 +35,12 @@ T = TypeVar("T")
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
-    except (ControlError, ProgramRejected, ConfigError) as exc:
+    except (ControlError, ProgramRejected, ConfigError, BrokerUnreachable, TopicUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     except ValidationError as exc:
         raise click.ClickException(describe_validation_error(exc, "field")) from exc
+    except KafkaError as exc:
+        raise click.ClickException(f"Kafka: {exc}") from exc
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -43,17 +50,39 @@ def _settings(ctx: click.Context) -> Settings:
             obj["settings"] = Settings.load(obj.get("config"), **obj.get("overrides", {}))
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from exc
+        except UnicodeDecodeError as exc:
+            raise click.ClickException(f"config file {obj.get('config')}: {_not_utf8(exc)}") from exc
     settings: Settings = obj["settings"]
     return settings
+
+
+def _kafka_settings(ctx: click.Context) -> Settings:
+    """The settings, once the broker has answered (else one line of error within connect_timeout_s)."""
+    settings = _settings(ctx)
+    _run(check_broker(settings))
+    return settings
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise click.ClickException(f"{path}: {_not_utf8(exc)}") from exc
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
 
 
 def _json_file(path: Path | None) -> Any:
     if path is None:
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise click.BadParameter(f"{path}: {exc}") from exc
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"{path}: not JSON: {exc}") from exc
 
 
 @click.group()
@@ -77,7 +106,7 @@ def topics() -> None:
 @click.pass_context
 def topics_apply(ctx: click.Context) -> None:
     """Create the topics of topics/topics.yaml that are missing (idempotent)."""
-    settings = _settings(ctx)
+    settings = _kafka_settings(ctx)
     for outcome in _run(apply_topics(settings, topics_for(settings.topic_prefix))):
         click.echo(f"{'created' if outcome.created else 'exists '} {outcome.name} ({outcome.detail})")
 
@@ -102,15 +131,17 @@ def task_create(ctx: click.Context, name: str, description: str, input_schema: P
                 output_schema: Path | None, examples: Path | None, accuracy_target: float,
                 latency_target_ms: float, sampling_rate: float) -> None:
     """Create (or update) a task."""
+    documents = [_json_file(input_schema), _json_file(output_schema), _json_file(examples) or []]
+    settings = _kafka_settings(ctx)
+
     async def go() -> TaskSpec:
         spec = TaskSpec(
-            name=name, description=description, input_schema=_json_file(input_schema),
-            output_schema=_json_file(output_schema),
-            examples=[TaskExample.model_validate(e) for e in (_json_file(examples) or [])],
+            name=name, description=description, input_schema=documents[0], output_schema=documents[1],
+            examples=[TaskExample.model_validate(e) for e in documents[2]],
             accuracy_target=accuracy_target, latency_target_ms=latency_target_ms,
             sampling_rate=sampling_rate, updated_at=utc_now(),
         )
-        async with ControlPlane(_settings(ctx)) as control:
+        async with ControlPlane(settings) as control:
             return await control.put_task(spec)
 
     saved = _run(go())
@@ -122,9 +153,10 @@ def task_create(ctx: click.Context, name: str, description: str, input_schema: P
 @click.pass_context
 def task_show(ctx: click.Context, name: str) -> None:
     """Print a task as JSON."""
+    settings = _kafka_settings(ctx)
 
     async def go() -> TaskSpec:
-        async with ControlPlane(_settings(ctx)) as control:
+        async with ControlPlane(settings) as control:
             return control.task(name)
 
     click.echo(_run(go()).model_dump_json(indent=2))
@@ -134,9 +166,10 @@ def task_show(ctx: click.Context, name: str) -> None:
 @click.pass_context
 def task_list(ctx: click.Context) -> None:
     """List tasks and their active versions."""
+    settings = _kafka_settings(ctx)
 
     async def go() -> list[TaskSpec]:
-        async with ControlPlane(_settings(ctx)) as control:
+        async with ControlPlane(settings) as control:
             return sorted(control.tables.tasks.values(), key=lambda t: t.name)
 
     for spec in _run(go()):
@@ -162,11 +195,13 @@ def artifact_publish(ctx: click.Context, task_id: str, file: Path, version: int 
                      strategy: str, confidence: float | None, llm_provider: str | None,
                      llm_model: str | None) -> None:
     """Publish FILE (Python defining run(input)) as a version of TASK_ID."""
+    source = _read_text(file)
+    settings = _kafka_settings(ctx)
 
     async def go() -> Any:
-        async with ControlPlane(_settings(ctx)) as control:
+        async with ControlPlane(settings) as control:
             return await control.publish(
-                task_id, file.read_text(), version=version, activate=activate, synthesis_strategy=strategy,
+                task_id, source, version=version, activate=activate, synthesis_strategy=strategy,
                 confidence=confidence, llm_provider=llm_provider, llm_model=llm_model,
             )
 
@@ -181,9 +216,10 @@ def artifact_publish(ctx: click.Context, task_id: str, file: Path, version: int 
 @click.pass_context
 def artifact_activate(ctx: click.Context, task_id: str, version: int) -> None:
     """Make VERSION the active one (also rolls back)."""
+    settings = _kafka_settings(ctx)
 
     async def go() -> TaskSpec:
-        async with ControlPlane(_settings(ctx)) as control:
+        async with ControlPlane(settings) as control:
             return await control.activate(task_id, version)
 
     _run(go())
@@ -195,9 +231,10 @@ def artifact_activate(ctx: click.Context, task_id: str, version: int) -> None:
 @click.pass_context
 def artifact_list(ctx: click.Context, task_id: str) -> None:
     """List the versions of a task."""
+    settings = _kafka_settings(ctx)
 
     async def go() -> tuple[TaskSpec, list[Any]]:
-        async with ControlPlane(_settings(ctx)) as control:
+        async with ControlPlane(settings) as control:
             spec = control.task(task_id)
             return spec, sorted(control.tables.artifacts.versions_of(task_id).values(), key=lambda a: a.version)
 
@@ -258,9 +295,10 @@ def _read_source(file: Path) -> str:
 @click.pass_context
 def worker(ctx: click.Context) -> None:
     """Run a worker against the configured broker until interrupted."""
+    settings = _kafka_settings(ctx)  # before faust, whose own start-up would hang or print tracebacks
     from app.worker import run_worker
 
-    run_worker(_settings(ctx))
+    run_worker(settings)
 
 
 @cli.command()
@@ -272,28 +310,47 @@ def worker(ctx: click.Context) -> None:
 @click.pass_context
 def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl: Path | None,
          version: int | None) -> None:
-    """Produce execution requests."""
+    """Produce execution requests, once the task (and a pinned version) is known to exist."""
     requests: list[ExecutionRequest] = []
-    try:
-        for text in inputs:
-            if task_id is None:
-                raise click.UsageError("TASK_ID is needed with --input")
-            requests.append(request_from(task_id, json.loads(text), version=version))
-        if jsonl is not None:
-            for line in jsonl.read_text().splitlines():
-                if line.strip():
-                    fields = json.loads(line)
-                    if task_id and "task_id" not in fields:
-                        fields["task_id"] = task_id
-                    requests.append(request_from(fields.pop("task_id", ""), fields.pop("input", None), **fields))
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON: {exc}") from exc
-    except ValidationError as exc:
-        raise click.ClickException(describe_validation_error(exc, "request field")) from exc
+    for number, text in enumerate(inputs, 1):
+        if task_id is None:
+            raise click.UsageError("TASK_ID is needed with --input")
+        where = f"--input {number}"
+        requests.append(_request(where, task_id, _json_object(where, text), {"version": version}))
+    if jsonl is not None:
+        for number, line in enumerate(_read_text(jsonl).splitlines(), 1):
+            if line.strip():
+                where = f"{jsonl} line {number}"
+                fields = _json_object(where, line)
+                requests.append(_request(where, fields.pop("task_id", task_id), fields.pop("input", None), fields))
     if not requests:
         raise click.UsageError("nothing to send: give --input or --file")
-    count = _run(send_requests(_settings(ctx), requests))
-    click.echo(f"sent {count} request(s)")
+    settings = _kafka_settings(ctx)
+
+    async def go() -> int:
+        async with ControlPlane(settings) as control:
+            for target_task, target_version in sorted({(r.task_id, r.version) for r in requests}, key=str):
+                control.check_request_target(target_task, target_version)
+        return await send_requests(settings, requests)
+
+    click.echo(f"sent {_run(go())} request(s)")
+
+
+def _json_object(where: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.ClickException(f"{where}: not JSON: {exc.msg} (column {exc.colno})") from exc
+    if not isinstance(value, dict):
+        raise click.ClickException(f"{where}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _request(where: str, task_id: Any, value: Any, fields: dict[str, Any]) -> ExecutionRequest:
+    try:
+        return request_from(task_id or "", value, **fields)
+    except ValidationError as exc:
+        raise click.ClickException(f"{where}: {describe_validation_error(exc, 'request field')}") from exc
 
 
 @cli.command()
@@ -303,7 +360,7 @@ def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl
 @click.pass_context
 def tail(ctx: click.Context, topic: str, from_beginning: bool, idle_exit: float | None) -> None:
     """Follow TOPIC (e.g. results, requests, dead_letters) and print each record as JSON."""
-    settings = _settings(ctx)
+    settings = _kafka_settings(ctx)
     try:
         spec = topics_for(settings.topic_prefix).by_name(topic)
     except KeyError as exc:

@@ -4,11 +4,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from app.broker import EmbeddedBroker
+from app.broker import EmbeddedBroker, free_port
 from app.topics import topics_for
 from tests.conftest import make_settings
 
@@ -86,6 +87,7 @@ def test_invalid_config_file_names_the_field(tmp_path: Path) -> None:
 
 def test_send_and_tail(env: dict[str, str], tmp_path: Path) -> None:
     assert loopai(env, "topics", "apply").returncode == 0
+    assert loopai(env, "task", "create", "spam").returncode == 0
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"request_id": "a", "input": {"text": "x"}}\n{"request_id": "b", "input": {"text": "y"}}\n')
     sent = loopai(env, "send", "spam", "--file", str(requests))
@@ -97,6 +99,98 @@ def test_send_and_tail(env: dict[str, str], tmp_path: Path) -> None:
     assert {r["task_id"] for r in records} == {"spam"}
     bad = loopai(env, "send", "spam", "--input", '{"text": 1', )
     assert bad.returncode != 0 and "not JSON" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ghost", "--input", '{"text": "x"}'], "unknown task 'ghost'; create it with `loopai task create ghost`"),
+        (["spam", "--input", '{"text": "x"}', "--version", "3"], "task 'spam' has no version 3; published: [1]"),
+        (["--file", "JSONL"], "unknown task 'ghost'"),
+    ],
+)
+def test_send_refuses_requests_that_could_only_be_rejected(
+    env: dict[str, str], tmp_path: Path, args: list[str], message: str
+) -> None:
+    assert loopai(env, "topics", "apply").returncode == 0
+    assert loopai(env, "task", "create", "spam").returncode == 0
+    (tmp_path / "p.py").write_text("def run(input):\n    return 1\n")
+    assert loopai(env, "artifact", "publish", "spam", str(tmp_path / "p.py")).returncode == 0
+    jsonl = tmp_path / "requests.jsonl"
+    jsonl.write_text('{"task_id": "spam", "input": {}}\n{"task_id": "ghost", "input": {}}\n')
+    done = loopai(env, "send", *[str(jsonl) if a == "JSONL" else a for a in args])
+    assert done.returncode != 0 and message in done.stderr, done.stderr
+    tailed = loopai(env, "tail", "requests", "--idle-exit", "0.5")
+    assert tailed.returncode == 0 and tailed.stdout == ""  # nothing was sent, not even the good line
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"input": {"text": 1}', "line 3: not JSON: Expecting ',' delimiter (column 22)"),
+        ('["not", "a", "request"]', "line 3: expected a JSON object, got list"),
+        ('{"input": {}, "timeout_ms": 0}', "line 3: invalid request field 'timeout_ms'"),
+        ('{"input": {}, "colour": "red"}', "line 3: invalid request field 'colour'"),
+    ],
+)
+def test_a_bad_jsonl_line_is_named_by_its_number(tmp_path: Path, line: str, message: str) -> None:
+    jsonl = tmp_path / "requests.jsonl"
+    jsonl.write_text('{"input": {"text": "ok"}}\n\n' + line + "\n")
+    done = loopai({}, "send", "spam", "--file", str(jsonl))
+    assert done.returncode == 1 and f"{jsonl} {message}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["send", "spam", "--file", "FILE"], ["artifact", "publish", "spam", "FILE"],
+     ["task", "create", "spam", "--input-schema", "FILE"], ["--config", "FILE", "task", "list"]],
+)
+def test_a_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path, args: list[str]) -> None:
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes('{"input": {"text": "caf\u00e9"}}\n'.encode("latin-1"))
+    done = loopai({}, *[str(latin1) if a == "FILE" else a for a in args])
+    assert done.returncode == 1
+    assert f"{latin1}: not UTF-8 text (byte 0xe9 at offset 23)" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+KAFKA_COMMANDS = [
+    ["topics", "apply"],
+    ["task", "create", "spam"],
+    ["task", "show", "spam"],
+    ["task", "list"],
+    ["artifact", "publish", "spam", "PROGRAM"],
+    ["artifact", "activate", "spam", "1"],
+    ["artifact", "list", "spam"],
+    ["send", "spam", "--input", "{}"],
+    ["tail", "results"],
+    ["worker"],
+]
+
+
+@pytest.mark.parametrize("kind", ["nothing listening", "silent"])
+@pytest.mark.parametrize("args", KAFKA_COMMANDS, ids=" ".join)
+def test_an_absent_broker_is_one_line_within_the_timeout(
+    tmp_path: Path, silent_broker: str, kind: str, args: list[str]
+) -> None:
+    address = silent_broker if kind == "silent" else f"127.0.0.1:{free_port()}"
+    (tmp_path / "p.py").write_text("def run(input):\n    return 1\n")
+    env = {"LOOPAI_BOOTSTRAP_SERVERS": address, "LOOPAI_CONNECT_TIMEOUT_S": "1"}
+    started = time.monotonic()
+    done = loopai(env, *[str(tmp_path / "p.py") if a == "PROGRAM" else a for a in args], timeout=30)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1
+    assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"cannot reach Kafka: {address}" in done.stderr and "LOOPAI_BOOTSTRAP_SERVERS" in done.stderr
+    assert elapsed < 1 + 8, elapsed  # the timeout plus a generous interpreter start on a busy machine
+
+
+def test_a_silent_broker_fails_within_the_default_timeout(silent_broker: str) -> None:
+    started = time.monotonic()
+    done = loopai({"LOOPAI_BOOTSTRAP_SERVERS": silent_broker}, "task", "list", timeout=60)
+    assert done.returncode == 1 and "did not answer within 5 s (connect_timeout_s)" in done.stderr, done.stderr
+    assert time.monotonic() - started < 10
 
 
 def test_dev_runs_the_whole_loop() -> None:
