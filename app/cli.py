@@ -1,5 +1,5 @@
-"""The `loopai` command: topics, tasks, artifacts, a worker, sending and tailing, and `dev` (everything
-on an embedded broker).
+"""The `loopai` command: topics, tasks, artifacts, a worker, sending and tailing, `broker` (the embedded
+broker on its own) and `dev` (everything on an embedded broker).
 
 Every command that talks to Kafka first checks that the broker answers, so a wrong address is one line of
 error within connect_timeout_s rather than a traceback or a long hang."""
@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -378,16 +379,67 @@ def tail(ctx: click.Context, topic: str, from_beginning: bool, idle_exit: float 
 
 
 @cli.command()
-@click.option("--duration", type=float, default=20.0, help="Seconds of traffic (0: until Ctrl-C).")
-@click.option("--rate", type=float, default=20.0, help="Requests per second.")
-def dev(duration: float, rate: float) -> None:
+@click.option("--port", type=click.IntRange(0, 65535), default=9092, show_default=True,
+              help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), help="The broker's own output.")
+def broker(port: int, log_file: Path | None) -> None:
+    """Run the embedded broker (Tansu, in memory) for the other commands, until Ctrl-C."""
+    from app.broker import EmbeddedBroker, PortInUse, free_port
+
+    embedded = EmbeddedBroker(port or free_port(), log_file=log_file)
+    code = None
+    with _interrupted_by(signal.SIGTERM, signal.SIGHUP):
+        try:
+            embedded.start()
+            click.echo(f"embedded broker listening on {embedded.bootstrap_servers}; in memory, so everything "
+                       "is gone when it stops; Ctrl-C stops it. For the other commands:")
+            click.echo(f"export LOOPAI_BOOTSTRAP_SERVERS={embedded.bootstrap_servers}")
+            code = embedded.wait(None)
+        except KeyboardInterrupt:
+            pass
+        except PortInUse as exc:
+            raise click.ClickException(f"{exc}; choose another with --port (0: any free port)") from exc
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            embedded.stop()
+    if code is not None:
+        raise click.ClickException(f"the embedded broker exited on its own (code {code})")
+    click.echo("broker stopped")
+
+
+@contextlib.contextmanager
+def _interrupted_by(*signals: signal.Signals) -> Iterator[None]:
+    """Turn these signals into KeyboardInterrupt meanwhile, so they stop what Ctrl-C stops."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@cli.command()
+@click.option("--duration", type=click.FloatRange(min=0), default=20.0, show_default=True,
+              help="Seconds of traffic (0: until Ctrl-C).")
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=20.0, show_default=True,
+              help="Requests per second.")
+@click.option("--log-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Keep the broker and worker logs here (default: a temporary directory, removed after a "
+                   "clean run).")
+def dev(duration: float, rate: float, log_dir: Path | None) -> None:
     """Everything on an embedded broker: topics, sample programs, a worker, traffic, live results."""
     from app.dev import run_dev
 
     try:
-        sys.exit(asyncio.run(run_dev(duration, rate)))
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted; stopped", err=True)
+        sys.exit(asyncio.run(run_dev(duration, rate, log_dir)))
+    except KeyboardInterrupt:  # before run_dev took over Ctrl-C
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)
 
 
 def main() -> None:

@@ -1,18 +1,26 @@
 """`loopai dev`: the whole loop on an embedded broker. Starts the broker, applies topics, publishes the sample
 tasks and programs, starts a worker process, sends traffic, prints results live, switches spam-filter
-from v1 to v2 halfway, and prints a summary."""
+from v1 to v2 halfway, and prints a summary.
+
+Ctrl-C (SIGINT, also SIGTERM and SIGHUP) stops it in order: the traffic, then the wait for results still due
+(a second Ctrl-C skips it), the worker, the broker, and then the summary. The broker and the worker run in
+sessions of their own, so a terminal's Ctrl-C reaches only this process and none of them dies first.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.broker import EMBEDDED_TIMINGS, EmbeddedBroker
@@ -24,96 +32,188 @@ from app.samples import SAMPLE_PROGRAMS, program_source, sample_tasks, sample_tr
 from app.settings import Settings
 from app.topics import topics_for
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class DevFailure(Exception):
+    """The demo cannot go on; the message says why."""
+
+
+class _Stop:
+    """Set by the first stop signal; a second one also skips the wait for outstanding results."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.hurry = asyncio.Event()
+
+    def __call__(self) -> None:
+        if self.requested.is_set():
+            self.hurry.set()
+        self.requested.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake up as soon as a stop is requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.requested.wait(), seconds)
+
+
+@dataclass
+class _Tally:
+    sent: set[str] = field(default_factory=set)
+    seen: dict[str, str] = field(default_factory=dict)  # request_id -> "task vN status"
+
+    @property
+    def missing(self) -> set[str]:
+        return self.sent - self.seen.keys()
+
+    def report(self) -> None:
+        _say(f"summary: {len(self.sent)} sent, {len(self.sent & self.seen.keys())} results, "
+             f"{len(self.missing)} missing")
+        if self.missing:
+            _say(f"  missing request ids: {sorted(self.missing)[:5]}")
+        for label, count in sorted(Counter(self.seen.values()).items()):
+            _say(f"  {label:<32} {count}")
+
 
 def _say(text: str) -> None:
     print(text, flush=True)
 
 
-async def run_dev(duration_s: float, rate: float) -> int:
-    """Run the demo; returns an exit code (0 when every request got its result)."""
-    log_dir = Path(tempfile.mkdtemp(prefix="loopai-dev-"))
+async def run_dev(duration_s: float, rate: float, log_dir: Path | None = None) -> int:
+    """Run the demo; returns an exit code (0 when every request got its result and the worker stopped
+    cleanly). The logs go to log_dir if given; else to a temporary directory, removed unless the run failed."""
+    keep_logs = log_dir is not None
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="loopai-dev-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stop = _Stop()
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop)
+    code = 1
+    try:
+        code = await _run(duration_s, rate, log_dir, stop)
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+        if code == 0 and not keep_logs:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        else:
+            _say(f"logs in {log_dir}")
+    return code
+
+
+async def _run(duration_s: float, rate: float, log_dir: Path, stop: _Stop) -> int:
+    tally = _Tally()
+    failure: str | None = None
+    worker_code = 0
     with EmbeddedBroker(log_file=log_dir / "broker.log") as broker:
         settings = Settings.load(None, bootstrap_servers=broker.bootstrap_servers, **EMBEDDED_TIMINGS)
-        _say(f"embedded broker on {broker.bootstrap_servers} (logs in {log_dir})")
-        for outcome in await apply_topics(settings, topics_for(settings.topic_prefix)):
-            _say(f"  topic {outcome.name}: {'created' if outcome.created else 'exists'}")
-        async with ControlPlane(settings) as control:
-            for task in sample_tasks():
-                await control.put_task(task)
-            for task_id, program, activate in SAMPLE_PROGRAMS:
-                artifact = await control.publish(task_id, program_source(program), activate=activate)
-                _say(f"  published {task_id} v{artifact.version}{' (active)' if activate else ''}")
-        worker = subprocess.Popen(
+        _say(f"embedded broker on {broker.bootstrap_servers}")
+        await _set_up(settings)
+        if not stop.requested.is_set():
+            worker = _start_worker(settings, log_dir / "worker.log")
+            try:
+                if await _wait_until_serving(worker, log_dir / "worker.log", stop):
+                    _say(f"worker serving (pid {worker.pid}); sending {rate:g} requests/s; Ctrl-C stops")
+                    await _traffic_and_results(settings, duration_s, rate, worker, stop, tally)
+            except DevFailure as exc:
+                failure = str(exc)
+            finally:
+                worker_code = await _stop_worker(worker)
+                _say(f"worker stopped (exit {worker_code}); stopping the broker")
+    _say("broker stopped")
+    tally.report()
+    if failure:
+        _say(failure)
+    # -SIGTERM: our SIGTERM came before the worker set up its own handling (a stop during its start-up).
+    clean_stop = worker_code in (0, -signal.SIGTERM)
+    return 0 if failure is None and clean_stop and not tally.missing else 1
+
+
+async def _set_up(settings: Settings) -> None:
+    for outcome in await apply_topics(settings, topics_for(settings.topic_prefix)):
+        _say(f"  topic {outcome.name}: {'created' if outcome.created else 'exists'}")
+    async with ControlPlane(settings) as control:
+        for task in sample_tasks():
+            await control.put_task(task)
+        for task_id, program, activate in SAMPLE_PROGRAMS:
+            artifact = await control.publish(task_id, program_source(program), activate=activate)
+            _say(f"  published {task_id} v{artifact.version}{' (active)' if activate else ''}")
+
+
+def _start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as output:
+        return subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker"],
             env={**os.environ, **settings.to_env(), "LOOPAI_WORKER_ID": "dev-worker-1"},
-            stdout=open(log_dir / "worker.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
+            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # stopped by us, after the traffic and before the broker
         )
-        try:
-            await _wait_until_serving(worker, log_dir / "worker.log")
-            _say(f"worker serving (pid {worker.pid}); sending {rate:g} requests/s; Ctrl-C stops")
-            return await _traffic_and_results(settings, duration_s, rate, worker, log_dir)
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-            _say(f"worker stopped (exit {worker.returncode}); broker stopping")
 
 
-async def _wait_until_serving(worker: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
+async def _stop_worker(worker: subprocess.Popen[bytes], timeout_s: float = 15) -> int:
+    """SIGTERM (the worker drains and commits), then SIGKILL if it takes longer than timeout_s."""
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while worker.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if worker.poll() is None:
+            worker.kill()
+    return worker.wait()
+
+
+async def _wait_until_serving(worker: subprocess.Popen[bytes], log: Path, stop: _Stop, timeout_s: float = 60) -> bool:
+    """True once the worker serves; False if a stop was requested first."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop.requested.is_set():
         if worker.poll() is not None:
-            raise SystemExit(f"the worker exited (code {worker.returncode}); see {log}")
+            raise DevFailure(f"the worker exited (code {worker.returncode}) before serving")
         if b" serving" in log.read_bytes():
-            return
-        await asyncio.sleep(0.1)
-    raise SystemExit(f"the worker did not start within {timeout_s:.0f}s; see {log}")
+            return True
+        await stop.sleep(0.1)
+    if stop.requested.is_set():
+        return False
+    raise DevFailure(f"the worker did not start within {timeout_s:.0f}s")
 
 
 async def _traffic_and_results(
-    settings: Settings, duration_s: float, rate: float, worker: subprocess.Popen[bytes], log_dir: Path
-) -> int:
-    sent: set[str] = set()
-    seen: dict[str, str] = {}  # request_id -> "task vN status"
-    printer = asyncio.ensure_future(_print_results(settings, seen))
+    settings: Settings, duration_s: float, rate: float, worker: subprocess.Popen[bytes], stop: _Stop,
+    tally: _Tally,
+) -> None:
+    printer = asyncio.ensure_future(_print_results(settings, tally.seen))
     traffic = sample_traffic()
     started = time.monotonic()
     switched = False
-    sender = RequestSender(settings)
-    await sender.__aenter__()
     try:
-        while duration_s <= 0 or time.monotonic() - started < duration_s:
-            if not switched and duration_s > 0 and time.monotonic() - started >= duration_s / 2:
-                async with ControlPlane(settings) as control:
-                    await control.activate("spam-filter", 2)
-                _say(">>> spam-filter: version 2 activated (live, no restart)")
-                switched = True
-            if worker.poll() is not None:
-                _say(f"the worker exited (code {worker.returncode}); see {log_dir / 'worker.log'}")
-                return 1
-            task_id, value = next(traffic)
-            request = request_from(task_id, value)
-            sent.add(request.request_id)
-            await sender.send([request])
-            await asyncio.sleep(1 / rate)
-        deadline = time.monotonic() + 30
-        while not sent <= seen.keys() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        async with RequestSender(settings) as sender:
+            while not stop.requested.is_set() and (duration_s <= 0 or time.monotonic() - started < duration_s):
+                if not switched and duration_s > 0 and time.monotonic() - started >= duration_s / 2:
+                    async with ControlPlane(settings) as control:
+                        await control.activate("spam-filter", 2)
+                    _say(">>> spam-filter: version 2 activated (live, no restart)")
+                    switched = True
+                if worker.poll() is not None:
+                    raise DevFailure(f"the worker exited (code {worker.returncode})")
+                task_id, value = next(traffic)
+                request = request_from(task_id, value)
+                tally.sent.add(request.request_id)
+                await sender.send([request])
+                await stop.sleep(1 / rate)
+        if stop.requested.is_set():
+            _say(f"stopping: traffic stopped; waiting for {len(tally.missing)} result(s) still due "
+                 "(Ctrl-C again to skip)")
+        await _until(lambda: not tally.missing or stop.hurry.is_set() or worker.poll() is not None, 30)
     finally:
-        await sender.__aexit__(None, None, None)
         printer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await printer
-    missing = len(sent - seen.keys())
-    _say(f"summary: {len(sent)} sent, {len(sent & seen.keys())} results, {missing} missing")
-    if missing:
-        _say(f"  missing request ids: {sorted(sent - seen.keys())[:5]}")
-    for label, count in sorted(Counter(seen.values()).items()):
-        _say(f"  {label:<32} {count}")
-    return 0 if missing == 0 else 1
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 async def _print_results(settings: Settings, seen: dict[str, str]) -> None:

@@ -1,0 +1,68 @@
+"""`loopai dev` as a user runs it: the whole loop, and Ctrl-C stopping it in order."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import wait_for_text
+
+
+def test_dev_runs_the_whole_loop_and_leaves_no_temporary_directory(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "app.cli", "dev", "--duration", "4", "--rate", "25"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "spam-filter: version 2 activated" in done.stdout
+    assert " 0 missing" in done.stdout
+    assert "spam-filter v1 ok" in done.stdout and "spam-filter v2 ok" in done.stdout
+    assert not list(tmp_path.glob("loopai-dev-*")) and "logs in" not in done.stdout
+
+
+def test_ctrl_c_stops_traffic_then_worker_then_broker_and_prints_the_summary(tmp_path: Path) -> None:
+    output = tmp_path / "dev.out"
+    with open(output, "wb") as out:
+        # A session of its own, so that killpg() below is what a terminal's Ctrl-C does: SIGINT to the
+        # whole foreground process group.
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "dev", "--duration", "0", "--rate", "50", "--log-dir", str(tmp_path)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_for_text(output, "worker serving", dev, timeout_s=90)
+        wait_for_text(output, re.compile(r"(ok .*\n.*){20}"), dev, timeout_s=30)  # results are flowing
+        os.killpg(dev.pid, signal.SIGINT)
+        assert dev.wait(timeout=60) == 0, output.read_text()[-3000:]
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+    text = output.read_text()
+    lines = [next(i for i, line in enumerate(text.splitlines()) if line.startswith(start))
+             for start in ("stopping: traffic stopped", "worker stopped (exit 0)", "broker stopped", "summary:")]
+    assert lines == sorted(lines), text[-2000:]
+    assert re.search(r"summary: (\d+) sent, \1 results, 0 missing", text), text[-2000:]
+    worker_log = (tmp_path / "worker.log").read_text()
+    assert "stopped after" in worker_log
+    assert [line for line in worker_log.splitlines() if "ERROR" in line or "Traceback" in line] == []
+    worker_pid = int(re.search(r"worker serving \(pid (\d+)\)", text).group(1))
+    assert not _alive(worker_pid)
+    address = re.search(r"embedded broker on 127\.0\.0\.1:(\d+)", text).group(1)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", int(address))) != 0  # the broker is gone too
+
+
+def test_dev_refuses_a_rate_of_zero() -> None:
+    done = subprocess.run([sys.executable, "-m", "app.cli", "dev", "--rate", "0"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "Invalid value for '--rate': 0.0 is not in the range x>0" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
