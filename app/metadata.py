@@ -41,24 +41,25 @@ async def topic_partitions(
     known = kafka.cluster.partitions_for_topic(topic)
     if known:
         return sorted(known)
-    deadline = time.monotonic() + timeout_s
     request = MetadataRequest([topic], allow_auto_topic_creation=False)
-    while True:
-        node = kafka.get_random_node()
-        if node is None:
-            await kafka.force_metadata_update()  # knows no broker yet
-        else:
-            with contextlib.suppress(KafkaError, TimeoutError):
-                error, partitions = _topic_in(await kafka.send(node, request), topic)
-                if partitions:
-                    return partitions
-                if error is TopicAuthorizationFailedError:
-                    raise TopicUnavailable(f"not authorised to use topic {topic}; check this client's ACLs")
-        if time.monotonic() >= deadline:
-            raise TopicUnavailable(
-                f"topic {topic} does not exist (no metadata within {timeout_s:g} s); run `loopai topics apply`"
-            )
-        await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                node = kafka.get_random_node()
+                if node is None:
+                    await kafka.force_metadata_update()  # it knows no broker yet
+                else:
+                    with contextlib.suppress(KafkaError, TimeoutError):
+                        error, partitions = _topic_in(await kafka.send(node, request), topic)
+                        if partitions:
+                            return partitions
+                        if error is TopicAuthorizationFailedError:
+                            raise TopicUnavailable(f"not authorised to use topic {topic}; check the client's ACLs")
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise TopicUnavailable(
+            f"topic {topic} does not exist (no metadata within {timeout_s:g} s); run `loopai topics apply`"
+        ) from None
 
 
 def _topic_in(response: Any, topic: str) -> tuple[type[KafkaError] | None, list[int]]:

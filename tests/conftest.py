@@ -153,17 +153,22 @@ class KafkaLikeMetadata:
 
     Kafka answers a request that names no topics (aiokafka's bootstrap) with no topics, and a client learns
     a topic only by asking for it; the embedded broker lists every topic up front. hide() also keeps a topic
-    out of every answer for a while, as Kafka does for a topic created a moment ago, and advertise() makes
-    the cluster advertise other broker addresses (a misconfigured advertised.listeners).
+    out of every answer for a while, as Kafka does for a topic created a moment ago; deny() answers for a
+    topic as Kafka does to a client whose ACLs do not allow it; advertise() makes the cluster advertise other
+    broker addresses (a misconfigured advertised.listeners).
     """
 
     def __init__(self) -> None:
         self._hidden_until: dict[str, float] = {}
         self._advertised: list[tuple[str, int]] | None = None
+        self._denied: set[str] = set()
         self.withheld = 0  # answers that left out a topic the embedded broker had named
 
     def hide(self, topic: str, seconds: float) -> None:
         self._hidden_until[topic] = time.monotonic() + seconds
+
+    def deny(self, topic: str) -> None:
+        self._denied.add(topic)
 
     def advertise(self, *addresses: tuple[str, int]) -> None:
         self._advertised = list(addresses)
@@ -175,7 +180,8 @@ class KafkaLikeMetadata:
         # The topic name is the second field of a topic's entry in every version.
         topics = [] if names_no_topic else [t for t in response.topics if self._hidden_until.get(t[1], 0) <= now]
         self.withheld += len(topics) < len(response.topics)
-        response.topics = topics
+        # TOPIC_AUTHORIZATION_FAILED (29) and no partitions; v1+ entries: error, name, internal, partitions...
+        response.topics = [(29, t[1], t[2], [], *t[4:]) if t[1] in self._denied else t for t in topics]
         if self._advertised is not None:
             response.brokers = [(i, host, port, None) for i, (host, port) in enumerate(self._advertised)]
         return response

@@ -55,6 +55,22 @@ async def test_a_missing_topic_is_named_with_the_command_that_makes_it(settings:
     assert time.monotonic() - started < 5
 
 
+async def test_a_topic_the_client_may_not_use_is_named_at_once(
+    settings: Settings, kafka_like_metadata: KafkaLikeMetadata
+) -> None:
+    spec = topics_for(settings.topic_prefix).execution_results
+    kafka_like_metadata.deny(spec.name)
+    consumer = make_consumer(settings)
+    await consumer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TopicUnavailable, match=rf"not authorised to use topic {spec.name}; check the client's"):
+            await topic_partitions(consumer, spec.name, timeout_s=10)
+    finally:
+        await consumer.stop()
+    assert time.monotonic() - started < 5  # no waiting out the timeout
+
+
 async def test_a_reachable_broker_passes_the_check(broker: EmbeddedBroker) -> None:
     await check_broker(make_settings(broker))
 
