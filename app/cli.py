@@ -250,7 +250,7 @@ def artifact_list(ctx: click.Context, task_id: str) -> None:
 def artifact_check(file: Path) -> None:
     """Check FILE against the program contract, offline; exit 1 listing every problem with its line."""
     try:
-        check_source(_read_source(file))
+        check_source(_read_text(file))
     except ProgramRejected as exc:
         for problem in str(exc).split("; "):
             click.echo(f"{file}: {problem}", err=True)
@@ -277,19 +277,12 @@ def run_program(ctx: click.Context, file: Path, input_json: str, timeout_ms: int
         settings = settings.model_copy(update={"sandbox_memory_mb": memory_mb})
     timeout_s = (timeout_ms or settings.default_timeout_ms) / 1000
     try:
-        outcome = asyncio.run(run_once(Boundary.from_settings(settings), _read_source(file), value, timeout_s))
+        outcome = asyncio.run(run_once(Boundary.from_settings(settings), _read_text(file), value, timeout_s))
     except SandboxUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps({"status": outcome.status, "output": outcome.output, "error_message": outcome.error,
                            "duration_ms": round(outcome.latency_ms, 3), "memory_mb": outcome.memory_mb}))
     sys.exit(0 if outcome.status == "ok" else 1)
-
-
-def _read_source(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise click.ClickException(f"{file} is not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
 
 
 @cli.command()
