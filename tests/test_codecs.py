@@ -7,6 +7,8 @@ from typing import Any
 import fastavro
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.codecs import DecodeError, codec_for, parsed_schema
 from app.records import (
@@ -128,3 +130,23 @@ def test_encode_fields_matches_encode(record: Record, wire_format: str) -> None:
     """The executor's hot path (fields, no model) decodes to the same record as encode()."""
     codec = codec_for(type(record), wire_format)
     assert codec.decode(codec.encode_fields(record.model_dump())) == record
+
+
+@pytest.mark.parametrize("wire_format", ["json", "avro"])
+@settings(max_examples=400, derandomize=True)
+@given(data=st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda prefix, tail: prefix + tail,  # a valid record of either wire format, then garbage
+              st.sampled_from([codec_for(ExecutionRequest, w).encode(SAMPLES[1]) for w in ("json", "avro")]),
+              st.binary(max_size=20)),
+    st.binary(min_size=1, max_size=200).map(lambda b: b"\x02" + b),  # Avro-like: a string length first
+))
+def test_any_bytes_decode_or_raise_decode_error(wire_format: str, data: bytes) -> None:
+    """Whatever arrives on the requests topic, the codec answers with a record or a DecodeError (which the
+    executor turns into a rejected result or a dead letter), and loose() with a dict or None."""
+    codec = codec_for(ExecutionRequest, wire_format)
+    try:
+        assert isinstance(codec.decode(data), ExecutionRequest)
+    except DecodeError as exc:
+        assert str(exc)
+    assert codec.loose(data) is None or isinstance(codec.loose(data), dict)
