@@ -1,17 +1,21 @@
 """Kafka plumbing shared by every process: client factories, explicit partitioning, batched sends,
-and idempotent topic creation from the registry."""
+idempotent topic creation from the registry, and a watch that notices when the cluster stops answering."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
+from aiokafka.protocol.admin import ApiVersionRequest
 
 from app.settings import Settings
 from app.topics import Topics, TopicSpec
@@ -133,3 +137,57 @@ async def apply_topics(settings: Settings, topics: Topics) -> list[TopicOutcome]
 
 def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
     return [(err[0], err[1], err[2] if len(err) > 2 else None) for err in response.topic_errors]
+
+
+class BrokerWatch:
+    """Asks the cluster for its API versions every second, on a connection of its own. `lost` is set, with
+    `lost_reason`, once no broker has answered for settings.broker_lost_timeout_s; a cluster that answers
+    again before that is simply used again (the clients reconnect on their own)."""
+
+    PROBE_INTERVAL_S = 1.0
+    PROBE_TIMEOUT_S = 2.0  # a port that accepts connections but never answers counts as no answer
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._client: AIOKafkaClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.lost = asyncio.Event()
+        self.lost_reason = ""
+
+    async def start(self) -> None:
+        self._client = AIOKafkaClient(**self._settings.kafka_client_args())
+        await self._client.bootstrap()
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._client is not None:
+            await self._client.close()
+
+    async def _watch(self) -> None:
+        timeout = self._settings.broker_lost_timeout_s
+        answered = time.monotonic()
+        while True:
+            await asyncio.sleep(self.PROBE_INTERVAL_S)
+            if await self._answers():
+                answered = time.monotonic()
+            elif time.monotonic() - answered >= timeout:
+                self.lost_reason = (
+                    f"the Kafka broker at {self._settings.bootstrap_servers} has not answered for {timeout:g} s "
+                    "(settings bootstrap_servers, broker_lost_timeout_s)"
+                )
+                self.lost.set()
+                return
+
+    async def _answers(self) -> bool:
+        assert self._client is not None
+        for broker in self._client.cluster.brokers():
+            try:
+                await asyncio.wait_for(self._client.send(broker.nodeId, ApiVersionRequest()), self.PROBE_TIMEOUT_S)
+                return True
+            except (KafkaError, TimeoutError, OSError):
+                continue
+        return False

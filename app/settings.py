@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -79,9 +79,11 @@ class Settings(BaseSettings):
     sandbox_max_output_bytes: int = Field(1_000_000, ge=1024)
     sandbox_chunk_size: int = Field(500, ge=1)
 
-    # Group membership; the defaults suit a real cluster, the embedded broker wants them short.
-    session_timeout_s: float = Field(30.0, gt=0)
-    heartbeat_interval_s: float = Field(3.0, gt=0)
+    # Group membership (docs/delivery.md). A SIGKILLed worker's partitions move after session_timeout_s;
+    # Apache Kafka refuses less than group.min.session.timeout.ms (6 s by default). The heartbeat is how
+    # soon a member hears of a rebalance, so it bounds a graceful handover.
+    session_timeout_s: float = Field(6.0, gt=0)
+    heartbeat_interval_s: float = Field(1.0, gt=0)
     rebalance_timeout_s: float = Field(30.0, gt=0)
     commit_interval_s: float = Field(2.0, gt=0)
 
@@ -89,7 +91,21 @@ class Settings(BaseSettings):
     canary_min_validations: int = Field(50, ge=1, description="validations of a canary before any decision")
     canary_margin: float = Field(0.05, ge=0, le=1, description="how far below the bar a canary is rolled back")
 
+    # Delivery: how long a batch's records may keep failing with retriable errors before they count as
+    # undeliverable (Kafka's delivery.timeout.ms), and how long a worker runs without an answer from any broker.
+    delivery_timeout_s: float = Field(120.0, gt=0)
+    broker_lost_timeout_s: float = Field(30.0, gt=0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> Settings:
+        if self.heartbeat_interval_s * 3 > self.session_timeout_s:
+            raise ValueError(
+                f"heartbeat_interval_s ({self.heartbeat_interval_s:g}) must be at most a third of "
+                f"session_timeout_s ({self.session_timeout_s:g}), or a slow heartbeat ends the session"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

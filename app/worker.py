@@ -1,16 +1,26 @@
 """A worker process: a faust app hosting the loop's services. It reads the task and artifact tables, starts
-the sandbox pool, then executes requests; later agents (sampling, analytics) join the same app."""
+the sandbox pool, then executes requests; later agents (sampling, analytics) join the same app.
+
+A worker that cannot go on without losing a request (the cluster gone, a dead letter refused) logs one
+line saying why and exits with code 1, committing nothing more."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
+import os
+import signal
+import threading
+import time
 from typing import Any
 
 import faust
 from mode import Service
 
 from app.agents.execute_requests import ExecuteRequests
+from app.kafka import BrokerWatch
 from app.sandbox.boundary import Boundary
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
@@ -18,6 +28,8 @@ from app.tables import TableReader
 from app.topics import topics_for
 
 log = logging.getLogger(__name__)
+
+_FORCED_EXIT_AFTER_S = 60.0  # a stop after a failure that takes longer is not going to finish
 
 
 class LoopWorker(Service):
@@ -35,8 +47,13 @@ class LoopWorker(Service):
             chunk_size=settings.sandbox_chunk_size,
         )
         self.executor = ExecuteRequests(settings, topics, self.tables, self.pool)
+        self.watch = BrokerWatch(settings)
+        self.failure: str | None = None
 
     async def on_start(self) -> None:
+        for handler in logging.getLogger().handlers:  # faust has set up logging by now
+            handler.addFilter(RepeatsHeldBack())
+        await self.watch.start()
         await self.tables.start()
         self.tables.follow()
         await self.pool.start()
@@ -46,13 +63,62 @@ class LoopWorker(Service):
         # thousands of short-lived objects; with the defaults collection took about a third of the time.
         gc.freeze()
         gc.set_threshold(50_000, 20, 100)
+        self.add_future(self._stop_on_failure())
         log.info("worker %s serving: sandbox %s", self.settings.worker_id, self.pool.protections)
 
     async def on_stop(self) -> None:
         await self.executor.stop()
         await self.pool.stop()
         await self.tables.stop()
+        await self.watch.stop()
         log.info("worker %s stopped after %d results", self.settings.worker_id, self.executor.executed)
+
+    async def _stop_on_failure(self) -> None:
+        waits = [asyncio.ensure_future(self.executor.failed.wait()), asyncio.ensure_future(self.watch.lost.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self.failure = self.executor.failure or self.watch.lost_reason
+        self.executor.fail(self.failure)
+        log.critical("worker %s stopping, nothing more committed: %s", self.settings.worker_id, self.failure)
+        if self.watch.lost.is_set():
+            # Without a broker there is nothing to commit, leave or flush, and faust's own clients would wait
+            # out their timeouts (or hang) on the way down: stop the sandbox processes and exit now.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pool.stop(), timeout=5)
+            logging.shutdown()
+            os._exit(1)
+        # Otherwise the same orderly stop as on a signal (the group hears we left); run_worker exits with 1.
+        backstop = threading.Timer(_FORCED_EXIT_AFTER_S, os._exit, (1,))
+        backstop.daemon = True
+        backstop.start()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RepeatsHeldBack(logging.Filter):
+    """Lets the first warning or error of a kind through, then at most one per window with a count of those
+    held back. A lost broker makes aiokafka log the same few lines hundreds of times a second."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        super().__init__()
+        self._window_s = window_s
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # (logger, template) -> (last shown, held)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        kind = (record.name, str(record.msg))
+        now = time.monotonic()
+        shown, held = self._seen.get(kind, (float("-inf"), 0))
+        if now - shown < self._window_s:
+            self._seen[kind] = (shown, held + 1)
+            return False
+        self._seen[kind] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} [and {held} more like it in the last {self._window_s:g} s]"
+        return True
 
 
 def build_app(settings: Settings) -> faust.App:
@@ -85,9 +151,13 @@ def build_app(settings: Settings) -> faust.App:
 
 
 def run_worker(settings: Settings) -> None:
-    """Run a worker until SIGINT/SIGTERM."""
+    """Run a worker until SIGINT/SIGTERM (exit 0), or until it cannot go on (exit 1)."""
     app = build_app(settings)
-    worker = faust.Worker(
-        app, LoopWorker(settings), loglevel=settings.log_level, redirect_stdouts=False, quiet=True
-    )
-    worker.execute_from_commandline()
+    service = LoopWorker(settings)
+    worker = faust.Worker(app, service, loglevel=settings.log_level, redirect_stdouts=False, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        if service.failure is not None:
+            raise SystemExit(1) from None
+        raise

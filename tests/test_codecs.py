@@ -7,6 +7,8 @@ from typing import Any
 import fastavro
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.codecs import DecodeError, codec_for, parsed_schema
 from app.records import (
@@ -169,3 +171,23 @@ def test_json_times_end_in_z_and_bytes_are_urlsafe_base64() -> None:
     encoded = orjson.loads(codec_for(DeadLetter, "json").encode(letter))
     assert encoded["dead_lettered_at"] == "2026-01-02T00:00:00Z"
     assert encoded["key"] == "-_8="
+
+
+@pytest.mark.parametrize("wire_format", ["json", "avro"])
+@settings(max_examples=400, derandomize=True)
+@given(data=st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda prefix, tail: prefix + tail,  # a valid record of either wire format, then garbage
+              st.sampled_from([codec_for(ExecutionRequest, w).encode(SAMPLES[1]) for w in ("json", "avro")]),
+              st.binary(max_size=20)),
+    st.binary(min_size=1, max_size=200).map(lambda b: b"\x02" + b),  # Avro-like: a string length first
+))
+def test_any_bytes_decode_or_raise_decode_error(wire_format: str, data: bytes) -> None:
+    """Whatever arrives on the requests topic, the codec answers with a record or a DecodeError (which the
+    executor turns into a rejected result or a dead letter), and loose() with a dict or None."""
+    codec = codec_for(ExecutionRequest, wire_format)
+    try:
+        assert isinstance(codec.decode(data), ExecutionRequest)
+    except DecodeError as exc:
+        assert str(exc)
+    assert codec.loose(data) is None or isinstance(codec.loose(data), dict)

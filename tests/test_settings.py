@@ -66,3 +66,14 @@ def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in original.to_env().items():
         monkeypatch.setenv(name, value)
     assert Settings.load() == original
+
+
+def test_group_defaults_suit_apache_kafka() -> None:
+    settings = Settings.load()
+    assert settings.session_timeout_s >= 6  # group.min.session.timeout.ms: Apache Kafka refuses less
+    assert settings.heartbeat_interval_s * 3 <= settings.session_timeout_s
+
+
+def test_a_heartbeat_too_slow_for_the_session_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"heartbeat_interval_s \(3\) must be at most a third of session_timeout_s"):
+        Settings.load(session_timeout_s=6, heartbeat_interval_s=3)

@@ -1,6 +1,7 @@
 """Worker processes on the real broker: restart recovery, two workers in one group, the Avro wire."""
 
 import asyncio
+import logging
 import signal
 from collections.abc import Awaitable, Callable
 
@@ -11,6 +12,7 @@ from app.records import ExecutionRequest, ExecutionStatus, TaskSpec, execution_i
 from app.samples import program_source
 from app.settings import Settings
 from app.topics import topics_for
+from app.worker import RepeatsHeldBack
 from tests.conftest import WorkerProcess, collect, make_settings, results_for
 from tests.test_tables import _artifact, _publish_in_one_batch
 
@@ -121,3 +123,19 @@ async def _send_waves(
                 await action(sent)
             await asyncio.sleep(pause_s)
     return sent
+
+
+def test_repeated_warnings_are_held_back_and_counted() -> None:
+    """A lost broker makes aiokafka log the same lines hundreds of times a second: the first of a kind
+    passes, then one per window, saying how many were held back."""
+    held_back = RepeatsHeldBack(window_s=10.0)
+    records = [logging.LogRecord("aiokafka.conn", logging.ERROR, __file__, 1, "Unable connect to %s", ("n1",), None)
+               for _ in range(500)]
+    assert [held_back.filter(r) for r in records[:3]] == [True, False, False]
+    assert held_back.filter(logging.LogRecord("aiokafka.conn", logging.ERROR, __file__, 1, "other", (), None))
+    assert held_back.filter(logging.LogRecord("app", logging.INFO, __file__, 1, "Unable connect to %s", (), None))
+    for record in records[3:]:
+        held_back.filter(record)
+    held_back._window_s = 0.0  # the window has passed
+    assert held_back.filter(records[0])
+    assert records[0].getMessage() == "Unable connect to n1 [and 499 more like it in the last 0 s]"

@@ -1,7 +1,7 @@
 """Executes requests: consumes execution-requests in Kafka batches, runs each against its program version in
-the sandbox pool, produces exactly one execution-result per request (or a dead letter for undecodable
-bytes), and commits a batch's offsets only once everything it produced is acknowledged (at-least-once;
-a redelivered request yields the same execution_id).
+the sandbox pool, produces exactly one execution-result or dead letter per request, and commits a batch's
+offsets only once every one of them is acknowledged (at-least-once; a redelivered request yields the same
+execution_id). What it cannot complete stops it, uncommitted (docs/delivery.md).
 
 Batches are pipelined: while one runs in the sandbox, the next is fetched and decoded. Batches complete
 (results sent, acks awaited, offsets committed) strictly in the order they were fetched.
@@ -14,17 +14,23 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    InvalidSessionTimeoutError,
+    KafkaError,
+)
 
 from app.codecs import DecodeError, codec_for
+from app.delivery import describe_error
 from app.domain.resolution import InputValidators, Refused, Runnable, resolve
-from app.domain.sampling import is_sampled
-from app.kafka import BatchSender, make_consumer, make_producer, partition_for
-from app.records import DeadLetter, ExecutionRequest, ExecutionResult, ExecutionStatus, execution_id_for, utc_now
+from app.kafka import make_consumer, make_producer
+from app.outcomes import Message, OutcomeWriter, Undeliverable, dead_letter_for, executed_results, result_fields
+from app.records import DeadLetter, ExecutionRequest, ExecutionStatus, utc_now
 from app.sandbox.pool import Call, Outcome, SandboxPool
 from app.settings import Settings
 from app.tables import TableReader
@@ -32,21 +38,15 @@ from app.topics import Topics
 
 log = logging.getLogger(__name__)
 
-Message: TypeAlias = ConsumerRecord[Any, Any]
-_RESULT_DEFAULTS: dict[str, Any] = {
-    name: info.default for name, info in ExecutionResult.model_fields.items() if not info.is_required()
-}
-
-
 @dataclass(slots=True)
 class _Batch:
     """One Kafka batch on its way through: what to send, and the sandbox work still running."""
 
     offsets: dict[TopicPartition, tuple[int, int]]  # partition -> (first offset, next offset)
     fetched_at: datetime = field(default_factory=utc_now)
-    ready: list[dict[str, Any]] = field(default_factory=list)  # result fields known without running
+    ready: list[tuple[dict[str, Any], Message]] = field(default_factory=list)  # result fields known without running
     letters: list[DeadLetter] = field(default_factory=list)
-    pending: list[tuple[ExecutionRequest, Runnable]] = field(default_factory=list)
+    pending: list[tuple[ExecutionRequest, Runnable, Message]] = field(default_factory=list)
     outcomes: asyncio.Future[list[Outcome]] | None = None
 
 
@@ -64,7 +64,8 @@ class _DrainOnRevoke(ConsumerRebalanceListener):
 
 
 class ExecuteRequests:
-    """The executor service of a worker. start() joins the executor group; stop() finishes in-flight work."""
+    """The executor service of a worker. start() joins the executor group; stop() finishes in-flight work.
+    `failed` is set, with `failure` saying why, when it had to stop without committing."""
 
     def __init__(self, settings: Settings, topics: Topics, tables: TableReader, pool: SandboxPool) -> None:
         self._settings = settings
@@ -72,15 +73,15 @@ class ExecuteRequests:
         self._tables = tables
         self._pool = pool
         self._requests = codec_for(ExecutionRequest, settings.wire_format)
-        self._results = codec_for(ExecutionResult, settings.wire_format)
-        self._dead_letters = codec_for(DeadLetter, settings.wire_format)
         self._validators = InputValidators()
         self._producer: AIOKafkaProducer
         self._consumer: AIOKafkaConsumer
-        self._partitions: dict[str, int] = {}
+        self._writer: OutcomeWriter
         self._inflight: asyncio.Queue[_Batch] = asyncio.Queue(settings.executor_max_inflight_batches)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
         self.executed = 0
         self.dead_lettered = 0
 
@@ -91,56 +92,82 @@ class ExecuteRequests:
             settings, group_id=f"{settings.app_id}-executors", fetch_max_wait_ms=20, **settings.group_args()
         )
         await self._producer.start()
-        for spec in (self._topics.execution_results, self._topics.dead_letters):
-            self._partitions[spec.name] = len(await self._producer.partitions_for(spec.name))
+        self._writer = OutcomeWriter(settings, self._topics, self._producer)
+        await self._writer.start()
         self._consumer.subscribe([self._topics.execution_requests.name], listener=_DrainOnRevoke(self))
         await self._consumer.start()
         self._tasks = [asyncio.ensure_future(self._fetch()), asyncio.ensure_future(self._complete())]
 
+    def fail(self, reason: str) -> None:
+        """Stop fetching and completing batches: from now on nothing is committed."""
+        if self.failure is None:
+            self.failure = reason
+            self._stopping = True
+            self.failed.set()
+
     async def stop(self) -> None:
+        """Complete and commit the batches in flight (unless failed), then leave the group."""
         self._stopping = True
         if self._tasks:
-            fetch, complete = self._tasks
-            with contextlib.suppress(asyncio.CancelledError):
-                await fetch
-            try:
-                await asyncio.wait_for(self.drain(), timeout=30)
-            except TimeoutError:
-                log.warning("in-flight batches not finished in 30s; they will be redelivered")
-            complete.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await complete
-        if hasattr(self, "_consumer"):
-            await self._consumer.stop()
-        if hasattr(self, "_producer"):
-            await self._producer.stop()
+            if self.failure is None:
+                await asyncio.wait(self._tasks[:1], timeout=10)  # it ends after at most one more getmany
+                try:
+                    await asyncio.wait_for(self.drain(), timeout=30)
+                except TimeoutError:
+                    log.warning("in-flight batches not finished in 30s; they will be redelivered")
+            for task in self._tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        # Bounded: with the broker gone, leaving the group or flushing would wait out request timeouts.
+        for client in (getattr(self, "_consumer", None), getattr(self, "_producer", None)):
+            if client is not None:
+                try:
+                    await asyncio.wait_for(client.stop(), timeout=10)
+                except (TimeoutError, KafkaError) as exc:
+                    log.warning("%s did not stop cleanly: %s", type(client).__name__, describe_error(exc))
 
     async def drain(self) -> None:
-        """Wait until every fetched batch is completed and committed."""
+        """Wait until every fetched batch is completed and committed (or, once failed, dropped)."""
         await self._inflight.join()
 
     async def _fetch(self) -> None:
         await self._tables.ready.wait()
-        while not self._stopping:
-            batches = await self._consumer.getmany(timeout_ms=100, max_records=self._settings.executor_batch_size)
-            if batches:
-                batch = self._prepare(batches)
-                if batch.pending:
-                    batch.outcomes = asyncio.ensure_future(self._pool.run([
-                        Call(q.task_id, r.artifact.program_id, r.artifact.source_code, r.timeout_ms / 1000, q.input)
-                        for q, r in batch.pending
-                    ]))
-                await self._inflight.put(batch)  # waits while too many batches are in flight
+        try:
+            while not self._stopping:
+                batches = await self._consumer.getmany(
+                    timeout_ms=100, max_records=self._settings.executor_batch_size)
+                if batches:
+                    batch = self._prepare(batches)
+                    if batch.pending:
+                        batch.outcomes = asyncio.ensure_future(self._pool.run(_calls(batch.pending)))
+                    await self._inflight.put(batch)  # waits while too many batches are in flight
+        except KafkaError as exc:
+            self.fail(self._consumer_failure(exc))
+        except Exception as exc:
+            log.exception("fetching requests failed")
+            self.fail(f"fetching requests failed: {describe_error(exc)}")
 
     async def _complete(self) -> None:
         while True:
             batch = await self._inflight.get()
             try:
-                await self._finish(batch)
-            except Exception:
-                log.exception("a batch could not be completed; its offsets stay uncommitted")
+                if self.failure is None:  # once failed, batches are dropped: they stay uncommitted
+                    await self._finish(batch)
+            except Undeliverable as exc:
+                self.fail(str(exc))
+            except Exception as exc:  # a bug: stop rather than commit past requests without an outcome
+                log.exception("completing a batch failed")
+                self.fail(f"completing a batch failed ({describe_error(exc)}); it stays uncommitted")
             finally:
                 self._inflight.task_done()
+
+    def _consumer_failure(self, exc: KafkaError) -> str:
+        if isinstance(exc.__cause__, InvalidSessionTimeoutError):
+            return (f"the group coordinator refused session_timeout_s={self._settings.session_timeout_s:g}: "
+                    "it must lie within the broker's group.min.session.timeout.ms and "
+                    "group.max.session.timeout.ms (Apache Kafka's defaults: 6 s and 30 min)")
+        return f"consuming {self._topics.execution_requests.name} failed: {describe_error(exc)}"
 
     def _prepare(self, batches: dict[TopicPartition, list[Message]]) -> _Batch:
         batch = _Batch({tp: (messages[0].offset, messages[-1].offset + 1) for tp, messages in batches.items()})
@@ -164,89 +191,69 @@ class ExecuteRequests:
             request_id, task_id = fields.get("request_id"), fields.get("task_id")
             if isinstance(request_id, str) and request_id and isinstance(task_id, str) and task_id:
                 # We can name the request, so it gets its one result, saying why it was refused.
-                batch.ready.append(self._fields(batch, task_id, request_id, status=ExecutionStatus.REJECTED,
-                                                error_message=str(exc)))
+                batch.ready.append((self._rejected(batch, task_id, request_id, str(exc)), message))
             else:
                 batch.letters.append(self._dead_letter(message, str(exc), "DecodeError"))
             return
         decision = resolve(request, self._tables.tasks.get, self._tables.artifacts.version,
                            self._validators, self._settings.default_timeout_ms)
         if isinstance(decision, Refused):
-            batch.ready.append(self._fields(batch, request.task_id, request.request_id, status=ExecutionStatus.REJECTED,
-                                            error_message=decision.message, version=decision.version))
+            batch.ready.append((self._rejected(batch, request.task_id, request.request_id, decision.message,
+                                               version=decision.version), message))
         else:
-            batch.pending.append((request, decision))
+            batch.pending.append((request, decision, message))
 
     async def _finish(self, batch: _Batch) -> None:
-        results = batch.ready
-        if batch.outcomes is not None:
-            outcomes = await batch.outcomes
-            executed_at = batch.fetched_at = utc_now()  # results carry when their batch finished executing
-            worker_id = self._settings.worker_id
-            for (request, runnable), outcome in zip(batch.pending, outcomes, strict=True):
-                execution_id = execution_id_for(request.task_id, request.request_id)
-                artifact = runnable.artifact
-                results.append({  # every ExecutionResult field, in .avsc order (see _fields)
-                    "execution_id": execution_id, "request_id": request.request_id, "task_id": request.task_id,
-                    "program_id": artifact.program_id, "version": artifact.version, "status": outcome.status,
-                    "output": outcome.output, "error_message": outcome.error, "latency_ms": outcome.latency_ms,
-                    "memory_usage_mb": outcome.memory_mb,
-                    "sampled_for_validation": is_sampled(execution_id, runnable.sampling_rate,
-                                                         request.force_validation),
-                    "executed_at": executed_at, "worker_id": worker_id,
-                })
-        encoded = self._encode(results, batch.letters)
-        while True:
-            try:
-                sender = BatchSender(self._producer)
-                for topic, partition, key, value in encoded:
-                    if not sender.try_add(topic, partition, key, value):
-                        await sender.add_after_full(topic, partition, key, value)
-                await asyncio.gather(*await sender.flush())
-                break
-            except KafkaError as exc:
-                # Nothing of this batch is committed yet; the same bytes are sent again (same ids).
-                log.warning("sending a batch failed (%s); retrying", exc)
-                await asyncio.sleep(0.5)
-        self.executed += len(results)
-        self.dead_lettered += len(batch.letters)
+        results, letters = batch.ready, batch.letters
+        if batch.pending:
+            outcomes = await self._outcomes(batch)
+            batch.fetched_at = utc_now()  # results carry when their batch finished executing
+            executed_results(batch.pending, outcomes, batch.fetched_at, self._settings.worker_id, results, letters)
+        sent_results, sent_letters = await self._writer.write(results, letters)
+        self.executed += sent_results
+        self.dead_lettered += sent_letters
         await self._commit(batch)
 
+    async def _outcomes(self, batch: _Batch) -> list[Outcome] | list[Outcome | Exception]:
+        """The sandbox's answers; if the pool fails the batch as a whole, each call is run again on its own
+        and a call that fails alone gets its exception instead of an outcome."""
+        assert batch.outcomes is not None
+        try:
+            outcomes = await batch.outcomes
+            if len(outcomes) == len(batch.pending):
+                return outcomes
+            raise RuntimeError(f"the sandbox pool answered {len(outcomes)} of {len(batch.pending)} calls")
+        except Exception as exc:
+            log.warning("the sandbox pool failed a batch (%s); running its %d calls one at a time",
+                        describe_error(exc), len(batch.pending))
+        alone: list[Outcome | Exception] = []
+        for call in _calls(batch.pending):
+            try:
+                alone += await self._pool.run([call])
+            except Exception as exc:
+                alone.append(exc)
+        return alone
+
     async def _commit(self, batch: _Batch) -> None:
+        if self.failure is not None:  # failed while this batch was completing (e.g. the broker is gone)
+            return
         offsets = {tp: end for tp, (_, end) in batch.offsets.items()}
         try:
             await self._consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             # The partitions moved to another worker, which redoes the batch: duplicates, never losses.
             log.warning("commit failed after a rebalance: %s", exc)
+        except KafkaError as exc:  # retriable errors are retried inside commit(); this one will not heal
+            self.fail(f"committing offsets failed: {describe_error(exc)}")
 
-    def _encode(
-        self, results: list[dict[str, Any]], letters: list[DeadLetter]
-    ) -> list[tuple[str, int, bytes | None, bytes]]:
-        out: list[tuple[str, int, bytes | None, bytes]] = []
-        topic = self._topics.execution_results.name
-        partitions = self._partitions[topic]
-        for fields in results:
-            key = fields["task_id"].encode()
-            out.append((topic, partition_for(key, partitions), key, self._results.encode_fields(fields)))
-        dead_topic = self._topics.dead_letters.name
-        for letter in letters:
-            partition = letter.source_partition % self._partitions[dead_topic]
-            out.append((dead_topic, partition, letter.key, self._dead_letters.encode(letter)))
-        return out
-
-    def _fields(self, batch: _Batch, task_id: str, request_id: str, **fields: Any) -> dict[str, Any]:
-        """The fields of one ExecutionResult (the codec encodes them without building a model)."""
-        result = {**_RESULT_DEFAULTS, "task_id": task_id, "request_id": request_id,
-                  "executed_at": batch.fetched_at, "worker_id": self._settings.worker_id, **fields}
-        if "execution_id" not in fields:
-            result["execution_id"] = execution_id_for(task_id, request_id)
-        return result
+    def _rejected(self, batch: _Batch, task_id: str, request_id: str, why: str, **fields: Any) -> dict[str, Any]:
+        return result_fields(task_id, request_id, batch.fetched_at, self._settings.worker_id,
+                             status=ExecutionStatus.REJECTED, error_message=why, **fields)
 
     def _dead_letter(self, message: Message, reason: str, error_type: str) -> DeadLetter:
-        return DeadLetter(
-            reason=reason, error_type=error_type, source_topic=message.topic,
-            source_partition=message.partition, source_offset=message.offset,
-            key=message.key, value=message.value, worker_id=self._settings.worker_id,
-            dead_lettered_at=utc_now(),
-        )
+        return dead_letter_for(message, reason, error_type, self._settings.worker_id)
+
+
+def _calls(pending: list[tuple[ExecutionRequest, Runnable, Message]]) -> list[Call]:
+    return [Call(q.task_id, r.artifact.program_id, r.artifact.source_code, r.timeout_ms / 1000, q.input)
+            for q, r, _ in pending]

@@ -1,0 +1,149 @@
+"""The validation loop end to end on the embedded broker: a worker executes requests, samples them, and its
+agents validate the samples with each oracle kind and decide canaries."""
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.broker import EmbeddedBroker
+from app.client import RequestSender, request_from
+from app.control import ControlPlane
+from app.kafka import apply_topics
+from app.records import (
+    CanaryAction,
+    CanaryDecision,
+    Comparison,
+    OracleKind,
+    OracleSpec,
+    TaskSpec,
+    Validation,
+    ValidationStatus,
+    utc_now,
+)
+from app.settings import Settings
+from app.topics import topics_for
+from devtools.oracle import canonical, serve_oracle
+from tests.conftest import WorkerProcess, collect, make_settings
+
+LABEL_OF = "def run(input):\n    return 'spam' if 'free' in input['text'].lower() else 'ham'\n"
+ALWAYS_HAM = "def run(input):\n    return 'ham'\n"
+SHOUTING = "def run(input):\n    return ' ' + ('SPAM' if 'free' in input['text'].lower() else 'HAM') + ' '\n"
+TEXTS = ["free money", "lunch?", "FREE prize", "notes", "free offer", "hello"]
+
+
+def truth(text: str) -> str:
+    return "spam" if "free" in text.lower() else "ham"
+
+
+async def provision(settings: Settings) -> None:
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    now = utc_now()
+    async with ControlPlane(settings) as control:
+        await control.put_task(TaskSpec(name="labelled", sampling_rate=1.0, updated_at=now))
+        await control.publish("labelled", ALWAYS_HAM, activate=True)
+        await control.put_task(TaskSpec(
+            name="shadowed", sampling_rate=1.0, updated_at=now,
+            oracle=OracleSpec(kind=OracleKind.SHADOW, comparison=Comparison.NORMALISED_TEXT, shadow_version=1)))
+        await control.publish("shadowed", LABEL_OF, activate=False)
+        await control.publish("shadowed", SHOUTING, activate=True)
+        await control.put_task(TaskSpec(name="asked", sampling_rate=1.0, updated_at=now,
+                                        oracle=OracleSpec(kind=OracleKind.EXTERNAL, timeout_s=3)))
+        await control.publish("asked", LABEL_OF, activate=True)
+        for name, good in (("better", LABEL_OF), ("worse", ALWAYS_HAM)):
+            await control.put_task(TaskSpec(name=name, sampling_rate=1.0, accuracy_target=0.6, updated_at=now))
+            await control.publish(name, ALWAYS_HAM if good is LABEL_OF else LABEL_OF, activate=True)
+            await control.publish(name, good)
+            spec = control.task(name)
+            await control.put_task(spec.model_copy(update={"canary_version": 2, "canary_percent": 50.0}))
+
+
+@pytest.fixture(scope="module")
+def served(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    settings = make_settings(broker, canary_min_validations=10, canary_margin=0.05)
+    asyncio.run(provision(settings))
+    worker = WorkerProcess(settings, tmp_path_factory.mktemp("validation") / "worker.log", "val-1").start()
+    yield settings
+    assert worker.stop() == 0, worker.log()[-3000:]
+
+
+async def send(settings: Settings, task: str, texts: list[str], labelled: bool = False) -> list[str]:
+    """One request per text; `labelled` ones carry their true label as the expected output."""
+    requests = [request_from(task, {"text": text}, expected_output=truth(text) if labelled else None)
+                for text in texts]
+    async with RequestSender(settings) as sender:
+        await sender.send(requests)
+    return [r.request_id for r in requests]
+
+
+async def validations_of(settings: Settings, request_ids: list[str], timeout_s: float = 60) -> dict[str, Validation]:
+    wanted = set(request_ids)
+    records = await collect(settings, "validations",
+                            lambda rs: wanted <= {r.request_id for r in rs if isinstance(r, Validation)}, timeout_s)
+    return {r.request_id: r for r in records if isinstance(r, Validation) and r.request_id in wanted}
+
+
+async def test_label_oracle_compares_with_the_expected_output(served: Settings) -> None:
+    ids = await send(served, "labelled", TEXTS, labelled=True)
+    found = await validations_of(served, ids)
+    for request_id, text in zip(ids, TEXTS, strict=True):
+        record = found[request_id]
+        assert record.oracle_kind is OracleKind.LABEL and record.status is ValidationStatus.VALIDATED
+        assert record.match is (truth(text) == "ham"), record  # the program always says ham
+        assert record.program_output == "ham" and record.oracle_output == truth(text)
+
+
+async def test_shadow_oracle_runs_the_other_version_in_the_sandbox(served: Settings) -> None:
+    ids = await send(served, "shadowed", TEXTS)
+    found = await validations_of(served, ids)
+    assert all(r.oracle_kind is OracleKind.SHADOW and r.match is True for r in found.values()), found
+    assert {r.oracle_output for r in found.values()} == {"spam", "ham"}
+    assert all(r.version == 2 for r in found.values())
+
+
+async def test_external_oracle_answers_or_expires(served: Settings) -> None:
+    labels = {canonical({"text": text}): truth(text) for text in TEXTS[:4]}  # the last two go unanswered
+    stop = asyncio.Event()
+    oracle = asyncio.ensure_future(serve_oracle(served, labels, "test-labels", stop))
+    try:
+        ids = await send(served, "asked", TEXTS)
+        found = await validations_of(served, ids, timeout_s=90)
+    finally:
+        stop.set()
+        await oracle
+    answered = [found[i] for i in ids[:4]]
+    unanswered = [found[i] for i in ids[4:]]
+    assert all(r.status is ValidationStatus.VALIDATED and r.match is True for r in answered), answered
+    assert all(r.status is ValidationStatus.EXPIRED and r.match is None for r in unanswered), unanswered
+
+
+async def test_a_better_canary_is_promoted_and_a_worse_one_rolled_back(served: Settings) -> None:
+    texts = [TEXTS[i % len(TEXTS)] + f" #{i}" for i in range(80)]
+    for task in ("better", "worse"):  # half run the canary; each request carries its label
+        await send(served, task, texts, labelled=True)
+    records = await collect(served, "canary_decisions",
+                            lambda rs: {r.task_id for r in rs if isinstance(r, CanaryDecision)} >= {"better", "worse"},
+                            timeout_s=90)
+    decided = {r.task_id: r for r in records if isinstance(r, CanaryDecision)}
+    assert decided["better"].action is CanaryAction.PROMOTED, decided["better"]
+    assert decided["worse"].action is CanaryAction.ROLLED_BACK, decided["worse"]
+    assert decided["better"].validations >= 10 and decided["better"].candidate_accuracy == 1.0
+    # The decisions changed the tasks: the better candidate is active, both canaries are over.
+    def settled(specs: list) -> bool:
+        last = {s.name: s for s in specs if isinstance(s, TaskSpec)}
+        return ("better" in last and last["better"].active_version == 2 and last["better"].canary_version is None
+                and "worse" in last and last["worse"].active_version == 1 and last["worse"].canary_version is None)
+
+    await collect(served, "task_specs", settled, timeout_s=30)
+
+
+def test_labels_file_shape(tmp_path: Path) -> None:
+    from devtools.oracle import LabelsError, load_labels
+
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"input": {"text": "a"}, "output": "ham"}\n\nnot json\n')
+    with pytest.raises(LabelsError, match="line 3"):
+        load_labels(path)
+    path.write_text('{"input": {"text": "a", "b": 1}, "output": "ham"}\n')
+    assert load_labels(path) == {canonical({"b": 1, "text": "a"}): "ham"}

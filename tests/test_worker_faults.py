@@ -1,0 +1,345 @@
+"""Worker processes under failure on the real broker: failover after SIGKILL and SIGTERM (timed), repeated
+kills under load, the broker going away for good or for a while, and a worker that cannot deliver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from app.broker import EmbeddedBroker
+from app.client import RequestSender, follow, request_from
+from app.control import ControlPlane
+from app.kafka import apply_topics
+from app.records import ExecutionRequest, ExecutionResult, TaskSpec, execution_id_for, utc_now
+from app.settings import Settings
+from app.topics import topics_for
+from tests.conftest import WorkerProcess, collect, make_settings
+from tests.faults import CuttableBroker, committed
+
+TASKS = [f"t{i}" for i in range(12)]  # their keys spread over the 6 request partitions
+# About 0.2 ms of work per call, so that a kill right after a wave of requests finds work in flight.
+TRIPLE = "def run(input):\n    n = 0\n    for k in range(4000):\n        n += k\n    return input['i'] * 3\n"
+GROUP_DEFAULTS = {name: Settings.model_fields[name].default
+                  for name in ("session_timeout_s", "heartbeat_interval_s", "rebalance_timeout_s")}
+
+
+async def _provision(settings: Settings) -> None:
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    async with ControlPlane(settings) as control:
+        for name in TASKS:
+            await control.put_task(TaskSpec(name=name, updated_at=utc_now()))
+            await control.publish(name, TRIPLE, activate=True)
+
+
+class Traffic:
+    """`per_wave` requests over every task each `interval_s`, and the results followed as they arrive."""
+
+    def __init__(self, settings: Settings, per_wave: int = 12, interval_s: float = 0.05) -> None:
+        self._settings = settings
+        self._per_wave = per_wave
+        self._interval_s = interval_s
+        self.sent: list[ExecutionRequest] = []
+        self.sent_at: dict[str, float] = {}  # request_id -> monotonic time of its wave's acknowledgement
+        self.arrived: list[tuple[float, ExecutionResult]] = []  # (monotonic time seen, result)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.sending = True
+        self.wave_sent = asyncio.Event()
+
+    async def __aenter__(self) -> Traffic:
+        self._tasks = [asyncio.ensure_future(self._send()), asyncio.ensure_future(self._follow())]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _send(self) -> None:
+        async with RequestSender(self._settings) as sender:
+            while True:
+                if self.sending:
+                    n = len(self.sent)
+                    wave = [request_from(TASKS[(n + k) % 12], {"i": n + k}) for k in range(self._per_wave)]
+                    await sender.send(wave)
+                    self.sent += wave
+                    now = time.monotonic()
+                    self.sent_at.update((r.request_id, now) for r in wave)
+                    self.wave_sent.set()
+                await asyncio.sleep(self._interval_s)
+
+    async def _follow(self) -> None:
+        async for _, _, result in follow(self._settings, topics_for(self._settings.topic_prefix).execution_results):
+            if isinstance(result, ExecutionResult):
+                self.arrived.append((time.monotonic(), result))
+
+    def tasks_served_by(self, worker_id: str, since: float) -> set[str]:
+        """Tasks whose latest result since `since` came from worker_id."""
+        latest: dict[str, str] = {}
+        for seen, result in self.arrived:
+            if seen >= since:
+                latest[result.task_id] = result.worker_id
+        return {task for task, worker in latest.items() if worker == worker_id}
+
+    async def resumed(self, tasks: set[str], by: str, after: float, timeout_s: float) -> float:
+        """Seconds from `after` to the first result for one of `tasks` from worker `by`."""
+        deadline = after + timeout_s
+        while time.monotonic() < deadline:
+            for seen, result in self.arrived:
+                if seen > after and result.worker_id == by and result.task_id in tasks:
+                    return seen - after
+            await asyncio.sleep(0.02)
+        pytest.fail(f"no result for {sorted(tasks)} from {by} within {timeout_s}s")
+
+    async def both_serving(self, workers: tuple[str, str], timeout_s: float = 60) -> float:
+        """Wait until both workers have produced results in the last second; returns that moment."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            recent = {r.worker_id for seen, r in self.arrived[-400:] if seen > now - 1}
+            if set(workers) <= recent:
+                return now - 1
+            await asyncio.sleep(0.1)
+        pytest.fail(f"{workers} not both serving within {timeout_s}s")
+
+
+async def _results(settings: Settings, sent: list[ExecutionRequest], timeout_s: float) -> list[ExecutionResult]:
+    """Every result on the topic, read until each sent request has one."""
+    missing = {r.request_id for r in sent}
+
+    def complete(results: list[ExecutionResult]) -> bool:
+        missing.discard(results[-1].request_id)
+        return not missing
+
+    return await collect(settings, "execution_results", complete, timeout_s)
+
+
+def _audit(sent: list[ExecutionRequest], results: list[ExecutionResult]) -> int:
+    """Every request has a result, duplicates agree; returns the number of duplicate results."""
+    variants: dict[str, set[tuple[str, int]]] = {}
+    for result in results:
+        variants.setdefault(result.request_id, set()).add((result.execution_id, result.output))
+    for request in sent:
+        expected = {(execution_id_for(request.task_id, request.request_id), request.input["i"] * 3)}
+        assert variants.get(request.request_id) == expected, request
+    wanted = {r.request_id for r in sent}
+    return sum(r.request_id in wanted for r in results) - len(sent)
+
+
+def _join_hold(log: str, group: str, after: float) -> float:
+    """Seconds the broker held the first JoinGroup of `group` sent after `after` (wall clock), from the
+    worker's log: "(Re-)joining group" to "Joined group"."""
+    sent = None
+    for line in log.splitlines():
+        match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", line)
+        if not match:
+            continue
+        at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if sent is None and at >= after and f"(Re-)joining group {group} " in line + " ":
+            sent = at
+        elif sent is not None and f"Joined group '{group}'" in line:
+            return at - sent
+    pytest.fail(f"no completed JoinGroup of {group} after {after} in the log")
+
+
+async def test_failover_after_sigkill_and_after_sigterm(
+    broker: EmbeddedBroker, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """With the default group timings, a SIGKILLed worker's partitions are served again within 10 s (its
+    session expires after 6 s) and a worker stopped with SIGTERM hands them over within 2 s.
+
+    The embedded broker holds every JoinGroup for half the session timeout (3 s here); Apache Kafka answers
+    it as soon as every member has joined. The bounds are asserted on the failover without that hold,
+    which the test measures from the survivor's log."""
+    settings = make_settings(broker, **GROUP_DEFAULTS)
+    await _provision(settings)
+    group = f"{settings.app_id}-executors"
+    first = start_worker(settings, worker_id="first")
+    second = start_worker(settings, worker_id="second")
+    async with Traffic(settings) as traffic:
+        since = await traffic.both_serving(("first", "second"))
+        orphaned = traffic.tasks_served_by("first", since)
+        killed_at, killed_wall = time.monotonic(), time.time()
+        first.process.send_signal(signal.SIGKILL)
+        after_kill = await traffic.resumed(orphaned, by="second", after=killed_at, timeout_s=30)
+        kill_hold = _join_hold(second.log(), group, killed_wall)
+
+        third = start_worker(settings, worker_id="third")
+        since = await traffic.both_serving(("second", "third"))
+        handed_over = traffic.tasks_served_by("second", since)
+        stopped_at, stopped_wall = time.monotonic(), time.time()
+        second.process.send_signal(signal.SIGTERM)
+        after_stop = await traffic.resumed(handed_over, by="third", after=stopped_at, timeout_s=30)
+        stop_hold = _join_hold(third.log(), group, stopped_wall)
+        assert second.process.wait(timeout=30) == 0
+
+        traffic.sending = False
+        sent = list(traffic.sent)
+    print(f"\nfailover, session {settings.session_timeout_s:g} s, heartbeat {settings.heartbeat_interval_s:g} s: "
+          f"SIGKILL -> results resume after {after_kill:.2f} s ({after_kill - kill_hold:.2f} s without the "
+          f"broker's {kill_hold:.2f} s join hold); SIGTERM -> {after_stop:.2f} s ({after_stop - stop_hold:.2f} s "
+          f"without the {stop_hold:.2f} s hold)")
+    # The issue's bounds: 10 s and 2 s. Typical figures leave 2-3 s and 1 s of margin for a busy CI machine.
+    assert after_kill - kill_hold < 10.0
+    assert after_stop - stop_hold < 2.0
+    _audit(sent, await _results(settings, sent, timeout_s=60))
+    assert third.stop() == 0
+
+
+async def test_repeated_sigkills_under_load_lose_nothing(
+    settings: Settings, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Two workers, more than 20,000 requests; one of them is SIGKILLed and restarted three times while
+    they flow. Every request gets its result; a duplicate (redone after a kill) agrees with the original."""
+    await _provision(settings)
+    _, victim = await asyncio.gather(asyncio.to_thread(start_worker, settings, "steady"),
+                                     asyncio.to_thread(start_worker, settings, "victim-0"))
+    kills: list[tuple[float, str, set[str]]] = []  # (when, victim, the tasks it was serving)
+    async with Traffic(settings, per_wave=100, interval_s=0.06) as traffic:
+        for round_ in range(3):
+            since = await traffic.both_serving(("steady", victim.worker_id))
+            traffic.wave_sent.clear()
+            await traffic.wave_sent.wait()
+            await asyncio.sleep(0.01 * round_)  # just as a wave arrives: its batches are in flight
+            victim.process.send_signal(signal.SIGKILL)
+            kills.append((time.monotonic(), victim.worker_id, traffic.tasks_served_by(victim.worker_id, since)))
+            victim.process.wait()
+            victim = await asyncio.to_thread(start_worker, settings, f"victim-{round_ + 1}")
+        await traffic.both_serving(("steady", victim.worker_id))
+        while len(traffic.sent) < 20_000:
+            await asyncio.sleep(0.1)
+        traffic.sending = False
+        sent, sent_at = list(traffic.sent), dict(traffic.sent_at)
+    results = await _results(settings, sent, timeout_s=90)
+    duplicates = _audit(sent, results)
+    taken_over = sum(  # sent to a victim's partitions before its kill, answered by another worker
+        1 for r in {r.request_id: r for r in reversed(results)}.values()
+        if any(sent_at.get(r.request_id, float("inf")) < at and r.task_id in tasks and r.worker_id != who
+               for at, who, tasks in kills)
+    )
+    print(f"\nkill suite: {len(sent)} requests, 3 SIGKILLs, {len(results)} results, {duplicates} duplicates "
+          f"(same execution ids and outputs), {taken_over} requests sent to a victim answered by another worker")
+    assert taken_over > 0
+    assert len(sent) >= 20_000
+
+
+async def test_a_broker_gone_for_good_stops_the_worker_with_one_line(
+    tmp_path: Path, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    with CuttableBroker(tmp_path / "broker.log") as cuttable:
+        settings = make_settings(cuttable, broker_lost_timeout_s=5)
+        await _provision(settings)
+        worker = await _fully_started(start_worker(settings, worker_id="stranded"))
+        await _results(settings, await _send(settings, 20), timeout_s=30)
+        lines_before = len(worker.log().splitlines())
+        cut_at = time.monotonic()
+        cuttable.cut()
+        code = await asyncio.to_thread(worker.process.wait, 60)
+        exited_after = time.monotonic() - cut_at
+    after = worker.log().splitlines()[lines_before:]
+    critical = [line for line in after if "[CRITICAL]" in line]
+    print(f"\nbroker gone: worker exited {code} after {exited_after:.1f} s, {len(after)} log lines; {critical}")
+    assert code == 1
+    assert len(critical) == 1
+    assert f"the Kafka broker at {cuttable.bootstrap_servers} has not answered for 5 s" in critical[0]
+    assert "broker_lost_timeout_s" in critical[0]
+    assert 4 <= exited_after < 15  # 5 s from the last answer, which came up to a probe (1 s) before the cut
+    assert len(after) < 40  # the first of each kind of client error, then the one line; no stream
+
+
+async def test_a_broker_back_within_the_limit_is_used_again(
+    tmp_path: Path, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    with CuttableBroker(tmp_path / "broker.log") as cuttable:
+        settings = make_settings(cuttable, broker_lost_timeout_s=30)
+        await _provision(settings)
+        worker = await _fully_started(start_worker(settings, worker_id="patient"))
+        before = await _send(settings, 200)
+        cuttable.cut()  # while the first requests may still be in flight
+        deadline = time.monotonic() + 20
+        while "Unable connect" not in worker.log():  # the worker has noticed
+            assert time.monotonic() < deadline, "the worker never noticed the broker was gone"
+            await asyncio.sleep(0.1)
+        cuttable.restore()
+        after = await _send(settings, 200)
+        results = await _results(settings, before + after, timeout_s=60)
+        _audit(before + after, results)
+        assert worker.process.poll() is None
+        assert "[CRITICAL]" not in worker.log()
+        assert worker.stop() == 0
+
+
+async def test_a_worker_that_cannot_even_dead_letter_exits_1_uncommitted(settings: Settings, tmp_path: Path) -> None:
+    """Both output topics refuse every batch (as for a missing ACL): the worker says so in one line, exits 1,
+    and leaves every offset uncommitted for a worker that can deliver."""
+    await _provision(settings)
+    topics = topics_for(settings.topic_prefix)
+    log = tmp_path / "refused.log"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _REFUSING_WORKER, topics.execution_results.name, topics.dead_letters.name],
+        env={**os.environ, **settings.to_env(), "LOOPAI_WORKER_ID": "refused"},
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "worker refused serving" not in log.read_text(errors="replace"):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            await asyncio.sleep(0.1)
+        await _send(settings, 24)
+        code = await asyncio.to_thread(process.wait, 60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    critical = [line for line in log.read_text().splitlines() if "[CRITICAL]" in line]
+    assert code == 1
+    assert len(critical) == 1 and "could not be sent to" in critical[0], critical
+    assert sum((await committed(settings, f"{settings.app_id}-executors", topics.execution_requests.name))
+               .values()) == 0
+
+
+# `loopai worker`, except that its producer has every batch to the topics named on the command line refused.
+_REFUSING_WORKER = """
+import sys
+from aiokafka.errors import TopicAuthorizationFailedError
+from app.agents import execute_requests
+from app.kafka import make_producer
+from app.settings import Settings
+from app.worker import run_worker
+from tests.faults import RefusingProducer
+
+def refusing(*args, **kwargs):
+    producer = RefusingProducer(make_producer(*args, **kwargs))
+    for topic in sys.argv[1:]:
+        producer.refuse[topic] = lambda topic=topic: TopicAuthorizationFailedError(topic)
+    return producer
+
+execute_requests.make_producer = refusing
+run_worker(Settings())
+"""
+
+
+async def _fully_started(worker: WorkerProcess, timeout_s: float = 30) -> WorkerProcess:
+    """The worker serves requests before faust's own clients have started; wait for those too."""
+    deadline = time.monotonic() + timeout_s
+    while "[^Worker]: Ready" not in worker.log():
+        assert time.monotonic() < deadline, worker.log()[-3000:]
+        await asyncio.sleep(0.1)
+    return worker
+
+
+async def _send(settings: Settings, count: int) -> list[ExecutionRequest]:
+    requests = [request_from(TASKS[i % 12], {"i": i}) for i in range(count)]
+    async with RequestSender(settings) as sender:
+        await sender.send(requests)
+    return requests
