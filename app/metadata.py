@@ -37,7 +37,8 @@ async def topic_partitions(
     request naming it, repeated until timeout_s (a topic created a moment ago can be unknown or leaderless
     for a while). The request never creates the topic, whatever the broker's auto.create.topics.enable says:
     one made that way would have the wrong partitions and cleanup policy. Raises TopicUnavailable."""
-    kafka: AIOKafkaClient = client.client if isinstance(client, AIOKafkaProducer) else client._client
+    # A consumer keeps its client as _client, a producer as client (or something that stands in for one).
+    kafka: AIOKafkaClient = getattr(client, "_client", None) or client.client  # type: ignore[union-attr]
     known = kafka.cluster.partitions_for_topic(topic)
     if known:
         return sorted(known)

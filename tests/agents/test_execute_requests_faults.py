@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import orjson
 import pytest
-from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import (
     GroupAuthorizationFailedError,
     InvalidSessionTimeoutError,
@@ -24,6 +23,7 @@ from app.client import RequestSender, request_from
 from app.control import ControlPlane
 from app.kafka import make_consumer, make_producer
 from app.records import ExecutionRequest, ExecutionStatus, TaskSpec, execution_id_for, utc_now
+from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
 from app.tables import TableReader
@@ -57,7 +57,7 @@ async def start_executor(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Calla
         tables = TableReader(settings, topics.task_specs, topics.program_artifacts)
         await tables.start()
         tables.follow()
-        pool = SandboxPool(2, memory_mb=256, max_output=1_000_000, chunk_size=500)
+        pool = SandboxPool(Boundary(Limits(memory_mb=256)), 2, chunk_size=500)
         await pool.start()
         executor = ExecuteRequests(settings, topics, tables, pool)
 
@@ -227,22 +227,14 @@ async def test_a_sandbox_pool_failing_a_whole_batch_runs_each_call_alone(echo: S
 
 
 async def test_topic_metadata_that_arrives_late_is_waited_for(
-    echo: Settings, start_executor, monkeypatch: pytest.MonkeyPatch
+    echo: Settings, start_executor, kafka_like_metadata
 ) -> None:
-    """Apache Kafka answers a client's first metadata request without the topics it has not asked about;
-    the embedded broker happens to answer with them. The executor must wait for them, not fail or guess."""
-    results_topic = topics_for(echo.topic_prefix).execution_results.name
-    real = ClusterMetadata.partitions_for_topic
-    asked: list[str] = []
-
-    def late(self, topic):
-        asked.append(topic)
-        return None if topic == results_topic and asked.count(topic) <= 3 else real(self, topic)
-
-    monkeypatch.setattr(ClusterMetadata, "partitions_for_topic", late)
+    """Apache Kafka answers a client's first metadata request without the topics it has not asked about, and
+    a topic created a moment ago may be missing for a while; the embedded broker answers at once. The executor
+    must wait for its topics, not fail or guess."""
+    kafka_like_metadata.hide(topics_for(echo.topic_prefix).execution_results.name, 1.5)
     await start_executor(echo)
-    monkeypatch.setattr(ClusterMetadata, "partitions_for_topic", real)
-    assert asked.count(results_topic) > 3
+    assert kafka_like_metadata.withheld > 0
     request = request_from("echo", {"n": 1})
     assert (await results_for(echo, await _send(echo, [request])))[request.request_id].status is ExecutionStatus.OK
 
