@@ -1,34 +1,31 @@
-"""The records a request ends as: builds results from sandbox outcomes, and produces a batch's results and
-dead letters (each with the request message it answers) to execution-results and dead-letters. Whatever the
+"""The records a request ends as, on their way out: gathers a batch's results (assembled by
+app/domain/results.py) and produces them and its dead letters (each with the request message it answers) to
+execution-results and dead-letters, then its validation requests. Whatever the
 cluster refuses for good falls back to a dead letter; when not even that can be sent, Undeliverable is raised."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeAlias
 
-import orjson
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from app.codecs import codec_for
 from app.delivery import Outbox, Undelivered, deliver
 from app.domain.resolution import Runnable
-from app.domain.sampling import is_sampled
+from app.domain.results import ResultAssembler
 from app.kafka import partition_for
 from app.metadata import topic_partitions
-from app.records import DeadLetter, ExecutionRequest, ExecutionResult, execution_id_for, utc_now
+from app.records import DeadLetter, ExecutionRequest, ExecutionResult, ValidationRequest, utc_now
 from app.sandbox.pool import Outcome
 from app.settings import Settings
 from app.topics import Topics
 
+log = logging.getLogger(__name__)
 Message: TypeAlias = ConsumerRecord[Any, Any]
 Tag: TypeAlias = "Message | DeadLetter"  # what an outgoing record stands for: a request's result, or a letter
-
-
-_RESULT_DEFAULTS: dict[str, Any] = {
-    name: info.default for name, info in ExecutionResult.model_fields.items() if not info.is_required()
-}
 
 
 class Undeliverable(Exception):
@@ -44,57 +41,47 @@ def dead_letter_for(message: Message, reason: str, error_type: str, worker_id: s
     )
 
 
-def result_fields(
-    task_id: str, request_id: str, executed_at: datetime, worker_id: str, **fields: Any
-) -> dict[str, Any]:
-    """The fields of one ExecutionResult (the codec encodes them without building a model)."""
-    result = {**_RESULT_DEFAULTS, "task_id": task_id, "request_id": request_id, "executed_at": executed_at,
-              "worker_id": worker_id, **fields}
-    if "execution_id" not in fields:
-        result["execution_id"] = execution_id_for(task_id, request_id)
-    return result
-
-
 def executed_results(
     pending: Sequence[tuple[ExecutionRequest, Runnable, Message]], outcomes: Sequence[Outcome | Exception],
-    executed_at: datetime, worker_id: str, results: list[tuple[dict[str, Any], Message]], letters: list[DeadLetter],
+    executed_at: datetime, assembler: ResultAssembler, results: list[tuple[dict[str, Any], Message]],
+    letters: list[DeadLetter], validations: list[dict[str, Any]],
 ) -> None:
-    """Append a result per sandbox outcome, or a dead letter where the sandbox could not run the call."""
+    """Append a result per sandbox outcome (and a validation request per sampled one an oracle can judge), or a
+    dead letter where the sandbox could not run the call."""
+    worker_id = assembler.worker_id
     for (request, runnable, message), outcome in zip(pending, outcomes, strict=True):
         if isinstance(outcome, Exception):
             letters.append(dead_letter_for(message, f"the sandbox could not run it: {outcome}",
                                            type(outcome).__name__, worker_id))
             continue
         try:
-            execution_id = execution_id_for(request.task_id, request.request_id)
-            artifact = runnable.artifact
-            results.append(({  # every ExecutionResult field, in .avsc order (see result_fields)
-                "execution_id": execution_id, "request_id": request.request_id, "task_id": request.task_id,
-                "program_id": artifact.program_id, "version": artifact.version, "status": outcome.status,
-                "output": None if outcome.output_json is None else orjson.Fragment(outcome.output_json),
-                "error_message": outcome.error, "latency_ms": outcome.latency_ms,
-                "memory_usage_mb": outcome.memory_mb,
-                "sampled_for_validation": is_sampled(execution_id, runnable.sampling_rate, request.force_validation),
-                "executed_at": executed_at, "worker_id": worker_id,
-            }, message))
+            result, validation = assembler.executed(request, runnable, outcome, executed_at)
         except Exception as exc:  # a bug must not cost the request: it goes to the dead letters
             letters.append(dead_letter_for(message, f"internal error: {exc}", type(exc).__name__, worker_id))
+            continue
+        results.append((result, message))
+        if validation is not None:
+            validations.append(validation)
 
 
 class OutcomeWriter:
-    """Sends results and dead letters; start() learns the partition counts of both topics."""
+    """Sends results and dead letters, then the validation requests of sampled executions; start() learns the
+    partition counts of the topics."""
 
     def __init__(self, settings: Settings, topics: Topics, producer: AIOKafkaProducer) -> None:
         self._settings = settings
         self._producer = producer
         self._results_topic = topics.execution_results.name
         self._letters_topic = topics.dead_letters.name
+        self._validations_topic = topics.validation_requests.name
+        self._validations = codec_for(ValidationRequest, settings.wire_format)
         self._results = codec_for(ExecutionResult, settings.wire_format)
         self._letters = codec_for(DeadLetter, settings.wire_format)
         self._partitions: dict[str, int] = {}
 
     async def start(self) -> None:
-        for topic in (self._results_topic, self._letters_topic):
+        self.validations_dropped = 0
+        for topic in (self._results_topic, self._letters_topic, self._validations_topic):
             self._partitions[topic] = len(await topic_partitions(self._producer, topic))
 
     async def write(self, results: list[tuple[dict[str, Any], Message]], letters: list[DeadLetter]) -> tuple[int, int]:
@@ -112,6 +99,27 @@ class OutcomeWriter:
                     sent_results, sent_letters = sent_results - 1, sent_letters + 1
             undelivered = await deliver(self._producer, outbox, self._settings.delivery_timeout_s)
         return sent_results, sent_letters
+
+    async def write_validations(self, validations: list[dict[str, Any]]) -> None:
+        """Send validation requests (before the batch commits, so a redelivered batch sends them again). One
+        that cannot be sent is a sample lost, not a request: it is logged and counted, never dead-lettered."""
+        if not validations:
+            return
+        outbox: Outbox[str] = Outbox()
+        partitions = self._partitions[self._validations_topic]
+        for fields in validations:
+            try:
+                key = fields["task_id"].encode()
+                outbox.add(self._validations_topic, partition_for(key, partitions), key,
+                           self._validations.encode_fields(fields), fields["execution_id"])
+            except Exception as exc:
+                self._drop(fields["execution_id"], f"cannot be encoded: {exc}")
+        for item in await deliver(self._producer, outbox, self._settings.delivery_timeout_s):
+            self._drop(item.tag, item.reason)
+
+    def _drop(self, execution_id: str, reason: str) -> None:
+        self.validations_dropped += 1
+        log.warning("validation request of %s dropped: %s", execution_id, reason)
 
     def _encode(self, results: list[tuple[dict[str, Any], Message]], letters: list[DeadLetter]) -> Outbox[Tag]:
         """Results and letters as records, by partition; a result that cannot be encoded is dead-lettered."""

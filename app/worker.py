@@ -1,5 +1,6 @@
 """A worker process: a faust app hosting the loop's services. It reads the task and artifact tables, starts
-the sandbox pool, then executes requests; later agents (sampling, analytics) join the same app.
+the sandbox pool, then executes requests (batched, aiokafka); the validation loop's faust agents (validate,
+join oracle verdicts, decide canaries) run on the same app.
 
 A worker that cannot go on without losing a request (the cluster gone, a dead letter refused) logs one
 line saying why and exits with code 1, committing nothing more."""
@@ -19,7 +20,10 @@ from typing import Any
 import faust
 from mode import Service
 
+from app.agents.decide_canaries import DecideCanaries
 from app.agents.execute_requests import ExecuteRequests
+from app.agents.join_oracle_verdicts import JoinOracleVerdicts
+from app.agents.validate_executions import ValidateExecutions
 from app.kafka import BrokerWatch
 from app.sandbox.boundary import Boundary
 from app.sandbox.pool import SandboxPool
@@ -38,7 +42,7 @@ class LoopWorker(Service):
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
-        topics = topics_for(settings.topic_prefix)
+        self.topics = topics = topics_for(settings.topic_prefix)
         self.tables = TableReader(settings, topics.task_specs, topics.program_artifacts)
         self.pool = SandboxPool(
             Boundary.from_settings(settings),
@@ -49,6 +53,12 @@ class LoopWorker(Service):
         self.executor = ExecuteRequests(settings, topics, self.tables, self.pool)
         self.watch = BrokerWatch(settings)
         self.failure: str | None = None
+
+    def register_agents(self, app: faust.App) -> None:
+        """The validation loop's faust agents, on the worker's app: they share its tables and sandbox pool."""
+        ValidateExecutions(app, self.settings, self.topics, self.tables, self.pool)
+        JoinOracleVerdicts(app, self.settings, self.topics)
+        DecideCanaries(app, self.settings, self.topics, self.tables, self.executor.assembler.sampler)
 
     async def on_start(self) -> None:
         for handler in logging.getLogger().handlers:  # faust has set up logging by now
@@ -154,6 +164,7 @@ def run_worker(settings: Settings) -> None:
     """Run a worker until SIGINT/SIGTERM (exit 0), or until it cannot go on (exit 1)."""
     app = build_app(settings)
     service = LoopWorker(settings)
+    service.register_agents(app)
     worker = faust.Worker(app, service, loglevel=settings.log_level, redirect_stdouts=False, quiet=True)
     try:
         worker.execute_from_commandline()

@@ -13,6 +13,7 @@ import faust
 from app.agents.plumbing import event_dead_letter, raw_topic
 from app.codecs import DecodeError, codec_for
 from app.domain.canary import Accuracy, decide
+from app.domain.sampling import Sampler
 from app.records import (
     CanaryAction,
     CanaryDecision,
@@ -32,8 +33,10 @@ log = logging.getLogger(__name__)
 class DecideCanaries:
     """The canary agent of a worker, registered on its faust app."""
 
-    def __init__(self, app: faust.App, settings: Settings, topics: Topics, tables: TableReader) -> None:
+    def __init__(self, app: faust.App, settings: Settings, topics: Topics, tables: TableReader,
+                 sampler: Sampler | None = None) -> None:
         self._settings = settings
+        self._sampler = sampler  # adaptive sampling learns recent disagreement from the validations seen here
         self._tables = tables
         self._validations = codec_for(Validation, settings.wire_format)
         self._decisions = codec_for(CanaryDecision, settings.wire_format)
@@ -43,18 +46,17 @@ class DecideCanaries:
         self._specs_topic = raw_topic(app, topics.task_specs)
         self._dead_letters = raw_topic(app, topics.dead_letters)
         self._decided: set[tuple[str, int]] = set()  # (task, candidate) already promoted or rolled back here
-        # "task/version" -> [validated, matched]
+        # b"task/version" -> [validated, matched]
         self.accuracy = app.Table(
-            "canary_accuracy", key_type=str, key_serializer="raw", value_serializer="json",
-            partitions=topics.canary_accuracy.partitions,
-            changelog_topic=app.topic(topics.canary_accuracy.name, key_type=str, key_serializer="raw",
+            "canary_accuracy", key_type=bytes, partitions=topics.canary_accuracy.partitions,
+            changelog_topic=app.topic(topics.canary_accuracy.name, key_type=bytes, key_serializer="raw",
                                       value_serializer="json", partitions=topics.canary_accuracy.partitions,
                                       compacting=True),
         )
         app.agent(raw_topic(app, topics.validations), name="decide_canaries")(self._consume)
 
     def accuracy_of(self, task_id: str, version: int | None) -> Accuracy:
-        counts = self.accuracy.get(f"{task_id}/{version}") if version is not None else None
+        counts = self.accuracy.get(f"{task_id}/{version}".encode()) if version is not None else None
         return Accuracy(*counts) if counts else Accuracy()
 
     async def _consume(self, stream: Any) -> None:
@@ -67,7 +69,9 @@ class DecideCanaries:
                 continue
             if validation.status is not ValidationStatus.VALIDATED or validation.match is None:
                 continue
-            key = f"{validation.task_id}/{validation.version}"
+            if self._sampler is not None:
+                self._sampler.observe_validation(validation.task_id, validation.match)
+            key = f"{validation.task_id}/{validation.version}".encode()
             self.accuracy[key] = self.accuracy_of(validation.task_id, validation.version).add(validation.match).counts()
             await self._maybe_decide(validation.task_id)
 

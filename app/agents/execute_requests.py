@@ -27,10 +27,11 @@ from aiokafka.errors import (
 
 from app.codecs import DecodeError, codec_for
 from app.delivery import describe_error
-from app.domain.resolution import InputValidators, Refused, Runnable, resolve
+from app.domain.resolution import Refused, Runnable, SchemaValidators, resolve
+from app.domain.results import ResultAssembler, rejected_fields
 from app.kafka import make_consumer, make_producer
-from app.outcomes import Message, OutcomeWriter, Undeliverable, dead_letter_for, executed_results, result_fields
-from app.records import DeadLetter, ExecutionRequest, ExecutionStatus, utc_now
+from app.outcomes import Message, OutcomeWriter, Undeliverable, dead_letter_for, executed_results
+from app.records import DeadLetter, ExecutionRequest, utc_now
 from app.sandbox.pool import Call, Outcome, SandboxPool
 from app.settings import Settings
 from app.tables import TableReader
@@ -73,7 +74,8 @@ class ExecuteRequests:
         self._tables = tables
         self._pool = pool
         self._requests = codec_for(ExecutionRequest, settings.wire_format)
-        self._validators = InputValidators()
+        self._validators = SchemaValidators()
+        self.assembler = ResultAssembler(settings.worker_id)
         self._producer: AIOKafkaProducer
         self._consumer: AIOKafkaConsumer
         self._writer: OutcomeWriter
@@ -208,8 +210,12 @@ class ExecuteRequests:
         if batch.pending:
             outcomes = await self._outcomes(batch)
             batch.fetched_at = utc_now()  # results carry when their batch finished executing
-            executed_results(batch.pending, outcomes, batch.fetched_at, self._settings.worker_id, results, letters)
+            validations: list[dict[str, Any]] = []
+            executed_results(batch.pending, outcomes, batch.fetched_at, self.assembler, results, letters, validations)
+        else:
+            validations = []
         sent_results, sent_letters = await self._writer.write(results, letters)
+        await self._writer.write_validations(validations)
         self.executed += sent_results
         self.dead_lettered += sent_letters
         await self._commit(batch)
@@ -246,9 +252,9 @@ class ExecuteRequests:
         except KafkaError as exc:  # retriable errors are retried inside commit(); this one will not heal
             self.fail(f"committing offsets failed: {describe_error(exc)}")
 
-    def _rejected(self, batch: _Batch, task_id: str, request_id: str, why: str, **fields: Any) -> dict[str, Any]:
-        return result_fields(task_id, request_id, batch.fetched_at, self._settings.worker_id,
-                             status=ExecutionStatus.REJECTED, error_message=why, **fields)
+    def _rejected(self, batch: _Batch, task_id: str, request_id: str, why: str,
+                  version: int | None = None) -> dict[str, Any]:
+        return rejected_fields(task_id, request_id, why, batch.fetched_at, self._settings.worker_id, version)
 
     def _dead_letter(self, message: Message, reason: str, error_type: str) -> DeadLetter:
         return dead_letter_for(message, reason, error_type, self._settings.worker_id)

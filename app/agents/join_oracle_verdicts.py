@@ -40,9 +40,8 @@ class JoinOracleVerdicts:
         #   {"request": ValidationRequest as JSON text, "deadline": unix seconds}.
         # use_partitioner: the expiry timer changes it outside a stream, keyed like the source topics.
         self.pending = app.Table(
-            "oracle_pending", key_type=str, key_serializer="raw", value_serializer="json", use_partitioner=True,
-            partitions=topics.oracle_pending.partitions,
-            changelog_topic=app.topic(topics.oracle_pending.name, key_type=str, key_serializer="raw",
+            "oracle_pending", key_type=bytes, use_partitioner=True, partitions=topics.oracle_pending.partitions,
+            changelog_topic=app.topic(topics.oracle_pending.name, key_type=bytes, key_serializer="raw",
                                       value_serializer="json", partitions=topics.oracle_pending.partitions,
                                       compacting=True),
         )
@@ -64,31 +63,33 @@ class JoinOracleVerdicts:
                 await self._dead_letter(event, f"oracle join failed: {exc}", type(exc).__name__)
 
     def _wait_for_verdict(self, request: ValidationRequest) -> None:
-        if request.execution_id in self.pending:
+        key = request.execution_id.encode()
+        if key in self.pending:
             return  # redelivered: the first copy's deadline stands
-        self.pending[request.execution_id] = {
+        self.pending[key] = {
             "request": self._stored.encode(request).decode(),
             "deadline": time.time() + request.oracle.timeout_s,
         }
 
     async def _judge(self, verdict: OracleVerdict) -> None:
-        waiting = self.pending.get(verdict.execution_id)
+        key = verdict.execution_id.encode()
+        waiting = self.pending.get(key)
         if waiting is None:
             log.warning("verdict for %s, which is not waiting (answered already, or expired)",
                         verdict.execution_id)
             return
         request = self._stored.decode(waiting["request"].encode())
         await self._send(validated(request, verdict.output, utc_now()))
-        del self.pending[verdict.execution_id]
+        del self.pending[key]
 
     async def _expire(self) -> None:
         now = time.time()
-        for execution_id, waiting in list(self.pending.items()):
+        for key, waiting in list(self.pending.items()):
             if waiting["deadline"] <= now:
                 request = self._stored.decode(waiting["request"].encode())
                 await self._send(unvalidated(request, ValidationStatus.EXPIRED,
                                              f"no verdict within {request.oracle.timeout_s:g} s", utc_now()))
-                del self.pending[execution_id]
+                del self.pending[key]
 
     async def _send(self, record: Validation) -> None:
         await self._validations_topic.send(key=record.task_id.encode(), value=self._validations.encode(record))

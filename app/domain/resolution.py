@@ -9,16 +9,17 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import best_match
 
+from app.domain.canary import runs_canary
 from app.records import ExecutionRequest, ProgramArtifact, TaskSpec
 
 
 @dataclass(frozen=True, slots=True)
 class Runnable:
-    """The request can run: this artifact, with this timeout."""
+    """The request can run: this artifact of this task, with this timeout."""
 
     artifact: ProgramArtifact
     timeout_ms: int
-    sampling_rate: float
+    task: TaskSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,15 +30,18 @@ class Refused:
     version: int | None = None
 
 
-class InputValidators:
-    """JSON Schema validators per task, rebuilt only when the task's schema changes."""
+class SchemaValidators:
+    """JSON Schema validators per task for one of its schemas ("input_schema" or "output_schema"), rebuilt only
+    when the task's schema changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, which: str = "input_schema") -> None:
+        self._which = which
+        self._what = which.split("_")[0]
         self._cache: dict[str, tuple[object, Any]] = {}
 
-    def errors(self, task: TaskSpec, value: dict[str, Any]) -> str | None:
-        """None if the value satisfies the task's input_schema, else the most relevant error."""
-        schema = task.input_schema
+    def errors(self, task: TaskSpec, value: Any) -> str | None:
+        """None if the value satisfies the task's schema, else the most relevant error."""
+        schema = getattr(task, self._which)
         if schema is None:
             return None
         cached = self._cache.get(task.name)
@@ -49,21 +53,25 @@ class InputValidators:
         if error is None:
             return None
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        return f"input does not match the task's input_schema at {where}: {error.message}"
+        return f"{self._what} does not match the task's {self._which} at {where}: {error.message}"
 
 
 def resolve(
     request: ExecutionRequest,
     task_of: Callable[[str], TaskSpec | None],
     artifact_of: Callable[[str, int], ProgramArtifact | None],
-    validators: InputValidators,
+    validators: SchemaValidators,
     default_timeout_ms: int,
 ) -> Runnable | Refused:
-    """Decide which artifact version runs a request (pinned, else the task's active one)."""
+    """Decide which artifact version runs a request: the pinned one, else the canary for its share of request
+    ids (deterministic, so a redelivered request runs the same version), else the task's active one."""
     task = task_of(request.task_id)
     if task is None:
         return Refused(f"unknown task {request.task_id!r}")
     version = request.version or task.active_version
+    if request.version is None and task.canary_version is not None \
+            and runs_canary(request.request_id, task.canary_percent):
+        version = task.canary_version
     if version is None:
         return Refused(f"task {task.name!r} has no active version; publish and activate one")
     artifact = artifact_of(task.name, version)
@@ -74,4 +82,4 @@ def resolve(
     problem = validators.errors(task, request.input)
     if problem is not None:
         return Refused(problem, version)
-    return Runnable(artifact, request.timeout_ms or default_timeout_ms, task.sampling_rate)
+    return Runnable(artifact, request.timeout_ms or default_timeout_ms, task)

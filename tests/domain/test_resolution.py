@@ -2,7 +2,7 @@ from typing import Any
 
 import pytest
 
-from app.domain.resolution import InputValidators, Refused, Runnable, resolve
+from app.domain.resolution import SchemaValidators, Refused, Runnable, resolve
 from app.records import ExecutionRequest, ProgramArtifact, TaskSpec, utc_now
 
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
@@ -21,7 +21,7 @@ ARTIFACTS = {("spam", 1): _artifact(1), ("spam", 2): _artifact(2)}
 
 def _resolve(**fields: Any) -> Runnable | Refused:
     request = ExecutionRequest(**{"request_id": "r", "task_id": "spam", "input": {"text": "x"}, **fields})
-    return resolve(request, TASKS.get, lambda t, v: ARTIFACTS.get((t, v)), InputValidators(), 1000)
+    return resolve(request, TASKS.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), 1000)
 
 
 def test_active_version_runs() -> None:
@@ -55,12 +55,12 @@ def test_refusals(fields: dict[str, Any], message: str) -> None:
 def test_active_version_that_is_not_published() -> None:
     tasks = {"spam": TASKS["spam"].model_copy(update={"active_version": 5})}
     request = ExecutionRequest(request_id="r", task_id="spam", input={"text": "x"})
-    decision = resolve(request, tasks.get, lambda t, v: ARTIFACTS.get((t, v)), InputValidators(), 1000)
+    decision = resolve(request, tasks.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), 1000)
     assert decision == Refused("active version 5 of task 'spam' is not published", 5)
 
 
 def test_validator_follows_a_changed_schema() -> None:
-    validators = InputValidators()
+    validators = SchemaValidators()
     task = TASKS["spam"]
     assert validators.errors(task, {"n": 1}) is not None
     relaxed = task.model_copy(update={"input_schema": {"type": "object"}})

@@ -1,0 +1,87 @@
+"""The records an executed request ends as, assembled from its request, the program version that ran it and the
+sandbox's outcome: its result (status, output checked against the task's output schema, the sampling
+decision) and, when sampled and an oracle can judge it, its validation request. Pure: no Kafka.
+
+Results are built as field dicts in .avsc order (the codecs encode them without a model: the hot path), and
+the program's output stays the JSON bytes the sandbox wrote, unless the task's output schema or sampling
+strategy needs to look inside it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from app.domain.resolution import Runnable, SchemaValidators
+from app.domain.sampling import Sampler
+from app.domain.validation import oracle_for
+from app.records import ExecutionRequest, ExecutionResult, ExecutionStatus, SamplingStrategy, execution_id_for
+from app.sandbox.pool import Outcome
+
+RESULT_DEFAULTS: dict[str, Any] = {
+    name: info.default for name, info in ExecutionResult.model_fields.items() if not info.is_required()
+}
+_LOOKS_INSIDE = frozenset({SamplingStrategy.STRATIFIED, SamplingStrategy.EDGE_CASES})
+
+
+def result_fields(task_id: str, request_id: str, executed_at: datetime, worker_id: str,
+                  **fields: Any) -> dict[str, Any]:
+    """The fields of one ExecutionResult given only some of them (a rejected request, say)."""
+    result = {**RESULT_DEFAULTS, "task_id": task_id, "request_id": request_id, "executed_at": executed_at,
+              "worker_id": worker_id, **fields}
+    if "execution_id" not in fields:
+        result["execution_id"] = execution_id_for(task_id, request_id)
+    return result
+
+
+def rejected_fields(task_id: str, request_id: str, why: str, executed_at: datetime, worker_id: str,
+                    version: int | None = None) -> dict[str, Any]:
+    """The result of a request that could not run, saying why."""
+    return result_fields(task_id, request_id, executed_at, worker_id, status=ExecutionStatus.REJECTED,
+                         error_message=why, version=version)
+
+
+class ResultAssembler:
+    """Builds executed results for one worker: its sampling state and output-schema validators."""
+
+    def __init__(self, worker_id: str, sampler: Sampler | None = None) -> None:
+        self.worker_id = worker_id
+        self.sampler = sampler or Sampler()
+        self._outputs = SchemaValidators("output_schema")
+
+    def executed(self, request: ExecutionRequest, runnable: Runnable, outcome: Outcome,
+                 executed_at: datetime) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The result's fields, and the validation request's fields if the execution was sampled and an oracle
+        can judge it (else None)."""
+        task, artifact = runnable.task, runnable.artifact
+        status, output_json, error = outcome.status, outcome.output_json, outcome.error
+        value: Any = None
+        if output_json is not None and (task.output_schema is not None or task.sampling_strategy in _LOOKS_INSIDE):
+            value = orjson.loads(output_json)
+            problem = self._outputs.errors(task, value) if task.output_schema is not None else None
+            if problem is not None:
+                status, output_json, error, value = "error", None, problem, None
+        execution_id = execution_id_for(request.task_id, request.request_id)
+        sampled = self.sampler.decide(
+            execution_id, request.task_id, task.sampling_strategy.value, task.sampling_rate, status=status,
+            output=value, latency_ms=outcome.latency_ms, latency_target_ms=task.latency_target_ms,
+            forced=request.force_validation,
+        )
+        output = None if output_json is None else orjson.Fragment(output_json)
+        result = {  # every ExecutionResult field, in .avsc order
+            "execution_id": execution_id, "request_id": request.request_id, "task_id": request.task_id,
+            "program_id": artifact.program_id, "version": artifact.version, "status": status, "output": output,
+            "error_message": error, "latency_ms": outcome.latency_ms, "memory_usage_mb": outcome.memory_mb,
+            "sampled_for_validation": sampled, "executed_at": executed_at, "worker_id": self.worker_id,
+        }
+        oracle = oracle_for(task, request.expected_output) if sampled else None
+        if oracle is None:
+            return result, None
+        validation = {  # every ValidationRequest field, in .avsc order
+            "execution_id": execution_id, "request_id": request.request_id, "task_id": request.task_id,
+            "version": artifact.version, "input": request.input, "output": output, "status": status,
+            "expected_output": request.expected_output, "oracle": oracle.model_dump(), "requested_at": executed_at,
+        }
+        return result, validation
