@@ -160,12 +160,20 @@ def build_app(settings: Settings) -> faust.App:
     )
 
 
+class _ExecutorStopsFirst(faust.Worker):
+    """faust starts the services before the app and stops them after it; a stopping worker must hand its
+    request partitions over first (the agents' low-rate streams can wait), so here the app comes first."""
+
+    def on_init_dependencies(self) -> Any:
+        return [self.app, *self.services]
+
+
 def run_worker(settings: Settings) -> None:
     """Run a worker until SIGINT/SIGTERM (exit 0), or until it cannot go on (exit 1)."""
     app = build_app(settings)
     service = LoopWorker(settings)
     service.register_agents(app)
-    worker = faust.Worker(app, service, loglevel=settings.log_level, redirect_stdouts=False, quiet=True)
+    worker = _ExecutorStopsFirst(app, service, loglevel=settings.log_level, redirect_stdouts=False, quiet=True)
     try:
         worker.execute_from_commandline()
     except SystemExit:

@@ -60,6 +60,7 @@ class DecideCanaries:
         return Accuracy(*counts) if counts else Accuracy()
 
     async def _consume(self, stream: Any) -> None:
+        await self._tables.ready.wait()  # the app may start before the worker's tables are read
         async for event in stream.events():
             try:
                 validation = self._validations.decode(event.value)

@@ -42,6 +42,7 @@ class ValidateExecutions:
         app.agent(raw_topic(app, topics.validation_requests), name="validate_executions")(self._consume)
 
     async def _consume(self, stream: Any) -> None:
+        await self._tables.ready.wait()  # the app may start before the worker's tables are read
         async for event in stream.events():
             try:
                 request = self._requests.decode(event.value)

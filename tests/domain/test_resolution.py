@@ -2,7 +2,7 @@ from typing import Any
 
 import pytest
 
-from app.domain.resolution import SchemaValidators, Refused, Runnable, resolve
+from app.domain.resolution import Refused, Runnable, SchemaValidators, resolve
 from app.records import ExecutionRequest, ProgramArtifact, TaskSpec, utc_now
 
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
@@ -27,7 +27,7 @@ def _resolve(**fields: Any) -> Runnable | Refused:
 def test_active_version_runs() -> None:
     decision = _resolve()
     assert isinstance(decision, Runnable)
-    assert (decision.artifact.version, decision.timeout_ms, decision.sampling_rate) == (2, 1000, 0.3)
+    assert (decision.artifact.version, decision.timeout_ms, decision.task.sampling_rate) == (2, 1000, 0.3)
 
 
 def test_pinned_version_and_timeout() -> None:
@@ -65,3 +65,17 @@ def test_validator_follows_a_changed_schema() -> None:
     assert validators.errors(task, {"n": 1}) is not None
     relaxed = task.model_copy(update={"input_schema": {"type": "object"}})
     assert validators.errors(relaxed, {"n": 1}) is None
+
+
+def test_a_canary_runs_its_share_of_requests_and_pins_win() -> None:
+    canary = {"spam": TASKS["spam"].model_copy(update={"canary_version": 1, "canary_percent": 30.0})}
+    versions = []
+    for i in range(2000):
+        request = ExecutionRequest(request_id=f"r{i}", task_id="spam", input={"text": "x"})
+        decision = resolve(request, canary.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), 1000)
+        assert isinstance(decision, Runnable)
+        versions.append(decision.artifact.version)
+    assert 0.26 < versions.count(1) / len(versions) < 0.34
+    pinned = ExecutionRequest(request_id="r1", task_id="spam", version=2, input={"text": "x"})
+    decision = resolve(pinned, canary.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), 1000)
+    assert isinstance(decision, Runnable) and decision.artifact.version == 2
