@@ -319,6 +319,7 @@ class StatsPartial(Record):
     matched: Count = 0
     latency_sum_ms: float = 0.0
     sketch: bytes
+    event_at: datetime
 
 
 class AnomalySignal(Record):

@@ -150,4 +150,4 @@ def test_execution_id_is_deterministic_and_distinct() -> None:
 def test_stats_partial_validation_rules(fields: dict[str, Any], complaint: str) -> None:
     with pytest.raises(ValidationError, match=complaint):
         StatsPartial.model_validate({"task_id": "t", "date": "2026-11-22", "time_zone": "UTC", "sketch": b"",
-                                     **fields})
+                                     "event_at": utc_now(), **fields})

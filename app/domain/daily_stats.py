@@ -104,12 +104,13 @@ class WindowStats:
                    sampled=partial.sampled, validated=partial.validated, matched=partial.matched,
                    latency_sum_ms=partial.latency_sum_ms, sketch=LatencySketch.from_bytes(partial.sketch))
 
-    def to_partial(self, task_id: str, version: int | None, window: DailyWindow, time_zone: str) -> StatsPartial:
-        """These totals as a partial of one task/version/day."""
+    def to_partial(self, task_id: str, version: int | None, window: DailyWindow, time_zone: str,
+                   event_at: datetime) -> StatsPartial:
+        """These totals as a partial of one task/version/day, the latest event summarised at `event_at`."""
         return StatsPartial(task_id=task_id, version=version, date=window.date, time_zone=time_zone, ok=self.ok,
                             error=self.error, timeout=self.timeout, rejected=self.rejected, sampled=self.sampled,
                             validated=self.validated, matched=self.matched, latency_sum_ms=self.latency_sum_ms,
-                            sketch=self.sketch.to_bytes())
+                            sketch=self.sketch.to_bytes(), event_at=event_at)
 
     def to_daily_stats(self, key: StatsKey, windows: DailyWindows, closed_at: datetime | None = None) -> DailyStats:
         """The DailyStats record of these totals; `closed_at` None while the window is open."""
@@ -133,6 +134,7 @@ def summarise_results(results: Iterable[ExecutionResult | Mapping[str, Any]],
     """One StatsPartial per task/version/day of a batch of results (models, or their fields as the executor
     holds them), in the order each group first appears."""
     groups: dict[tuple[str, int | None, DailyWindow], WindowStats] = {}
+    latest: dict[tuple[str, int | None, DailyWindow], datetime] = {}
     window: DailyWindow | None = None
     for result in results:
         fields = result.model_dump() if isinstance(result, ExecutionResult) else result
@@ -143,16 +145,21 @@ def summarise_results(results: Iterable[ExecutionResult | Mapping[str, Any]],
         stats = groups.get(group)
         if stats is None:
             stats = groups[group] = WindowStats()
+            latest[group] = executed_at
+        elif executed_at > latest[group]:
+            latest[group] = executed_at
         stats.add(str(fields["status"]), fields.get("latency_ms") or 0.0, bool(fields.get("sampled_for_validation")))
-    return [stats.to_partial(task_id, version, window, windows.time_zone)
-            for (task_id, version, window), stats in groups.items()]
+    return [stats.to_partial(group[0], group[1], group[2], windows.time_zone, latest[group])
+            for group, stats in groups.items()]
 
 
 def summarise_validations(validations: Iterable[Validation], windows: DailyWindows) -> list[StatsPartial]:
     """One StatsPartial per task/version/day of a batch of validations (the day of validated_at)."""
     groups: dict[tuple[str, int, DailyWindow], WindowStats] = {}
+    latest: dict[tuple[str, int, DailyWindow], datetime] = {}
     for validation in validations:
         group = (validation.task_id, validation.version, windows.window_for(validation.validated_at))
         groups.setdefault(group, WindowStats()).add_validation(validation)
-    return [stats.to_partial(task_id, version, window, windows.time_zone)
-            for (task_id, version, window), stats in groups.items()]
+        latest[group] = max(latest.get(group, validation.validated_at), validation.validated_at)
+    return [stats.to_partial(group[0], group[1], group[2], windows.time_zone, latest[group])
+            for group, stats in groups.items()]

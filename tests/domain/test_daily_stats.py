@@ -43,10 +43,16 @@ def test_a_batch_becomes_one_partial_per_task_version_day() -> None:
         ("spam", 1, "2026-11-23")]
     first = partials[0]
     assert (first.ok, first.error, first.timeout, first.rejected, first.sampled) == (1, 1, 1, 0, 1)
-    assert first.latency_sum_ms == 1006.0 and first.time_zone == "Europe/Paris"
+    assert first.latency_sum_ms == 1006.0 and first.time_zone == "Europe/Paris" and first.event_at == NOON
     assert LatencySketch.from_bytes(first.sketch).count == 3
     rejected = partials[1]
     assert rejected.rejected == 1 and rejected.latency_sum_ms == 0.0 and rejected.sketch == b""
+
+
+def test_a_partial_is_stamped_with_its_latest_event() -> None:
+    later = NOON + timedelta(seconds=30)
+    [partial] = summarise_results([result(executed_at=NOON), result(executed_at=later), result()], WINDOWS)
+    assert partial.event_at == later and partial.ok == 3
 
 
 def test_results_may_be_models() -> None:
@@ -62,7 +68,7 @@ def test_validations_count_only_when_validated() -> None:
 
 
 def test_a_partial_counts_for_its_version_and_for_the_whole_task() -> None:
-    partial = StatsPartial(task_id="spam", version=3, date="2026-11-22", time_zone="UTC", sketch=b"")
+    partial = StatsPartial(task_id="spam", version=3, date="2026-11-22", time_zone="UTC", sketch=b"", event_at=NOON)
     assert stats_keys_of(partial) == [StatsKey("spam", 3, "2026-11-22"), StatsKey("spam", None, "2026-11-22")]
     versionless = partial.model_copy(update={"version": None})
     assert stats_keys_of(versionless) == [StatsKey("spam", None, "2026-11-22")]
@@ -122,7 +128,7 @@ def test_partials_in_any_grouping_and_order_give_the_day() -> None:
 
 
 def test_a_partial_from_another_time_zone_is_refused() -> None:
-    partial = StatsPartial(task_id="spam", date="2026-11-22", time_zone="UTC", sketch=b"")
+    partial = StatsPartial(task_id="spam", date="2026-11-22", time_zone="UTC", sketch=b"", event_at=NOON)
     with pytest.raises(ValueError, match="dated in UTC, not Europe/Paris"):
         WindowStats.from_partial(partial, "Europe/Paris")
 
