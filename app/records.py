@@ -256,8 +256,100 @@ class CanaryDecision(Record):
     decided_at: datetime
 
 
+IsoDate = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+Count = Annotated[int, Field(ge=0)]
+
+
+def artifact_key(task_id: str, version: int) -> str:
+    """The key of one artifact version on the artifacts topic."""
+    return f"{task_id}/{version}"
+
+
+class AnomalyMetric(StrEnum):
+    ERROR_RATE = "error_rate"
+    P99_LATENCY = "p99_latency"
+
+
+class AnomalyMethod(StrEnum):
+    ZSCORE = "zscore"
+    EWMA = "ewma"
+
+
+class DailyStats(Record):
+    """One task's (or task version's, `version` None for all) executions over one local day."""
+
+    task_id: str
+    version: int | None = None
+    date: IsoDate
+    time_zone: str
+    executions: Count
+    ok: Count
+    error: Count
+    timeout: Count
+    rejected: Count
+    success_rate: float
+    sampled: Count
+    sampling_rate: float
+    validated: Count
+    matched: Count
+    accuracy: float | None = None
+    avg_latency_ms: float | None = None
+    p50_latency_ms: float | None = None
+    p95_latency_ms: float | None = None
+    p99_latency_ms: float | None = None
+    sketch: bytes
+    window_start: datetime
+    window_end: datetime
+    closed_at: datetime | None = None
+
+
+class StatsPartial(Record):
+    """What one batch adds to one task/version/day: counts, latency sum and sketch (internal)."""
+
+    task_id: str
+    version: int | None = None
+    date: IsoDate
+    time_zone: str
+    ok: Count = 0
+    error: Count = 0
+    timeout: Count = 0
+    rejected: Count = 0
+    sampled: Count = 0
+    validated: Count = 0
+    matched: Count = 0
+    latency_sum_ms: float = 0.0
+    sketch: bytes
+    event_at: datetime
+
+
+class AnomalySignal(Record):
+    """A task version's error rate or p99 latency left its normal range (one per incident)."""
+
+    task_id: str
+    version: int | None = None
+    metric: AnomalyMetric
+    value: float
+    baseline: float
+    score: float
+    method: AnomalyMethod
+    hint: str
+    detected_at: datetime
+
+
+class RetentionEvent(Record):
+    """What expired and why: a tombstoned key, or a range of days of a topic."""
+
+    topic: str
+    key: str | None = None
+    date_from: IsoDate | None = None
+    date_to: IsoDate | None = None
+    reason: str
+    emitted_at: datetime
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.__name__: cls
     for cls in (ExecutionRequest, ExecutionResult, ProgramArtifact, TaskSpec, DeadLetter, ValidationRequest,
-                OracleVerdict, Validation, CanaryDecision)
+                OracleVerdict, Validation, CanaryDecision, DailyStats, StatsPartial, AnomalySignal,
+                RetentionEvent)
 }

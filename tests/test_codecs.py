@@ -12,10 +12,14 @@ from hypothesis import strategies as st
 
 from app.codecs import DecodeError, codec_for, parsed_schema
 from app.records import (
+    AnomalyMethod,
+    AnomalyMetric,
+    AnomalySignal,
     CanaryAction,
     CanaryDecision,
     Comparison,
     ComplexityMetrics,
+    DailyStats,
     DeadLetter,
     ExecutionRequest,
     ExecutionResult,
@@ -25,7 +29,9 @@ from app.records import (
     OracleVerdict,
     ProgramArtifact,
     Record,
+    RetentionEvent,
     SamplingStrategy,
+    StatsPartial,
     TaskExample,
     TaskSpec,
     Validation,
@@ -67,6 +73,23 @@ SAMPLES: list[Record] = [
                comparison=Comparison.EXACT, status=ValidationStatus.EXPIRED, validated_at=WHEN),
     CanaryDecision(task_id="spam", candidate_version=3, active_version=2, action=CanaryAction.PROMOTED,
                    reason="better", candidate_accuracy=0.97, active_accuracy=0.9, validations=40, decided_at=WHEN),
+    DailyStats(task_id="spam", version=2, date="2026-11-22", time_zone="Europe/Paris", executions=10, ok=6, error=1,
+               timeout=1, rejected=2, success_rate=0.6, sampled=2, sampling_rate=0.25, validated=2, matched=1,
+               accuracy=0.5, avg_latency_ms=1.5, p50_latency_ms=1.2, p95_latency_ms=4.0, p99_latency_ms=4.5,
+               sketch=b"\x0a\x00\xff\x80", window_start=WHEN, window_end=WHEN, closed_at=WHEN),
+    DailyStats(task_id="spam", date="2026-11-22", time_zone="UTC", executions=1, ok=0, error=0, timeout=0, rejected=1,
+               success_rate=0.0, sampled=0, sampling_rate=0.0, validated=0, matched=0, sketch=b"",
+               window_start=WHEN, window_end=WHEN),
+    StatsPartial(task_id="spam", version=3, date="2026-11-22", time_zone="UTC", ok=5, error=1, timeout=0, rejected=0,
+                 sampled=1, latency_sum_ms=12.5, sketch=b"\x00\x01\xfe", event_at=WHEN),
+    StatsPartial(task_id="spam", date="2026-11-22", time_zone="UTC", validated=3, matched=2, sketch=b"",
+                 event_at=WHEN),
+    AnomalySignal(task_id="spam", version=2, metric=AnomalyMetric.P99_LATENCY, value=40.0, baseline=10.0, score=7.5,
+                  method=AnomalyMethod.EWMA, hint="p99 latency drifted up", detected_at=WHEN),
+    RetentionEvent(topic="loopai.analytics", key="spam/all/2026-10-01", date_from="2026-10-01",
+                   date_to="2026-10-01", reason="older than 30 days", emitted_at=WHEN),
+    RetentionEvent(topic="loopai.program-artifacts", key="spam/1", reason="inactive beyond 3 versions",
+                   emitted_at=WHEN),
 ]
 
 

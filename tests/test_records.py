@@ -15,6 +15,7 @@ from app.records import (
     EXECUTION_NAMESPACE,
     RECORD_TYPES,
     ExecutionRequest,
+    StatsPartial,
     TaskSpec,
     execution_id_for,
     utc_now,
@@ -143,3 +144,10 @@ def test_execution_id_is_deterministic_and_distinct() -> None:
     assert execution_id_for("t", "r1") == execution_id_for("t", "r1")
     assert execution_id_for("t", "r1") != execution_id_for("t", "r2")
     assert execution_id_for("t", "r1") != execution_id_for("u", "r1")
+
+
+@pytest.mark.parametrize(("fields", "complaint"), [({"date": "22/11/2026"}, "date"), ({"ok": -1}, "ok")])
+def test_stats_partial_validation_rules(fields: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(ValidationError, match=complaint):
+        StatsPartial.model_validate({"task_id": "t", "date": "2026-11-22", "time_zone": "UTC", "sketch": b"",
+                                     "event_at": utc_now(), **fields})

@@ -1,6 +1,15 @@
 import pytest
 
-from app.records import DeadLetter, ExecutionRequest, ProgramArtifact, TaskSpec
+from app.records import (
+    AnomalySignal,
+    DailyStats,
+    DeadLetter,
+    ExecutionRequest,
+    ProgramArtifact,
+    RetentionEvent,
+    StatsPartial,
+    TaskSpec,
+)
 from app.topics import topics_for
 
 
@@ -10,7 +19,8 @@ def test_prefix_applies_to_every_topic() -> None:
         "acme.execution-requests", "acme.execution-results", "acme.program-artifacts",
         "acme.task-specs", "acme.dead-letters", "acme.validation-requests", "acme.oracle-requests",
         "acme.oracle-verdicts", "acme.validations", "acme.canary-decisions", "acme.oracle-pending-changelog",
-        "acme.canary-accuracy-changelog",
+        "acme.canary-accuracy-changelog", "acme.analytics", "acme.stats-partials", "acme.anomaly-signals",
+        "acme.retention-events",
     }
 
 
@@ -34,6 +44,10 @@ def test_each_topic_carries_its_record_type() -> None:
     assert topics.program_artifacts.record is ProgramArtifact
     assert topics.task_specs.record is TaskSpec
     assert topics.dead_letters.record is DeadLetter
+    assert topics.analytics.record is DailyStats and topics.analytics.compacted
+    assert topics.stats_partials.record is StatsPartial
+    assert topics.anomaly_signals.record is AnomalySignal
+    assert topics.retention_events.record is RetentionEvent
 
 
 def test_lookup_by_short_name() -> None:

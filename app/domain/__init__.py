@@ -1,1 +1,2 @@
-"""Pure logic with no Kafka and no faust: programs, request resolution, sampling."""
+"""Pure logic with no Kafka and no faust: programs, request resolution, sampling, daily statistics, anomaly
+detection, retention rules."""

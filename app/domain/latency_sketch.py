@@ -1,0 +1,108 @@
+"""Latency percentiles that merge: consumes latencies in ms (or serialised sketches), produces quantiles and bytes.
+
+A DDSketch (Datadog's `ddsketch`) with relative accuracy RELATIVE_ACCURACY: every quantile it returns is within
+1% of the exact order statistic, the value of rank floor(q * (n - 1)) in sorted order, whatever the
+distribution. Merging two sketches gives the sketch of the union. The bytes are the DDSketch protobuf
+(`ddsketch.proto`, shared with the Go and Java libraries); it does not carry min, max or sum, which callers keep
+themselves when they need them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ddsketch import DDSketch
+from ddsketch.ddsketch import BaseDDSketch
+from ddsketch.pb.proto import DDSketchProto, KeyMappingProto, pb
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+
+RELATIVE_ACCURACY = 0.01
+
+
+class SketchError(ValueError):
+    """Bytes that are not a sketch this module can merge (corrupt, or another accuracy)."""
+
+
+class LatencySketch:
+    """A mergeable summary of latencies in milliseconds."""
+
+    __slots__ = ("_sketch",)
+
+    def __init__(self, sketch: BaseDDSketch | None = None) -> None:
+        self._sketch = sketch if sketch is not None else DDSketch(RELATIVE_ACCURACY)
+
+    def add(self, latency_ms: float) -> None:
+        """Record one latency; a negative one (a clock step) counts as 0."""
+        self._sketch.add(max(latency_ms, 0.0))
+
+    def add_all(self, latencies_ms: Iterable[float]) -> None:
+        """Record many latencies."""
+        add = self._sketch.add
+        for latency in latencies_ms:
+            add(max(latency, 0.0))
+
+    def merge(self, other: LatencySketch) -> None:
+        """Fold `other` into this sketch (in place); `other` is unchanged."""
+        self._sketch.merge(other._sketch)
+
+    def copy(self) -> LatencySketch:
+        """An independent sketch with the same contents."""
+        fresh = LatencySketch()
+        fresh.merge(self)
+        return fresh
+
+    @property
+    def count(self) -> int:
+        """How many latencies were recorded (over all merged sketches)."""
+        return round(self._sketch.count)
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile (0 <= q <= 1) within RELATIVE_ACCURACY, or None for an empty sketch."""
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile must be within [0, 1], not {q}")
+        value = self._sketch.get_quantile_value(q)
+        return None if value is None else float(value)
+
+    def to_bytes(self) -> bytes:
+        """The DDSketch protobuf, canonical (equal contents give equal bytes); b"" for an empty sketch."""
+        sketch = self._sketch
+        if sketch.count == 0:
+            return b""
+        store = sketch._store
+        # Only the bins from min to max key: the store's own list carries growth padding that depends on the
+        # order values arrived in.
+        bins = store.bins[store.min_key - store.offset:store.max_key - store.offset + 1] if store.count else []
+        message = pb.DDSketch(
+            mapping=KeyMappingProto.to_proto(sketch._mapping),
+            positiveValues=pb.Store(contiguousBinCounts=bins, contiguousBinIndexOffset=store.min_key if bins else 0),
+            zeroCount=sketch._zero_count,
+        )
+        data: bytes = message.SerializeToString()
+        return data
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LatencySketch:
+        """The sketch that to_bytes() wrote (b"" is the empty sketch). Raises SketchError for anything else."""
+        if not data:
+            return cls()
+        try:
+            message = pb.DDSketch.FromString(data)
+        except ProtobufDecodeError as exc:
+            raise SketchError(f"not a DDSketch protobuf: {exc}") from exc
+        decoded = DDSketchProto.from_proto(message)
+        expected = DDSketch(RELATIVE_ACCURACY)
+        if not message.HasField("mapping") or decoded._mapping.gamma != expected._mapping.gamma:
+            raise SketchError(f"sketch of another accuracy (gamma {message.mapping.gamma}); "
+                              f"expected relative accuracy {RELATIVE_ACCURACY}")
+        if decoded._negative_store.count:
+            raise SketchError("sketch holds negative latencies")
+        # Our own mapping, not the decoded one: that one is rebuilt from gamma and its values differ in the last
+        # bits, so a restored sketch would not answer exactly as the original did.
+        return cls(BaseDDSketch(mapping=expected._mapping, store=decoded._store,
+                                negative_store=decoded._negative_store, zero_count=decoded._zero_count))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LatencySketch) and self.to_bytes() == other.to_bytes()
+
+    def __repr__(self) -> str:
+        return f"LatencySketch(count={self.count}, p50={self.quantile(0.5)}, p99={self.quantile(0.99)})"

@@ -1,0 +1,87 @@
+import random
+
+import pytest
+
+from app.domain.latency_sketch import RELATIVE_ACCURACY, LatencySketch, SketchError
+
+
+def lognormal_latencies(n: int, seed: int = 7) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.lognormvariate(1.0, 0.8) for _ in range(n)]  # median e ms, a long right tail
+
+
+def exact_quantile(ordered: list[float], q: float) -> float:
+    """The order statistic DDSketch estimates: rank floor(q * (n - 1))."""
+    return ordered[int(q * (len(ordered) - 1))]
+
+
+@pytest.mark.parametrize("q", [0.5, 0.95, 0.99, 0.999])
+def test_quantiles_are_within_the_stated_relative_error(q: float) -> None:
+    latencies = lognormal_latencies(100_000)
+    sketch = LatencySketch()
+    sketch.add_all(latencies)
+    exact = exact_quantile(sorted(latencies), q)
+    estimate = sketch.quantile(q)
+    assert estimate is not None
+    assert abs(estimate - exact) / exact <= RELATIVE_ACCURACY
+
+
+def test_merging_sketches_is_sketching_the_union() -> None:
+    latencies = lognormal_latencies(20_000)
+    whole, left, right = LatencySketch(), LatencySketch(), LatencySketch()
+    whole.add_all(latencies)
+    left.add_all(latencies[:5_000])
+    right.add_all(latencies[5_000:])
+    right.merge(left)
+    assert right == whole and right.count == 20_000
+    assert right.to_bytes() == whole.to_bytes()
+
+
+def test_bytes_round_trip_and_merge_afterwards() -> None:
+    sketch = LatencySketch()
+    sketch.add_all([0.0, 0.3, 1.5, 1.5, 40.0, 2_000.0])
+    restored = LatencySketch.from_bytes(sketch.to_bytes())
+    assert restored == sketch and restored.count == 6
+    assert [restored.quantile(q) for q in (0, 0.5, 1)] == [sketch.quantile(q) for q in (0, 0.5, 1)]
+    restored.merge(sketch)
+    assert restored.count == 12
+
+
+def test_the_empty_sketch() -> None:
+    empty = LatencySketch()
+    assert empty.to_bytes() == b"" and empty.quantile(0.5) is None and empty.count == 0
+    assert LatencySketch.from_bytes(b"") == empty
+
+
+def test_a_negative_latency_counts_as_zero() -> None:
+    sketch = LatencySketch()
+    sketch.add(-3.0)
+    assert sketch.quantile(0.5) == 0.0 and sketch.count == 1
+
+
+def test_copy_is_independent() -> None:
+    sketch = LatencySketch()
+    sketch.add(1.0)
+    copy = sketch.copy()
+    copy.add(2.0)
+    assert sketch.count == 1 and copy.count == 2
+
+
+def test_bytes_that_are_not_a_sketch() -> None:
+    with pytest.raises(SketchError, match="not a DDSketch protobuf"):
+        LatencySketch.from_bytes(b"\xff\xff\xff")
+
+
+def test_a_sketch_of_another_accuracy_is_refused() -> None:
+    from ddsketch import DDSketch
+    from ddsketch.pb.proto import DDSketchProto
+
+    other = DDSketch(0.05)
+    other.add(1.0)
+    with pytest.raises(SketchError, match="another accuracy"):
+        LatencySketch.from_bytes(DDSketchProto.to_proto(other).SerializeToString())
+
+
+def test_quantile_out_of_range() -> None:
+    with pytest.raises(ValueError, match="quantile"):
+        LatencySketch().quantile(1.5)
