@@ -4,6 +4,7 @@ RUN useradd --uid 1000 --create-home loopai
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY app app
+COPY devtools devtools
 COPY schemas schemas
 COPY topics topics
 RUN pip install --no-cache-dir . && rm -rf /src

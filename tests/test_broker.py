@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.broker import EmbeddedBroker
 from app.topics import topics_for
+from devtools.broker import EmbeddedBroker
 from tests.conftest import make_settings, wait_for_text
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app.broker import EmbeddedBroker, free_port
 from app.topics import topics_for
+from devtools.broker import EmbeddedBroker, free_port
 from tests.conftest import make_settings
 
 

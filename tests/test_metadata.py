@@ -5,7 +5,6 @@ import time
 
 import pytest
 
-from app.broker import EmbeddedBroker, free_port
 from app.client import follow, request_from, send_requests
 from app.control import ControlPlane
 from app.kafka import make_consumer
@@ -14,6 +13,7 @@ from app.records import TaskSpec, utc_now
 from app.settings import Settings
 from app.tables import TableReader
 from app.topics import topics_for
+from devtools.broker import EmbeddedBroker, free_port
 from tests.conftest import KafkaLikeMetadata, make_settings
 
 

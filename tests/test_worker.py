@@ -9,10 +9,10 @@ from app.client import RequestSender, request_from
 from app.control import ControlPlane
 from app.kafka import apply_topics
 from app.records import ExecutionRequest, ExecutionStatus, TaskSpec, execution_id_for, utc_now
-from app.samples import program_source
 from app.settings import Settings
 from app.topics import topics_for
 from app.worker import RepeatsHeldBack
+from devtools.samples import program_source
 from tests.conftest import WorkerProcess, collect, make_settings, results_for
 from tests.test_tables import _artifact, _publish_in_one_batch
 

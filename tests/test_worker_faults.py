@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from app.broker import EmbeddedBroker
 from app.client import RequestSender, follow, request_from
 from app.control import ControlPlane
 from app.kafka import apply_topics
 from app.records import ExecutionRequest, ExecutionResult, TaskSpec, execution_id_for, utc_now
 from app.settings import Settings
 from app.topics import topics_for
+from devtools.broker import EmbeddedBroker
 from tests.conftest import WorkerProcess, collect, make_settings
 from tests.faults import CuttableBroker, committed
 

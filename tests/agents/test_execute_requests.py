@@ -8,15 +8,15 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from app.broker import EmbeddedBroker
 from app.client import RequestSender, request_from
 from app.control import ControlPlane
 from app.domain.sampling import is_sampled
 from app.kafka import apply_topics, make_producer
 from app.records import ExecutionStatus, TaskSpec, execution_id_for, utc_now
-from app.samples import TEXT_INPUT_SCHEMA, program_source
 from app.settings import Settings
 from app.topics import topics_for
+from devtools.broker import EmbeddedBroker
+from devtools.samples import TEXT_INPUT_SCHEMA, program_source
 from tests.conftest import WorkerProcess, dead_letters, make_settings, results_for
 
 HOSTILE_VERSIONS = {

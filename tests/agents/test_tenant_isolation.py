@@ -3,7 +3,6 @@ one worker. The victim's results equal those of a run without the attacker."""
 
 import pytest
 
-from app.broker import EmbeddedBroker
 from app.client import RequestSender, request_from
 from app.control import ControlPlane
 from app.domain.programs import check_source
@@ -11,6 +10,7 @@ from app.kafka import apply_topics
 from app.records import TaskSpec, utc_now
 from app.settings import Settings
 from app.topics import topics_for
+from devtools.broker import EmbeddedBroker
 from tests.conftest import WorkerProcess, make_settings, results_for
 
 # Uses every piece of process-wide state an attacker could poison: a class of a shared module, global random

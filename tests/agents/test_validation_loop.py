@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from app.broker import EmbeddedBroker
 from app.client import RequestSender, request_from
 from app.control import ControlPlane
 from app.kafka import apply_topics
@@ -24,6 +23,7 @@ from app.records import (
 )
 from app.settings import Settings
 from app.topics import topics_for
+from devtools.broker import EmbeddedBroker
 from devtools.oracle import canonical, serve_oracle
 from tests.conftest import WorkerProcess, collect, make_settings
 

@@ -1,7 +1,7 @@
 import pytest
 
 from app.domain.programs import ProgramCompiler, ProgramRejected, check_source, complexity_of
-from app.samples import program_source
+from devtools.samples import program_source
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from app.samples import program_source
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.pool import Call, SandboxDied, SandboxPool, SandboxProcess
+from devtools.samples import program_source
 
 SPAM = program_source("spam_v1")
 SPIN = "def run(input):\n    while True:\n        pass\n"

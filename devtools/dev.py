@@ -23,14 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from app.client import RequestSender, follow, request_from
 from app.control import ControlPlane
 from app.kafka import apply_topics
 from app.records import ExecutionResult
-from app.samples import SAMPLE_PROGRAMS, program_source, sample_tasks, sample_traffic
 from app.settings import Settings
 from app.topics import topics_for
+from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+from devtools.samples import SAMPLE_PROGRAMS, program_source, sample_tasks, sample_traffic
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
