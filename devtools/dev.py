@@ -1,6 +1,8 @@
 """`loopai dev`: the whole loop on an embedded broker. Starts the broker, applies topics, publishes the sample
-tasks and programs, starts a worker process, sends traffic, prints results live, switches spam-filter
-from v1 to v2 halfway, and prints a summary.
+tasks and programs, starts a worker process and the reference oracle, sends traffic, and prints results,
+validations and canary decisions live: a quarter of the way in, spam-filter's v3 goes on canary to half of
+its requests and is promoted (or rolled back) on its validated accuracy. Then a summary, with the accuracy
+of each version.
 
 Ctrl-C (SIGINT, also SIGTERM and SIGHUP) stops it in order: the traffic, then the wait for results still due
 (a second Ctrl-C skips it), the worker, the broker, and then the summary. The broker and the worker run in
@@ -26,11 +28,12 @@ from pathlib import Path
 from app.client import RequestSender, follow, request_from
 from app.control import ControlPlane
 from app.kafka import apply_topics
-from app.records import ExecutionResult
+from app.records import CanaryDecision, ExecutionResult, Validation, ValidationStatus
 from app.settings import Settings
 from app.topics import topics_for
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
-from devtools.samples import SAMPLE_PROGRAMS, program_source, sample_tasks, sample_traffic
+from devtools.oracle import canonical, serve_oracle
+from devtools.samples import INTENT_LABELS, SAMPLE_PROGRAMS, SPAM_TRUTH, program_source, sample_tasks, sample_traffic
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -61,6 +64,9 @@ class _Stop:
 class _Tally:
     sent: set[str] = field(default_factory=set)
     seen: dict[str, str] = field(default_factory=dict)  # request_id -> "task vN status"
+    # (task, version) -> [validated, matched, expired]
+    accuracy: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    decisions: list[str] = field(default_factory=list)
 
     @property
     def missing(self) -> set[str]:
@@ -73,6 +79,13 @@ class _Tally:
             _say(f"  missing request ids: {sorted(self.missing)[:5]}")
         for label, count in sorted(Counter(self.seen.values()).items()):
             _say(f"  {label:<32} {count}")
+        _say("validations (accuracy per version):")
+        for (task, version), (validated, matched, expired) in sorted(self.accuracy.items()):
+            rate = f"{matched / validated:.0%}" if validated else "-"
+            label = f"{task} v{version}"
+            _say(f"  {label:<32} {validated} validated, {matched} matched ({rate}), {expired} expired")
+        for decision in self.decisions:
+            _say(f"  canary decision: {decision}")
 
 
 def _say(text: str) -> None:
@@ -107,7 +120,8 @@ async def _run(duration_s: float, rate: float, log_dir: Path, stop: _Stop) -> in
     failure: str | None = None
     worker_code = 0
     with EmbeddedBroker(log_file=log_dir / "broker.log") as broker:
-        settings = Settings.load(None, bootstrap_servers=broker.bootstrap_servers, **EMBEDDED_TIMINGS)
+        settings = Settings.load(None, bootstrap_servers=broker.bootstrap_servers, canary_min_validations=20,
+                                 **EMBEDDED_TIMINGS)
         _say(f"embedded broker on {broker.bootstrap_servers}")
         await _set_up(settings)
         if not stop.requested.is_set():
@@ -181,22 +195,31 @@ async def _traffic_and_results(
     settings: Settings, duration_s: float, rate: float, worker: subprocess.Popen[bytes], stop: _Stop,
     tally: _Tally,
 ) -> None:
-    printer = asyncio.ensure_future(_print_results(settings, tally.seen))
+    oracle_stop = asyncio.Event()
+    background = [
+        asyncio.ensure_future(_print_results(settings, tally.seen)),
+        asyncio.ensure_future(_print_validations(settings, tally)),
+        asyncio.ensure_future(_print_decisions(settings, tally)),
+    ]
+    labels = {canonical({"text": text}): label for text, label in INTENT_LABELS.items()}
+    oracle = asyncio.ensure_future(serve_oracle(settings, labels, "devtools-labels", oracle_stop))
     traffic = sample_traffic()
     started = time.monotonic()
-    switched = False
+    canary = False
     try:
         async with RequestSender(settings) as sender:
             while not stop.requested.is_set() and (duration_s <= 0 or time.monotonic() - started < duration_s):
-                if not switched and duration_s > 0 and time.monotonic() - started >= duration_s / 2:
+                if not canary and time.monotonic() - started >= (duration_s / 4 if duration_s > 0 else 5):
                     async with ControlPlane(settings) as control:
-                        await control.activate("spam-filter", 2)
-                    _say(">>> spam-filter: version 2 activated (live, no restart)")
-                    switched = True
+                        spec = control.task("spam-filter")
+                        await control.put_task(spec.model_copy(update={"canary_version": 3, "canary_percent": 50.0}))
+                    _say(">>> spam-filter: canary v3 on 50% of requests (promoted or rolled back on its accuracy)")
+                    canary = True
                 if worker.poll() is not None:
                     raise DevFailure(f"the worker exited (code {worker.returncode})")
                 task_id, value = next(traffic)
-                request = request_from(task_id, value)
+                truth = SPAM_TRUTH.get(value["text"]) if task_id == "spam-filter" else None
+                request = request_from(task_id, value, expected_output=truth)
                 tally.sent.add(request.request_id)
                 await sender.send([request])
                 await stop.sleep(1 / rate)
@@ -205,9 +228,12 @@ async def _traffic_and_results(
                  "(Ctrl-C again to skip)")
         await _until(lambda: not tally.missing or stop.hurry.is_set() or worker.poll() is not None, 30)
     finally:
-        printer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await printer
+        oracle_stop.set()
+        with contextlib.suppress(Exception):
+            await oracle
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float) -> None:
@@ -224,3 +250,29 @@ async def _print_results(settings: Settings, seen: dict[str, str]) -> None:
         label = f"{result.task_id} v{result.version}"
         seen[result.request_id] = f"{label} {result.status.value}"
         _say(f"{label:<22} {result.status.value:<8} {result.latency_ms:6.3f} ms  {result.output}")
+
+
+async def _print_validations(settings: Settings, tally: _Tally) -> None:
+    spec = topics_for(settings.topic_prefix).validations
+    async for _, _, record in follow(settings, spec):
+        if not isinstance(record, Validation):
+            continue
+        counts = tally.accuracy.setdefault((record.task_id, record.version), [0, 0, 0])
+        if record.status is ValidationStatus.EXPIRED:
+            counts[2] += 1
+            verdict = "expired"
+        else:
+            counts[0] += 1
+            counts[1] += bool(record.match)
+            verdict = "match" if record.match else f"MISMATCH ({record.details})"
+        _say(f"  validated {record.task_id} v{record.version} by {record.oracle_kind.value}: {verdict}")
+
+
+async def _print_decisions(settings: Settings, tally: _Tally) -> None:
+    spec = topics_for(settings.topic_prefix).canary_decisions
+    async for _, _, record in follow(settings, spec):
+        if isinstance(record, CanaryDecision):
+            line = (f"{record.task_id} v{record.candidate_version} {record.action.value} by {record.decided_by}: "
+                    f"{record.reason}")
+            tally.decisions.append(line)
+            _say(f">>> canary {line}")

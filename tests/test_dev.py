@@ -12,12 +12,16 @@ from tests.conftest import wait_for_text
 
 
 def test_dev_runs_the_whole_loop_and_leaves_no_temporary_directory(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "app.cli", "dev", "--duration", "4", "--rate", "25"],
+    done = subprocess.run([sys.executable, "-m", "app.cli", "dev", "--duration", "12", "--rate", "30"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "spam-filter: version 2 activated" in done.stdout
+    assert "spam-filter: canary v3 on 50%" in done.stdout
     assert " 0 missing" in done.stdout
-    assert "spam-filter v1 ok" in done.stdout and "spam-filter v2 ok" in done.stdout
+    assert "spam-filter v1 ok" in done.stdout and "spam-filter v3 ok" in done.stdout
+    # Validations with accuracy per version, the external oracle's answers and expiries, a canary decision.
+    assert re.search(r"spam-filter v3 +\d+ validated, \d+ matched \(100%\)", done.stdout), done.stdout[-3000:]
+    assert "by external: match" in done.stdout and "by label: MISMATCH" in done.stdout
+    assert "canary decision: spam-filter v3 promoted by auto" in done.stdout, done.stdout[-3000:]
     assert not list(tmp_path.glob("loopai-dev-*")) and "logs in" not in done.stdout
 
 
