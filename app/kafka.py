@@ -13,7 +13,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 from aiokafka.protocol.admin import ApiVersionRequest
 
@@ -188,6 +188,6 @@ class BrokerWatch:
             try:
                 await asyncio.wait_for(self._client.send(broker.nodeId, ApiVersionRequest()), self.PROBE_TIMEOUT_S)
                 return True
-            except (KafkaError, TimeoutError, OSError):
+            except Exception:  # whatever the failure, that broker did not answer; the watch must not die of it
                 continue
         return False

@@ -133,7 +133,7 @@ class CuttableBroker:
         self._server: socket.socket | None = None
         self._open: set[socket.socket] = set()
         self._cut = False
-        self._thread: Any = None
+        self._lock = threading.Lock()
 
     @property
     def bootstrap_servers(self) -> str:
@@ -168,30 +168,34 @@ class CuttableBroker:
 
     def cut(self) -> None:
         """Drop every connection and stop listening (connects are refused)."""
-        self._cut = True
-        if self._server is not None:
-            with contextlib.suppress(OSError):
-                self._server.close()
-            self._server = None
-        for conn in list(self._open):
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-        self._open.clear()
+        with self._lock:
+            self._cut = True
+            if self._server is not None:
+                with contextlib.suppress(OSError):
+                    self._server.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept(); close() alone does not
+                with contextlib.suppress(OSError):
+                    self._server.close()
+                self._server = None
+            for conn in self._open:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    conn.close()
+            self._open.clear()
 
     def restore(self) -> None:
         """Listen again; new connections reach the broker."""
-        self._cut = False
         server = socket.socket()
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind(("127.0.0.1", self.port))
         server.listen(64)
-        self._server = server
-        self._thread = threading.Thread(target=self._accept, args=(server,), daemon=True)
-        self._thread.start()
+        with self._lock:
+            self._cut = False
+            self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
 
     def _accept(self, server: socket.socket) -> None:
-        while not self._cut:
+        while True:
             try:
                 client, _ = server.accept()
             except OSError:
@@ -201,7 +205,12 @@ class CuttableBroker:
             except OSError:
                 client.close()
                 continue
-            self._open |= {client, upstream}
+            with self._lock:
+                if self._cut:  # accepted just as the cut came: it must not get through
+                    client.close()
+                    upstream.close()
+                    return
+                self._open |= {client, upstream}
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -212,7 +221,8 @@ class CuttableBroker:
         except OSError:
             pass
         finally:
-            for conn in (source, target):
-                with contextlib.suppress(OSError):
-                    conn.close()
-                self._open.discard(conn)
+            with self._lock:
+                for conn in (source, target):
+                    with contextlib.suppress(OSError):
+                        conn.close()
+                    self._open.discard(conn)
