@@ -20,13 +20,13 @@ from pathlib import Path
 
 from aiokafka import TopicPartition
 
-from app.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from app.client import RequestSender, request_from
 from app.kafka import make_consumer
-from app.samples import SPAM_TEXTS
 from app.settings import Settings
 from app.topics import topics_for
 from bench.__main__ import provision
+from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+from devtools.samples import SPAM_TEXTS
 
 CHUNK = 10_000
 
