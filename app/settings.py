@@ -72,7 +72,9 @@ class Settings(BaseSettings):
     sandbox_isolation: Literal["strict", "weak"] = Field(
         "strict", description="weak: no namespaces (development on hosts without user namespaces only)"
     )
-    sandbox_processes: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    # One task per process: keep it at least the number of tasks a worker serves at once, or tasks take turns
+    # (each turn a stopped process and a fresh one). Idle processes cost memory (~25 MB each), not CPU.
+    sandbox_processes: int = Field(16, ge=1, le=256)
     sandbox_spares: int = Field(1, ge=0, le=64, description="processes started ahead for tasks that need one")
     sandbox_memory_mb: int = Field(512, ge=64)
     sandbox_cpu_seconds: int = Field(3600, ge=1, description="CPU budget of one sandbox process's life")

@@ -160,12 +160,13 @@ def build_app(settings: Settings) -> faust.App:
     )
 
 
-class _ExecutorStopsFirst(faust.Worker):
+class Worker(faust.Worker):
     """faust starts the services before the app and stops them after it; a stopping worker must hand its
     request partitions over first (the agents' low-rate streams can wait), so here the app comes first."""
 
     def on_init_dependencies(self) -> Any:
-        return [self.app, *self.services]
+        dependencies = list(super().on_init_dependencies())  # also wires the app's "ready" callback
+        return [self.app, *(service for service in dependencies if service is not self.app)]
 
 
 def run_worker(settings: Settings) -> None:
@@ -173,7 +174,7 @@ def run_worker(settings: Settings) -> None:
     app = build_app(settings)
     service = LoopWorker(settings)
     service.register_agents(app)
-    worker = _ExecutorStopsFirst(app, service, loglevel=settings.log_level, redirect_stdouts=False, quiet=True)
+    worker = Worker(app, service, loglevel=settings.log_level, redirect_stdouts=False, quiet=True)
     try:
         worker.execute_from_commandline()
     except SystemExit:

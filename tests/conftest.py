@@ -45,7 +45,7 @@ def make_settings(broker: EmbeddedBroker, **overrides: Any) -> Settings:
         "bootstrap_servers": broker.bootstrap_servers,
         "topic_prefix": prefix,
         "app_id": f"app-{prefix.rstrip('.')}",
-        "sandbox_processes": 2,
+        "sandbox_processes": 16,  # the tests' workers serve up to a dozen tasks at once
         **EMBEDDED_TIMINGS,
     }
     values.update(overrides)
