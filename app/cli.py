@@ -1,5 +1,6 @@
-"""The `loopai` command: topics, tasks, artifacts and canaries, a worker, sending and tailing, `broker` (the
-embedded broker on its own) and `dev` (everything on an embedded broker).
+"""The `loopai` command: topics, tasks, artifacts and canaries, a worker, sending and tailing, `oracle serve`
+(the reference oracle service), `broker` (the embedded broker on its own) and `dev` (everything on an
+embedded broker).
 
 Every command that talks to Kafka first checks that the broker answers, so a wrong address is one line of
 error within connect_timeout_s rather than a traceback or a long hang."""
@@ -491,6 +492,44 @@ def tail(ctx: click.Context, topic: str, from_beginning: bool, idle_exit: float 
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(go())
+
+
+@cli.group()
+def oracle() -> None:
+    """External oracles: the reference oracle service."""
+
+
+@oracle.command("serve")
+@click.option("--labels", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True,
+              help='JSONL file of labelled inputs: {"input": {...}, "output": <the right output>} per line.')
+@click.option("--oracle-id", default="reference-oracle", show_default=True, help="Names this oracle on its verdicts.")
+@click.pass_context
+def oracle_serve(ctx: click.Context, labels: Path, oracle_id: str) -> None:
+    """Answer oracle requests from a labels file until Ctrl-C; inputs without a label get no answer (their
+    validations expire)."""
+    try:
+        from devtools.oracle import LabelsError, load_labels, serve_oracle
+    except ModuleNotFoundError as exc:
+        raise click.ClickException("the reference oracle is a development tool (devtools/), not part of this "
+                                   "installation; run it from a checkout of the repository") from exc
+    try:
+        table = load_labels(labels)
+    except LabelsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    settings = _kafka_settings(ctx)
+
+    async def go() -> int:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+
+        def ready() -> None:
+            click.echo(f"oracle {oracle_id} serving {len(table)} label(s) from {labels}; Ctrl-C stops it")
+
+        return await serve_oracle(settings, table, oracle_id, stop, on_ready=ready)
+
+    answered = _run(go())
+    click.echo(f"oracle {oracle_id} stopped: answered {answered} verdict(s)")
 
 
 @cli.command()

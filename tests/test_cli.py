@@ -272,6 +272,7 @@ KAFKA_COMMANDS = [
     ["artifact", "promote", "spam"],
     ["artifact", "abort", "spam"],
     ["task", "update", "spam", "--description", "x"],
+    ["oracle", "serve", "--labels", "LABELS"],
     ["send", "spam", "--input", "{}"],
     ["tail", "results"],
     ["worker"],
