@@ -87,7 +87,10 @@ class ControlPlane:
 
     async def put_task(self, task: TaskSpec) -> TaskSpec:
         """Create or replace a task (keeps its active version unless the new spec sets one)."""
-        self._check_task(task)
+        if task.input_schema is not None:
+            _check_json_schema(task.input_schema, "input_schema")
+        if task.output_schema is not None:
+            _check_json_schema(task.output_schema, "output_schema")
         current = self.tables.tasks.get(task.name)
         if current is not None and task.active_version is None:
             task = task.model_copy(update={"active_version": current.active_version})
@@ -114,7 +117,7 @@ class ControlPlane:
         if changes.get("oracle") is not None:
             changes["oracle"] = _merged_oracle(current, changes["oracle"])
         updated = TaskSpec.model_validate({**current.model_dump(), **changes, "updated_at": utc_now()})
-        self._check_task(updated)
+        self._check_task(updated, shadow_published=True)
         await self._send_task(updated)
         return updated
 
@@ -238,7 +241,9 @@ class ControlPlane:
             self._partitions[spec.name] = len(await topic_partitions(self._producer, spec.name))
         return self._partitions[spec.name]
 
-    def _check_task(self, task: TaskSpec) -> None:
+    def _check_task(self, task: TaskSpec, *, shadow_published: bool = False) -> None:
+        """Refuse invalid schemas and a shadow version on another kind of oracle; with shadow_published, also a
+        shadow version that is not published (a new task has no versions yet: it may name one to come)."""
         if task.input_schema is not None:
             _check_json_schema(task.input_schema, "input_schema")
         if task.output_schema is not None:
@@ -247,7 +252,8 @@ class ControlPlane:
         if oracle is not None and oracle.shadow_version is not None:
             if oracle.kind is not OracleKind.SHADOW:
                 raise ControlError(f"a shadow version is for a shadow oracle, not a {oracle.kind.value} one")
-            self._check_published(task.name, oracle.shadow_version)
+            if shadow_published:
+                self._check_published(task.name, oracle.shadow_version)
 
     def check_request_target(self, task_id: str, version: int | None = None) -> None:
         """Raise ControlError unless the task exists and a pinned version is published: a request that

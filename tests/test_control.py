@@ -174,6 +174,16 @@ async def test_create_refuses_an_existing_task(settings: Settings) -> None:
     assert (await _task(settings)).active_version == 1
 
 
+async def test_a_new_task_may_name_a_shadow_version_to_come_but_only_for_a_shadow_oracle(settings: Settings) -> None:
+    async with ControlPlane(settings) as control:
+        with pytest.raises(ControlError, match="a shadow version is for a shadow oracle, not a label one"):
+            await control.create_task(TaskSpec(name="spam", updated_at=utc_now(),
+                                               oracle=OracleSpec(kind=OracleKind.LABEL, shadow_version=1)))
+        await control.create_task(TaskSpec(name="spam", updated_at=utc_now(),
+                                           oracle=OracleSpec(kind=OracleKind.SHADOW, shadow_version=1)))
+    assert (await _task(settings)).oracle == OracleSpec(kind=OracleKind.SHADOW, shadow_version=1)
+
+
 async def test_update_changes_only_what_it_is_given(settings: Settings) -> None:
     await _task_with_versions(settings)
     async with ControlPlane(settings) as control:
