@@ -507,11 +507,8 @@ def oracle() -> None:
 def oracle_serve(ctx: click.Context, labels: Path, oracle_id: str) -> None:
     """Answer oracle requests from a labels file until Ctrl-C; inputs without a label get no answer (their
     validations expire)."""
-    try:
-        from devtools.oracle import LabelsError, load_labels, serve_oracle
-    except ModuleNotFoundError as exc:
-        raise click.ClickException("the reference oracle is a development tool (devtools/), not part of this "
-                                   "installation; run it from a checkout of the repository") from exc
+    from devtools.oracle import LabelsError, load_labels, serve_oracle
+
     try:
         table = load_labels(labels)
     except LabelsError as exc:

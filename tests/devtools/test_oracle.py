@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from app.broker import EmbeddedBroker
 from app.codecs import codec_for
 from app.control import read_to_end
 from app.kafka import apply_topics, make_producer, partition_for
 from app.records import OracleKind, OracleSpec, OracleVerdict, ValidationRequest, execution_id_for, utc_now
 from app.topics import topics_for
+from devtools.broker import EmbeddedBroker
 from devtools.oracle import LabelsError, canonical, load_labels
 from tests.conftest import collect, make_settings, wait_for_text
 
