@@ -1,5 +1,6 @@
-"""The `loopai` command: topics, tasks, artifacts, a worker, sending and tailing, `broker` (the embedded
-broker on its own) and `dev` (everything on an embedded broker).
+"""The `loopai` command: topics, tasks, artifacts and canaries, a worker, sending and tailing, `oracle serve`
+(the reference oracle service), `broker` (the embedded broker on its own) and `dev` (everything on an
+embedded broker).
 
 Every command that talks to Kafka first checks that the broker answers, so a wrong address is one line of
 error within connect_timeout_s rather than a traceback or a long hang."""
@@ -11,7 +12,7 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +25,16 @@ from app.control import ControlError, ControlPlane
 from app.domain.programs import ProgramRejected, check_source
 from app.kafka import apply_topics
 from app.metadata import BrokerUnreachable, TopicUnavailable, check_broker
-from app.records import ExecutionRequest, TaskExample, TaskSpec, utc_now
+from app.records import (
+    CanaryDecision,
+    Comparison,
+    ExecutionRequest,
+    OracleKind,
+    ProgramArtifact,
+    SamplingStrategy,
+    TaskSpec,
+    utc_now,
+)
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.pool import run_once
 from app.settings import ConfigError, Settings, describe_validation_error
@@ -117,36 +127,95 @@ def task() -> None:
     """Tasks: what a program is for, its contract and targets."""
 
 
+_ORACLE_OPTIONS = {"comparison": "comparison", "tolerance": "tolerance", "shadow_version": "shadow_version",
+                   "oracle_timeout_s": "timeout_s"}
+
+
+def _task_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of `task create` and `task update`; each is None unless given (update changes only those)."""
+    options = [
+        click.option("--description"),
+        click.option("--input-schema", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     help="JSON Schema file."),
+        click.option("--output-schema", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     help="JSON Schema file."),
+        click.option("--examples", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     help="JSON file: a list of {input, expected_output}."),
+        click.option("--accuracy-target", type=float, help="0-1 (default 0.9)."),
+        click.option("--latency-target-ms", type=float, help="Default 10."),
+        click.option("--sampling-rate", type=float, help="Share of executions validated, 0-1 (default 0.05)."),
+        click.option("--sampling-strategy", type=click.Choice([s.value for s in SamplingStrategy]),
+                     help="Which executions are sampled (default random)."),
+        click.option("--oracle", type=click.Choice([*(k.value for k in OracleKind), "none"]),
+                     help="Who checks sampled executions (none: remove the oracle)."),
+        click.option("--comparison", type=click.Choice([c.value for c in Comparison]),
+                     help="How outputs are compared with the oracle's (default exact)."),
+        click.option("--tolerance", type=click.FloatRange(min=0), help="For numeric comparison (default 1e-6)."),
+        click.option("--shadow-version", type=click.IntRange(min=1),
+                     help="The version a shadow oracle runs (default: the active one)."),
+        click.option("--oracle-timeout-s", type=click.FloatRange(min=0, min_open=True),
+                     help="How long an external oracle may take before a validation expires (default 60)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _task_changes(options: dict[str, Any]) -> dict[str, Any]:
+    """The task fields the options give: schema and example files read, oracle options in one `oracle` dict."""
+    given = {name: value for name, value in options.items() if value is not None}
+    for name in ("input_schema", "output_schema", "examples"):
+        if name in given:
+            given[name] = _json_file(given[name])
+    oracle = {field: given.pop(option) for option, field in _ORACLE_OPTIONS.items() if option in given}
+    kind = given.pop("oracle", None)
+    if kind == "none":
+        if oracle:
+            raise click.UsageError("--oracle none removes the oracle: give no other oracle option with it")
+        given["oracle"] = None
+    elif kind is not None or oracle:
+        given["oracle"] = {"kind": kind, **oracle} if kind else oracle
+    return given
+
+
 @task.command("create")
 @click.argument("name")
-@click.option("--description", default="")
-@click.option("--input-schema", type=click.Path(path_type=Path, exists=True), help="JSON Schema file.")
-@click.option("--output-schema", type=click.Path(path_type=Path, exists=True), help="JSON Schema file.")
-@click.option("--examples", type=click.Path(path_type=Path, exists=True),
-              help="JSON file: a list of {input, expected_output}.")
-@click.option("--accuracy-target", type=float, default=0.9)
-@click.option("--latency-target-ms", type=float, default=10.0)
-@click.option("--sampling-rate", type=float, default=0.05)
+@_task_options
 @click.pass_context
-def task_create(ctx: click.Context, name: str, description: str, input_schema: Path | None,
-                output_schema: Path | None, examples: Path | None, accuracy_target: float,
-                latency_target_ms: float, sampling_rate: float) -> None:
-    """Create (or update) a task."""
-    documents = [_json_file(input_schema), _json_file(output_schema), _json_file(examples) or []]
+def task_create(ctx: click.Context, name: str, **options: Any) -> None:
+    """Create a task; refuses one that exists (`task update` changes it)."""
+    changes = _task_changes(options)
+    if changes.get("oracle") and "kind" not in changes["oracle"]:
+        raise click.UsageError("--comparison, --tolerance, --shadow-version and --oracle-timeout-s describe an "
+                               "oracle: give its kind with --oracle label|shadow|external")
     settings = _kafka_settings(ctx)
 
     async def go() -> TaskSpec:
-        spec = TaskSpec(
-            name=name, description=description, input_schema=documents[0], output_schema=documents[1],
-            examples=[TaskExample.model_validate(e) for e in documents[2]],
-            accuracy_target=accuracy_target, latency_target_ms=latency_target_ms,
-            sampling_rate=sampling_rate, updated_at=utc_now(),
-        )
+        spec = TaskSpec(name=name, updated_at=utc_now(), **changes)
         async with ControlPlane(settings) as control:
-            return await control.put_task(spec)
+            return await control.create_task(spec)
 
     saved = _run(go())
-    click.echo(f"task {saved.name} saved (active version: {saved.active_version or 'none'})")
+    click.echo(f"task {saved.name} created")
+
+
+@task.command("update")
+@click.argument("name")
+@_task_options
+@click.pass_context
+def task_update(ctx: click.Context, name: str, **options: Any) -> None:
+    """Change the options given of an existing task; the others keep their values."""
+    changes = _task_changes(options)
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one option (see --help)")
+    settings = _kafka_settings(ctx)
+
+    async def go() -> TaskSpec:
+        async with ControlPlane(settings) as control:
+            return await control.update_task(name, **changes)
+
+    _run(go())
+    click.echo(f"task {name} updated: {', '.join(sorted(changes))}")
 
 
 @task.command("show")
@@ -231,18 +300,72 @@ def artifact_activate(ctx: click.Context, task_id: str, version: int) -> None:
 @click.argument("task_id")
 @click.pass_context
 def artifact_list(ctx: click.Context, task_id: str) -> None:
-    """List the versions of a task."""
+    """List the versions of a task (* active, ~ canary), then its canary decisions."""
     settings = _kafka_settings(ctx)
 
-    async def go() -> tuple[TaskSpec, list[Any]]:
+    async def go() -> tuple[TaskSpec, list[ProgramArtifact], list[CanaryDecision]]:
         async with ControlPlane(settings) as control:
             spec = control.task(task_id)
-            return spec, sorted(control.tables.artifacts.versions_of(task_id).values(), key=lambda a: a.version)
+            versions = sorted(control.tables.artifacts.versions_of(task_id).values(), key=lambda a: a.version)
+            return spec, versions, await control.decisions(task_id)
 
-    spec, versions = _run(go())
+    spec, versions, decisions = _run(go())
     for a in versions:
-        mark = "*" if a.version == spec.active_version else " "
-        click.echo(f"{mark} v{a.version}\t{a.program_id}\t{a.created_at:%Y-%m-%d %H:%M:%S}\t{a.status.value}")
+        mark = "*" if a.version == spec.active_version else "~" if a.version == spec.canary_version else " "
+        canary = f"\tcanary {spec.canary_percent:g}%" if a.version == spec.canary_version else ""
+        click.echo(f"{mark} v{a.version}\t{a.program_id}\t{a.created_at:%Y-%m-%d %H:%M:%S}\t{a.status.value}{canary}")
+    if decisions:
+        click.echo("canary decisions:")
+    for d in decisions:
+        click.echo(f"  {d.decided_at:%Y-%m-%d %H:%M:%S}\t{d.action.value}\tv{d.candidate_version} vs "
+                   f"v{d.active_version or '-'}\taccuracy {_rate(d.candidate_accuracy)} vs "
+                   f"{_rate(d.active_accuracy)} ({d.validations} validations)\t{d.reason}\tby {d.decided_by}")
+
+
+def _rate(accuracy: float | None) -> str:
+    return "-" if accuracy is None else f"{accuracy:.3f}"
+
+
+@artifact.command("canary")
+@click.argument("task_id")
+@click.argument("version", type=int)
+@click.option("--percent", type=float, required=True,
+              help="Share of the task's requests that run VERSION, more than 0 and at most 100.")
+@click.pass_context
+def artifact_canary(ctx: click.Context, task_id: str, version: int, percent: float) -> None:
+    """Run VERSION on PERCENT % of the task's requests (chosen by request id), the rest on the active one;
+    the worker promotes or rolls it back by validated accuracy."""
+    _echo_decision(_control_call(ctx, lambda control: control.start_canary(task_id, version, percent)))
+
+
+@artifact.command("promote")
+@click.argument("task_id")
+@click.pass_context
+def artifact_promote(ctx: click.Context, task_id: str) -> None:
+    """Make the running canary the active version now, whatever its accuracy."""
+    _echo_decision(_control_call(ctx, lambda control: control.promote_canary(task_id)))
+
+
+@artifact.command("abort")
+@click.argument("task_id")
+@click.pass_context
+def artifact_abort(ctx: click.Context, task_id: str) -> None:
+    """End the running canary; every request runs the active version again."""
+    _echo_decision(_control_call(ctx, lambda control: control.abort_canary(task_id)))
+
+
+def _control_call(ctx: click.Context, call: Callable[[ControlPlane], Coroutine[Any, Any, T]]) -> T:
+    settings = _kafka_settings(ctx)
+
+    async def go() -> T:
+        async with ControlPlane(settings) as control:
+            return await call(control)
+
+    return _run(go())
+
+
+def _echo_decision(decision: CanaryDecision) -> None:
+    click.echo(f"{decision.task_id}: canary v{decision.candidate_version} {decision.action.value}: {decision.reason}")
 
 
 @artifact.command("check")
@@ -369,6 +492,41 @@ def tail(ctx: click.Context, topic: str, from_beginning: bool, idle_exit: float 
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(go())
+
+
+@cli.group()
+def oracle() -> None:
+    """External oracles: the reference oracle service."""
+
+
+@oracle.command("serve")
+@click.option("--labels", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True,
+              help='JSONL file of labelled inputs: {"input": {...}, "output": <the right output>} per line.')
+@click.option("--oracle-id", default="reference-oracle", show_default=True, help="Names this oracle on its verdicts.")
+@click.pass_context
+def oracle_serve(ctx: click.Context, labels: Path, oracle_id: str) -> None:
+    """Answer oracle requests from a labels file until Ctrl-C; inputs without a label get no answer (their
+    validations expire)."""
+    from devtools.oracle import LabelsError, load_labels, serve_oracle
+
+    try:
+        table = load_labels(labels)
+    except LabelsError as exc:
+        raise click.ClickException(str(exc)) from exc
+    settings = _kafka_settings(ctx)
+
+    async def go() -> int:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+
+        def ready() -> None:
+            click.echo(f"oracle {oracle_id} serving {len(table)} label(s) from {labels}; Ctrl-C stops it")
+
+        return await serve_oracle(settings, table, oracle_id, stop, on_ready=ready)
+
+    answered = _run(go())
+    click.echo(f"oracle {oracle_id} stopped: answered {answered} verdict(s)")
 
 
 @cli.command()

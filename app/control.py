@@ -1,25 +1,43 @@
-"""The control plane: creates tasks and publishes/activates program artifacts on the compacted topics.
+"""The control plane: creates and updates tasks, publishes/activates program artifacts, starts, promotes and
+aborts canaries (task-specs, program-artifacts and canary-decisions topics), and reads a task's decisions back.
 
 Reads the current tables first (to the true end), so versions and activations build on what is there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from types import TracebackType
 from typing import Any
 
 import jsonschema
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from app.codecs import codec_for
+from app.codecs import DecodeError, codec_for
 from app.domain.programs import check_source, complexity_of
-from app.kafka import make_producer, partition_for
+from app.kafka import make_consumer, make_producer, partition_for
 from app.metadata import topic_partitions
-from app.records import ProgramArtifact, ProgramStatus, SynthesisStrategy, TaskSpec, utc_now
+from app.records import (
+    CanaryAction,
+    CanaryDecision,
+    OracleKind,
+    ProgramArtifact,
+    ProgramStatus,
+    Record,
+    SynthesisStrategy,
+    TaskSpec,
+    utc_now,
+)
 from app.settings import Settings
 from app.tables import TableReader, artifact_key
-from app.topics import topics_for
+from app.topics import TopicSpec, topics_for
+
+log = logging.getLogger(__name__)
+
+# Fields of a task that have commands of their own (activate, canary, promote, abort), not update_task.
+_MANAGED_FIELDS = frozenset({"name", "active_version", "canary_version", "canary_percent", "updated_at"})
 
 
 class ControlError(ValueError):
@@ -36,6 +54,7 @@ class ControlPlane:
         self._producer: AIOKafkaProducer
         self._tasks_codec = codec_for(TaskSpec, settings.wire_format)
         self._artifacts_codec = codec_for(ProgramArtifact, settings.wire_format)
+        self._decisions_codec = codec_for(CanaryDecision, settings.wire_format)
         self._partitions: dict[str, int] = {}
 
     async def __aenter__(self) -> ControlPlane:
@@ -77,6 +96,30 @@ class ControlPlane:
             task = task.model_copy(update={"active_version": current.active_version})
         await self._send_task(task)
         return task
+
+    async def create_task(self, task: TaskSpec) -> TaskSpec:
+        """Create a task; one that exists already is refused (update_task changes it)."""
+        if self.tables.tasks.get(task.name) is not None:
+            raise ControlError(f"task {task.name!r} already exists; change it with `loopai task update {task.name}` "
+                               "(it changes only the options given)")
+        self._check_task(task)
+        await self._send_task(task)
+        return task
+
+    async def update_task(self, name: str, **changes: Any) -> TaskSpec:
+        """Change only the given fields of a task. `oracle` is a dict of the oracle fields to change (merged
+        into the task's oracle; it must name a kind when the task has none), or None to remove the oracle."""
+        current = self.task(name)
+        managed = sorted(_MANAGED_FIELDS & changes.keys())
+        if managed:
+            raise ControlError(f"update_task does not change {', '.join(managed)}: activate a version or run a "
+                               "canary instead")
+        if changes.get("oracle") is not None:
+            changes["oracle"] = _merged_oracle(current, changes["oracle"])
+        updated = TaskSpec.model_validate({**current.model_dump(), **changes, "updated_at": utc_now()})
+        self._check_task(updated, shadow_published=True)
+        await self._send_task(updated)
+        return updated
 
     async def publish(
         self,
@@ -126,6 +169,92 @@ class ControlPlane:
         await self._send_task(updated)
         return updated
 
+    async def start_canary(self, task_id: str, version: int, percent: float) -> CanaryDecision:
+        """Run a published version on `percent` % of the task's requests (0 < percent <= 100), the rest on the
+        active version. Starting the running canary's version again changes its percentage."""
+        task = self.task(task_id)
+        if not 0 < percent <= 100:
+            raise ControlError(f"a canary's percent must be more than 0 and at most 100, not {percent:g}")
+        self._check_published(task_id, version)
+        if task.active_version is None:
+            raise ControlError(f"task {task_id!r} has no active version to compare a canary with; activate one "
+                               f"first (`loopai artifact activate {task_id} N`)")
+        if version == task.active_version:
+            raise ControlError(f"task {task_id!r} v{version} is the active version already; a canary runs another")
+        if task.canary_version not in (None, version):
+            raise ControlError(f"task {task_id!r} has a canary running already (v{task.canary_version} at "
+                               f"{task.canary_percent:g}%); promote or abort it first")
+        reason = f"{percent:g}% of requests run v{version}, the rest v{task.active_version}"
+        if task.canary_version == version:
+            reason += f" (was {task.canary_percent:g}%)"
+        updated = task.model_copy(update={"canary_version": version, "canary_percent": float(percent),
+                                          "updated_at": utc_now()})
+        return await self._record_canary(task, updated, version, CanaryAction.STARTED, reason)
+
+    async def promote_canary(self, task_id: str) -> CanaryDecision:
+        """Make the running canary the active version, by hand, whatever its accuracy."""
+        task = self.task(task_id)
+        canary = self._running_canary(task)
+        updated = task.model_copy(update={"active_version": canary, "canary_version": None, "canary_percent": 0.0,
+                                          "updated_at": utc_now()})
+        reason = f"promoted by hand: v{canary} replaces v{task.active_version}"
+        return await self._record_canary(task, updated, canary, CanaryAction.PROMOTED, reason)
+
+    async def abort_canary(self, task_id: str) -> CanaryDecision:
+        """End the running canary, by hand; every request runs the active version again."""
+        task = self.task(task_id)
+        canary = self._running_canary(task)
+        updated = task.model_copy(update={"canary_version": None, "canary_percent": 0.0, "updated_at": utc_now()})
+        reason = f"aborted by hand: v{task.active_version} stays active"
+        return await self._record_canary(task, updated, canary, CanaryAction.ABORTED, reason)
+
+    async def decisions(self, task_id: str, timeout_s: float = 30.0) -> list[CanaryDecision]:
+        """The canary decisions of a task, manual and automatic, oldest first (the canary-decisions topic read
+        to its end)."""
+        self.task(task_id)
+        found = [record for record in await read_to_end(self._settings, self._topics.canary_decisions, timeout_s)
+                 if isinstance(record, CanaryDecision) and record.task_id == task_id]
+        return sorted(found, key=lambda decision: decision.decided_at)
+
+    def _running_canary(self, task: TaskSpec) -> int:
+        if task.canary_version is None:
+            raise ControlError(f"task {task.name!r} has no canary running; start one with "
+                               f"`loopai artifact canary {task.name} N --percent P`")
+        return task.canary_version
+
+    async def _record_canary(self, before: TaskSpec, after: TaskSpec, candidate: int, action: CanaryAction,
+                             reason: str) -> CanaryDecision:
+        """Write the task's new spec, then the decision that explains it (as the canary agent does)."""
+        decision = CanaryDecision(task_id=before.name, candidate_version=candidate,
+                                  active_version=before.active_version, action=action, reason=reason,
+                                  decided_by="manual", decided_at=utc_now())
+        await self._send_task(after)
+        spec = self._topics.canary_decisions
+        key = before.name.encode()
+        await self._producer.send_and_wait(spec.name, self._decisions_codec.encode(decision), key=key,
+                                           partition=partition_for(key, await self._partition_count(spec)))
+        return decision
+
+    async def _partition_count(self, spec: TopicSpec) -> int:
+        """The cluster's partition count of a topic, asked for the first time it is needed."""
+        if spec.name not in self._partitions:
+            self._partitions[spec.name] = len(await topic_partitions(self._producer, spec.name))
+        return self._partitions[spec.name]
+
+    def _check_task(self, task: TaskSpec, *, shadow_published: bool = False) -> None:
+        """Refuse invalid schemas and a shadow version on another kind of oracle; with shadow_published, also a
+        shadow version that is not published (a new task has no versions yet: it may name one to come)."""
+        if task.input_schema is not None:
+            _check_json_schema(task.input_schema, "input_schema")
+        if task.output_schema is not None:
+            _check_json_schema(task.output_schema, "output_schema")
+        oracle = task.oracle
+        if oracle is not None and oracle.shadow_version is not None:
+            if oracle.kind is not OracleKind.SHADOW:
+                raise ControlError(f"a shadow version is for a shadow oracle, not a {oracle.kind.value} one")
+            if shadow_published:
+                self._check_published(task.name, oracle.shadow_version)
+
     def check_request_target(self, task_id: str, version: int | None = None) -> None:
         """Raise ControlError unless the task exists and a pinned version is published: a request that
         fails this could only be rejected."""
@@ -146,6 +275,53 @@ class ControlPlane:
             spec.name, value, key=key, partition=partition_for(key, self._partitions[spec.name])
         )
         self.tables.tasks.apply(key, value, -1)
+
+
+def _merged_oracle(task: TaskSpec, changes: dict[str, Any]) -> dict[str, Any]:
+    """The task's oracle with some fields changed; a new kind drops a shadow version it does not give."""
+    if task.oracle is None:
+        if "kind" not in changes:
+            raise ControlError(f"task {task.name!r} has no oracle; give its kind (label, shadow or external)")
+        return changes
+    current = task.oracle.model_dump()
+    if changes.get("kind", current["kind"]) != current["kind"] and "shadow_version" not in changes:
+        current["shadow_version"] = None
+    return {**current, **changes}
+
+
+async def read_to_end(settings: Settings, spec: TopicSpec, timeout_s: float = 30.0) -> list[Record]:
+    """Every decodable record of a topic, from the beginning to its true end (the fetch high watermark), in
+    partition order; undecodable ones are logged and left out. Raises ControlError past timeout_s."""
+    codec = codec_for(spec.record, settings.wire_format)
+    consumer = make_consumer(settings, fetch_max_wait_ms=100)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records: dict[TopicPartition, list[Record]] = {tp: [] for tp in partitions}
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not await _at_end(consumer, partitions):
+                    for tp, messages in (await consumer.getmany(timeout_ms=100)).items():
+                        for message in messages:
+                            try:
+                                records[tp].append(codec.decode(message.value))
+                            except DecodeError as exc:
+                                log.warning("%s offset %d skipped: %s", tp, message.offset, exc)
+        except TimeoutError:
+            raise ControlError(f"could not read {spec.name} to its end within {timeout_s:g} s") from None
+        return [record for tp in partitions for record in records[tp]]
+    finally:
+        await consumer.stop()
+
+
+async def _at_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> bool:
+    for tp in partitions:
+        highwater = consumer.highwater(tp)
+        if highwater is None or await consumer.position(tp) < highwater:
+            return False
+    return True
 
 
 def _check_json_schema(schema: dict[str, Any], field: str) -> None:

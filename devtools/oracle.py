@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import orjson
 
 from app.codecs import DecodeError, codec_for
 from app.kafka import BatchSender, make_consumer, make_producer, partition_for
+from app.metadata import topic_partitions
 from app.records import OracleVerdict, ValidationRequest, utc_now
 from app.settings import Settings
 from app.topics import topics_for
@@ -49,20 +51,30 @@ def canonical(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
 
-async def serve_oracle(settings: Settings, labels: dict[bytes, Any], oracle_id: str,
-                       stop: asyncio.Event) -> int:
-    """Answer oracle requests until `stop` is set; returns how many were answered."""
+async def serve_oracle(settings: Settings, labels: dict[bytes, Any], oracle_id: str, stop: asyncio.Event,
+                       on_ready: Callable[[], None] | None = None) -> int:
+    """Answer oracle requests until `stop` is set; returns how many were answered. `on_ready` is called once
+    both topics are known to exist. Raises TopicUnavailable for a missing topic."""
     topics = topics_for(settings.topic_prefix)
     requests = codec_for(ValidationRequest, settings.wire_format)
     verdicts = codec_for(OracleVerdict, settings.wire_format)
-    consumer = make_consumer(settings, topics.oracle_requests.name, group_id=f"{settings.app_id}-reference-oracle",
-                             **settings.group_args())
     producer = make_producer(settings)
     await producer.start()
-    await consumer.start()
+    try:
+        # Asked by name first: subscribing to a missing topic would wait silently (or create it, on a broker
+        # that auto-creates); and verdicts go by the cluster's partition count, not the registry's.
+        await topic_partitions(producer, topics.oracle_requests.name)
+        partitions = len(await topic_partitions(producer, topics.oracle_verdicts.name))
+    except BaseException:
+        await producer.stop()
+        raise
+    consumer = make_consumer(settings, topics.oracle_requests.name, group_id=f"{settings.app_id}-reference-oracle",
+                             **settings.group_args())
     answered = 0
     try:
-        partitions = topics.oracle_verdicts.partitions
+        await consumer.start()
+        if on_ready is not None:
+            on_ready()
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200)
             sender = BatchSender(producer)
