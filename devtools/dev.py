@@ -211,8 +211,7 @@ async def _traffic_and_results(
             while not stop.requested.is_set() and (duration_s <= 0 or time.monotonic() - started < duration_s):
                 if not canary and time.monotonic() - started >= (duration_s / 4 if duration_s > 0 else 5):
                     async with ControlPlane(settings) as control:
-                        spec = control.task("spam-filter")
-                        await control.put_task(spec.model_copy(update={"canary_version": 3, "canary_percent": 50.0}))
+                        await control.start_canary("spam-filter", 3, 50.0)
                     _say(">>> spam-filter: canary v3 on 50% of requests (promoted or rolled back on its accuracy)")
                     canary = True
                 if worker.poll() is not None:

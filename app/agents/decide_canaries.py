@@ -45,7 +45,9 @@ class DecideCanaries:
         self._decisions_topic = raw_topic(app, topics.canary_decisions)
         self._specs_topic = raw_topic(app, topics.task_specs)
         self._dead_letters = raw_topic(app, topics.dead_letters)
-        self._decided: set[tuple[str, int]] = set()  # (task, candidate) already promoted or rolled back here
+        # Canaries decided here, by (task, candidate, when the canary was started): a decision takes a moment to
+        # come back through the task table, and the same version may go on canary again later.
+        self._decided: set[tuple[str, int, object]] = set()
         # b"task/version" -> [validated, matched]
         self.accuracy = app.Table(
             "canary_accuracy", key_type=bytes, partitions=topics.canary_accuracy.partitions,
@@ -78,7 +80,10 @@ class DecideCanaries:
 
     async def _maybe_decide(self, task_id: str) -> None:
         task = self._tables.tasks.get(task_id)
-        if task is None or task.canary_version is None or (task_id, task.canary_version) in self._decided:
+        if task is None or task.canary_version is None:
+            return
+        canary = (task_id, task.canary_version, task.updated_at)
+        if canary in self._decided:
             return
         candidate = self.accuracy_of(task_id, task.canary_version)
         active = self.accuracy_of(task_id, task.active_version)
@@ -86,7 +91,7 @@ class DecideCanaries:
                           self._settings.canary_margin)
         if decision.action == "wait":
             return
-        self._decided.add((task_id, task.canary_version))
+        self._decided.add(canary)
         promoted = decision.action == "promote"
         spec = task.model_copy(update={
             "active_version": task.canary_version if promoted else task.active_version,
