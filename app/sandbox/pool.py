@@ -35,6 +35,7 @@ _START_TIMEOUT_S = 30.0
 _STATUSES = frozenset({"ok", "error", "timeout"})
 _MAX_BLAMELESS_DEATHS = 3  # deaths with no call running, per chunk, before its calls are failed
 _STDERR_KEPT = 4096
+_MIN_CHUNK = 32  # calls: below this, another process costs more in IPC than it saves
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,8 +375,9 @@ class SandboxPool:
         for index, call in enumerate(calls):
             by_task.setdefault(call.task_id, []).append(index)
         jobs = []
+        parallel = max(1, self._size // len(by_task))  # processes a task may use in this batch
         for task, indices in by_task.items():
-            size = max(1, min(self._chunk_size, -(-len(indices) // self._size)))
+            size = min(self._chunk_size, max(_MIN_CHUNK, -(-len(indices) // parallel)))
             jobs += [self._run_chunk(task, indices[i:i + size], calls, outcomes) for i in range(0, len(indices), size)]
         if len(jobs) == 1:
             await jobs[0]
@@ -428,8 +430,11 @@ class SandboxPool:
                         return process
                     self._forget(process)
                     continue
-                if self._bound.get(task, 0) < self._size:
-                    if sum(self._bound.values()) >= self._size:
+                bound = self._bound.get(task, 0)
+                if bound < self._size:
+                    # A full pool makes room only for a task that has no process yet; one that has a process
+                    # waits for it, so tasks do not take each other's processes in turn.
+                    if sum(self._bound.values()) >= self._size and not bound:
                         self._evict_for(task)
                     if sum(self._bound.values()) < self._size:
                         self._bound[task] = self._bound.get(task, 0) + 1
