@@ -35,6 +35,7 @@ _START_TIMEOUT_S = 30.0
 _STATUSES = frozenset({"ok", "error", "timeout"})
 _MAX_BLAMELESS_DEATHS = 3  # deaths with no call running, per chunk, before its calls are failed
 _STDERR_KEPT = 4096
+_CORES = os.cpu_count() or 1
 _MIN_CHUNK = 32  # calls: below this, another process costs more in IPC than it saves
 
 
@@ -375,7 +376,8 @@ class SandboxPool:
         for index, call in enumerate(calls):
             by_task.setdefault(call.task_id, []).append(index)
         jobs = []
-        parallel = max(1, self._size // len(by_task))  # processes a task may use in this batch
+        # Processes a task may use in this batch: its share of the pool, and no more than there are cores.
+        parallel = max(1, min(self._size // len(by_task), _CORES))
         for task, indices in by_task.items():
             size = min(self._chunk_size, max(_MIN_CHUNK, -(-len(indices) // parallel)))
             jobs += [self._run_chunk(task, indices[i:i + size], calls, outcomes) for i in range(0, len(indices), size)]
