@@ -16,6 +16,7 @@ from app.records import (
     Comparison,
     OracleKind,
     OracleSpec,
+    SamplingStrategy,
     TaskSpec,
     Validation,
     ValidationStatus,
@@ -25,7 +26,7 @@ from app.settings import Settings
 from app.topics import topics_for
 from devtools.broker import EmbeddedBroker
 from devtools.oracle import canonical, serve_oracle
-from tests.conftest import WorkerProcess, collect, make_settings
+from tests.conftest import WorkerProcess, collect, make_settings, results_for
 
 LABEL_OF = "def run(input):\n    return 'spam' if 'free' in input['text'].lower() else 'ham'\n"
 ALWAYS_HAM = "def run(input):\n    return 'ham'\n"
@@ -147,3 +148,36 @@ def test_labels_file_shape(tmp_path: Path) -> None:
         load_labels(path)
     path.write_text('{"input": {"text": "a", "b": 1}, "output": "ham"}\n')
     assert load_labels(path) == {canonical({"b": 1, "text": "a"}): "ham"}
+
+
+async def test_sampling_strategies_on_the_stream(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """edge_cases samples every failed execution and a share of the rest; random samples its rate; each result's
+    flag is what was sampled: a validation exists for exactly the flagged executions."""
+    settings = make_settings(broker)
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    async with ControlPlane(settings) as control:
+        for name, strategy, rate in (("edges", SamplingStrategy.EDGE_CASES, 0.1),
+                                     ("randomly", SamplingStrategy.RANDOM, 0.3)):
+            await control.put_task(TaskSpec(name=name, sampling_strategy=strategy, sampling_rate=rate,
+                                            latency_target_ms=1000, updated_at=utc_now()))
+            await control.publish(name, "def run(input):\n    return 1 // input['n']\n", activate=True)
+    worker = WorkerProcess(settings, tmp_path / "worker.log", "sampler").start()
+    try:
+        inputs = [{"n": 0 if i % 5 == 0 else 1} for i in range(400)]  # every fifth divides by zero
+        requests = [request_from(task, value, expected_output=1) for task in ("edges", "randomly") for value in inputs]
+        async with RequestSender(settings) as sender:
+            await sender.send(requests)
+        results = await results_for(settings, [r.request_id for r in requests], timeout_s=90)
+        flagged = {r.request_id for r in results.values() if r.sampled_for_validation}
+        found = await validations_of(settings, sorted(flagged), timeout_s=90)
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+    assert set(found) == flagged  # exactly the flagged executions were validated
+    edges = [r for r in results.values() if r.task_id == "edges"]
+    failed = [r for r in edges if r.status.value == "error"]
+    assert len(failed) == 80 and all(r.sampled_for_validation for r in failed)
+    others = [r for r in edges if r.status.value == "ok"]
+    assert 0.04 < sum(r.sampled_for_validation for r in others) / len(others) < 0.2
+    randomly = [r for r in results.values() if r.task_id == "randomly"]
+    assert 0.22 < sum(r.sampled_for_validation for r in randomly) / len(randomly) < 0.38
+    assert all(found[r.request_id].match is False for r in failed)
