@@ -10,14 +10,13 @@ from typing import Any
 
 import faust
 
-from app.agents.plumbing import event_dead_letter, raw_topic
+from app.agents.plumbing import EventDeadLetters, raw_topic
 from app.codecs import DecodeError, codec_for
 from app.domain.canary import Accuracy, decide
 from app.domain.sampling import Sampler
 from app.records import (
     CanaryAction,
     CanaryDecision,
-    DeadLetter,
     TaskSpec,
     Validation,
     ValidationStatus,
@@ -41,10 +40,9 @@ class DecideCanaries:
         self._validations = codec_for(Validation, settings.wire_format)
         self._decisions = codec_for(CanaryDecision, settings.wire_format)
         self._specs = codec_for(TaskSpec, settings.wire_format)
-        self._letters = codec_for(DeadLetter, settings.wire_format)
         self._decisions_topic = raw_topic(app, topics.canary_decisions)
         self._specs_topic = raw_topic(app, topics.task_specs)
-        self._dead_letters = raw_topic(app, topics.dead_letters)
+        self._dead_letters = EventDeadLetters(app, settings, topics)
         # Canaries decided here, by (task, candidate, when the canary was started): a decision takes a moment to
         # come back through the task table, and the same version may go on canary again later.
         self._decided: set[tuple[str, int, object]] = set()
@@ -67,8 +65,7 @@ class DecideCanaries:
             try:
                 validation = self._validations.decode(event.value)
             except DecodeError as exc:
-                letter = event_dead_letter(event, str(exc), "DecodeError", self._settings.worker_id)
-                await self._dead_letters.send(key=letter.key, value=self._letters.encode(letter))
+                await self._dead_letters.send(event, str(exc), "DecodeError")
                 continue
             if validation.status is not ValidationStatus.VALIDATED or validation.match is None:
                 continue

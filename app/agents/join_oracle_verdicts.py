@@ -12,10 +12,10 @@ from typing import Any
 
 import faust
 
-from app.agents.plumbing import event_dead_letter, raw_topic
+from app.agents.plumbing import EventDeadLetters, raw_topic
 from app.codecs import DecodeError, codec_for
 from app.domain.validation import unvalidated, validated
-from app.records import DeadLetter, OracleVerdict, Validation, ValidationRequest, ValidationStatus, utc_now
+from app.records import OracleVerdict, Validation, ValidationRequest, ValidationStatus, utc_now
 from app.settings import Settings
 from app.topics import Topics
 
@@ -32,10 +32,9 @@ class JoinOracleVerdicts:
         self._stored = codec_for(ValidationRequest, "json")  # the table's own format, whatever the wire's
         self._verdicts = codec_for(OracleVerdict, settings.wire_format)
         self._validations = codec_for(Validation, settings.wire_format)
-        self._letters = codec_for(DeadLetter, settings.wire_format)
         self._requests_topic = topics.oracle_requests.name
         self._validations_topic = raw_topic(app, topics.validations)
-        self._dead_letters = raw_topic(app, topics.dead_letters)
+        self._dead_letters = EventDeadLetters(app, settings, topics)
         # execution_id (raw bytes, so partitioned like the source topics) ->
         #   {"request": ValidationRequest as JSON text, "deadline": unix seconds}.
         # use_partitioner: the expiry timer changes it outside a stream, keyed like the source topics.
@@ -57,10 +56,10 @@ class JoinOracleVerdicts:
                 else:
                     await self._judge(self._verdicts.decode(event.value))
             except DecodeError as exc:
-                await self._dead_letter(event, str(exc), "DecodeError")
+                await self._dead_letters.send(event, str(exc), "DecodeError")
             except Exception as exc:  # one message's failure must not stop the stream
                 log.exception("oracle join failed at %s:%d", event.message.topic, event.message.offset)
-                await self._dead_letter(event, f"oracle join failed: {exc}", type(exc).__name__)
+                await self._dead_letters.send(event, f"oracle join failed: {exc}", type(exc).__name__)
 
     def _wait_for_verdict(self, request: ValidationRequest) -> None:
         key = request.execution_id.encode()
@@ -94,6 +93,3 @@ class JoinOracleVerdicts:
     async def _send(self, record: Validation) -> None:
         await self._validations_topic.send(key=record.task_id.encode(), value=self._validations.encode(record))
 
-    async def _dead_letter(self, event: Any, reason: str, error_type: str) -> None:
-        letter = event_dead_letter(event, reason, error_type, self._settings.worker_id)
-        await self._dead_letters.send(key=letter.key, value=self._letters.encode(letter))

@@ -7,8 +7,10 @@ from typing import Any
 
 import faust
 
+from app.codecs import codec_for
 from app.records import DeadLetter, utc_now
-from app.topics import TopicSpec
+from app.settings import Settings
+from app.topics import Topics, TopicSpec
 
 
 def raw_topic(app: faust.App, *specs: TopicSpec) -> Any:
@@ -17,11 +19,20 @@ def raw_topic(app: faust.App, *specs: TopicSpec) -> Any:
                      value_serializer="raw", partitions=specs[0].partitions)
 
 
-def event_dead_letter(event: Any, reason: str, error_type: str, worker_id: str) -> DeadLetter:
-    """The dead letter of a faust event that could not be processed: the reason and the original bytes."""
-    message = event.message
-    return DeadLetter(
-        reason=reason, error_type=error_type, source_topic=message.topic, source_partition=message.partition,
-        source_offset=message.offset, key=message.key, value=message.value, worker_id=worker_id,
-        dead_lettered_at=utc_now(),
-    )
+class EventDeadLetters:
+    """Sends the dead letter of a faust event that could not be processed: the reason and the original bytes,
+    topic, partition and offset. One per agent."""
+
+    def __init__(self, app: faust.App, settings: Settings, topics: Topics) -> None:
+        self._worker_id = settings.worker_id
+        self._codec = codec_for(DeadLetter, settings.wire_format)
+        self._topic = raw_topic(app, topics.dead_letters)
+
+    async def send(self, event: Any, reason: str, error_type: str) -> None:
+        message = event.message
+        letter = DeadLetter(
+            reason=reason, error_type=error_type, source_topic=message.topic, source_partition=message.partition,
+            source_offset=message.offset, key=message.key, value=message.value, worker_id=self._worker_id,
+            dead_lettered_at=utc_now(),
+        )
+        await self._topic.send(key=letter.key, value=self._codec.encode(letter))

@@ -12,10 +12,10 @@ from typing import Any
 
 import faust
 
-from app.agents.plumbing import event_dead_letter, raw_topic
+from app.agents.plumbing import EventDeadLetters, raw_topic
 from app.codecs import DecodeError, codec_for
 from app.domain.validation import shadow_version_for, unvalidated, validated
-from app.records import DeadLetter, OracleKind, Validation, ValidationRequest, ValidationStatus, utc_now
+from app.records import OracleKind, Validation, ValidationRequest, ValidationStatus, utc_now
 from app.sandbox.pool import Call, SandboxPool
 from app.settings import Settings
 from app.tables import TableReader
@@ -34,10 +34,9 @@ class ValidateExecutions:
         self._pool = pool
         self._requests = codec_for(ValidationRequest, settings.wire_format)
         self._validations = codec_for(Validation, settings.wire_format)
-        self._letters = codec_for(DeadLetter, settings.wire_format)
         self._validations_topic = raw_topic(app, topics.validations)
         self._oracle_requests = raw_topic(app, topics.oracle_requests)
-        self._dead_letters = raw_topic(app, topics.dead_letters)
+        self._dead_letters = EventDeadLetters(app, settings, topics)
         self.validated = 0
         app.agent(raw_topic(app, topics.validation_requests), name="validate_executions")(self._consume)
 
@@ -47,13 +46,13 @@ class ValidateExecutions:
             try:
                 request = self._requests.decode(event.value)
             except DecodeError as exc:
-                await self._dead_letter(event, str(exc), "DecodeError")
+                await self._dead_letters.send(event, str(exc), "DecodeError")
                 continue
             try:
                 await self._validate(request)
             except Exception as exc:  # one request's failure must not stop the stream
                 log.exception("validating %s failed", request.execution_id)
-                await self._dead_letter(event, f"validation failed: {exc}", type(exc).__name__)
+                await self._dead_letters.send(event, f"validation failed: {exc}", type(exc).__name__)
 
     async def _validate(self, request: ValidationRequest) -> None:
         kind = request.oracle.kind
@@ -82,7 +81,4 @@ class ValidateExecutions:
                                f"shadow version {version} ended as {outcome.status}: {outcome.error}", utc_now())
         return validated(request, outcome.output, utc_now())
 
-    async def _dead_letter(self, event: Any, reason: str, error_type: str) -> None:
-        letter = event_dead_letter(event, reason, error_type, self._settings.worker_id)
-        await self._dead_letters.send(key=letter.key, value=self._letters.encode(letter))
 

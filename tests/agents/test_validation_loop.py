@@ -9,11 +9,12 @@ import pytest
 
 from app.client import RequestSender, request_from
 from app.control import ControlPlane
-from app.kafka import apply_topics
+from app.kafka import apply_topics, make_producer
 from app.records import (
     CanaryAction,
     CanaryDecision,
     Comparison,
+    DeadLetter,
     OracleKind,
     OracleSpec,
     SamplingStrategy,
@@ -181,3 +182,19 @@ async def test_sampling_strategies_on_the_stream(broker: EmbeddedBroker, tmp_pat
     randomly = [r for r in results.values() if r.task_id == "randomly"]
     assert 0.22 < sum(r.sampled_for_validation for r in randomly) / len(randomly) < 0.38
     assert all(found[r.request_id].match is False for r in failed)
+
+
+async def test_undecodable_validation_traffic_becomes_dead_letters(served: Settings) -> None:
+    topics = topics_for(served.topic_prefix)
+    producer = make_producer(served)
+    await producer.start()
+    try:
+        for spec in (topics.validation_requests, topics.oracle_verdicts, topics.validations):
+            await producer.send_and_wait(spec.name, b"\xff not a record " + spec.name.encode(), key=b"k")
+    finally:
+        await producer.stop()
+    wanted = {topics.validation_requests.name, topics.oracle_verdicts.name, topics.validations.name}
+    letters = await collect(served, "dead_letters",
+                            lambda rs: wanted <= {r.source_topic for r in rs if isinstance(r, DeadLetter)}, 60)
+    for letter in (r for r in letters if isinstance(r, DeadLetter) and r.source_topic in wanted):
+        assert letter.error_type == "DecodeError" and letter.value.endswith(letter.source_topic.encode())
