@@ -20,12 +20,7 @@ import click
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from app.client import follow, request_from, send_requests
-from app.control import ControlError, ControlPlane
-from app.domain.programs import ProgramRejected, check_source
-from app.kafka import apply_topics
-from app.metadata import BrokerUnreachable, TopicUnavailable, check_broker
-from app.records import (
+from app.contract.records import (
     CanaryDecision,
     Comparison,
     ExecutionRequest,
@@ -35,10 +30,15 @@ from app.records import (
     TaskSpec,
     utc_now,
 )
+from app.contract.topics import topics_for
+from app.control.plane import ControlError, ControlPlane
+from app.domain.programs import ProgramRejected, check_source
+from app.kafka.client import follow, request_from, send_requests
+from app.kafka.clients import apply_topics
+from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.pool import run_once
 from app.settings import ConfigError, Settings, describe_validation_error
-from app.topics import topics_for
 
 T = TypeVar("T")
 

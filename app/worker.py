@@ -24,12 +24,12 @@ from app.agents.decide_canaries import DecideCanaries
 from app.agents.execute_requests import ExecuteRequests
 from app.agents.join_oracle_verdicts import JoinOracleVerdicts
 from app.agents.validate_executions import ValidateExecutions
-from app.kafka import BrokerWatch
+from app.contract.topics import topics_for
+from app.kafka.clients import BrokerWatch
+from app.kafka.tables import TableReader
 from app.sandbox.boundary import Boundary
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
-from app.tables import TableReader
-from app.topics import topics_for
 
 log = logging.getLogger(__name__)
 

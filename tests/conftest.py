@@ -21,11 +21,11 @@ import pytest
 from aiokafka.conn import AIOKafkaConnection
 from aiokafka.protocol.metadata import MetadataRequest
 
-from app.client import follow
-from app.kafka import apply_topics
-from app.records import DeadLetter, ExecutionResult
+from app.contract.records import DeadLetter, ExecutionResult
+from app.contract.topics import topics_for
+from app.kafka.client import follow
+from app.kafka.clients import apply_topics
 from app.settings import Settings
-from app.topics import topics_for
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 
 _counter = itertools.count()

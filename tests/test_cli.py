@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.topics import topics_for
+from app.contract.topics import topics_for
 from devtools.broker import EmbeddedBroker, free_port
 from tests.conftest import make_settings
 

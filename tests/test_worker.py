@@ -5,16 +5,16 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
-from app.client import RequestSender, request_from
-from app.control import ControlPlane
-from app.kafka import apply_topics
-from app.records import ExecutionRequest, ExecutionStatus, TaskSpec, execution_id_for, utc_now
+from app.contract.records import ExecutionRequest, ExecutionStatus, TaskSpec, execution_id_for, utc_now
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
+from app.kafka.client import RequestSender, request_from
+from app.kafka.clients import apply_topics
 from app.settings import Settings
-from app.topics import topics_for
 from app.worker import RepeatsHeldBack
 from devtools.samples import program_source
 from tests.conftest import WorkerProcess, collect, make_settings, results_for
-from tests.test_tables import _artifact, _publish_in_one_batch
+from tests.kafka.test_tables import _artifact, _publish_in_one_batch
 
 
 async def test_restarted_worker_recovers_the_tables_exactly(

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from app.client import RequestSender, follow, request_from
-from app.control import ControlPlane
-from app.kafka import apply_topics
-from app.records import ExecutionRequest, ExecutionResult, TaskSpec, execution_id_for, utc_now
+from app.contract.records import ExecutionRequest, ExecutionResult, TaskSpec, execution_id_for, utc_now
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
+from app.kafka.client import RequestSender, follow, request_from
+from app.kafka.clients import apply_topics
 from app.settings import Settings
-from app.topics import topics_for
 from devtools.broker import EmbeddedBroker
 from tests.conftest import WorkerProcess, collect, make_settings
 from tests.faults import CuttableBroker, committed
@@ -313,7 +313,7 @@ _REFUSING_WORKER = """
 import sys
 from aiokafka.errors import TopicAuthorizationFailedError
 from app.agents import execute_requests
-from app.kafka import make_producer
+from app.kafka.clients import make_producer
 from app.settings import Settings
 from app.worker import run_worker
 from tests.faults import RefusingProducer

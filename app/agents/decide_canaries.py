@@ -11,10 +11,8 @@ from typing import Any
 import faust
 
 from app.agents.plumbing import EventDeadLetters, raw_topic
-from app.codecs import DecodeError, codec_for
-from app.domain.canary import Accuracy, decide
-from app.domain.sampling import Sampler
-from app.records import (
+from app.contract.codecs import DecodeError, codec_for
+from app.contract.records import (
     CanaryAction,
     CanaryDecision,
     TaskSpec,
@@ -22,9 +20,11 @@ from app.records import (
     ValidationStatus,
     utc_now,
 )
+from app.contract.topics import Topics
+from app.domain.canary import Accuracy, decide
+from app.domain.sampling import Sampler
+from app.kafka.tables import TableReader
 from app.settings import Settings
-from app.tables import TableReader
-from app.topics import Topics
 
 log = logging.getLogger(__name__)
 

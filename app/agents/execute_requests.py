@@ -25,17 +25,17 @@ from aiokafka.errors import (
     KafkaError,
 )
 
-from app.codecs import DecodeError, codec_for
-from app.delivery import describe_error
+from app.contract.codecs import DecodeError, codec_for
+from app.contract.records import DeadLetter, ExecutionRequest, utc_now
+from app.contract.topics import Topics
 from app.domain.resolution import Refused, Runnable, SchemaValidators, resolve
 from app.domain.results import ResultAssembler, rejected_fields
-from app.kafka import make_consumer, make_producer
-from app.outcomes import Message, OutcomeWriter, Undeliverable, dead_letter_for, executed_results
-from app.records import DeadLetter, ExecutionRequest, utc_now
+from app.kafka.clients import make_consumer, make_producer
+from app.kafka.delivery import describe_error
+from app.kafka.outcomes import Message, OutcomeWriter, Undeliverable, dead_letter_for, executed_results
+from app.kafka.tables import TableReader
 from app.sandbox.pool import Call, Outcome, SandboxPool
 from app.settings import Settings
-from app.tables import TableReader
-from app.topics import Topics
 
 log = logging.getLogger(__name__)
 

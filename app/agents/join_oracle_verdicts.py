@@ -13,11 +13,11 @@ from typing import Any
 import faust
 
 from app.agents.plumbing import EventDeadLetters, raw_topic
-from app.codecs import DecodeError, codec_for
+from app.contract.codecs import DecodeError, codec_for
+from app.contract.records import OracleVerdict, Validation, ValidationRequest, ValidationStatus, utc_now
+from app.contract.topics import Topics
 from app.domain.validation import unvalidated, validated
-from app.records import OracleVerdict, Validation, ValidationRequest, ValidationStatus, utc_now
 from app.settings import Settings
-from app.topics import Topics
 
 log = logging.getLogger(__name__)
 _EXPIRY_CHECK_S = 1.0

@@ -7,10 +7,10 @@ from typing import Any
 
 import faust
 
-from app.codecs import codec_for
-from app.records import DeadLetter, utc_now
+from app.contract.codecs import codec_for
+from app.contract.records import DeadLetter, utc_now
+from app.contract.topics import Topics, TopicSpec
 from app.settings import Settings
-from app.topics import Topics, TopicSpec
 
 
 def raw_topic(app: faust.App, *specs: TopicSpec) -> Any:

@@ -13,13 +13,13 @@ from typing import Any
 import faust
 
 from app.agents.plumbing import EventDeadLetters, raw_topic
-from app.codecs import DecodeError, codec_for
+from app.contract.codecs import DecodeError, codec_for
+from app.contract.records import OracleKind, Validation, ValidationRequest, ValidationStatus, utc_now
+from app.contract.topics import Topics
 from app.domain.validation import shadow_version_for, unvalidated, validated
-from app.records import OracleKind, Validation, ValidationRequest, ValidationStatus, utc_now
+from app.kafka.tables import TableReader
 from app.sandbox.pool import Call, SandboxPool
 from app.settings import Settings
-from app.tables import TableReader
-from app.topics import Topics
 
 log = logging.getLogger(__name__)
 

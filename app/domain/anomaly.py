@@ -19,8 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from app.contract.records import AnomalyMethod, AnomalyMetric, AnomalySignal
 from app.domain.minute_buckets import MinuteMetrics
-from app.records import AnomalyMethod, AnomalyMetric, AnomalySignal
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from app.contract.records import DailyStats, ExecutionResult, StatsPartial, Validation, ValidationStatus
 from app.domain.daily_windows import DailyWindow, DailyWindows
 from app.domain.latency_sketch import LatencySketch
-from app.records import DailyStats, ExecutionResult, StatsPartial, Validation, ValidationStatus
 
 ALL_VERSIONS = "all"
 _STATUSES = ("ok", "error", "timeout", "rejected")

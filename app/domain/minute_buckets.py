@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from app.contract.records import StatsPartial
 from app.domain.daily_stats import WindowStats
 from app.domain.latency_sketch import LatencySketch
-from app.records import StatsPartial
 
 MINUTE = timedelta(minutes=1)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.records import ComplexityMetrics
+    from app.contract.records import ComplexityMetrics
 
 ALLOWED_MODULES = frozenset(
     {
@@ -148,7 +148,7 @@ def _is_forbidden_attribute(name: str) -> bool:
 
 def complexity_of(source: str) -> ComplexityMetrics:
     """Lines of code and cyclomatic complexity (1 + decision points) of a program."""
-    from app.records import ComplexityMetrics  # here, not above: sandbox processes import this module bare
+    from app.contract.records import ComplexityMetrics  # here, not above: sandbox processes import this module bare
 
     tree = ast.parse(source)
     decisions = 0

@@ -9,8 +9,8 @@ from typing import Any
 import jsonschema
 from jsonschema.exceptions import best_match
 
+from app.contract.records import ExecutionRequest, ProgramArtifact, TaskSpec
 from app.domain.canary import runs_canary
-from app.records import ExecutionRequest, ProgramArtifact, TaskSpec
 
 
 @dataclass(frozen=True, slots=True)

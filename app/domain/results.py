@@ -14,10 +14,10 @@ from typing import Any
 
 import orjson
 
+from app.contract.records import ExecutionRequest, ExecutionResult, ExecutionStatus, SamplingStrategy, execution_id_for
 from app.domain.resolution import Runnable, SchemaValidators
 from app.domain.sampling import Sampler
 from app.domain.validation import oracle_for
-from app.records import ExecutionRequest, ExecutionResult, ExecutionStatus, SamplingStrategy, execution_id_for
 from app.sandbox.pool import Outcome
 
 RESULT_DEFAULTS: dict[str, Any] = {

@@ -16,10 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
+from app.contract.records import RetentionEvent, TaskSpec, artifact_key
+from app.contract.topics import TopicSpec
 from app.domain.daily_stats import StatsKey
 from app.domain.daily_windows import DailyWindows
-from app.records import RetentionEvent, TaskSpec, artifact_key
-from app.topics import TopicSpec
 
 
 @dataclass(frozen=True, slots=True)

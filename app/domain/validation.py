@@ -6,8 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from app.domain.comparison import compare
-from app.records import (
+from app.contract.records import (
     Comparison,
     OracleKind,
     OracleSpec,
@@ -16,6 +15,7 @@ from app.records import (
     ValidationRequest,
     ValidationStatus,
 )
+from app.domain.comparison import compare
 
 LABEL_ORACLE = OracleSpec(kind=OracleKind.LABEL)
 

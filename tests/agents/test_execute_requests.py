@@ -8,13 +8,13 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from app.client import RequestSender, request_from
-from app.control import ControlPlane
+from app.contract.records import ExecutionStatus, TaskSpec, execution_id_for, utc_now
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
 from app.domain.sampling import is_sampled
-from app.kafka import apply_topics, make_producer
-from app.records import ExecutionStatus, TaskSpec, execution_id_for, utc_now
+from app.kafka.client import RequestSender, request_from
+from app.kafka.clients import apply_topics, make_producer
 from app.settings import Settings
-from app.topics import topics_for
 from devtools.broker import EmbeddedBroker
 from devtools.samples import TEXT_INPUT_SCHEMA, program_source
 from tests.conftest import WorkerProcess, dead_letters, make_settings, results_for

@@ -19,15 +19,15 @@ from aiokafka.errors import (
 
 from app.agents import execute_requests
 from app.agents.execute_requests import ExecuteRequests
-from app.client import RequestSender, request_from
-from app.control import ControlPlane
-from app.kafka import make_consumer, make_producer
-from app.records import ExecutionRequest, ExecutionStatus, TaskSpec, execution_id_for, utc_now
+from app.contract.records import ExecutionRequest, ExecutionStatus, TaskSpec, execution_id_for, utc_now
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
+from app.kafka.client import RequestSender, request_from
+from app.kafka.clients import make_consumer, make_producer
+from app.kafka.tables import TableReader
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
-from app.tables import TableReader
-from app.topics import topics_for
 from tests.conftest import collect, dead_letters, results_for
 from tests.faults import FailingCommits, RefusingProducer, committed
 

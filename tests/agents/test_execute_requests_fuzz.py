@@ -17,12 +17,12 @@ from aiokafka import TopicPartition
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from app.codecs import codec_for
-from app.control import ControlPlane
-from app.kafka import apply_topics, make_consumer, make_producer
-from app.records import DeadLetter, ExecutionRequest, ExecutionResult, ExecutionStatus, TaskSpec, utc_now
+from app.contract.codecs import codec_for
+from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult, ExecutionStatus, TaskSpec, utc_now
+from app.contract.topics import TopicSpec, topics_for
+from app.control.plane import ControlPlane
+from app.kafka.clients import apply_topics, make_consumer, make_producer
 from app.settings import Settings
-from app.topics import TopicSpec, topics_for
 from devtools.broker import EmbeddedBroker
 from tests.conftest import WorkerProcess, make_settings
 

@@ -3,13 +3,13 @@ one worker. The victim's results equal those of a run without the attacker."""
 
 import pytest
 
-from app.client import RequestSender, request_from
-from app.control import ControlPlane
+from app.contract.records import TaskSpec, utc_now
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
 from app.domain.programs import check_source
-from app.kafka import apply_topics
-from app.records import TaskSpec, utc_now
+from app.kafka.client import RequestSender, request_from
+from app.kafka.clients import apply_topics
 from app.settings import Settings
-from app.topics import topics_for
 from devtools.broker import EmbeddedBroker
 from tests.conftest import WorkerProcess, make_settings, results_for
 

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.client import RequestSender, request_from
-from app.control import ControlPlane
-from app.kafka import apply_topics, make_producer
-from app.records import (
+from app.contract.records import (
     CanaryAction,
     CanaryDecision,
     Comparison,
@@ -23,8 +20,11 @@ from app.records import (
     ValidationStatus,
     utc_now,
 )
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
+from app.kafka.client import RequestSender, request_from
+from app.kafka.clients import apply_topics, make_producer
 from app.settings import Settings
-from app.topics import topics_for
 from devtools.broker import EmbeddedBroker
 from devtools.oracle import canonical, serve_oracle
 from tests.conftest import WorkerProcess, collect, make_settings, results_for

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from app.codecs import codec_for
-from app.control import read_to_end
-from app.kafka import apply_topics, make_producer, partition_for
-from app.records import OracleKind, OracleSpec, OracleVerdict, ValidationRequest, execution_id_for, utc_now
-from app.topics import topics_for
+from app.contract.codecs import codec_for
+from app.contract.records import OracleKind, OracleSpec, OracleVerdict, ValidationRequest, execution_id_for, utc_now
+from app.contract.topics import topics_for
+from app.kafka.clients import apply_topics, make_producer, partition_for
+from app.kafka.tables import read_to_end
 from devtools.broker import EmbeddedBroker
 from devtools.oracle import LabelsError, canonical, load_labels
 from tests.conftest import collect, make_settings, wait_for_text

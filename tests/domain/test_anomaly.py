@@ -5,9 +5,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from app.contract.records import AnomalyMethod, AnomalyMetric, AnomalySignal
 from app.domain.anomaly import AnomalyDetector, AnomalyThresholds
 from app.domain.minute_buckets import MinuteBuckets, MinuteMetrics
-from app.records import AnomalyMethod, AnomalyMetric, AnomalySignal
 
 T0 = datetime(2026, 11, 22, tzinfo=UTC)
 RAN = 300  # results per minute

@@ -4,10 +4,7 @@ from typing import Any
 
 import pytest
 
-from app.domain.daily_stats import StatsKey, WindowStats, stats_keys_of, summarise_results, summarise_validations
-from app.domain.daily_windows import DailyWindows
-from app.domain.latency_sketch import LatencySketch
-from app.records import (
+from app.contract.records import (
     Comparison,
     ExecutionResult,
     ExecutionStatus,
@@ -16,6 +13,9 @@ from app.records import (
     Validation,
     ValidationStatus,
 )
+from app.domain.daily_stats import StatsKey, WindowStats, stats_keys_of, summarise_results, summarise_validations
+from app.domain.daily_windows import DailyWindows
+from app.domain.latency_sketch import LatencySketch
 
 NOON = datetime(2026, 11, 22, 12, tzinfo=UTC)
 WINDOWS = DailyWindows("Europe/Paris", grace=timedelta(minutes=5))

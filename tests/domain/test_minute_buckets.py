@@ -3,10 +3,10 @@ from typing import Any
 
 import pytest
 
+from app.contract.records import StatsPartial
 from app.domain.daily_stats import WindowStats
 from app.domain.latency_sketch import LatencySketch
 from app.domain.minute_buckets import MinuteBuckets, minute_start
-from app.records import StatsPartial
 
 T0 = datetime(2026, 11, 22, 12, tzinfo=UTC)
 

@@ -2,8 +2,8 @@ from typing import Any
 
 import pytest
 
+from app.contract.records import ExecutionRequest, ProgramArtifact, TaskSpec, utc_now
 from app.domain.resolution import Refused, Runnable, SchemaValidators, resolve
-from app.records import ExecutionRequest, ProgramArtifact, TaskSpec, utc_now
 
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 

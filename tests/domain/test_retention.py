@@ -2,6 +2,8 @@ from datetime import UTC, date, datetime
 
 import pytest
 
+from app.contract.records import OracleKind, OracleSpec, TaskSpec
+from app.contract.topics import topics_for
 from app.domain.daily_stats import StatsKey
 from app.domain.daily_windows import DailyWindows
 from app.domain.retention import (
@@ -12,8 +14,6 @@ from app.domain.retention import (
     first_kept_day,
     versions_to_tombstone,
 )
-from app.records import OracleKind, OracleSpec, TaskSpec
-from app.topics import topics_for
 
 NOW = datetime(2026, 11, 30, 12, tzinfo=UTC)
 TOPICS = topics_for("loopai.")

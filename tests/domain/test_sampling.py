@@ -1,5 +1,5 @@
+from app.contract.records import execution_id_for
 from app.domain.sampling import ADAPTIVE_MAX, STRATEGIES, Sampler, is_sampled
-from app.records import execution_id_for
 
 
 def test_rate_is_respected_over_many_ids() -> None:

@@ -1,7 +1,6 @@
 from datetime import UTC, datetime
 
-from app.domain.validation import LABEL_ORACLE, oracle_for, shadow_version_for, unvalidated, validated
-from app.records import (
+from app.contract.records import (
     Comparison,
     OracleKind,
     OracleSpec,
@@ -9,6 +8,7 @@ from app.records import (
     ValidationRequest,
     ValidationStatus,
 )
+from app.domain.validation import LABEL_ORACLE, oracle_for, shadow_version_for, unvalidated, validated
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 

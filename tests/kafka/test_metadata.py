@@ -5,14 +5,14 @@ import time
 
 import pytest
 
-from app.client import follow, request_from, send_requests
-from app.control import ControlPlane
-from app.kafka import make_consumer
-from app.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
-from app.records import TaskSpec, utc_now
+from app.contract.records import TaskSpec, utc_now
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
+from app.kafka.client import follow, request_from, send_requests
+from app.kafka.clients import make_consumer
+from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
+from app.kafka.tables import TableReader
 from app.settings import Settings
-from app.tables import TableReader
-from app.topics import topics_for
 from devtools.broker import EmbeddedBroker, free_port
 from tests.conftest import KafkaLikeMetadata, make_settings
 

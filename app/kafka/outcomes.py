@@ -12,16 +12,16 @@ from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
-from app.codecs import codec_for
-from app.delivery import Outbox, Undelivered, deliver
+from app.contract.codecs import codec_for
+from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult, ValidationRequest, utc_now
+from app.contract.topics import Topics
 from app.domain.resolution import Runnable
 from app.domain.results import ResultAssembler
-from app.kafka import partition_for
-from app.metadata import topic_partitions
-from app.records import DeadLetter, ExecutionRequest, ExecutionResult, ValidationRequest, utc_now
+from app.kafka.clients import partition_for
+from app.kafka.delivery import Outbox, Undelivered, deliver
+from app.kafka.metadata import topic_partitions
 from app.sandbox.pool import Outcome
 from app.settings import Settings
-from app.topics import Topics
 
 log = logging.getLogger(__name__)
 Message: TypeAlias = ConsumerRecord[Any, Any]

@@ -4,9 +4,9 @@ import asyncio
 
 from aiokafka import TopicPartition
 
-from app.kafka import BatchSender, apply_topics, make_consumer, make_producer, partition_for
+from app.contract.topics import topics_for
+from app.kafka.clients import BatchSender, apply_topics, make_consumer, make_producer, partition_for
 from app.settings import Settings
-from app.topics import topics_for
 
 # murmur2 test vectors from Kafka's Java client (UtilsTest.testMurmur2), as signed 32-bit ints.
 JAVA_MURMUR2 = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,

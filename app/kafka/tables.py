@@ -10,19 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from app.codecs import DecodeError, codec_for
-from app.kafka import make_consumer
-from app.metadata import topic_partitions
-from app.records import ProgramArtifact, Record, TaskSpec
-from app.records import artifact_key as artifact_key  # its home is records; importers here keep working
+from app.contract.codecs import DecodeError, codec_for
+from app.contract.records import ProgramArtifact, Record, TaskSpec
+from app.contract.records import artifact_key as artifact_key  # its home is records; importers here keep working
+from app.contract.topics import TopicSpec
+from app.kafka.clients import make_consumer
+from app.kafka.metadata import topic_partitions
 from app.settings import Settings
-from app.topics import TopicSpec
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
@@ -141,18 +141,8 @@ class TableReader:
             self._consumer = None
 
     async def _catch_up(self, partitions: list[TopicPartition]) -> None:
-        while True:
-            await self._poll(timeout_ms=100)
-            if await self._at_end(partitions):
-                return
-
-    async def _at_end(self, partitions: list[TopicPartition]) -> bool:
         assert self._consumer is not None
-        for tp in partitions:
-            highwater = self._consumer.highwater(tp)
-            if highwater is None or await self._consumer.position(tp) < highwater:
-                return False
-        return True
+        await consume_to_end(self._consumer, partitions, self._apply)
 
     async def _follow(self) -> None:
         while True:
@@ -164,8 +154,59 @@ class TableReader:
 
     async def _poll(self, timeout_ms: int) -> None:
         assert self._consumer is not None
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms)
-        for tp, messages in batches.items():
-            table = self._tables[tp.topic]
+        for tp, messages in (await self._consumer.getmany(timeout_ms=timeout_ms)).items():
             for message in messages:
-                table.apply(message.key, message.value, message.offset)
+                self._apply(tp, message)
+
+    def _apply(self, tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> None:
+        self._tables[tp.topic].apply(message.key, message.value, message.offset)
+
+
+async def consume_to_end(
+    consumer: AIOKafkaConsumer,
+    partitions: list[TopicPartition],
+    handle: Callable[[TopicPartition, ConsumerRecord[bytes, bytes]], None],
+) -> None:
+    """Hands every message of the assigned partitions to handle until each position reaches its true end."""
+    while True:
+        for tp, messages in (await consumer.getmany(timeout_ms=100)).items():
+            for message in messages:
+                handle(tp, message)
+        if await _at_end(consumer, partitions):
+            return
+
+
+async def _at_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> bool:
+    for tp in partitions:
+        highwater = consumer.highwater(tp)
+        if highwater is None or await consumer.position(tp) < highwater:
+            return False
+    return True
+
+
+async def read_to_end(settings: Settings, spec: TopicSpec, timeout_s: float = 30.0) -> list[Record]:
+    """Every decodable record of a topic, from the beginning to its true end, in partition order;
+    undecodable ones are logged and left out. Raises TimeoutError past timeout_s."""
+    codec = codec_for(spec.record, settings.wire_format)
+    records: dict[TopicPartition, list[Record]] = {}
+
+    def keep(tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            records[tp].append(codec.decode(message.value))
+        except DecodeError as exc:
+            log.warning("%s offset %d skipped: %s", tp, message.offset, exc)
+
+    consumer = make_consumer(settings, fetch_max_wait_ms=100)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
+        records.update({tp: [] for tp in partitions})
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        try:
+            await asyncio.wait_for(consume_to_end(consumer, partitions, keep), timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"could not read {spec.name} to its end within {timeout_s:g} s") from None
+        return [record for tp in partitions for record in records[tp]]
+    finally:
+        await consumer.stop()

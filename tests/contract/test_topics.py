@@ -1,6 +1,6 @@
 import pytest
 
-from app.records import (
+from app.contract.records import (
     AnomalySignal,
     DailyStats,
     DeadLetter,
@@ -10,7 +10,7 @@ from app.records import (
     StatsPartial,
     TaskSpec,
 )
-from app.topics import topics_for
+from app.contract.topics import topics_for
 
 
 def test_prefix_applies_to_every_topic() -> None:

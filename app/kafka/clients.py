@@ -17,8 +17,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 from aiokafka.protocol.admin import ApiVersionRequest
 
+from app.contract.topics import Topics, TopicSpec
 from app.settings import Settings
-from app.topics import Topics, TopicSpec
 
 
 @lru_cache(maxsize=65536)

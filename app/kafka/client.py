@@ -9,12 +9,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from app.codecs import DecodeError, codec_for
-from app.kafka import BatchSender, make_consumer, make_producer, partition_for
-from app.metadata import topic_partitions
-from app.records import ExecutionRequest, Record, utc_now
+from app.contract.codecs import DecodeError, codec_for
+from app.contract.records import ExecutionRequest, Record, utc_now
+from app.contract.topics import TopicSpec, topics_for
+from app.kafka.clients import BatchSender, make_consumer, make_producer, partition_for
+from app.kafka.metadata import topic_partitions
 from app.settings import Settings
-from app.topics import TopicSpec, topics_for
 
 
 class RequestSender:

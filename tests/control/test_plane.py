@@ -7,10 +7,8 @@ from typing import Any
 
 import pytest
 
-from app.codecs import codec_for
-from app.control import ControlError, ControlPlane
-from app.kafka import make_producer, partition_for
-from app.records import (
+from app.contract.codecs import codec_for
+from app.contract.records import (
     CanaryAction,
     CanaryDecision,
     Comparison,
@@ -20,8 +18,10 @@ from app.records import (
     TaskSpec,
     utc_now,
 )
+from app.contract.topics import topics_for
+from app.control.plane import ControlError, ControlPlane
+from app.kafka.clients import make_producer, partition_for
 from app.settings import Settings
-from app.topics import topics_for
 from tests.conftest import KafkaLikeMetadata
 
 PROGRAM = "def run(input):\n    return {version}\n"

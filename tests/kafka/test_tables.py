@@ -4,12 +4,12 @@ import asyncio
 
 from aiokafka import TopicPartition
 
-from app.codecs import codec_for
-from app.kafka import make_consumer, make_producer, partition_for
-from app.records import ProgramArtifact, TaskSpec, utc_now
+from app.contract.codecs import codec_for
+from app.contract.records import ProgramArtifact, TaskSpec, utc_now
+from app.contract.topics import topics_for
+from app.kafka.clients import make_consumer, make_producer, partition_for
+from app.kafka.tables import TableReader, artifact_key
 from app.settings import Settings
-from app.tables import TableReader, artifact_key
-from app.topics import topics_for
 
 
 def _artifact(task: str, version: int) -> ProgramArtifact:

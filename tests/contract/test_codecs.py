@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.codecs import DecodeError, codec_for, parsed_schema
-from app.records import (
+from app.contract.codecs import DecodeError, codec_for, parsed_schema
+from app.contract.records import (
     AnomalyMethod,
     AnomalyMetric,
     AnomalySignal,

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.topics import topics_for
+from app.contract.topics import topics_for
 from devtools.broker import EmbeddedBroker
 from tests.conftest import make_settings, wait_for_text
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from app.codecs import load_schema
-from app.records import (
+from app.contract.codecs import load_schema
+from app.contract.records import (
     EXECUTION_NAMESPACE,
     RECORD_TYPES,
     ExecutionRequest,

@@ -19,8 +19,8 @@ import fastavro.write
 import orjson
 from pydantic import ValidationError
 
-from app.contract import contract_dir
-from app.records import RECORD_TYPES, Record
+from app.contract.files import contract_dir
+from app.contract.records import RECORD_TYPES, Record
 
 R = TypeVar("R", bound=Record)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from app.contract import contract_dir
-from app.records import RECORD_TYPES, Record
+from app.contract.files import contract_dir
+from app.contract.records import RECORD_TYPES, Record
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ _HERE = Path(__file__).resolve().parent
 @cache
 def contract_dir(name: str) -> Path:
     """The folder `schemas` or `topics`, from a source checkout or an installed wheel."""
-    for candidate in (_HERE.parent / name, _HERE / "_contract" / name):
+    for candidate in (_HERE.parent.parent / name, _HERE.parent / "_contract" / name):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"contract folder {name!r} not found next to {_HERE}")

@@ -1,4 +1,4 @@
-"""The record models: pydantic mirrors of schemas/*.avsc, one to one (tests/test_records.py proves it).
+"""The record models: pydantic mirrors of schemas/*.avsc, one to one (tests/contract/test_records.py proves it).
 
 Fields typed `JsonValue` are JSON strings on the Avro wire (logicalType "json") and nested JSON in the
 JSON wire format.

@@ -6,33 +6,31 @@ Reads the current tables first (to the true end), so versions and activations bu
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from types import TracebackType
 from typing import Any
 
 import jsonschema
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
-from app.codecs import DecodeError, codec_for
-from app.domain.programs import check_source, complexity_of
-from app.kafka import make_consumer, make_producer, partition_for
-from app.metadata import topic_partitions
-from app.records import (
+from app.contract.codecs import codec_for
+from app.contract.records import (
     CanaryAction,
     CanaryDecision,
     OracleKind,
     ProgramArtifact,
     ProgramStatus,
-    Record,
     SynthesisStrategy,
     TaskSpec,
     utc_now,
 )
+from app.contract.topics import TopicSpec, topics_for
+from app.domain.programs import check_source, complexity_of
+from app.kafka.clients import make_producer, partition_for
+from app.kafka.metadata import topic_partitions
+from app.kafka.tables import TableReader, artifact_key, read_to_end
 from app.settings import Settings
-from app.tables import TableReader, artifact_key
-from app.topics import TopicSpec, topics_for
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +210,11 @@ class ControlPlane:
         """The canary decisions of a task, manual and automatic, oldest first (the canary-decisions topic read
         to its end)."""
         self.task(task_id)
-        found = [record for record in await read_to_end(self._settings, self._topics.canary_decisions, timeout_s)
-                 if isinstance(record, CanaryDecision) and record.task_id == task_id]
+        try:
+            everything = await read_to_end(self._settings, self._topics.canary_decisions, timeout_s)
+        except TimeoutError as exc:
+            raise ControlError(str(exc)) from None
+        found = [record for record in everything if isinstance(record, CanaryDecision) and record.task_id == task_id]
         return sorted(found, key=lambda decision: decision.decided_at)
 
     def _running_canary(self, task: TaskSpec) -> int:
@@ -287,41 +288,6 @@ def _merged_oracle(task: TaskSpec, changes: dict[str, Any]) -> dict[str, Any]:
     if changes.get("kind", current["kind"]) != current["kind"] and "shadow_version" not in changes:
         current["shadow_version"] = None
     return {**current, **changes}
-
-
-async def read_to_end(settings: Settings, spec: TopicSpec, timeout_s: float = 30.0) -> list[Record]:
-    """Every decodable record of a topic, from the beginning to its true end (the fetch high watermark), in
-    partition order; undecodable ones are logged and left out. Raises ControlError past timeout_s."""
-    codec = codec_for(spec.record, settings.wire_format)
-    consumer = make_consumer(settings, fetch_max_wait_ms=100)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        records: dict[TopicPartition, list[Record]] = {tp: [] for tp in partitions}
-        try:
-            async with asyncio.timeout(timeout_s):
-                while not await _at_end(consumer, partitions):
-                    for tp, messages in (await consumer.getmany(timeout_ms=100)).items():
-                        for message in messages:
-                            try:
-                                records[tp].append(codec.decode(message.value))
-                            except DecodeError as exc:
-                                log.warning("%s offset %d skipped: %s", tp, message.offset, exc)
-        except TimeoutError:
-            raise ControlError(f"could not read {spec.name} to its end within {timeout_s:g} s") from None
-        return [record for tp in partitions for record in records[tp]]
-    finally:
-        await consumer.stop()
-
-
-async def _at_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> bool:
-    for tp in partitions:
-        highwater = consumer.highwater(tp)
-        if highwater is None or await consumer.position(tp) < highwater:
-            return False
-    return True
 
 
 def _check_json_schema(schema: dict[str, Any], field: str) -> None:

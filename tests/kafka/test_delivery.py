@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 import pytest
 from aiokafka.errors import NotLeaderForPartitionError, TopicAuthorizationFailedError
 
-from app.delivery import Outbox, deliver
-from app.kafka import make_producer
+from app.contract.topics import topics_for
+from app.kafka.clients import make_producer
+from app.kafka.delivery import Outbox, deliver
 from app.settings import Settings
-from app.topics import topics_for
 from tests.faults import RefusingProducer, read_values
 
 

@@ -1,0 +1,1 @@
+"""The control plane: tasks, program artifacts and canaries, written to their compacted topics."""
