@@ -31,12 +31,12 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.client import RequestSender, request_from
-from app.control import ControlPlane
-from app.kafka import BatchSender, apply_topics, make_consumer, make_producer
-from app.records import TaskSpec, utc_now
+from app.contract.records import TaskSpec, utc_now
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
+from app.kafka.client import RequestSender, request_from
+from app.kafka.clients import BatchSender, apply_topics, make_consumer, make_producer
 from app.settings import Settings
-from app.topics import topics_for
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from devtools.samples import SPAM_TEXTS, program_source
 

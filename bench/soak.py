@@ -20,10 +20,10 @@ from pathlib import Path
 
 from aiokafka import TopicPartition
 
-from app.client import RequestSender, request_from
-from app.kafka import make_consumer
+from app.contract.topics import topics_for
+from app.kafka.client import RequestSender, request_from
+from app.kafka.clients import make_consumer
 from app.settings import Settings
-from app.topics import topics_for
 from bench.__main__ import provision
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from devtools.samples import SPAM_TEXTS

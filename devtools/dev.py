@@ -25,12 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.client import RequestSender, follow, request_from
-from app.control import ControlPlane
-from app.kafka import apply_topics
-from app.records import CanaryDecision, ExecutionResult, Validation, ValidationStatus
+from app.contract.records import CanaryDecision, ExecutionResult, Validation, ValidationStatus
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
+from app.kafka.client import RequestSender, follow, request_from
+from app.kafka.clients import apply_topics
 from app.settings import Settings
-from app.topics import topics_for
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from devtools.oracle import canonical, serve_oracle
 from devtools.samples import INTENT_LABELS, SAMPLE_PROGRAMS, SPAM_TRUTH, program_source, sample_tasks, sample_traffic

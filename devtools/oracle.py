@@ -15,12 +15,12 @@ from typing import Any
 
 import orjson
 
-from app.codecs import DecodeError, codec_for
-from app.kafka import BatchSender, make_consumer, make_producer, partition_for
-from app.metadata import topic_partitions
-from app.records import OracleVerdict, ValidationRequest, utc_now
+from app.contract.codecs import DecodeError, codec_for
+from app.contract.records import OracleVerdict, ValidationRequest, utc_now
+from app.contract.topics import topics_for
+from app.kafka.clients import BatchSender, make_consumer, make_producer, partition_for
+from app.kafka.metadata import topic_partitions
 from app.settings import Settings
-from app.topics import topics_for
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from app.records import OracleKind, OracleSpec, TaskSpec, utc_now
+from app.contract.records import OracleKind, OracleSpec, TaskSpec, utc_now
 
 TEXT_INPUT_SCHEMA: dict[str, Any] = {
     "type": "object",
