@@ -20,6 +20,7 @@ import click
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from app import __version__
 from app.contract.records import (
     CanaryDecision,
     Comparison,
@@ -33,9 +34,9 @@ from app.contract.records import (
 from app.contract.topics import topics_for
 from app.control.plane import ControlError, ControlPlane
 from app.domain.programs import ProgramRejected, check_source
-from app.kafka.client import follow, request_from, send_requests
-from app.kafka.clients import apply_topics
-from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker
+from app.kafka.client import follow, request_from, send_and_wait, send_requests
+from app.kafka.clients import apply_topics, make_consumer
+from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.pool import run_once
 from app.settings import ConfigError, Settings, describe_validation_error
@@ -97,6 +98,7 @@ def _json_file(path: Path | None) -> Any:
 
 
 @click.group()
+@click.version_option(__version__, prog_name="loopai")
 @click.option("--config", type=click.Path(path_type=Path, exists=True), help="YAML settings file.")
 @click.option("--bootstrap-servers", help="Kafka bootstrap servers (LOOPAI_BOOTSTRAP_SERVERS).")
 @click.option("--topic-prefix", help="Topic name prefix (LOOPAI_TOPIC_PREFIX).")
@@ -111,6 +113,40 @@ def cli(ctx: click.Context, config: Path | None, bootstrap_servers: str | None, 
 @cli.group()
 def topics() -> None:
     """Topic administration."""
+
+
+@topics.command("list")
+@click.pass_context
+def topics_list(ctx: click.Context) -> None:
+    """List the topics of topics/topics.yaml: name, partitions, record, cleanup and retention, and whether the
+    cluster has each (with its partition count there)."""
+    settings = _kafka_settings(ctx)
+    registry = topics_for(settings.topic_prefix)
+
+    async def go() -> dict[str, int | None]:
+        consumer = make_consumer(settings)
+        await consumer.start()
+
+        async def partitions(name: str) -> int | None:
+            try:
+                return len(await topic_partitions(consumer, name, timeout_s=3))
+            except TopicUnavailable:
+                return None
+
+        try:
+            counts = await asyncio.gather(*(partitions(spec.name) for spec in registry.all()))
+        finally:
+            await consumer.stop()
+        return dict(zip((spec.name for spec in registry.all()), counts, strict=True))
+
+    on_cluster = _run(go())
+    for spec in registry.all():
+        there = on_cluster[spec.name]
+        retention = spec.config.get("retention.ms")
+        click.echo(f"{spec.name}\t{spec.partitions} partitions\t{spec.record_name or 'internal'}\t"
+                   f"{spec.config.get('cleanup.policy', '-')}"
+                   + (f" {int(retention) / 86_400_000:g} d" if retention else "")
+                   + f"\t{'missing' if there is None else f'on cluster ({there} partitions)'}")
 
 
 @topics.command("apply")
@@ -232,6 +268,23 @@ def task_show(ctx: click.Context, name: str) -> None:
     click.echo(_run(go()).model_dump_json(indent=2))
 
 
+@task.command("delete")
+@click.argument("name")
+@click.confirmation_option(prompt="Delete the task and every version of its program?")
+@click.pass_context
+def task_delete(ctx: click.Context, name: str) -> None:
+    """Delete a task and its program versions (tombstones); its requests are rejected from then on."""
+    settings = _kafka_settings(ctx)
+
+    async def go() -> list[int]:
+        async with ControlPlane(settings) as control:
+            return await control.delete_task(name)
+
+    versions = _run(go())
+    click.echo(f"deleted task {name} and {len(versions)} version(s){': ' if versions else ''}"
+               + ", ".join(f"v{v}" for v in versions))
+
+
 @task.command("list")
 @click.pass_context
 def task_list(ctx: click.Context) -> None:
@@ -320,6 +373,28 @@ def artifact_list(ctx: click.Context, task_id: str) -> None:
         click.echo(f"  {d.decided_at:%Y-%m-%d %H:%M:%S}\t{d.action.value}\tv{d.candidate_version} vs "
                    f"v{d.active_version or '-'}\taccuracy {_rate(d.candidate_accuracy)} vs "
                    f"{_rate(d.active_accuracy)} ({d.validations} validations)\t{d.reason}\tby {d.decided_by}")
+
+
+@artifact.command("show")
+@click.argument("task_id")
+@click.argument("version", type=int)
+@click.option("--source", "source_only", is_flag=True, help="Print only the program's source.")
+@click.pass_context
+def artifact_show(ctx: click.Context, task_id: str, version: int, source_only: bool) -> None:
+    """Print one version of a task's program as JSON (or only its source)."""
+    settings = _kafka_settings(ctx)
+
+    async def go() -> ProgramArtifact:
+        async with ControlPlane(settings) as control:
+            control.task(task_id)
+            found = control.tables.artifacts.version(task_id, version)
+            if found is None:
+                published = sorted(control.tables.artifacts.versions_of(task_id))
+                raise ControlError(f"task {task_id!r} has no version {version}; published: {published or 'none'}")
+            return found
+
+    found = _run(go())
+    click.echo(found.source_code if source_only else found.model_dump_json(indent=2))
 
 
 def _rate(accuracy: float | None) -> str:
@@ -424,9 +499,12 @@ def worker(ctx: click.Context) -> None:
 @click.option("--file", "jsonl", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="JSONL file of whole requests (request_id may be omitted).")
 @click.option("--version", type=int, help="Pin a program version.")
+@click.option("--wait", is_flag=True, help="Then print each request's result (or dead letter) as it arrives.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="With --wait: give up after this many seconds (exit 1).")
 @click.pass_context
 def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl: Path | None,
-         version: int | None) -> None:
+         version: int | None, wait: bool, timeout_s: float) -> None:
     """Produce execution requests, once the task (and a pinned version) is known to exist."""
     requests: list[ExecutionRequest] = []
     for number, text in enumerate(inputs, 1):
@@ -448,9 +526,17 @@ def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl
         async with ControlPlane(settings) as control:
             for target_task, target_version in sorted({(r.task_id, r.version) for r in requests}, key=str):
                 control.check_request_target(target_task, target_version)
-        return await send_requests(settings, requests)
+        if not wait:
+            return await send_requests(settings, requests)
+        try:
+            async for ended in send_and_wait(settings, requests, timeout_s):
+                click.echo(ended.model_dump_json())
+        except TimeoutError as exc:
+            raise click.ClickException(str(exc)) from None
+        return len(requests)
 
-    click.echo(f"sent {_run(go())} request(s)")
+    sent = _run(go())
+    click.echo(f"sent {sent} request(s)" + (", every one answered" if wait else ""), err=wait)
 
 
 def _json_object(where: str, text: str) -> dict[str, Any]:
@@ -472,23 +558,39 @@ def _request(where: str, task_id: Any, value: Any, fields: dict[str, Any]) -> Ex
 
 @cli.command()
 @click.argument("topic")
-@click.option("--from-beginning/--from-end", default=True)
+@click.option("--from-beginning/--from-end", default=True, show_default=True,
+              help="Start at the first record kept (default), or only print what arrives from now on.")
+@click.option("-n", "--count", type=click.IntRange(min=1), help="Exit after printing this many records.")
+@click.option("--task", "task_id", help="Only records of this task.")
+@click.option("--status", help="Only records with this status (results: ok, error, timeout, rejected).")
+@click.option("--pretty", is_flag=True, help="Indented JSON, a blank line between records.")
 @click.option("--idle-exit", type=float, help="Exit after this many seconds without records.")
 @click.pass_context
-def tail(ctx: click.Context, topic: str, from_beginning: bool, idle_exit: float | None) -> None:
-    """Follow TOPIC (e.g. results, requests, dead_letters) and print each record as JSON."""
+def tail(ctx: click.Context, topic: str, from_beginning: bool, count: int | None, task_id: str | None,
+         status: str | None, pretty: bool, idle_exit: float | None) -> None:
+    """Follow TOPIC (e.g. results, requests, dead-letters) and print each record as JSON, one per line."""
     settings = _kafka_settings(ctx)
     try:
         spec = topics_for(settings.topic_prefix).by_name(topic)
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0])) from exc
 
+    def wanted(record: Any) -> bool:
+        return ((task_id is None or getattr(record, "task_id", None) == task_id)
+                and (status is None or str(getattr(record, "status", "")) == status))
+
     async def go() -> None:
+        printed = 0
         async for tp, offset, record in follow(settings, spec, from_beginning, idle_exit):
             if isinstance(record, Exception):
                 click.echo(f"# {tp.partition}:{offset} undecodable: {record}", err=True)
-            else:
-                click.echo(record.model_dump_json())
+                continue
+            if not wanted(record):
+                continue
+            click.echo(record.model_dump_json(indent=2) + "\n" if pretty else record.model_dump_json())
+            printed += 1
+            if count is not None and printed >= count:
+                return
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(go())

@@ -5,13 +5,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from app.contract.topics import topics_for
 from devtools.broker import EmbeddedBroker, free_port
-from tests.conftest import make_settings
+from tests.conftest import WorkerProcess, make_settings
 
 
 def loopai(settings_env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -303,3 +304,54 @@ def test_a_silent_broker_fails_within_the_default_timeout(silent_broker: str) ->
     done = loopai({"LOOPAI_BOOTSTRAP_SERVERS": silent_broker}, "task", "list", timeout=60)
     assert done.returncode == 1 and "did not answer within 5 s (connect_timeout_s)" in done.stderr, done.stderr
     assert time.monotonic() - started < 10
+
+
+def test_send_wait_tail_filters_and_the_smaller_commands(
+    broker: EmbeddedBroker, tmp_path: Path, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    settings = make_settings(broker)
+    env = settings.to_env()
+    assert loopai(env, "topics", "apply").returncode == 0
+    assert loopai(env, "task", "create", "echo").returncode == 0
+    program = tmp_path / "echo.py"
+    program.write_text("def run(input):\n    if input['n'] == 2:\n        raise ValueError('two')\n"
+                       "    return input['n']\n")
+    assert loopai(env, "artifact", "publish", "echo", str(program), "--activate").returncode == 0
+    start_worker(settings)
+
+    waited = loopai(env, "send", "echo", "--wait", *[a for n in (1, 2, 3) for a in ("--input", f'{{"n": {n}}}')])
+    assert waited.returncode == 0, waited.stderr
+    results = [json.loads(line) for line in waited.stdout.splitlines()]
+    assert sorted((r["status"], r["output"]) for r in results) == [("error", None), ("ok", 1), ("ok", 3)]
+    assert "sent 3 request(s), every one answered" in waited.stderr
+
+    errors = loopai(env, "tail", "results", "--task", "echo", "--status", "error", "--idle-exit", "1")
+    assert [json.loads(line)["error_message"] for line in errors.stdout.splitlines()] == ["ValueError: two"]
+    first = loopai(env, "tail", "execution-results", "-n", "1", "--pretty")
+    assert first.returncode == 0 and first.stdout.startswith("{\n  ") and json.loads(first.stdout)["task_id"] == "echo"
+    assert loopai(env, "tail", "dead-letters", "--idle-exit", "0.5").returncode == 0  # either spelling names it
+    assert loopai(env, "tail", "dead_letters", "--idle-exit", "0.5").returncode == 0
+
+    assert loopai(env, "artifact", "show", "echo", "1", "--source").stdout == program.read_text() + "\n"
+    assert json.loads(loopai(env, "artifact", "show", "echo", "1").stdout)["version"] == 1
+    missing = loopai(env, "artifact", "show", "echo", "9")
+    assert missing.returncode != 0 and "task 'echo' has no version 9; published: [1]" in missing.stderr
+
+    listed = loopai(env, "topics", "list").stdout.splitlines()
+    assert len(listed) == len(topics_for("").all())
+    assert any(line.startswith(f"{settings.topic_prefix}program-artifacts\t3 partitions\tProgramArtifact\tcompact")
+               for line in listed)
+    assert all(line.endswith("partitions)") for line in listed), listed
+    assert loopai(env, "--version").stdout.strip().startswith("loopai, version ")
+
+    deleted = loopai(env, "task", "delete", "echo", "--yes")
+    assert deleted.returncode == 0 and "deleted task echo and 1 version(s): v1" in deleted.stdout, deleted.stderr
+    assert "unknown task 'echo'" in loopai(env, "task", "show", "echo").stderr
+    assert "unknown task 'echo'" in loopai(env, "send", "echo", "--input", "{}").stderr
+
+
+def test_send_wait_gives_up_at_its_timeout(env: dict[str, str], tmp_path: Path) -> None:
+    assert loopai(env, "topics", "apply").returncode == 0
+    assert loopai(env, "task", "create", "idle").returncode == 0
+    waited = loopai(env, "send", "idle", "--input", "{}", "--wait", "--timeout", "1")  # no worker is running
+    assert waited.returncode == 1 and "1 of 1 request(s) unanswered after 1 s" in waited.stderr, waited.stderr

@@ -41,8 +41,9 @@ class Topics:
     """All topics of one deployment (one prefix), as attributes named by their keys in topics/topics.yaml
     (`topics.execution_results`). A topic added there is here too; nothing else lists them."""
 
-    def __init__(self, specs: dict[str, TopicSpec]) -> None:
+    def __init__(self, specs: dict[str, TopicSpec], prefix: str = "") -> None:
         self._specs = specs
+        self.prefix = prefix
 
     def __getattr__(self, key: str) -> TopicSpec:
         try:
@@ -54,9 +55,12 @@ class Topics:
         return list(self._specs.values())
 
     def by_name(self, name: str) -> TopicSpec:
-        """The topic with this full name, or by its short key (e.g. "results" or "execution_results")."""
+        """The topic with this full name, its name without the prefix, or its short key ("results",
+        "execution_results"); dashes and underscores are the same ("dead-letters", "dead_letters")."""
+        key = name.replace("-", "_")
         for spec in self.all():
-            if name in (spec.name, spec.key) or spec.key.endswith("_" + name):
+            short = spec.name.removeprefix(self.prefix)
+            if name in (spec.name, short) or key == spec.key or spec.key.endswith("_" + key):
                 return spec
         known = ", ".join(s.key for s in self.all())
         raise KeyError(f"unknown topic {name!r}; known: {known}")
@@ -86,4 +90,4 @@ def topics_for(prefix: str) -> Topics:
             record_name=_known_record(definition.get("record")),
             config={k: str(v) for k, v in (definition.get("config") or {}).items()},
         )
-    return Topics(specs)
+    return Topics(specs, prefix)

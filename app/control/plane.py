@@ -159,6 +159,23 @@ class ControlPlane:
             await self.activate(task.name, version)
         return artifact
 
+    async def delete_task(self, name: str) -> list[int]:
+        """Delete a task: tombstones for its spec and for every version of its program (a compacted topic then
+        forgets them); its requests are rejected as for an unknown task from then on. Returns the versions."""
+        self.task(name)
+        versions = sorted(self.tables.artifacts.versions_of(name))
+        artifacts, tasks = self._topics.program_artifacts, self._topics.task_specs
+        partition = partition_for(name.encode(), self._partitions[artifacts.name])
+        for version in versions:
+            key = artifact_key(name, version).encode()
+            await self._producer.send_and_wait(artifacts.name, None, key=key, partition=partition)
+            self.tables.artifacts.apply(key, None, -1)
+        key = name.encode()
+        await self._producer.send_and_wait(tasks.name, None, key=key,
+                                           partition=partition_for(key, self._partitions[tasks.name]))
+        self.tables.tasks.apply(key, None, -1)
+        return versions
+
     async def activate(self, task_id: str, version: int) -> TaskSpec:
         """Make a published version the active one (also how to roll back)."""
         task = self.task(task_id)

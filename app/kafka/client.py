@@ -1,8 +1,10 @@
-"""Client side of the loop: produce execution requests, follow a topic decoded."""
+"""Client side of the loop: produce execution requests, follow a topic decoded, and send requests then wait for
+what each ended as (its result, or the dead letter carrying it)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from app.contract.codecs import DecodeError, codec_for
-from app.contract.records import ExecutionRequest, Record, utc_now
+from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult, Record, utc_now
 from app.contract.topics import TopicSpec, topics_for
 from app.kafka.clients import BatchSender, make_consumer, make_producer, partition_for
 from app.kafka.metadata import topic_partitions
@@ -92,6 +94,57 @@ async def follow(
                         yield tp, message.offset, exc
     finally:
         await consumer.stop()
+
+
+async def send_and_wait(
+    settings: Settings, requests: list[ExecutionRequest], timeout_s: float
+) -> AsyncIterator[ExecutionResult | DeadLetter]:
+    """Send requests, then yield what each ended as, in arrival order: its result, or a dead letter carrying its
+    bytes. Reading starts at the end of both topics before anything is sent, so nothing is missed. Raises
+    TimeoutError naming how many are still unanswered after timeout_s."""
+    topics = topics_for(settings.topic_prefix)
+    results = codec_for(ExecutionResult, settings.wire_format)
+    letters = codec_for(DeadLetter, settings.wire_format)
+    requests_codec = codec_for(ExecutionRequest, settings.wire_format)
+    waiting = {(request.task_id, request.request_id) for request in requests}
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(spec.name, p) for spec in (topics.execution_results, topics.dead_letters)
+                      for p in await topic_partitions(consumer, spec.name)]
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)  # the end, fixed now: what arrives after this is read
+        await send_requests(settings, requests)
+        deadline = time.monotonic() + timeout_s
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(waiting)} of {len(requests)} request(s) unanswered after {timeout_s:g} s")
+            for tp, messages in (await consumer.getmany(timeout_ms=int(min(left, 0.2) * 1000))).items():
+                for message in messages:
+                    ended = _ending(tp.topic == topics.execution_results.name, message.value, results, letters,
+                                    requests_codec)
+                    if ended is not None and ended[0] in waiting:
+                        waiting.discard(ended[0])
+                        yield ended[1]
+    finally:
+        await consumer.stop()
+
+
+def _ending(is_result: bool, value: bytes | None, results: Any, letters: Any,
+            requests: Any) -> tuple[tuple[str, str], ExecutionResult | DeadLetter] | None:
+    """(task, request id) and the record, when the message is a result or a dead letter of a request."""
+    try:
+        if is_result:
+            result: ExecutionResult = results.decode(value)
+            return (result.task_id, result.request_id), result
+        letter: DeadLetter = letters.decode(value)
+        request: ExecutionRequest = requests.decode(letter.value)
+        return (request.task_id, request.request_id), letter
+    except DecodeError:
+        return None  # another client's record, or a letter that is not a request
 
 
 def request_from(task_id: str, value: dict[str, Any], **fields: Any) -> ExecutionRequest:
