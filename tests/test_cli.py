@@ -1,5 +1,6 @@
 """The `loopai` command against the embedded broker, run as a user would (a subprocess)."""
 
+import asyncio
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.contract.topics import topics_for
 from devtools.broker import EmbeddedBroker, free_port
@@ -303,3 +305,20 @@ def test_a_silent_broker_fails_within_the_default_timeout(silent_broker: str) ->
     done = loopai({"LOOPAI_BOOTSTRAP_SERVERS": silent_broker}, "task", "list", timeout=60)
     assert done.returncode == 1 and "did not answer within 5 s (connect_timeout_s)" in done.stderr, done.stderr
     assert time.monotonic() - started < 10
+
+
+def test_topics_apply_sets_the_configs_of_existing_topics(env: dict[str, str], broker: EmbeddedBroker) -> None:
+    analytics = topics_for(env["LOOPAI_TOPIC_PREFIX"]).analytics
+
+    async def make_it_deleting() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+        await admin.start()
+        await admin.create_topics([NewTopic(analytics.name, analytics.partitions, 1,
+                                            topic_configs={"cleanup.policy": "delete"})])
+        await admin.close()
+
+    asyncio.run(make_it_deleting())
+    done = loopai(env, "topics", "apply")
+    assert done.returncode == 0, done.stderr
+    assert f"altered {analytics.name} (altered: cleanup.policy delete -> compact)" in done.stdout
+    assert f"exists  {analytics.name} (configs as in topics.yaml)" in loopai(env, "topics", "apply").stdout
