@@ -152,10 +152,12 @@ def topics_list(ctx: click.Context) -> None:
 @topics.command("apply")
 @click.pass_context
 def topics_apply(ctx: click.Context) -> None:
-    """Create the topics of topics/topics.yaml that are missing (idempotent)."""
+    """Create the topics of topics/topics.yaml that are missing, and set its configs (cleanup.policy,
+    retention.ms) on those that exist (idempotent)."""
     settings = _kafka_settings(ctx)
     for outcome in _run(apply_topics(settings, topics_for(settings.topic_prefix))):
-        click.echo(f"{'created' if outcome.created else 'exists '} {outcome.name} ({outcome.detail})")
+        state = "created" if outcome.created else "altered" if outcome.altered else "exists "
+        click.echo(f"{state} {outcome.name} ({outcome.detail})")
 
 
 @cli.group()

@@ -100,6 +100,13 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Retention (emit_retention_events): analytics days kept, unused program versions kept per task, how often
+    # a run looks. At least one unused version is kept: the newest version number must survive, or the control
+    # plane would hand it out again to a different program.
+    retention_days: int = Field(90, ge=1, description="analytics days kept before they are tombstoned")
+    keep_versions: int = Field(3, ge=1, description="unused program versions kept per task, newest first")
+    retention_interval_s: float = Field(3600.0, gt=0, description="how often the retention job runs")
+
     @model_validator(mode="after")
     def _heartbeat_within_session(self) -> Settings:
         if self.heartbeat_interval_s * 3 > self.session_timeout_s:

@@ -1,5 +1,6 @@
 """The `loopai` command against the embedded broker, run as a user would (a subprocess)."""
 
+import asyncio
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.contract.topics import topics_for
 from devtools.broker import EmbeddedBroker, free_port
@@ -355,3 +357,20 @@ def test_send_wait_gives_up_at_its_timeout(env: dict[str, str], tmp_path: Path) 
     assert loopai(env, "task", "create", "idle").returncode == 0
     waited = loopai(env, "send", "idle", "--input", "{}", "--wait", "--timeout", "1")  # no worker is running
     assert waited.returncode == 1 and "1 of 1 request(s) unanswered after 1 s" in waited.stderr, waited.stderr
+
+
+def test_topics_apply_sets_the_configs_of_existing_topics(env: dict[str, str], broker: EmbeddedBroker) -> None:
+    analytics = topics_for(env["LOOPAI_TOPIC_PREFIX"]).analytics
+
+    async def make_it_deleting() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+        await admin.start()
+        await admin.create_topics([NewTopic(analytics.name, analytics.partitions, 1,
+                                            topic_configs={"cleanup.policy": "delete"})])
+        await admin.close()
+
+    asyncio.run(make_it_deleting())
+    done = loopai(env, "topics", "apply")
+    assert done.returncode == 0, done.stderr
+    assert f"altered {analytics.name} (altered: cleanup.policy delete -> compact)" in done.stdout
+    assert f"exists  {analytics.name} (configs as in topics.yaml)" in loopai(env, "topics", "apply").stdout

@@ -1,5 +1,6 @@
 """Kafka plumbing shared by every process: client factories, explicit partitioning, batched sends,
-idempotent topic creation from the registry, and a watch that notices when the cluster stops answering."""
+idempotent topic creation (and config alignment) from the registry,
+and a watch that notices when the cluster stops answering."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from aiokafka.partitioner import murmur2
 from aiokafka.protocol.admin import ApiVersionRequest
 
 from app.contract.topics import Topics, TopicSpec
+from app.kafka.topic_configs import ConfigsNotAltered, configs_of, differences, set_configs
 from app.settings import Settings
 
 
@@ -102,21 +104,18 @@ class TopicOutcome:
     name: str
     created: bool
     detail: str
+    altered: bool = False
 
 
 async def apply_topics(settings: Settings, topics: Topics) -> list[TopicOutcome]:
-    """Create every registered topic that is missing; existing ones are reported, not changed."""
+    """Create every registered topic that is missing, and set the configs topics.yaml names (cleanup.policy,
+    retention.ms) on those that exist. A broker that cannot alter configs gets the difference reported."""
     admin = AIOKafkaAdminClient(**settings.kafka_client_args())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        outcomes = []
-        missing: list[TopicSpec] = []
-        for spec in topics.all():
-            if spec.name in existing:
-                outcomes.append(TopicOutcome(spec.name, False, "left unchanged"))
-            else:
-                missing.append(spec)
+        outcomes = await _align_configs(admin, [s for s in topics.all() if s.name in existing])
+        missing = [s for s in topics.all() if s.name not in existing]
         if missing:
             new = [
                 NewTopic(s.name, s.partitions, settings.replication_factor, topic_configs=s.config)
@@ -128,11 +127,39 @@ async def apply_topics(settings: Settings, topics: Topics) -> list[TopicOutcome]
                 if code not in (0, TopicAlreadyExistsError.errno):
                     raise RuntimeError(f"cannot create topic {name}: error {code}: {message}")
             for s in missing:
-                configs = ", ".join(f"{k}={v}" for k, v in s.config.items())
-                outcomes.append(TopicOutcome(s.name, True, f"{s.partitions} partitions, {configs}"))
-        return outcomes
+                outcomes.append(TopicOutcome(s.name, True, f"{s.partitions} partitions, {_configs(s)}"))
+        order = {s.name: i for i, s in enumerate(topics.all())}
+        return sorted(outcomes, key=lambda o: order[o.name])
     finally:
         await admin.close()
+
+
+async def _align_configs(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[TopicOutcome]:
+    """Existing topics get topics.yaml's configs; on a broker that cannot, each outcome says what to set."""
+    wanted = {s.name: s.config for s in specs if s.config}
+    try:
+        changes = {c.topic: c for c in differences(wanted, await configs_of(admin, wanted))} if wanted else {}
+    except ConfigsNotAltered as exc:
+        return [TopicOutcome(s.name, False, f"configs not checked ({exc}); should be {_configs(s)}") for s in specs]
+    not_altered = ""
+    try:
+        await set_configs(admin, list(changes.values()))
+    except ConfigsNotAltered as exc:
+        not_altered = str(exc)
+    outcomes = []
+    for s in specs:
+        change = changes.get(s.name)
+        if change is None:
+            outcomes.append(TopicOutcome(s.name, False, "configs as in topics.yaml"))
+        elif not_altered:
+            outcomes.append(TopicOutcome(s.name, False, f"NOT altered, {not_altered}: {change.describe()}"))
+        else:
+            outcomes.append(TopicOutcome(s.name, False, f"altered: {change.describe()}", altered=True))
+    return outcomes
+
+
+def _configs(spec: TopicSpec) -> str:
+    return ", ".join(f"{k}={v}" for k, v in spec.config.items())
 
 
 def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
