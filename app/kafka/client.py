@@ -22,7 +22,7 @@ class RequestSender:
 
     def __init__(self, settings: Settings) -> None:
         self._spec = topics_for(settings.topic_prefix).execution_requests
-        self._codec = codec_for(ExecutionRequest, settings.wire_format)
+        self._codec = codec_for(ExecutionRequest, settings, self._spec)
         self._settings = settings
         self._producer: AIOKafkaProducer
         self._partitions = 0
@@ -64,7 +64,7 @@ async def follow(
 ) -> AsyncIterator[tuple[TopicPartition, int, Record | DecodeError]]:
     """Yield (partition, offset, record) from a topic; undecodable values come as the DecodeError.
     Stops after idle_timeout_s without new records, if given. Raises TopicUnavailable for a missing topic."""
-    codec = codec_for(spec.record, settings.wire_format)
+    codec = codec_for(spec.record, settings, spec)
     consumer = make_consumer(settings, auto_offset_reset="earliest" if from_beginning else "latest")
     await consumer.start()
     try:
