@@ -52,16 +52,16 @@ def _registered(rs: RegisteredSchema) -> dict[str, Any]:
 class _Handler(BaseHTTPRequestHandler):
     registry: LocalRegistry
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (the stdlib's name)
+    def log_message(self, format: str, *args: Any) -> None:
         """Quiet: a test's output is not the place for an access log."""
 
-    def do_GET(self) -> None:  # noqa: N802  (the stdlib's name)
+    def do_GET(self) -> None:
         self._answer("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._answer("POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self._answer("PUT")
 
     def _answer(self, method: str) -> None:
