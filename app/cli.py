@@ -31,6 +31,7 @@ from app.contract.records import (
     TaskSpec,
     utc_now,
 )
+from app.contract.registry import RegistryError, register_schemas
 from app.contract.topics import topics_for
 from app.control.plane import ControlError, ControlPlane
 from app.domain.programs import ProgramRejected, check_source
@@ -47,7 +48,7 @@ T = TypeVar("T")
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
-    except (ControlError, ProgramRejected, ConfigError, BrokerUnreachable, TopicUnavailable) as exc:
+    except (ControlError, ProgramRejected, ConfigError, BrokerUnreachable, TopicUnavailable, RegistryError) as exc:
         raise click.ClickException(str(exc)) from exc
     except ValidationError as exc:
         raise click.ClickException(describe_validation_error(exc, "field")) from exc
@@ -492,7 +493,10 @@ def worker(ctx: click.Context) -> None:
     settings = _kafka_settings(ctx)  # before faust, whose own start-up would hang or print tracebacks
     from app.worker import run_worker
 
-    run_worker(settings)
+    try:
+        run_worker(settings)
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @cli.command()
@@ -706,6 +710,28 @@ def _require_devtools() -> None:
     except ImportError:
         raise click.ClickException("the embedded broker is a development tool: pip install 'loopai-stream[dev]'") \
             from None
+
+
+# Schema registry (wire_format avro)
+
+
+@cli.group()
+def schemas() -> None:
+    """Schema registry: the subjects of the Avro wire format."""
+
+
+@schemas.command("register")
+@click.pass_context
+def schemas_register(ctx: click.Context) -> None:
+    """Register schemas/*.avsc under <topic>-value with BACKWARD compatibility (idempotent); an incompatible
+    change is refused, naming the subject and the field."""
+    settings = _settings(ctx)
+    try:
+        registered = register_schemas(settings, topics_for(settings.topic_prefix))
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for subject, schema_id in registered.items():
+        click.echo(f"{subject}: schema id {schema_id}")
 
 
 def main() -> None:

@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     keep_versions: int = Field(3, ge=1, description="unused program versions kept per task, newest first")
     retention_interval_s: float = Field(3600.0, gt=0, description="how often the retention job runs")
 
+    # Schema registry (wire_format "avro": Confluent-framed Avro, docs/wire-formats.md). mock://NAME is
+    # confluent-kafka's in-process registry, for tests.
+    registry_url: str | None = None
+    registry_username: str | None = None
+    registry_password: SecretStr | None = None
+
     @model_validator(mode="after")
     def _heartbeat_within_session(self) -> Settings:
         if self.heartbeat_interval_s * 3 > self.session_timeout_s:
@@ -114,6 +120,12 @@ class Settings(BaseSettings):
                 f"heartbeat_interval_s ({self.heartbeat_interval_s:g}) must be at most a third of "
                 f"session_timeout_s ({self.session_timeout_s:g}), or a slow heartbeat ends the session"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _avro_needs_a_registry(self) -> Settings:
+        if self.wire_format == "avro" and not self.registry_url:
+            raise ValueError("wire_format avro (Confluent-framed) needs registry_url, the schema registry's URL")
         return self
 
     @classmethod

@@ -25,6 +25,7 @@ from app.agents.emit_retention_events import EmitRetentionEvents
 from app.agents.execute_requests import ExecuteRequests
 from app.agents.join_oracle_verdicts import JoinOracleVerdicts
 from app.agents.validate_executions import ValidateExecutions
+from app.contract.registry import register_schemas
 from app.contract.topics import topics_for
 from app.kafka.clients import BrokerWatch
 from app.kafka.tables import TableReader
@@ -51,6 +52,9 @@ class LoopWorker(Service):
             spares=settings.sandbox_spares,
             chunk_size=settings.sandbox_chunk_size,
         )
+        if settings.wire_format == "avro":
+            # Before any codec is built: a schema the registry refuses stops the worker here, saying why.
+            register_schemas(settings, topics)
         self.executor = ExecuteRequests(settings, topics, self.tables, self.pool)
         self.watch = BrokerWatch(settings)
         self.failure: str | None = None

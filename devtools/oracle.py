@@ -56,8 +56,8 @@ async def serve_oracle(settings: Settings, labels: dict[bytes, Any], oracle_id: 
     """Answer oracle requests until `stop` is set; returns how many were answered. `on_ready` is called once
     both topics are known to exist. Raises TopicUnavailable for a missing topic."""
     topics = topics_for(settings.topic_prefix)
-    requests = codec_for(ValidationRequest, settings.wire_format)
-    verdicts = codec_for(OracleVerdict, settings.wire_format)
+    requests = codec_for(ValidationRequest, settings, topics.oracle_requests)
+    verdicts = codec_for(OracleVerdict, settings, topics.oracle_verdicts)
     producer = make_producer(settings)
     await producer.start()
     try:

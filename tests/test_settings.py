@@ -14,11 +14,17 @@ def test_defaults_need_no_configuration() -> None:
 def test_yaml_file_with_env_substitution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAFKA_HOST", "kafka.internal:9093")
     config = tmp_path / "loopai.yaml"
-    config.write_text("bootstrap_servers: ${KAFKA_HOST}\nsandbox_processes: ${WORKERS:-3}\nwire_format: avro\n")
+    config.write_text("bootstrap_servers: ${KAFKA_HOST}\nsandbox_processes: ${WORKERS:-3}\nwire_format: avro\n"
+                      "registry_url: http://registry:8081\n")
     settings = Settings.load(config)
     assert settings.bootstrap_servers == "kafka.internal:9093"
     assert settings.sandbox_processes == 3  # string from substitution, converted
     assert settings.wire_format == "avro"
+
+
+def test_the_avro_wire_format_needs_a_registry() -> None:
+    with pytest.raises(ConfigError, match=r"wire_format avro .* needs registry_url"):
+        Settings.load(wire_format="avro")
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,15 +3,23 @@
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 
-from app.contract.records import ExecutionRequest, ExecutionStatus, TaskSpec, execution_id_for, utc_now
-from app.contract.topics import topics_for
+from aiokafka import TopicPartition
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
+
+from app.contract.files import contract_dir
+from app.contract.records import ExecutionRequest, TaskSpec, execution_id_for, utc_now
+from app.contract.topics import TopicSpec, topics_for
 from app.control.plane import ControlPlane
 from app.kafka.client import RequestSender, request_from
-from app.kafka.clients import apply_topics
+from app.kafka.clients import apply_topics, make_consumer, make_producer
 from app.settings import Settings
 from app.worker import RepeatsHeldBack
+from devtools.registry import LocalRegistry
 from devtools.samples import program_source
 from tests.conftest import WorkerProcess, collect, make_settings, results_for
 from tests.kafka.test_tables import _artifact, _publish_in_one_batch
@@ -60,18 +68,58 @@ async def test_two_workers_split_partitions_and_lose_nothing_when_one_stops(
 
 
 async def test_avro_wire_format_end_to_end(broker, start_worker: Callable[..., WorkerProcess]) -> None:
-    settings = make_settings(broker, wire_format="avro")
-    await apply_topics(settings, topics_for(settings.topic_prefix))
-    async with ControlPlane(settings) as control:
-        await control.put_task(TaskSpec(name="spam", updated_at=utc_now()))
-        await control.publish("spam", program_source("spam_v2"), activate=True)
-    start_worker(settings)
-    request = request_from("spam", {"text": "WINNER winner"}, expected_output={"label": "spam"})
-    async with RequestSender(settings) as sender:
-        await sender.send([request])
-    result = (await results_for(settings, [request.request_id]))[request.request_id]
-    assert result.status is ExecutionStatus.OK
-    assert result.output == {"label": "spam", "score": 3}  # winner 3; half capitals is not shouting
+    """A plain Kafka client with confluent-kafka's AvroSerializer and AvroDeserializer talks to a worker through
+    a schema registry: its requests are executed, the results and dead letters read with its deserializer.
+    The registry is devtools' LocalRegistry over HTTP: a mock:// one cannot be shared with a worker process."""
+    with LocalRegistry() as registry:
+        settings = make_settings(broker, wire_format="avro", registry_url=registry.url)
+        topics = topics_for(settings.topic_prefix)
+        await apply_topics(settings, topics)
+        async with ControlPlane(settings) as control:
+            await control.put_task(TaskSpec(name="spam", updated_at=utc_now()))
+            await control.publish("spam", program_source("spam_v2"), activate=True)
+        start_worker(settings)
+
+        client = SchemaRegistryClient({"url": registry.url})  # the user's own client, not the worker's
+        serializer = AvroSerializer(client, (contract_dir("schemas") / "ExecutionRequest.avsc").read_text())
+        requests = topics.execution_requests.name
+        producer = make_producer(settings)
+        await producer.start()
+        try:
+            value = serializer({"request_id": "plain-1", "task_id": "spam", "input": {"text": "WINNER winner"}},
+                               SerializationContext(requests, MessageField.VALUE))
+            await producer.send_and_wait(requests, value, key=b"spam")
+            await producer.send_and_wait(requests, b"\x01" + value[1:], key=b"spam")  # not the wire format
+        finally:
+            await producer.stop()
+
+        deserializer = AvroDeserializer(client)
+        results = await _read_values(settings, topics.execution_results, 1)
+        result = deserializer(results[0], SerializationContext(topics.execution_results.name, MessageField.VALUE))
+        assert (result["request_id"], result["status"]) == ("plain-1", "ok")
+        assert result["output"] == {"label": "spam", "score": 3}  # winner 3; half capitals is not shouting
+        letters = await _read_values(settings, topics.dead_letters, 1)
+        letter = deserializer(letters[0], SerializationContext(topics.dead_letters.name, MessageField.VALUE))
+        assert "magic byte 0x01, expected 0x00" in letter["reason"]
+        assert letter["value"] == b"\x01" + value[1:]
+
+
+async def _read_values(settings: Settings, spec: TopicSpec, count: int, timeout_s: float = 30) -> list[bytes]:
+    """The first `count` raw values of a topic, as a plain client reads them."""
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(spec.name, p) for p in range(spec.partitions)])
+        await consumer.seek_to_beginning()
+        values: list[bytes] = []
+        deadline = time.monotonic() + timeout_s
+        while len(values) < count:
+            assert time.monotonic() < deadline, f"{len(values)} of {count} values on {spec.name}"
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                values += [m.value for m in batch]
+        return values
+    finally:
+        await consumer.stop()
 
 
 async def test_a_worker_killed_mid_stream_loses_nothing(

@@ -37,9 +37,9 @@ class DecideCanaries:
         self._settings = settings
         self._sampler = sampler  # adaptive sampling learns recent disagreement from the validations seen here
         self._tables = tables
-        self._validations = codec_for(Validation, settings.wire_format)
-        self._decisions = codec_for(CanaryDecision, settings.wire_format)
-        self._specs = codec_for(TaskSpec, settings.wire_format)
+        self._validations = codec_for(Validation, settings, topics.validations)
+        self._decisions = codec_for(CanaryDecision, settings, topics.canary_decisions)
+        self._specs = codec_for(TaskSpec, settings, topics.task_specs)
         self._decisions_topic = raw_topic(app, topics.canary_decisions)
         self._specs_topic = raw_topic(app, topics.task_specs)
         self._dead_letters = EventDeadLetters(app, settings, topics)

@@ -55,7 +55,7 @@ class RetentionJob:
     def __init__(self, settings: Settings, topics: Topics) -> None:
         self._settings = settings
         self._topics = topics
-        self._events = codec_for(RetentionEvent, settings.wire_format)
+        self._events = codec_for(RetentionEvent, settings, topics.retention_events)
 
     async def run(self, now: datetime) -> RetentionPlan:
         """Plan and write one run; returns what was written."""

@@ -73,7 +73,7 @@ class ExecuteRequests:
         self._topics = topics
         self._tables = tables
         self._pool = pool
-        self._requests = codec_for(ExecutionRequest, settings.wire_format)
+        self._requests = codec_for(ExecutionRequest, settings, topics.execution_requests)
         self._validators = SchemaValidators()
         self.assembler = ResultAssembler(settings.worker_id)
         self._producer: AIOKafkaProducer

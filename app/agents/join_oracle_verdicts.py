@@ -13,7 +13,7 @@ from typing import Any
 import faust
 
 from app.agents.plumbing import EventDeadLetters, raw_topic
-from app.contract.codecs import DecodeError, codec_for
+from app.contract.codecs import DecodeError, codec_for, json_codec
 from app.contract.records import OracleVerdict, Validation, ValidationRequest, ValidationStatus, utc_now
 from app.contract.topics import Topics
 from app.domain.validation import unvalidated, validated
@@ -28,10 +28,10 @@ class JoinOracleVerdicts:
 
     def __init__(self, app: faust.App, settings: Settings, topics: Topics) -> None:
         self._settings = settings
-        self._requests = codec_for(ValidationRequest, settings.wire_format)
-        self._stored = codec_for(ValidationRequest, "json")  # the table's own format, whatever the wire's
-        self._verdicts = codec_for(OracleVerdict, settings.wire_format)
-        self._validations = codec_for(Validation, settings.wire_format)
+        self._requests = codec_for(ValidationRequest, settings, topics.oracle_requests)
+        self._stored = json_codec(ValidationRequest)  # the table's own format, whatever the wire's
+        self._verdicts = codec_for(OracleVerdict, settings, topics.oracle_verdicts)
+        self._validations = codec_for(Validation, settings, topics.validations)
         self._requests_topic = topics.oracle_requests.name
         self._validations_topic = raw_topic(app, topics.validations)
         self._dead_letters = EventDeadLetters(app, settings, topics)

@@ -25,7 +25,7 @@ class EventDeadLetters:
 
     def __init__(self, app: faust.App, settings: Settings, topics: Topics) -> None:
         self._worker_id = settings.worker_id
-        self._codec = codec_for(DeadLetter, settings.wire_format)
+        self._codec = codec_for(DeadLetter, settings, topics.dead_letters)
         self._topic = raw_topic(app, topics.dead_letters)
 
     async def send(self, event: Any, reason: str, error_type: str) -> None:

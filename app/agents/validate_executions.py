@@ -32,8 +32,9 @@ class ValidateExecutions:
         self._settings = settings
         self._tables = tables
         self._pool = pool
-        self._requests = codec_for(ValidationRequest, settings.wire_format)
-        self._validations = codec_for(Validation, settings.wire_format)
+        self._requests = codec_for(ValidationRequest, settings, topics.validation_requests)
+        self._oracle_codec = codec_for(ValidationRequest, settings, topics.oracle_requests)
+        self._validations = codec_for(Validation, settings, topics.validations)
         self._validations_topic = raw_topic(app, topics.validations)
         self._oracle_requests = raw_topic(app, topics.oracle_requests)
         self._dead_letters = EventDeadLetters(app, settings, topics)
@@ -57,7 +58,8 @@ class ValidateExecutions:
     async def _validate(self, request: ValidationRequest) -> None:
         kind = request.oracle.kind
         if kind is OracleKind.EXTERNAL:
-            await self._oracle_requests.send(key=request.execution_id.encode(), value=self._requests.encode(request))
+            await self._oracle_requests.send(key=request.execution_id.encode(),
+                                             value=self._oracle_codec.encode(request))
             return
         if kind is OracleKind.LABEL:
             record = validated(request, request.expected_output, utc_now())

@@ -1,8 +1,8 @@
 """Codecs: record models <-> bytes, one per wire format ("json" and "avro"), built on schemas/*.avsc.
 
 JSON: the record's fields as a JSON object (snake_case), validated by the pydantic mirror of the .avsc.
-Avro: schemaless Avro binary via fastavro; `logicalType: json` strings carry nested JSON values.
-A later schema-registry codec slots in beside these two (see codec_for).
+Avro: the Confluent wire format (magic byte, schema id, Avro binary via fastavro) with a schema registry;
+`logicalType: json` strings carry nested JSON values. docs/wire-formats.md describes both.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from functools import cache
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -17,10 +18,15 @@ import fastavro
 import fastavro.read
 import fastavro.write
 import orjson
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
 from pydantic import ValidationError
 
 from app.contract.files import contract_dir
 from app.contract.records import RECORD_TYPES, Record
+from app.contract.registry import RegistryError, register_value_schema, registry_client
+from app.contract.topics import TopicSpec
+from app.settings import Settings
 
 R = TypeVar("R", bound=Record)
 
@@ -101,31 +107,32 @@ class JsonCodec(Generic[R]):
         return value if isinstance(value, dict) else None
 
 
-class AvroCodec(Generic[R]):
-    """The record as schemaless Avro binary (the reader knows the schema)."""
+class RegistryAvroCodec(Generic[R]):
+    """The record as Avro in the Confluent wire format: magic byte 0, the 4-byte big-endian schema id of the
+    topic's subject, then the Avro binary body. Reads any writer schema the registry knows (by the id in the
+    bytes), resolved to ours; parsed writer schemas are cached by id, so the registry is asked once per id."""
 
-    def __init__(self, model: type[R]) -> None:
+    def __init__(self, model: type[R], client: SchemaRegistryClient, topic: TopicSpec) -> None:
         self.model = model
+        self._client = client
         self._schema = parsed_schema(model.__name__)
+        self.schema_id = register_value_schema(client, topic, load_schema(model.__name__))
+        self._header = _MAGIC + self.schema_id.to_bytes(4, "big")
+        # schema id -> the parsed writer schema, or None when it is ours (read without resolution)
+        self._writers: dict[int, Any] = {self.schema_id: None}
+        self._unknown: dict[int, float] = {}  # schema id -> monotonic time until which it is not asked again
 
     def encode(self, record: R) -> bytes:
         return self.encode_fields(record.model_dump())
 
     def encode_fields(self, fields: dict[str, Any]) -> bytes:
         buffer = io.BytesIO()
+        buffer.write(self._header)
         fastavro.schemaless_writer(buffer, self._schema, fields)
         return buffer.getvalue()
 
     def decode(self, data: bytes) -> R:
-        buffer = io.BytesIO(data)
-        try:
-            values = fastavro.schemaless_reader(buffer, self._schema, None)
-        except Exception as exc:  # fastavro raises many kinds on truncated or garbled input
-            raise DecodeError(f"not a valid Avro {self.model.__name__}: {type(exc).__name__}: {exc}") from exc
-        if buffer.tell() != len(data):
-            raise DecodeError(
-                f"not a valid Avro {self.model.__name__}: {len(data) - buffer.tell()} trailing bytes"
-            )
+        values = self._read(data)
         try:
             return self.model.model_validate(values)
         except ValidationError as exc:
@@ -133,10 +140,55 @@ class AvroCodec(Generic[R]):
 
     def loose(self, data: bytes) -> dict[str, Any] | None:
         try:
-            value = fastavro.schemaless_reader(io.BytesIO(data), self._schema, None)
-        except Exception:  # garbled input: see decode()
+            value = self._read(data)
+        except DecodeError:
             return None
         return value if isinstance(value, dict) else None
+
+    def _read(self, data: bytes) -> Any:
+        name = self.model.__name__
+        if len(data) < 5:
+            raise DecodeError(f"not Confluent-framed Avro {name}: {len(data)} bytes, shorter than the 5-byte header")
+        if data[0] != 0:
+            raise DecodeError(f"not Confluent-framed Avro {name}: magic byte {data[0]:#04x}, expected 0x00 "
+                              "(JSON, or Avro written without a schema registry?)")
+        schema_id = int.from_bytes(data[1:5], "big")
+        writer = self._writers[schema_id] if schema_id in self._writers else self._writer_schema(schema_id)
+        buffer = io.BytesIO(data)
+        buffer.seek(5)
+        try:
+            if writer is None:
+                values = fastavro.schemaless_reader(buffer, self._schema, None)
+            else:
+                values = fastavro.schemaless_reader(buffer, writer, self._schema)
+        except Exception as exc:  # fastavro raises many kinds on truncated, garbled or unresolvable input
+            raise DecodeError(f"not a valid Avro {name} (schema id {schema_id}): {type(exc).__name__}: {exc}") \
+                from exc
+        if buffer.tell() != len(data):
+            raise DecodeError(f"not a valid Avro {name} (schema id {schema_id}): {len(data) - buffer.tell()} "
+                              "trailing bytes")
+        return values
+
+    def _writer_schema(self, schema_id: int) -> Any:
+        """A writer schema we have not seen: asked of the registry once (an unknown id once a minute, so a
+        stream of garbage does not become a stream of registry calls)."""
+        if self._unknown.get(schema_id, 0.0) > time.monotonic():
+            raise DecodeError(f"schema id {schema_id} is unknown to the schema registry")
+        try:
+            schema = self._client.get_schema(schema_id)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code != 404:
+                raise RegistryError(f"cannot fetch schema id {schema_id}: {exc}") from exc
+            self._unknown[schema_id] = time.monotonic() + _UNKNOWN_ID_RETRY_S
+            raise DecodeError(f"schema id {schema_id} is unknown to the schema registry") from exc
+        if schema.schema_type not in (None, "AVRO") or schema.schema_str is None:
+            raise DecodeError(f"schema id {schema_id} is a {schema.schema_type} schema, not Avro")
+        try:
+            writer = fastavro.parse_schema(json.loads(schema.schema_str))
+        except Exception as exc:  # a registered schema fastavro cannot use: every record with this id fails
+            raise DecodeError(f"schema id {schema_id} cannot be read: {exc}") from exc
+        self._writers[schema_id] = writer
+        return writer
 
 
 def _bytes_as_base64(value: Any) -> Any:
@@ -154,16 +206,31 @@ def _describe(exc: ValidationError, model: type[Record]) -> str:
     return f"invalid {model.__name__}: " + "; ".join(problems)
 
 
-_CODECS: dict[str, type[Any]] = {"json": JsonCodec, "avro": AvroCodec}
+_MAGIC = b"\x00"
+_UNKNOWN_ID_RETRY_S = 60.0
+WIRE_FORMATS = ("json", "avro")
+_codecs: dict[tuple[Any, ...], Codec[Any]] = {}
+
+
+def codec_for(model: type[R], settings: Settings, topic: TopicSpec) -> Codec[R]:
+    """The codec of the records of one topic in the settings' wire format (built once per process).
+
+    Per topic because the Avro wire format names the schema id registered under the topic's subject."""
+    if model.__name__ not in RECORD_TYPES:
+        raise KeyError(f"{model.__name__} is not a record type")
+    if topic.record_name != model.__name__:
+        raise ValueError(f"topic {topic.name} carries {topic.record_name}, not {model.__name__}")
+    if settings.wire_format == "json":
+        return json_codec(model)
+    if settings.wire_format != "avro":
+        raise ValueError(f"unknown wire format {settings.wire_format!r}; choose from {list(WIRE_FORMATS)}")
+    key = (model, settings.registry_url, settings.registry_username, topic.name)
+    if key not in _codecs:
+        _codecs[key] = RegistryAvroCodec(model, registry_client(settings), topic)
+    return _codecs[key]
 
 
 @cache
-def codec_for(model: type[R], wire_format: str) -> Codec[R]:
-    """The codec of a record type in a wire format ("json" or "avro")."""
-    if model.__name__ not in RECORD_TYPES:
-        raise KeyError(f"{model.__name__} is not a record type")
-    try:
-        codec: Codec[R] = _CODECS[wire_format](model)
-    except KeyError:
-        raise ValueError(f"unknown wire format {wire_format!r}; choose from {sorted(_CODECS)}") from None
-    return codec
+def json_codec(model: type[R]) -> JsonCodec[R]:
+    """The JSON codec of a record type: the same on every topic, and the form of records kept in tables."""
+    return JsonCodec(model)

@@ -50,9 +50,9 @@ class ControlPlane:
         self._topics = topics_for(settings.topic_prefix)
         self.tables = TableReader(settings, self._topics.task_specs, self._topics.program_artifacts)
         self._producer: AIOKafkaProducer
-        self._tasks_codec = codec_for(TaskSpec, settings.wire_format)
-        self._artifacts_codec = codec_for(ProgramArtifact, settings.wire_format)
-        self._decisions_codec = codec_for(CanaryDecision, settings.wire_format)
+        self._tasks_codec = codec_for(TaskSpec, settings, self._topics.task_specs)
+        self._artifacts_codec = codec_for(ProgramArtifact, settings, self._topics.program_artifacts)
+        self._decisions_codec = codec_for(CanaryDecision, settings, self._topics.canary_decisions)
         self._partitions: dict[str, int] = {}
 
     async def __aenter__(self) -> ControlPlane:

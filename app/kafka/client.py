@@ -24,7 +24,7 @@ class RequestSender:
 
     def __init__(self, settings: Settings) -> None:
         self._spec = topics_for(settings.topic_prefix).execution_requests
-        self._codec = codec_for(ExecutionRequest, settings.wire_format)
+        self._codec = codec_for(ExecutionRequest, settings, self._spec)
         self._settings = settings
         self._producer: AIOKafkaProducer
         self._partitions = 0
@@ -66,7 +66,7 @@ async def follow(
 ) -> AsyncIterator[tuple[TopicPartition, int, Record | DecodeError]]:
     """Yield (partition, offset, record) from a topic; undecodable values come as the DecodeError.
     Stops after idle_timeout_s without new records, if given. Raises TopicUnavailable for a missing topic."""
-    codec = codec_for(spec.record, settings.wire_format)
+    codec = codec_for(spec.record, settings, spec)
     consumer = make_consumer(settings, auto_offset_reset="earliest" if from_beginning else "latest")
     await consumer.start()
     try:
@@ -103,9 +103,9 @@ async def send_and_wait(
     bytes. Reading starts at the end of both topics before anything is sent, so nothing is missed. Raises
     TimeoutError naming how many are still unanswered after timeout_s."""
     topics = topics_for(settings.topic_prefix)
-    results = codec_for(ExecutionResult, settings.wire_format)
-    letters = codec_for(DeadLetter, settings.wire_format)
-    requests_codec = codec_for(ExecutionRequest, settings.wire_format)
+    results = codec_for(ExecutionResult, settings, topics.execution_results)
+    letters = codec_for(DeadLetter, settings, topics.dead_letters)
+    requests_codec = codec_for(ExecutionRequest, settings, topics.execution_requests)
     waiting = {(request.task_id, request.request_id) for request in requests}
     consumer = make_consumer(settings)
     await consumer.start()

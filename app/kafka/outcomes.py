@@ -74,9 +74,9 @@ class OutcomeWriter:
         self._results_topic = topics.execution_results.name
         self._letters_topic = topics.dead_letters.name
         self._validations_topic = topics.validation_requests.name
-        self._validations = codec_for(ValidationRequest, settings.wire_format)
-        self._results = codec_for(ExecutionResult, settings.wire_format)
-        self._letters = codec_for(DeadLetter, settings.wire_format)
+        self._validations = codec_for(ValidationRequest, settings, topics.validation_requests)
+        self._results = codec_for(ExecutionResult, settings, topics.execution_results)
+        self._letters = codec_for(DeadLetter, settings, topics.dead_letters)
         self._partitions: dict[str, int] = {}
 
     async def start(self) -> None:

@@ -16,7 +16,7 @@ from typing import Generic, TypeVar
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from app.contract.codecs import DecodeError, codec_for
+from app.contract.codecs import Codec, DecodeError, codec_for
 from app.contract.records import ProgramArtifact, Record, TaskSpec
 from app.contract.records import artifact_key as artifact_key  # its home is records; importers here keep working
 from app.contract.topics import TopicSpec
@@ -33,7 +33,8 @@ class Table(Generic[R]):
 
     def __init__(self, spec: TopicSpec, settings: Settings) -> None:
         self.spec = spec
-        self._codec = codec_for(spec.record, settings.wire_format)
+        # The spec's record type is R by construction (Table[TaskSpec] on the task-specs topic).
+        self._codec: Codec[R] = codec_for(spec.record, settings, spec)  # type: ignore[arg-type]
         self._rows: dict[str, R] = {}
         self.skipped = 0
 
@@ -187,7 +188,7 @@ async def _at_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) 
 async def read_to_end(settings: Settings, spec: TopicSpec, timeout_s: float = 30.0) -> list[Record]:
     """Every decodable record of a topic, from the beginning to its true end, in partition order;
     undecodable ones are logged and left out. Raises TimeoutError past timeout_s."""
-    codec = codec_for(spec.record, settings.wire_format)
+    codec = codec_for(spec.record, settings, spec)
     records: dict[TopicPartition, list[Record]] = {}
 
     def keep(tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> None:

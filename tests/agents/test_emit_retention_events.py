@@ -50,7 +50,7 @@ async def seed_analytics(settings: Settings, days_ago: dict[str, list[int]], now
     """DailyStats of a task per time zone (all versions and version 1), dated the given days before now's local
     day there, each record stamped with its day; returns their keys and ages in days."""
     spec = topics_for(settings.topic_prefix).analytics
-    codec = codec_for(DailyStats, settings.wire_format)
+    codec = codec_for(DailyStats, settings, spec)
     producer = make_producer(settings)
     await producer.start()
     keys = {}

@@ -17,7 +17,7 @@ from aiokafka import TopicPartition
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from app.contract.codecs import codec_for
+from app.contract.codecs import codec_for, json_codec
 from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult, ExecutionStatus, TaskSpec, utc_now
 from app.contract.topics import TopicSpec, topics_for
 from app.control.plane import ControlPlane
@@ -70,7 +70,8 @@ def _invalid_utf8(fields: dict[str, Any]) -> bytes:
 def _avro_request(n: int) -> bytes:
     """A valid request, but in the other wire format."""
     request = ExecutionRequest(request_id=str(uuid.uuid4()), task_id="echo", input={"n": n}, requested_at=utc_now())
-    return codec_for(ExecutionRequest, "avro").encode(request)
+    avro = Settings(wire_format="avro", registry_url="mock://fuzz", topic_prefix="fuzz.")
+    return codec_for(ExecutionRequest, avro, topics_for(avro.topic_prefix).execution_requests).encode(request)
 
 
 _values = st.one_of(
@@ -132,7 +133,7 @@ async def _one_batch(settings: Settings, messages: list[tuple[bytes | None, byte
 
     results: list[ExecutionResult] = []
     letters: list[DeadLetter] = []
-    result_codec, letter_codec = codec_for(ExecutionResult, "json"), codec_for(DeadLetter, "json")
+    result_codec, letter_codec = json_codec(ExecutionResult), json_codec(DeadLetter)
     deadline = time.monotonic() + 30
     while len(results) + len(letters) < len(messages):
         assert time.monotonic() < deadline, f"{len(results)} results, {len(letters)} letters of {len(messages)}"

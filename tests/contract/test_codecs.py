@@ -1,4 +1,5 @@
-"""Codecs round-trip every record type in both wire formats and refuse malformed bytes, broker-free."""
+"""Codecs round-trip every record type in both wire formats and refuse malformed bytes, broker-free (the Avro
+wire format against confluent-kafka's in-process mock registry)."""
 
 import io
 from datetime import UTC, datetime
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.contract.codecs import DecodeError, codec_for, parsed_schema
+from app.contract.codecs import Codec, DecodeError, codec_for, json_codec, parsed_schema
 from app.contract.records import (
     AnomalyMethod,
     AnomalyMetric,
@@ -38,6 +39,19 @@ from app.contract.records import (
     ValidationRequest,
     ValidationStatus,
 )
+from app.contract.topics import topics_for
+from app.settings import Settings
+
+WIRES = {"json": Settings(topic_prefix="codecs."),
+         "avro": Settings(wire_format="avro", registry_url="mock://codecs", topic_prefix="codecs.")}
+
+
+def wire_codec(model: type[Any], wire_format: str) -> Codec[Any]:
+    """The codec of a record type on the first topic that carries it."""
+    settings = WIRES[wire_format]
+    topic = next(t for t in topics_for(settings.topic_prefix).all() if t.record_name == model.__name__)
+    return codec_for(model, settings, topic)
+
 
 WHEN = datetime(2026, 11, 22, 3, 4, 5, 678000, tzinfo=UTC)
 
@@ -96,7 +110,7 @@ SAMPLES: list[Record] = [
 @pytest.mark.parametrize("wire_format", ["json", "avro"])
 @pytest.mark.parametrize("record", SAMPLES, ids=lambda r: type(r).__name__)
 def test_round_trip(record: Record, wire_format: str) -> None:
-    codec = codec_for(type(record), wire_format)
+    codec = wire_codec(type(record), wire_format)
     assert codec.decode(codec.encode(record)) == record
 
 
@@ -104,12 +118,12 @@ def test_round_trip(record: Record, wire_format: str) -> None:
 def test_json_encoding_satisfies_the_avsc(record: Record) -> None:
     """The JSON wire form, read back and given to fastavro, validates against the .avsc."""
     name = type(record).__name__
-    decoded = codec_for(type(record), "json").decode(codec_for(type(record), "json").encode(record))
+    decoded = json_codec(type(record)).decode(json_codec(type(record)).encode(record))
     assert fastavro.validation.validate(decoded.model_dump(), parsed_schema(name), raise_errors=True)
 
 
 def test_json_wire_form_is_snake_case_nested_json() -> None:
-    encoded = codec_for(ExecutionRequest, "json").encode(SAMPLES[0])
+    encoded = json_codec(ExecutionRequest).encode(SAMPLES[0])
     assert orjson.loads(encoded) == {
         "request_id": "r1", "task_id": "spam", "version": None, "input": {"text": "hi", "n": [1, 2.5, None]},
         "force_validation": False, "timeout_ms": None, "expected_output": {"label": "ham"},
@@ -117,11 +131,16 @@ def test_json_wire_form_is_snake_case_nested_json() -> None:
     }
 
 
-def test_avro_bytes_are_schemaless_avro() -> None:
-    """Another Avro reader with only the .avsc reads what we write; JSON fields are JSON strings."""
-    encoded = codec_for(ExecutionRequest, "avro").encode(SAMPLES[1])
-    assert encoded == b"\x04r2\x08spam\x02\x06\x04{}\x01\x02\x64\x00\x00"
-    raw = fastavro.schemaless_reader(io.BytesIO(encoded), parsed_schema("ExecutionRequest"), None)
+BODY = b"\x04r2\x08spam\x02\x06\x04{}\x01\x02\x64\x00\x00"  # SAMPLES[1] in Avro binary
+
+
+def test_avro_bytes_are_confluent_framed_avro() -> None:
+    """Magic byte 0, the subject's schema id (4 bytes, big-endian), then Avro binary that any reader with the
+    .avsc reads; JSON fields are JSON strings."""
+    codec = wire_codec(ExecutionRequest, "avro")
+    encoded = codec.encode(SAMPLES[1])
+    assert encoded == b"\x00" + codec.schema_id.to_bytes(4, "big") + BODY  # type: ignore[attr-defined]
+    raw = fastavro.schemaless_reader(io.BytesIO(encoded[5:]), parsed_schema("ExecutionRequest"), None)
     assert raw["input"] == {} and raw["timeout_ms"] == 50
 
 
@@ -139,16 +158,29 @@ MALFORMED_JSON: list[tuple[bytes, str]] = [
 @pytest.mark.parametrize(("data", "message"), MALFORMED_JSON)
 def test_malformed_json_is_a_decode_error(data: bytes, message: str) -> None:
     with pytest.raises(DecodeError, match=message):
-        codec_for(ExecutionRequest, "json").decode(data)
+        json_codec(ExecutionRequest).decode(data)
 
 
-TRAILING = b"\x04r2\x08spam\x02\x06\x04{}\x01\x02\x64\x00\x00extra"
+def _framed(body: bytes) -> bytes:
+    return b"\x00" + wire_codec(ExecutionRequest, "avro").schema_id.to_bytes(4, "big") + body  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("data", [b"", b"\x04r2", b"\xff" * 12, TRAILING])
-def test_malformed_avro_is_a_decode_error(data: bytes) -> None:
-    with pytest.raises(DecodeError, match=r"Avro ExecutionRequest|invalid ExecutionRequest"):
-        codec_for(ExecutionRequest, "avro").decode(data)
+MALFORMED_AVRO: list[tuple[Any, str]] = [
+    (lambda: b"", "0 bytes, shorter than the 5-byte header"),
+    (lambda: b"\x00\x00\x01", "3 bytes, shorter than the 5-byte header"),
+    (lambda: BODY, "magic byte 0x04, expected 0x00"),  # schemaless Avro
+    (lambda: b'{"request_id": "r"}', "magic byte 0x7b, expected 0x00"),  # JSON
+    (lambda: b"\x00\x00\x0f\x42\x40" + BODY, "schema id 1000000 is unknown to the schema registry"),
+    (lambda: _framed(b"\x04r2"), "not a valid Avro ExecutionRequest"),
+    (lambda: _framed(b"\xff" * 12), "not a valid Avro ExecutionRequest"),
+    (lambda: _framed(BODY + b"extra"), "5 trailing bytes"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), MALFORMED_AVRO)
+def test_malformed_avro_is_a_decode_error(data: Any, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        wire_codec(ExecutionRequest, "avro").decode(data())
 
 
 def test_avro_that_breaks_a_validation_rule_is_a_decode_error() -> None:
@@ -156,27 +188,28 @@ def test_avro_that_breaks_a_validation_rule_is_a_decode_error() -> None:
     buffer = io.BytesIO()
     fastavro.schemaless_writer(buffer, parsed_schema("ExecutionRequest"), values)
     with pytest.raises(DecodeError, match="timeout_ms"):
-        codec_for(ExecutionRequest, "avro").decode(buffer.getvalue())
+        wire_codec(ExecutionRequest, "avro").decode(_framed(buffer.getvalue()))
 
 
 def test_loose_reading_salvages_ids_of_invalid_requests() -> None:
-    codec = codec_for(ExecutionRequest, "json")
+    codec = json_codec(ExecutionRequest)
     assert codec.loose(b'{"request_id": "r", "task_id": "t", "timeout_ms": 0}') == {
         "request_id": "r", "task_id": "t", "timeout_ms": 0}
     assert codec.loose(b"garbage") is None
     assert codec.loose(b"[1]") is None
 
 
-def test_unknown_wire_format() -> None:
-    with pytest.raises(ValueError, match="unknown wire format 'xml'"):
-        codec_for(ExecutionRequest, "xml")
+def test_a_codec_is_for_a_topic_of_its_record_type() -> None:
+    topics = topics_for("codecs.")
+    with pytest.raises(ValueError, match="carries ExecutionResult, not ExecutionRequest"):
+        codec_for(ExecutionRequest, WIRES["json"], topics.execution_results)
 
 
 @pytest.mark.parametrize("wire_format", ["json", "avro"])
 @pytest.mark.parametrize("record", SAMPLES, ids=lambda r: type(r).__name__)
 def test_encode_fields_matches_encode(record: Record, wire_format: str) -> None:
     """The executor's hot path (fields, no model) decodes to the same record as encode()."""
-    codec = codec_for(type(record), wire_format)
+    codec = wire_codec(type(record), wire_format)
     assert codec.decode(codec.encode_fields(record.model_dump())) == record
 
 
@@ -184,14 +217,14 @@ def test_encode_fields_matches_encode(record: Record, wire_format: str) -> None:
 @pytest.mark.parametrize("record", SAMPLES, ids=lambda r: type(r).__name__)
 def test_one_encoding_per_wire_format(record: Record, wire_format: str) -> None:
     """A record and its fields encode to the same bytes: consumers never see two spellings of one record."""
-    codec = codec_for(type(record), wire_format)
+    codec = wire_codec(type(record), wire_format)
     assert codec.encode(record) == codec.encode_fields(record.model_dump())
 
 
 def test_json_times_end_in_z_and_bytes_are_urlsafe_base64() -> None:
     letter = DeadLetter(reason="r", error_type="E", source_topic="t", source_partition=0, source_offset=1,
                         key=b"\xfb\xff", value=None, worker_id="w", dead_lettered_at=datetime(2026, 1, 2, tzinfo=UTC))
-    encoded = orjson.loads(codec_for(DeadLetter, "json").encode(letter))
+    encoded = orjson.loads(json_codec(DeadLetter).encode(letter))
     assert encoded["dead_lettered_at"] == "2026-01-02T00:00:00Z"
     assert encoded["key"] == "-_8="
 
@@ -201,14 +234,15 @@ def test_json_times_end_in_z_and_bytes_are_urlsafe_base64() -> None:
 @given(data=st.one_of(
     st.binary(max_size=300),
     st.builds(lambda prefix, tail: prefix + tail,  # a valid record of either wire format, then garbage
-              st.sampled_from([codec_for(ExecutionRequest, w).encode(SAMPLES[1]) for w in ("json", "avro")]),
+              st.sampled_from([wire_codec(ExecutionRequest, w).encode(SAMPLES[1]) for w in ("json", "avro")]),
               st.binary(max_size=20)),
     st.binary(min_size=1, max_size=200).map(lambda b: b"\x02" + b),  # Avro-like: a string length first
+    st.binary(max_size=200).map(lambda b: _framed(b)),  # framed right, then anything
 ))
 def test_any_bytes_decode_or_raise_decode_error(wire_format: str, data: bytes) -> None:
     """Whatever arrives on the requests topic, the codec answers with a record or a DecodeError (which the
     executor turns into a rejected result or a dead letter), and loose() with a dict or None."""
-    codec = codec_for(ExecutionRequest, wire_format)
+    codec = wire_codec(ExecutionRequest, wire_format)
     try:
         assert isinstance(codec.decode(data), ExecutionRequest)
     except DecodeError as exc:

@@ -84,7 +84,7 @@ async def test_decisions_are_the_tasks_own_from_every_partition_in_time_order(se
         await control.start_canary("spam", 2, 10)
     started = (await _decisions(settings))[0].decided_at
     spec = topics_for(settings.topic_prefix).canary_decisions
-    codec = codec_for(CanaryDecision, settings.wire_format)
+    codec = codec_for(CanaryDecision, settings, spec)
 
     def decision(task: str, action: CanaryAction, seconds: int) -> bytes:
         return codec.encode(CanaryDecision(task_id=task, candidate_version=2, active_version=1, action=action,

@@ -64,7 +64,7 @@ async def test_oracle_serve_answers_labelled_requests_until_ctrl_c(broker: Embed
         wait_for_text(output, "oracle ref serving 2 label(s)", oracle, timeout_s=60)
         unlabelled = _request("spam", "r1", {"text": "no label for me"})
         labelled = _request("spam", "r2", {"lang": "en", "text": "FREE prize"})
-        codec = codec_for(ValidationRequest, settings.wire_format)
+        codec = codec_for(ValidationRequest, settings, topics.oracle_requests)
         spec = topics.oracle_requests
         # One partition, in this order: once the labelled one is answered, the two before it were seen.
         partition = partition_for(labelled.execution_id.encode(), spec.partitions)

@@ -4,7 +4,7 @@ import asyncio
 
 from aiokafka import TopicPartition
 
-from app.contract.codecs import codec_for
+from app.contract.codecs import codec_for, json_codec
 from app.contract.records import ProgramArtifact, TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.kafka.clients import make_consumer, make_producer, partition_for
@@ -20,7 +20,7 @@ def _artifact(task: str, version: int) -> ProgramArtifact:
 async def _publish_in_one_batch(settings: Settings, artifacts: list[ProgramArtifact]) -> None:
     """All records in as few record batches as possible: the case ListOffsets gets wrong."""
     spec = topics_for(settings.topic_prefix).program_artifacts
-    codec = codec_for(ProgramArtifact, settings.wire_format)
+    codec = codec_for(ProgramArtifact, settings, spec)
     producer = make_producer(settings, linger_ms=200)
     await producer.start()
     try:
@@ -81,7 +81,7 @@ async def test_follow_applies_updates_and_tombstones(settings: Settings) -> None
         task = TaskSpec(name="spam", active_version=1, updated_at=utc_now())
         key = b"spam"
         part = partition_for(key, spec.partitions)
-        await producer.send_and_wait(spec.name, codec_for(TaskSpec, "json").encode(task), key=key, partition=part)
+        await producer.send_and_wait(spec.name, json_codec(TaskSpec).encode(task), key=key, partition=part)
         await _eventually(lambda: reader.tasks.get("spam") == task)
         await producer.send_and_wait(spec.name, None, key=key, partition=part)
         await _eventually(lambda: reader.tasks.get("spam") is None)
