@@ -21,6 +21,7 @@ import faust
 from mode import Service
 
 from app.agents.decide_canaries import DecideCanaries
+from app.agents.detect_anomalies import DetectAnomalies
 from app.agents.execute_requests import ExecuteRequests
 from app.agents.join_oracle_verdicts import JoinOracleVerdicts
 from app.agents.validate_executions import ValidateExecutions
@@ -59,6 +60,7 @@ class LoopWorker(Service):
         ValidateExecutions(app, self.settings, self.topics, self.tables, self.pool)
         JoinOracleVerdicts(app, self.settings, self.topics)
         DecideCanaries(app, self.settings, self.topics, self.tables, self.executor.assembler.sampler)
+        DetectAnomalies(app, self.settings, self.topics)
 
     async def on_start(self) -> None:
         for handler in logging.getLogger().handlers:  # faust has set up logging by now
