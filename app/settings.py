@@ -210,7 +210,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _anomaly_thresholds_make_sense(self) -> Settings:
-        self.anomaly_thresholds()  # its own checks, e.g. a re-arm threshold above its raise threshold
+        try:
+            self.anomaly_thresholds()  # its own checks, e.g. a re-arm threshold above its raise threshold
+        except ValueError as exc:
+            raise ValueError(f"anomaly_* settings: {exc}") from exc
         return self
 
     def anomaly_thresholds(self) -> AnomalyThresholds:
