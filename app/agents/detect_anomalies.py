@@ -1,15 +1,6 @@
-"""Detects anomalies: consumes stats-partials (key task_id, so each task has one owner), judges each task
-version's closed minutes of error rate and p99 latency (app/domain/anomaly_watch.py) and produces
-AnomalySignals to anomaly-signals, keyed by task_id. A timer closes the minutes of tasks that went quiet.
-
-The detector's state lives in memory only: after a restart or a rebalance a task's baseline is learned again
-from its next `anomaly_baseline_minutes` of traffic, and its open minutes are lost. Kept that way because a
-changelog-backed baseline would not be consistent with the committed offsets (faust writes the changelog and
-commits the source offsets separately, so a restored baseline may have learned minutes that are read again),
-and faust's table recovery cannot be trusted on the embedded broker (app/kafka/tables.py) to prove it did.
-The cost: no signals for a task in its first hour after a restart, and an incident running across the restart
-may be learned as normal.
-"""
+"""Detects anomalies: consumes stats-partials (key task_id, so each task has one owner) and produces one
+AnomalySignal per incident in a task version's error rate or p99 latency to anomaly-signals, keyed by task_id.
+A timer closes the minutes of tasks that went quiet (docs/anomalies.md)."""
 
 from __future__ import annotations
 
@@ -31,7 +22,14 @@ log = logging.getLogger(__name__)
 
 
 class DetectAnomalies:
-    """The anomaly detection of a worker, registered on its faust app."""
+    """The anomaly detection of a worker, registered on its faust app.
+
+    The detector's state lives in memory only: after a restart or a rebalance a task's baseline is learned again
+    from its next `anomaly_baseline_minutes` of traffic, and its open minutes are lost. A changelog-backed
+    baseline would not agree with the committed offsets (faust writes changelogs and commits source offsets
+    separately, so a restored baseline may have learned minutes that are read again), and faust's table recovery
+    on the embedded broker comes back stale (app/kafka/tables.py), so no test could show it right.
+    """
 
     def __init__(self, app: faust.App, settings: Settings, topics: Topics) -> None:
         self.watch = AnomalyWatch(settings.anomaly_thresholds(), timedelta(seconds=settings.anomaly_lateness_s),

@@ -1,12 +1,5 @@
-"""Anomaly watch of the tasks one worker owns: consumes StatsPartials and clock ticks, produces AnomalySignals
-of each task's closed minutes (app/domain/minute_buckets.py, app/domain/anomaly.py).
-
-Each task keeps its own event-time clock, so a backlog or a replay of old partials is judged minute by minute
-as it happened. The clock is the latest event_at seen for the task; while the task's partials stop arriving it
-moves on with the wall clock, once `idle` has passed (an idle source, as in Flink's withIdleness), so the last
-minutes of a task that stops getting traffic are still judged. A minute with no traffic is no observation: no
-error rate or latency to judge, nothing learned; a drop in traffic is not what these signals watch.
-"""
+"""Anomaly watch of the tasks one worker owns: consumes StatsPartials and clock ticks, produces the
+AnomalySignals of each task's closed minutes (app/domain/minute_buckets.py, app/domain/anomaly.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +22,14 @@ class _TaskMinutes:
 
 @dataclass
 class AnomalyWatch:
-    """Minute buckets and event-time clocks per task, and one detector over all of them."""
+    """Minute buckets and event-time clocks per task, and one detector over all of them.
+
+    A task's clock is the latest event_at seen for it, so a backlog or a replay of old partials is judged minute
+    by minute as it happened. While the task's partials stop arriving the clock moves on with the wall clock,
+    once `idle` has passed (an idle source, as in Flink's withIdleness), so the last minutes of a task that stops
+    getting traffic are still judged. A minute with no traffic is no observation: no error rate or latency to
+    judge, nothing learned; a drop in traffic is not what these signals watch.
+    """
 
     thresholds: AnomalyThresholds = field(default_factory=AnomalyThresholds)
     lateness: timedelta = timedelta(seconds=5)
