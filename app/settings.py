@@ -8,12 +8,15 @@ from __future__ import annotations
 import os
 import re
 import socket
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from app.domain.anomaly import AnomalyThresholds
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -205,6 +208,36 @@ class Settings(BaseSettings):
             "heartbeat_interval_ms": int(self.heartbeat_interval_s * 1000),
             "rebalance_timeout_ms": int(self.rebalance_timeout_s * 1000),
         }
+
+    # Anomaly signals (issue 10): the fields of app/domain/anomaly.py AnomalyThresholds, prefixed anomaly_, and
+    # when a task's minute is judged: `lateness_s` after its end on the task's event-time clock, which follows
+    # the wall clock once the task's partials have stopped for `idle_s` (app/domain/anomaly_watch.py).
+    anomaly_baseline_minutes: int = Field(60, ge=2)
+    anomaly_min_executions: int = Field(20, ge=1, description="a minute with fewer results that ran is skipped")
+    anomaly_zscore_raise: float = Field(6.0, gt=0)
+    anomaly_zscore_rearm: float = Field(2.0, gt=0)
+    anomaly_ewma_lambda: float = Field(0.1, gt=0, le=1)
+    anomaly_ewma_raise: float = Field(4.5, gt=0)
+    anomaly_ewma_rearm: float = Field(1.0, gt=0)
+    anomaly_rearm_minutes: int = Field(15, ge=0, description="quiet minutes that end an incident")
+    anomaly_reference_alpha: float = Field(0.002, gt=0, lt=1)
+    anomaly_error_rate_floor: float = Field(0.02, gt=0, le=1)
+    anomaly_latency_floor: float = Field(0.05, gt=0)
+    anomaly_lateness_s: float = Field(5.0, ge=0)
+    anomaly_idle_s: float = Field(10.0, ge=0)
+    anomaly_tick_s: float = Field(1.0, gt=0, description="how often idle tasks' minutes are checked")
+
+    @model_validator(mode="after")
+    def _anomaly_thresholds_make_sense(self) -> Settings:
+        try:
+            self.anomaly_thresholds()  # its own checks, e.g. a re-arm threshold above its raise threshold
+        except ValueError as exc:
+            raise ValueError(f"anomaly_* settings: {exc}") from exc
+        return self
+
+    def anomaly_thresholds(self) -> AnomalyThresholds:
+        """The anomaly_* settings as the detector takes them."""
+        return AnomalyThresholds(**{f.name: getattr(self, f"anomaly_{f.name}") for f in fields(AnomalyThresholds)})
 
 
 def describe_validation_error(exc: ValidationError, what: str) -> str:

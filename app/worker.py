@@ -21,6 +21,7 @@ import faust
 from mode import Service
 
 from app.agents.decide_canaries import DecideCanaries
+from app.agents.detect_anomalies import DetectAnomalies
 from app.agents.emit_retention_events import EmitRetentionEvents
 from app.agents.execute_requests import ExecuteRequests
 from app.agents.join_oracle_verdicts import JoinOracleVerdicts
@@ -64,6 +65,7 @@ class LoopWorker(Service):
         ValidateExecutions(app, self.settings, self.topics, self.tables, self.pool)
         JoinOracleVerdicts(app, self.settings, self.topics)
         DecideCanaries(app, self.settings, self.topics, self.tables, self.executor.assembler.sampler)
+        DetectAnomalies(app, self.settings, self.topics)
         EmitRetentionEvents(app, self.settings, self.topics)
 
     async def on_start(self) -> None:

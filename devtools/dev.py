@@ -2,7 +2,7 @@
 tasks and programs, starts a worker process and the reference oracle, sends traffic, and prints results,
 validations and canary decisions live: a quarter of the way in, spam-filter's v3 goes on canary to half of
 its requests and is promoted (or rolled back) on its validated accuracy. Then a summary, with the accuracy
-of each version.
+of each version and any anomaly signals seen.
 
 Ctrl-C (SIGINT, also SIGTERM and SIGHUP) stops it in order: the traffic, then the wait for results still due
 (a second Ctrl-C skips it), the worker, the broker, and then the summary. The broker and the worker run in
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.contract.records import CanaryDecision, ExecutionResult, Validation, ValidationStatus
+from app.contract.records import AnomalySignal, CanaryDecision, ExecutionResult, Validation, ValidationStatus
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.kafka.client import RequestSender, follow, request_from
@@ -67,6 +67,7 @@ class _Tally:
     # (task, version) -> [validated, matched, expired]
     accuracy: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     decisions: list[str] = field(default_factory=list)
+    signals: list[str] = field(default_factory=list)
 
     @property
     def missing(self) -> set[str]:
@@ -86,6 +87,9 @@ class _Tally:
             _say(f"  {label:<32} {validated} validated, {matched} matched ({rate}), {expired} expired")
         for decision in self.decisions:
             _say(f"  canary decision: {decision}")
+        _say(f"anomaly signals: {len(self.signals) or 'none'}")
+        for line in self.signals:
+            _say(f"  {line}")
 
 
 def _say(text: str) -> None:
@@ -200,6 +204,7 @@ async def _traffic_and_results(
         asyncio.ensure_future(_print_results(settings, tally.seen)),
         asyncio.ensure_future(_print_validations(settings, tally)),
         asyncio.ensure_future(_print_decisions(settings, tally)),
+        asyncio.ensure_future(_collect_signals(settings, tally)),
     ]
     labels = {canonical({"text": text}): label for text, label in INTENT_LABELS.items()}
     oracle = asyncio.ensure_future(serve_oracle(settings, labels, "devtools-labels", oracle_stop))
@@ -275,3 +280,16 @@ async def _print_decisions(settings: Settings, tally: _Tally) -> None:
                     f"{record.reason}")
             tally.decisions.append(line)
             _say(f">>> canary {line}")
+
+
+def signal_line(signal: AnomalySignal) -> str:
+    """One anomaly signal on one line, as the summary prints it."""
+    return (f"{signal.task_id} v{signal.version} {signal.metric.value} by {signal.method.value} "
+            f"(score {signal.score:.1f}) at {signal.detected_at:%H:%M} UTC: {signal.hint}")
+
+
+async def _collect_signals(settings: Settings, tally: _Tally) -> None:
+    spec = topics_for(settings.topic_prefix).anomaly_signals
+    async for _, _, record in follow(settings, spec):
+        if isinstance(record, AnomalySignal):
+            tally.signals.append(signal_line(record))

@@ -83,3 +83,14 @@ def test_group_defaults_suit_apache_kafka() -> None:
 def test_a_heartbeat_too_slow_for_the_session_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"heartbeat_interval_s \(3\) must be at most a third of session_timeout_s"):
         Settings.load(session_timeout_s=6, heartbeat_interval_s=3)
+
+
+def test_anomaly_settings_are_the_detectors_thresholds() -> None:
+    settings = Settings.load(None, anomaly_zscore_raise=8.0, anomaly_rearm_minutes=5)
+    thresholds = settings.anomaly_thresholds()
+    assert (thresholds.zscore_raise, thresholds.rearm_minutes, thresholds.baseline_minutes) == (8.0, 5, 60)
+
+
+def test_anomaly_thresholds_that_make_no_sense_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"anomaly_\* settings: a re-arm threshold above its raise threshold"):
+        Settings.load(None, anomaly_ewma_raise=2.0, anomaly_ewma_rearm=3.0)

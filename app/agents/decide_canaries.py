@@ -1,7 +1,7 @@
-"""Decides canary rollouts: consumes validations (key task_id), keeps validated and matched counts per task
-version in a faust table, and when a task's canary has shown itself better or worse (app/domain/canary.py)
-produces a canary decision and the task's new spec (promoted: the candidate becomes active; rolled back: the
-canary ends)."""
+"""Decides canary rollouts: consumes validations and anomaly signals (both key task_id, co-partitioned, so one
+owner per task), keeps validated and matched counts and the signals per task version in faust tables, and when
+a task's canary has shown itself better or worse, or has a signal against it (app/domain/canary.py), produces a
+canary decision and the task's new spec (promoted: the candidate becomes active; rolled back: the canary ends)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import faust
 
 from app.agents.plumbing import EventDeadLetters, raw_topic
-from app.contract.codecs import DecodeError, codec_for
+from app.contract.codecs import DecodeError, codec_for, json_codec
 from app.contract.records import (
+    AnomalySignal,
     CanaryAction,
     CanaryDecision,
     TaskSpec,
@@ -21,12 +22,13 @@ from app.contract.records import (
     utc_now,
 )
 from app.contract.topics import Topics
-from app.domain.canary import Accuracy, decide
+from app.domain.canary import Accuracy, decide, signals_against
 from app.domain.sampling import Sampler
 from app.kafka.tables import TableReader
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+_SIGNALS_KEPT = 20  # per task version: a decision needs one; the newest few say enough on the record
 
 
 class DecideCanaries:
@@ -38,6 +40,9 @@ class DecideCanaries:
         self._sampler = sampler  # adaptive sampling learns recent disagreement from the validations seen here
         self._tables = tables
         self._validations = codec_for(Validation, settings, topics.validations)
+        self._signals = codec_for(AnomalySignal, settings, topics.anomaly_signals)
+        self._stored_signals = json_codec(AnomalySignal)  # the table's own format, whatever the wire's
+        self._signals_topic = topics.anomaly_signals.name
         self._decisions = codec_for(CanaryDecision, settings, topics.canary_decisions)
         self._specs = codec_for(TaskSpec, settings, topics.task_specs)
         self._decisions_topic = raw_topic(app, topics.canary_decisions)
@@ -53,16 +58,30 @@ class DecideCanaries:
                                       value_serializer="json", partitions=topics.canary_accuracy.partitions,
                                       compacting=True),
         )
-        app.agent(raw_topic(app, topics.validations), name="decide_canaries")(self._consume)
+        # b"task/version" -> the latest signals against that version, as JSON texts, oldest first
+        self.signals = app.Table(
+            "canary_signals", key_type=bytes, partitions=topics.canary_signals.partitions,
+            changelog_topic=app.topic(topics.canary_signals.name, key_type=bytes, key_serializer="raw",
+                                      value_serializer="json", partitions=topics.canary_signals.partitions,
+                                      compacting=True),
+        )
+        app.agent(raw_topic(app, topics.validations, topics.anomaly_signals), name="decide_canaries")(self._consume)
 
     def accuracy_of(self, task_id: str, version: int | None) -> Accuracy:
         counts = self.accuracy.get(f"{task_id}/{version}".encode()) if version is not None else None
         return Accuracy(*counts) if counts else Accuracy()
 
+    def signals_of(self, task_id: str, version: int) -> list[AnomalySignal]:
+        stored = self.signals.get(f"{task_id}/{version}".encode()) or []
+        return [self._stored_signals.decode(text.encode()) for text in stored]
+
     async def _consume(self, stream: Any) -> None:
         await self._tables.ready.wait()  # the app may start before the worker's tables are read
         async for event in stream.events():
             try:
+                if event.message.topic == self._signals_topic:
+                    await self._take_signal(self._signals.decode(event.value))
+                    continue
                 validation = self._validations.decode(event.value)
             except DecodeError as exc:
                 await self._dead_letters.send(event, str(exc), "DecodeError")
@@ -75,6 +94,14 @@ class DecideCanaries:
             self.accuracy[key] = self.accuracy_of(validation.task_id, validation.version).add(validation.match).counts()
             await self._maybe_decide(validation.task_id)
 
+    async def _take_signal(self, signal: AnomalySignal) -> None:
+        if signal.version is None:
+            return  # results of no version: no canary to count it against
+        key = f"{signal.task_id}/{signal.version}".encode()
+        kept = [*(self.signals.get(key) or []), self._stored_signals.encode(signal).decode()]
+        self.signals[key] = kept[-_SIGNALS_KEPT:]
+        await self._maybe_decide(signal.task_id)
+
     async def _maybe_decide(self, task_id: str) -> None:
         task = self._tables.tasks.get(task_id)
         if task is None or task.canary_version is None:
@@ -84,8 +111,12 @@ class DecideCanaries:
             return
         candidate = self.accuracy_of(task_id, task.canary_version)
         active = self.accuracy_of(task_id, task.active_version)
+        # The spec's updated_at is when the canary started (or was last changed: a signal seen while it ran
+        # has been decided on already).
+        signals = signals_against(self.signals_of(task_id, task.canary_version), task.canary_version,
+                                  task.updated_at)
         decision = decide(candidate, active, task.accuracy_target, self._settings.canary_min_validations,
-                          self._settings.canary_margin)
+                          self._settings.canary_margin, signals)
         if decision.action == "wait":
             return
         self._decided.add(canary)

@@ -9,6 +9,9 @@ Hysteresis: a detector that raised a signal stays quiet until both scores have s
 thresholds for `rearm_minutes`, so one incident is one signal; minutes inside an incident teach no baseline.
 Stdevs have floors, so a perfectly steady metric does not turn noise into an incident: for error rates the
 binomial stdev at max(mean, `error_rate_floor`), for latency `latency_floor` times the mean.
+A version seen for the first time starts from a copy of the baseline of its task's warmed-up version seen last,
+so a canary is judged against what the task did before it from its first minute, not after an hour of learning
+(which would learn a broken canary as normal); a task's first version learns for `baseline_minutes`.
 """
 
 from __future__ import annotations
@@ -125,6 +128,7 @@ class AnomalyDetector:
     def __init__(self, thresholds: AnomalyThresholds | None = None) -> None:
         self.thresholds = thresholds or AnomalyThresholds()
         self._detectors: dict[tuple[str, int | None, AnomalyMetric], MetricDetector] = {}
+        self._last_seen: dict[tuple[str, int | None, AnomalyMetric], datetime] = {}
 
     def observe(self, minute: MinuteMetrics) -> list[AnomalySignal]:
         """Take one closed minute of one task version; the signals it raises (usually none)."""
@@ -136,12 +140,23 @@ class AnomalyDetector:
             key = (minute.task_id, minute.version, metric)
             detector = self._detectors.get(key)
             if detector is None:
-                detector = self._detectors[key] = MetricDetector(metric, self.thresholds)
+                detector = self._detectors[key] = self._seeded(minute.task_id, metric)
+            self._last_seen[key] = minute.minute_end
             raised = detector.observe(value, minute.ran)
             if raised is not None:
                 method, score, baseline, shown = raised
                 signals.append(self._signal(minute, metric, method, score, baseline, shown, minute.minute_end))
         return signals
+
+    def _seeded(self, task_id: str, metric: AnomalyMetric) -> MetricDetector:
+        """A new version's detector: a copy of the baseline of the task's warmed-up version seen last."""
+        warm = [key for key, detector in self._detectors.items()
+                if key[0] == task_id and key[2] == metric and len(detector.history) >= self.thresholds.baseline_minutes]
+        if not warm:
+            return MetricDetector(metric, self.thresholds)
+        source = self._detectors[max(warm, key=self._last_seen.__getitem__)]
+        return MetricDetector(metric, self.thresholds, history=deque(source.history), ewma=source.reference_mean,
+                              reference_mean=source.reference_mean, reference_var=source.reference_var)
 
     @staticmethod
     def _signal(minute: MinuteMetrics, metric: AnomalyMetric, method: AnomalyMethod, score: float,

@@ -3,13 +3,19 @@
 Routing is deterministic in the request id, so a redelivered request runs the same version. The decision
 compares validated accuracy: promote once the candidate has at least `min_validations` validations and its
 accuracy is at least both the active version's and the task's target; roll back once it falls below the
-active version's (or the target) by more than `margin`, or an anomaly signal was raised against it.
+active version's (or the target) by more than `margin`, or at once when an anomaly signal was raised against
+the candidate since its canary started: a canary that broke its task's error rate or latency is not promoted on
+accuracy, however good (a rollback, not a wait, so the broken version stops taking traffic now).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+
+from app.contract.records import AnomalySignal
 
 
 def runs_canary(request_id: str, percent: float) -> bool:
@@ -43,11 +49,21 @@ class Decision:
     reason: str
 
 
+def signals_against(signals: Iterable[AnomalySignal], candidate_version: int,
+                    canary_started: datetime) -> list[AnomalySignal]:
+    """The signals that count against a canary: on its candidate version, for a minute that ended after the
+    canary started (the same version may have run, and misbehaved, in an earlier canary)."""
+    return [signal for signal in signals
+            if signal.version == candidate_version and signal.detected_at > canary_started]
+
+
 def decide(candidate: Accuracy, active: Accuracy, accuracy_target: float, min_validations: int,
-           margin: float, signals: int = 0) -> Decision:
-    """What to do with a canary now, and why (the reason goes on the decision record)."""
+           margin: float, signals: Sequence[AnomalySignal] = ()) -> Decision:
+    """What to do with a canary now, and why (the reason goes on the decision record). `signals` are the
+    anomaly signals against the candidate (signals_against)."""
     if signals:
-        return Decision("rollback", f"{signals} anomaly signal(s) raised against the candidate")
+        hints = "; ".join(f"{signal.hint} ({signal.method.value}, score {signal.score:.1f})" for signal in signals)
+        return Decision("rollback", f"{len(signals)} anomaly signal(s) against the candidate: {hints}")
     if candidate.validated < min_validations or candidate.rate is None:
         return Decision("wait", f"{candidate.validated} of {min_validations} validations")
     bar = accuracy_target if active.rate is None else max(accuracy_target, active.rate)

@@ -20,8 +20,17 @@ def test_prefix_applies_to_every_topic() -> None:
         "acme.task-specs", "acme.dead-letters", "acme.validation-requests", "acme.oracle-requests",
         "acme.oracle-verdicts", "acme.validations", "acme.canary-decisions", "acme.oracle-pending-changelog",
         "acme.canary-accuracy-changelog", "acme.analytics", "acme.stats-partials", "acme.anomaly-signals",
-        "acme.retention-events",
+        "acme.retention-events", "acme.canary-signals-changelog",
     }
+
+
+def test_the_canary_agents_topics_are_co_partitioned() -> None:
+    """It reads validations and signals in one stream: faust gives a worker the same partitions of both only
+    when their counts agree, and its tables' changelogs follow the stream's partitions."""
+    topics = topics_for("")
+    counts = {topics.validations.partitions, topics.anomaly_signals.partitions, topics.canary_accuracy.partitions,
+              topics.canary_signals.partitions}
+    assert len(counts) == 1, counts
 
 
 def test_a_topic_is_found_by_key_and_unknown_ones_are_named() -> None:

@@ -6,8 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
+from app.contract.records import AnomalyMethod, AnomalyMetric, AnomalySignal
+from devtools.dev import signal_line
 from tests.conftest import wait_for_text
 
 
@@ -22,6 +25,8 @@ def test_dev_runs_the_whole_loop_and_leaves_no_temporary_directory(tmp_path: Pat
     assert re.search(r"spam-filter v3 +\d+ validated, \d+ matched \(100%\)", done.stdout), done.stdout[-3000:]
     assert "by external: match" in done.stdout and "by label: MISMATCH" in done.stdout
     assert "canary decision: spam-filter v3 promoted by auto" in done.stdout, done.stdout[-3000:]
+    # A minute of traffic has no baseline yet: the summary's last line says no signal was seen.
+    assert done.stdout.rstrip().endswith("anomaly signals: none"), done.stdout[-3000:]
     assert not list(tmp_path.glob("loopai-dev-*")) and "logs in" not in done.stdout
 
 
@@ -62,6 +67,15 @@ def test_dev_refuses_a_rate_of_zero() -> None:
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "Invalid value for '--rate': 0.0 is not in the range x>0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_signal_is_one_line() -> None:
+    signal = AnomalySignal(task_id="spam-filter", version=3, metric=AnomalyMetric.P99_LATENCY, value=12.5,
+                           baseline=4.0, score=7.25, method=AnomalyMethod.ZSCORE,
+                           hint="p99 latency jumped to 12.5 ms against 4.0 ms, its recent level",
+                           detected_at=datetime(2026, 11, 22, 9, 31, tzinfo=UTC))
+    assert signal_line(signal) == ("spam-filter v3 p99_latency by zscore (score 7.2) at 09:31 UTC: p99 latency "
+                                   "jumped to 12.5 ms against 4.0 ms, its recent level")
 
 
 def _alive(pid: int) -> bool:

@@ -1,6 +1,8 @@
 import uuid
+from datetime import UTC, datetime, timedelta
 
-from app.domain.canary import Accuracy, decide, runs_canary
+from app.contract.records import AnomalyMethod, AnomalyMetric, AnomalySignal
+from app.domain.canary import Accuracy, decide, runs_canary, signals_against
 
 
 def test_routing_share_and_determinism() -> None:
@@ -30,4 +32,30 @@ def test_needs_the_target_as_well_as_the_active_version() -> None:
 
 def test_rolls_back_a_worse_candidate_and_on_signals() -> None:
     assert decide(accuracy(10, 20), accuracy(95, 100), 0.8, 20, 0.05).action == "rollback"
-    assert decide(accuracy(20, 20), accuracy(95, 100), 0.8, 20, 0.05, signals=1).action == "rollback"
+
+
+T0 = datetime(2026, 11, 22, 12, tzinfo=UTC)
+
+
+def signal(version: int | None, minutes_after: int, hint: str = "error rate jumped to 30.0% against 1.0%, its "
+           "recent level") -> AnomalySignal:
+    return AnomalySignal(task_id="spam", version=version, metric=AnomalyMetric.ERROR_RATE, value=0.3,
+                         baseline=0.01, score=12.5, method=AnomalyMethod.ZSCORE, hint=hint,
+                         detected_at=T0 + timedelta(minutes=minutes_after))
+
+
+def test_a_signal_rolls_back_the_best_candidate_and_says_why() -> None:
+    """Accurate or not, validated enough or not: a canary with a signal against it is rolled back."""
+    against = [signal(2, 5)]
+    for candidate in (accuracy(20, 20), accuracy(0, 0)):
+        decision = decide(candidate, accuracy(95, 100), 0.8, 20, 0.05, against)
+        assert decision.action == "rollback"
+        assert decision.reason == ("1 anomaly signal(s) against the candidate: error rate jumped to 30.0% against "
+                                   "1.0%, its recent level (zscore, score 12.5)")
+
+
+def test_only_signals_on_the_candidate_since_its_canary_started_count() -> None:
+    signals = [signal(1, 5), signal(2, -5), signal(None, 5), signal(2, 0), signal(2, 1)]
+    assert signals_against(signals, 2, T0) == [signals[4]]  # a minute that ended after the start
+    assert decide(accuracy(20, 20), accuracy(85, 100), 0.8, 20, 0.05,
+                  signals_against(signals[:4], 2, T0)).action == "promote"

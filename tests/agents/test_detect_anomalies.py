@@ -1,0 +1,153 @@
+"""Anomaly signals end to end on the embedded broker: StatsPartials of synthetic minutes (hours in the past, as a
+replay) go to stats-partials, a worker's agent judges them, signals come out on anomaly-signals, and a canary
+with a signal against it is rolled back."""
+
+import asyncio
+from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from app.contract.codecs import codec_for
+from app.contract.records import (
+    AnomalyMethod,
+    AnomalyMetric,
+    AnomalySignal,
+    CanaryAction,
+    CanaryDecision,
+    DeadLetter,
+    StatsPartial,
+    TaskSpec,
+)
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
+from app.kafka.clients import apply_topics, make_producer
+from app.settings import Settings
+from devtools.broker import EmbeddedBroker
+from tests.conftest import WorkerProcess, collect, make_settings
+from tests.synthetic_partials import partials
+
+# Synthetic time starts five hours ago, on a minute: every minute is over before the test starts.
+T0 = (datetime.now(UTC) - timedelta(hours=5)).replace(second=0, microsecond=0)
+PROGRAM = "def run(input):\n    return input\n"
+
+
+@pytest.fixture(scope="module")
+def served(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    # A quiet task's last minute is judged about idle + lateness seconds after its last partial.
+    settings = make_settings(broker, anomaly_lateness_s=1.0, anomaly_idle_s=2.0, anomaly_tick_s=0.5)
+    asyncio.run(apply_topics(settings, topics_for(settings.topic_prefix)))
+    worker = WorkerProcess(settings, tmp_path_factory.mktemp("anomalies") / "worker.log", "anomaly-1").start()
+    yield settings
+    assert worker.stop() == 0, worker.log()[-3000:]
+
+
+async def produce(settings: Settings, stream: Iterable[StatsPartial]) -> None:
+    """The partials to stats-partials keyed by task, as the executor sends them."""
+    spec = topics_for(settings.topic_prefix).stats_partials
+    codec, name = codec_for(StatsPartial, settings, spec), spec.name
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        for partial in stream:
+            await producer.send(name, codec.encode(partial), key=partial.task_id.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def signals_of(settings: Settings, task_id: str, until: Callable[[list[AnomalySignal]], bool],
+                     timeout_s: float = 60) -> list[AnomalySignal]:
+    def of_task(records: list[object]) -> list[AnomalySignal]:
+        return [r for r in records if isinstance(r, AnomalySignal) and r.task_id == task_id]
+
+    return of_task(await collect(settings, "anomaly_signals", lambda rs: until(of_task(rs)), timeout_s))
+
+
+def at(minutes: int) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+def ends_with_latency_signal(minute_end: datetime) -> Callable[[list[AnomalySignal]], bool]:
+    """Done once the marker (a p99 spike in a task's last minute) is signalled: the task's signals before it
+    are all out, since a task's minutes are judged in order and its signals share a partition."""
+    return lambda signals: any(s.metric == AnomalyMetric.P99_LATENCY and s.detected_at == minute_end
+                               for s in signals)
+
+
+async def test_a_quiet_stream_gives_no_signal(served: Settings) -> None:
+    await produce(served, partials("quiet", 1, T0, 241, seed=11, p99_ms=lambda m: 150.0 if m == 240 else 50.0))
+    signals = await signals_of(served, "quiet", ends_with_latency_signal(at(241)))
+    assert [(s.metric, s.detected_at) for s in signals] == [(AnomalyMetric.P99_LATENCY, at(241))]
+
+
+async def test_a_spike_is_one_signal_and_one_long_incident_is_one_signal(served: Settings) -> None:
+    def error_rate(m: int) -> float:
+        return 0.25 if m in (90, 91, 92) or 160 <= m < 200 else 0.01  # a 3-minute spike; a 40-minute incident
+
+    await produce(served, partials("spiky", 1, T0, 231, seed=12, error_rate=error_rate,
+                                   p99_ms=lambda m: 150.0 if m == 230 else 50.0))
+    signals = await signals_of(served, "spiky", ends_with_latency_signal(at(231)))
+    assert [(s.metric, s.method, s.detected_at) for s in signals] == [
+        (AnomalyMetric.ERROR_RATE, AnomalyMethod.ZSCORE, at(91)),
+        (AnomalyMetric.ERROR_RATE, AnomalyMethod.ZSCORE, at(161)),
+        (AnomalyMetric.P99_LATENCY, AnomalyMethod.ZSCORE, at(231)),
+    ]
+    assert signals[0].hint.startswith("error rate jumped to 2") and signals[0].version == 1
+
+
+async def test_a_slow_latency_drift_is_detected(served: Settings) -> None:
+    # From minute 90 p99 creeps up 0.1% a minute (6% an hour), under 8% noise from minute to minute.
+    await produce(served, partials("drifting", 1, T0, 300, seed=13,
+                                   p99_ms=lambda m: 50.0 * (1 + 0.001 * max(0, m - 90))))
+    [signal, *_] = await signals_of(served, "drifting", bool)
+    assert (signal.metric, signal.method) == (AnomalyMetric.P99_LATENCY, AnomalyMethod.EWMA), signal
+    assert at(120) < signal.detected_at < at(300) and signal.value > signal.baseline
+
+
+def interleaved(*streams: Iterator[StatsPartial]) -> Iterator[StatsPartial]:
+    """Partials of versions running side by side, in event-time order as one executor would send them."""
+    return iter(sorted((p for stream in streams for p in stream), key=lambda p: p.event_at))
+
+
+async def test_a_canary_with_a_latency_signal_is_rolled_back(served: Settings) -> None:
+    async with ControlPlane(served) as control:
+        await control.put_task(TaskSpec(name="canaried", updated_at=T0))
+        await control.publish("canaried", PROGRAM, activate=True)
+        await control.publish("canaried", PROGRAM)
+        # The canary started 90 synthetic minutes in, when the task had a baseline.
+        spec = control.task("canaried").model_copy(update={"canary_version": 2, "canary_percent": 50.0,
+                                                           "updated_at": at(90)})
+        await control.put_task(spec)
+    # v1 all along; v2 from the canary's start, its p99 three times v1's from its fifth minute.
+    await produce(served, interleaved(
+        partials("canaried", 1, T0, 110, seed=14),
+        partials("canaried", 2, at(90), 20, seed=15, p99_ms=lambda m: 150.0 if m >= 4 else 50.0)))
+    records = await collect(served, "canary_decisions",
+                            lambda rs: any(isinstance(r, CanaryDecision) and r.task_id == "canaried" for r in rs))
+    [decision] = [r for r in records if isinstance(r, CanaryDecision) and r.task_id == "canaried"]
+    assert (decision.action, decision.candidate_version, decision.active_version) == (
+        CanaryAction.ROLLED_BACK, 2, 1)
+    assert decision.reason.startswith("1 anomaly signal(s) against the candidate: p99 latency jumped to 1"), decision
+    [signal, *_] = await signals_of(served, "canaried", bool)
+    assert (signal.version, signal.metric, signal.detected_at) == (2, AnomalyMetric.P99_LATENCY, at(95))
+
+    def rolled_back(specs: list[object]) -> bool:
+        last = {s.name: s for s in specs if isinstance(s, TaskSpec)}.get("canaried")
+        return last is not None and last.canary_version is None and last.active_version == 1
+
+    await collect(served, "task_specs", rolled_back)
+
+
+async def test_undecodable_partials_become_dead_letters(served: Settings) -> None:
+    name = topics_for(served.topic_prefix).stats_partials.name
+    producer = make_producer(served)
+    await producer.start()
+    try:
+        await producer.send_and_wait(name, b"\xff not a partial", key=b"broken")
+    finally:
+        await producer.stop()
+    letters = await collect(served, "dead_letters",
+                            lambda rs: any(isinstance(r, DeadLetter) and r.source_topic == name for r in rs))
+    [letter] = [r for r in letters if isinstance(r, DeadLetter) and r.source_topic == name]
+    assert letter.error_type == "DecodeError" and letter.value == b"\xff not a partial"
