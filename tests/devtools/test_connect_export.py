@@ -18,7 +18,7 @@ from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import make_consumer
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
-from devtools.connect import CONNECT_DIR, STOPPED_BY_SIGTERM, ConnectStandalone, java_binary
+from devtools.connect import STOPPED_BY_SIGTERM, ConnectStandalone, ConnectUnavailable, file_export, java_binary
 from tests.conftest import WorkerProcess, results_for
 
 # Values a careless export mangles: newlines, quotes, backslashes, non-ASCII, nested JSON, null.
@@ -68,12 +68,9 @@ async def test_file_sink_exports_every_result_exactly_as_produced(
         pytest.skip(reason)
     results_topic = topics_for(settings.topic_prefix).execution_results.name
     sink_file = tmp_path / "results.jsonl"
-    connect = ConnectStandalone(
-        settings.bootstrap_servers, [CONNECT_DIR / "file-sink.properties"], tmp_path / "connect",
-        env={"LOOPAI_EXPORT_TOPIC": results_topic, "LOOPAI_EXPORT_FILE": str(sink_file)},
-        # The embedded broker holds a group join for about half the session timeout (45 s by default).
-        worker_overrides={"consumer.session.timeout.ms": "4000", "consumer.heartbeat.interval.ms": "500"},
-    )
+    # The sink's consumer gets the tests' 4 s session: the embedded broker holds a group join for about half
+    # the session timeout (Connect's default is 45 s).
+    connect = file_export(settings, sink_file, tmp_path / "connect")
     async with ControlPlane(settings) as control:
         await control.put_task(TaskSpec(name="echo", updated_at=utc_now()))
         await control.publish("echo", ECHO, activate=True)
@@ -98,3 +95,12 @@ async def test_file_sink_exports_every_result_exactly_as_produced(
     statuses = {r.status for r in decoded}
     assert statuses == {ExecutionStatus.OK, ExecutionStatus.ERROR, ExecutionStatus.REJECTED}
     assert any("\n" in r.output["echo"] for r in decoded if r.status is ExecutionStatus.OK)
+
+
+def test_file_export_refuses_what_it_cannot_write_as_json_lines(settings: Settings, tmp_path: Path) -> None:
+    avro = settings.model_copy(update={"wire_format": "avro"})
+    with pytest.raises(ConnectUnavailable, match="wire_format is 'avro'"):
+        file_export(avro, tmp_path / "out.jsonl", tmp_path)
+    secured = settings.model_copy(update={"security_protocol": "SASL_SSL"})
+    with pytest.raises(ConnectUnavailable, match="PLAINTEXT only"):
+        file_export(secured, tmp_path / "out.jsonl", tmp_path)
