@@ -1,6 +1,7 @@
 """Dataset export through a real Apache Kafka Connect 3.9 standalone worker and connect/file-sink.properties:
 a loopai worker executes requests, Connect's FileStreamSink writes every result to a file, byte for byte."""
 
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import yaml
 from aiokafka import TopicPartition
 
 from app.contract.codecs import codec_for
@@ -18,7 +20,14 @@ from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import make_consumer
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
-from devtools.connect import STOPPED_BY_SIGTERM, ConnectStandalone, ConnectUnavailable, file_export, java_binary
+from devtools.connect import (
+    CONNECT_DIR,
+    STOPPED_BY_SIGTERM,
+    ConnectStandalone,
+    ConnectUnavailable,
+    file_export,
+    java_binary,
+)
 from tests.conftest import WorkerProcess, results_for
 
 # Values a careless export mangles: newlines, quotes, backslashes, non-ASCII, nested JSON, null.
@@ -104,3 +113,19 @@ def test_file_export_refuses_what_it_cannot_write_as_json_lines(settings: Settin
     secured = settings.model_copy(update={"security_protocol": "SASL_SSL"})
     with pytest.raises(ConnectUnavailable, match="PLAINTEXT only"):
         file_export(secured, tmp_path / "out.jsonl", tmp_path)
+
+
+def test_compose_export_service_reads_the_results_topic_with_the_shipped_files() -> None:
+    services = yaml.safe_load((CONNECT_DIR.parent / "docker-compose.yml").read_text())["services"]
+    export = services["export"]
+    prefix = services["worker"]["environment"]["LOOPAI_TOPIC_PREFIX"]
+    assert export["environment"]["LOOPAI_EXPORT_TOPIC"] == topics_for(prefix).execution_results.name
+    script = export["command"][-1]
+    mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in export["volumes"]}
+    assert mounted["/connect"] == "./connect"
+    for path in re.findall(r"/connect/(\S+)", script):
+        assert (CONNECT_DIR / path).is_file(), path
+    # Every ${env:...} the worker and the file sink read is set.
+    needed = set(re.findall(r"\$\{env:(\w+)\}", (CONNECT_DIR / "worker.properties").read_text()
+                            + (CONNECT_DIR / "file-sink.properties").read_text()))
+    assert needed <= set(export["environment"])
