@@ -155,6 +155,7 @@ class ConnectStandalone:
             raise ConnectUnavailable("no `java` on PATH: Kafka Connect needs a Java 17 runtime")
         libs = assemble_classpath(self._cache)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        # Only what the .properties files read: ${env:...} must not pick up stray variables of the caller.
         env = {
             "PATH": "/usr/bin:/bin",
             **self._env,
@@ -162,6 +163,8 @@ class ConnectStandalone:
             "LOOPAI_CONNECT_REST_PORT": str(self.rest_port),
             "LOOPAI_CONNECT_OFFSETS_FILE": str(self.work_dir / "connect.offsets"),
         }
+        # A small heap, one GC thread and the quick JIT tier only: a sink of JSON lines needs little, and the
+        # machines this runs on (laptops, CI with 2 cores) are busy with the broker and the loopai workers.
         command = [
             java, "-Xms64m", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
             f"-Dlog4j2.configurationFile={CONNECT_DIR / 'log4j2.properties'}",
