@@ -24,7 +24,17 @@ from app.contract.topics import topics_for
 from app.settings import Settings
 from devtools.broker import free_port
 
-CONNECT_DIR = Path(__file__).resolve().parent.parent / "connect"
+
+def _connect_dir() -> Path:
+    """The connector files: connect/ in a source checkout, devtools/_connect inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "connect", here / "_connect"):
+        if (candidate / "worker.properties").is_file():
+            return candidate
+    raise FileNotFoundError(f"connect/worker.properties not found next to {here}")
+
+
+CONNECT_DIR = _connect_dir()
 DEFAULT_CACHE = Path.home() / ".cache" / "loopai" / "connect"
 
 # The Connect 3.9.0 runtime, connect-file, connect-json and their dependencies ship in this wheel. It is
