@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import json
 import signal
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -732,6 +734,42 @@ def schemas_register(ctx: click.Context) -> None:
         raise click.ClickException(str(exc)) from exc
     for subject, schema_id in registered.items():
         click.echo(f"{subject}: schema id {schema_id}")
+
+
+# Dataset export through Kafka Connect (issue 11, item 2).
+@cli.command("export")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.pass_context
+def export(ctx: click.Context, file: Path) -> None:
+    """Append every execution result to FILE as JSON lines, through Kafka Connect, until Ctrl-C.
+
+    Runs an Apache Kafka Connect standalone worker with connect/file-sink.properties (needs Java 17; its jars
+    are fetched once into ~/.cache/loopai/connect). Its consumer group remembers what it exported: a second
+    run appends only the results produced since."""
+    settings = _kafka_settings(ctx)
+    from devtools.connect import ConnectUnavailable, file_export
+
+    code = None
+    with tempfile.TemporaryDirectory(prefix="loopai-connect-") as work, _interrupted_by(signal.SIGTERM, signal.SIGHUP):
+        try:
+            connect = file_export(settings, file, Path(work))
+        except ConnectUnavailable as exc:
+            raise click.ClickException(str(exc)) from exc
+        try:
+            connect.start()
+            click.echo(f"exporting {topics_for(settings.topic_prefix).execution_results.name} to {file} "
+                       "(Kafka Connect FileStreamSink); Ctrl-C stops")
+            code = connect.wait(None)
+        except KeyboardInterrupt:
+            pass
+        except (ConnectUnavailable, RuntimeError, subprocess.CalledProcessError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        finally:
+            connect.stop()
+            log_tail = connect.log()[-3000:]
+    if code is not None:
+        raise click.ClickException(f"Kafka Connect exited on its own (code {code}):\n{log_tail}")
+    click.echo("export stopped")
 
 
 def main() -> None:
