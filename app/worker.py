@@ -20,6 +20,7 @@ from typing import Any
 import faust
 from mode import Service
 
+from app.agents.aggregate_daily_stats import AggregateDailyStats
 from app.agents.decide_canaries import DecideCanaries
 from app.agents.execute_requests import ExecuteRequests
 from app.agents.join_oracle_verdicts import JoinOracleVerdicts
@@ -59,6 +60,7 @@ class LoopWorker(Service):
         ValidateExecutions(app, self.settings, self.topics, self.tables, self.pool)
         JoinOracleVerdicts(app, self.settings, self.topics)
         DecideCanaries(app, self.settings, self.topics, self.tables, self.executor.assembler.sampler)
+        self.daily_stats = AggregateDailyStats(app, self.settings, self.topics)
 
     async def on_start(self) -> None:
         for handler in logging.getLogger().handlers:  # faust has set up logging by now

@@ -132,7 +132,7 @@ class WindowStats:
 class _Group:
     """One task/version/day of a batch being summarised: counts by status, and the latencies to sketch."""
 
-    __slots__ = ("counts", "latencies", "sampled", "latest")
+    __slots__ = ("counts", "latencies", "latest", "sampled")
 
     def __init__(self, executed_at: datetime) -> None:
         self.counts: dict[str, int] = {}
@@ -144,8 +144,9 @@ class _Group:
         unknown = {str(status) for status in self.counts} - set(_STATUSES)
         if unknown:
             raise ValueError(f"unknown result status {sorted(unknown)[0]!r}")
-        counts = {str(status): count for status, count in self.counts.items()}  # StrEnum members or their values
-        stats = WindowStats(sampled=self.sampled, latency_sum_ms=sum(self.latencies), **counts)
+        stats = WindowStats(sampled=self.sampled, latency_sum_ms=sum(self.latencies))
+        for status, count in self.counts.items():  # StrEnum members or their values
+            setattr(stats, str(status), count)
         stats.sketch.add_all(self.latencies)
         return stats
 
@@ -158,21 +159,21 @@ def summarise_results(results: Iterable[ExecutionResult | Mapping[str, Any]],
     by_day: dict[DailyWindow, dict[tuple[str, int | None], _Group]] = {}
     in_order: list[tuple[str, int | None, DailyWindow, _Group]] = []  # partials in order of first appearance
     groups: dict[tuple[str, int | None], _Group] = {}
-    window: DailyWindow | None = None
+    window: DailyWindow = windows.of_date("1970-01-01")  # no result falls in it: the first one moves on
     last_at: datetime | None = None
     for result in results:
         fields = result.model_dump() if isinstance(result, ExecutionResult) else result
         executed_at = fields["executed_at"]
         if executed_at is not last_at:  # a batch's results share one executed_at: skip the zone maths
             last_at = executed_at
-            if window is None or executed_at not in window:
+            if executed_at not in window:
                 window = windows.window_for(executed_at)
                 groups = by_day.setdefault(window, {})
         group_key = (fields["task_id"], fields["version"])
         group = groups.get(group_key)
         if group is None:
             group = groups[group_key] = _Group(executed_at)
-            in_order.append((*group_key, window, group))
+            in_order.append((group_key[0], group_key[1], window, group))
         elif executed_at > group.latest:
             group.latest = executed_at
         status = fields["status"]
