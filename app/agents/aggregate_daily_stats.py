@@ -45,6 +45,7 @@ class AggregateDailyStats:
             lambda opened: opened.to_json() if opened else None)  # no open window left: a tombstone
         self.late = 0  # partials dropped because their day had closed
         self.closed = 0  # days emitted to analytics
+        self.redelivered = 0  # messages merged before a crash and delivered again: skipped
         app.agent(raw_topic(app, topics.stats_partials, topics.validations), name="aggregate_daily_stats")(
             self._consume)
         app.timer(settings.analytics_close_interval_s, name="close_daily_windows")(self._close)
@@ -60,22 +61,26 @@ class AggregateDailyStats:
                 else:
                     partials = [self._partials.decode(event.value)]
                 for partial in partials:
-                    await self._merge(message.partition, partial)
+                    await self._merge(message.partition, partial, message.topic, message.offset)
             except DecodeError as exc:
                 await self._dead_letters.send(event, str(exc), "DecodeError")
             except ValueError as exc:  # another zone, an impossible date, a corrupt sketch: this message only
                 await self._dead_letters.send(event, f"cannot be aggregated: {exc}", type(exc).__name__)
 
-    async def _merge(self, partition: int, partial: StatsPartial) -> None:
+    async def _merge(self, partition: int, partial: StatsPartial, topic: str, offset: int) -> None:
         owned = await self.state.values_of(partition)
         key = partial.task_id.encode()
         opened = owned.get(key) or OpenWindows(partial.task_id, self.windows)
+        if opened.merged(topic, offset):  # redelivered after a crash: its changes are in the changelog already
+            self.redelivered += 1
+            return
         if not opened.add(partial, utc_now()):
             self.late += 1
             log.warning("late stats of %s v%s for %s dropped (closed at %s; %d late so far)", partial.task_id,
                         partial.version, partial.date, self.windows.closes_at(self.windows.of_date(partial.date)),
                         self.late)
             return
+        opened.mark(topic, offset)
         await self.state.put(partition, key, opened)
 
     async def _close(self) -> None:

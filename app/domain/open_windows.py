@@ -2,7 +2,9 @@
 windows that have closed, and the open ones as JSON, the state an aggregator keeps in its changelog.
 
 A partial whose day has closed already (now >= day end + grace) is late: it is refused, never merged, so a
-window emitted as closed never changes afterwards.
+window emitted as closed never changes afterwards. The windows also remember the offset of the last message
+merged from each source topic (a task's messages all come from one partition), so a message redelivered after
+a crash is recognised and not counted twice.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from app.domain.daily_windows import DailyWindows
 from app.domain.latency_sketch import LatencySketch
 
 _COUNTS = ("ok", "error", "timeout", "rejected", "sampled", "validated", "matched")
+_THROUGH = "_through"  # the JSON entry of the offsets merged; never a window key (those hold two slashes)
 
 
 class OpenWindows:
@@ -28,9 +31,18 @@ class OpenWindows:
         self.task_id = task_id
         self.windows = windows
         self.stats: dict[StatsKey, WindowStats] = {}
+        self.through: dict[str, int] = {}  # source -> offset of the last message merged from it
 
     def __bool__(self) -> bool:
         return bool(self.stats)
+
+    def merged(self, source: str, offset: int) -> bool:
+        """Whether the message at `offset` of `source` (the task's partition of a topic) was merged already."""
+        return offset <= self.through.get(source, -1)
+
+    def mark(self, source: str, offset: int) -> None:
+        """Remember that the message at `offset` of `source` has been merged."""
+        self.through[source] = max(offset, self.through.get(source, -1))
 
     def add(self, partial: StatsPartial, now: datetime) -> bool:
         """Merge a partial of this task; False, merging nothing, if its day is closed at `now` (late).
@@ -64,6 +76,8 @@ class OpenWindows:
             fields["latency_sum_ms"] = stats.latency_sum_ms
             fields["sketch"] = base64.b64encode(stats.sketch.to_bytes()).decode()
             state[key.encode()] = fields
+        if self.through:
+            state[_THROUGH] = self.through
         return orjson.dumps(state)
 
     @classmethod
@@ -72,6 +86,7 @@ class OpenWindows:
         opened = cls(task_id, windows)
         try:
             state = orjson.loads(data)
+            opened.through = {str(source): int(offset) for source, offset in state.pop(_THROUGH, {}).items()}
             for encoded, fields in state.items():
                 key = StatsKey.parse(encoded)
                 if key.task_id != task_id:

@@ -74,3 +74,15 @@ def test_the_json_state_round_trips() -> None:
 def test_state_that_is_not_open_windows(data: bytes) -> None:
     with pytest.raises(ValueError):
         OpenWindows.from_json("spam", data, WINDOWS)
+
+
+def test_the_offsets_merged_are_remembered_through_the_json_state() -> None:
+    windows = OpenWindows("spam", WINDOWS)
+    assert not windows.merged("partials", 0)
+    windows.add(partial(2), NOON)
+    windows.mark("partials", 41)
+    windows.mark("validations", 7)
+    restored = OpenWindows.from_json("spam", windows.to_json(), WINDOWS)
+    assert restored.merged("partials", 41) and restored.merged("partials", 3) and not restored.merged("partials", 42)
+    assert restored.merged("validations", 7) and not restored.merged("validations", 8)
+    assert restored.running() == windows.running()
