@@ -95,19 +95,10 @@ class PartitionedState(Generic[V]):
         values: dict[bytes, V] = {}
         tp = TopicPartition(self.spec.name, partition)
 
-        def apply(_: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> None:
-            if message.key is None:
-                self.skipped += 1
-                return
-            if message.value is None:
-                values.pop(message.key, None)
-                return
-            try:
-                values[message.key] = self._decode(message.key, message.value)
-            except ValueError as exc:
-                self.skipped += 1
-                log.error("%s offset %d cannot be read; skipped: %s", tp, message.offset, exc)
+        def skipped(_: ConsumerRecord[bytes, bytes]) -> None:
+            self.skipped += 1
 
+        apply = _applier(values, self._decode, skipped)
         consumer = make_consumer(self._settings, fetch_max_wait_ms=100)
         try:
             await consumer.start()
@@ -135,18 +126,7 @@ async def read_state(settings: Settings, spec: TopicSpec, decode: Callable[[byte
     """Every key's latest value in a changelog, all partitions, read to their true end (as the owners see it
     when they take the partitions over). Unreadable values are logged and left out. TimeoutError past timeout_s."""
     values: dict[bytes, V] = {}
-
-    def apply(tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> None:
-        if message.key is None:
-            return
-        if message.value is None:
-            values.pop(message.key, None)
-            return
-        try:
-            values[message.key] = decode(message.key, message.value)
-        except ValueError as exc:
-            log.warning("%s offset %d skipped: %s", tp, message.offset, exc)
-
+    apply = _applier(values, decode, lambda _: None)
     consumer = make_consumer(settings, fetch_max_wait_ms=100)
     await consumer.start()
     try:
@@ -160,3 +140,25 @@ async def read_state(settings: Settings, spec: TopicSpec, decode: Callable[[byte
         return values
     finally:
         await consumer.stop()
+
+
+def _applier(values: dict[bytes, V], decode: Callable[[bytes, bytes], V],
+             skipped: Callable[[ConsumerRecord[bytes, bytes]], None],
+             ) -> Callable[[TopicPartition, ConsumerRecord[bytes, bytes]], None]:
+    """Applies changelog records to `values`: a tombstone deletes its key; a record without a key, or one
+    `decode` refuses, is logged and handed to `skipped`."""
+
+    def apply(tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> None:
+        if message.key is None:
+            skipped(message)
+            return
+        if message.value is None:
+            values.pop(message.key, None)
+            return
+        try:
+            values[message.key] = decode(message.key, message.value)
+        except ValueError as exc:
+            log.warning("%s offset %d cannot be read; skipped: %s", tp, message.offset, exc)
+            skipped(message)
+
+    return apply

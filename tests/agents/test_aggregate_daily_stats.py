@@ -131,7 +131,7 @@ async def test_open_windows_survive_a_restart_then_close_on_time_once(broker: Em
 
 
 async def test_two_workers_count_every_execution_exactly_once(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    settings = settings_closing(broker, after_s=25)
+    settings = settings_closing(broker, after_s=18)
     await apply_topics(settings, topics_for(settings.topic_prefix))
     tasks = [f"task-{i}" for i in range(6)]
     async with ControlPlane(settings) as control:
