@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,6 +27,7 @@ from app import __version__
 from app.contract.records import (
     CanaryDecision,
     Comparison,
+    DailyStats,
     ExecutionRequest,
     OracleKind,
     ProgramArtifact,
@@ -36,10 +38,16 @@ from app.contract.records import (
 from app.contract.registry import RegistryError, register_schemas
 from app.contract.topics import topics_for
 from app.control.plane import ControlError, ControlPlane
+from app.domain.daily_stats import StatsKey
+from app.domain.daily_windows import DailyWindows
+from app.domain.open_windows import OpenWindows
 from app.domain.programs import ProgramRejected, check_source
+from app.domain.stats_report import by_key, chart, window_table
 from app.kafka.client import follow, request_from, send_and_wait, send_requests
 from app.kafka.clients import apply_topics, make_consumer
 from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
+from app.kafka.partitioned_state import read_state
+from app.kafka.tables import read_to_end
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.pool import run_once
 from app.settings import ConfigError, Settings, describe_validation_error
@@ -770,6 +778,47 @@ def export(ctx: click.Context, file: Path) -> None:
     if code is not None:
         raise click.ClickException(f"Kafka Connect exited on its own (code {code}):\n{log_tail}")
     click.echo("export stopped")
+
+
+@cli.command("stats")
+@click.argument("task_id")
+@click.option("--date", "day", help="The day, YYYY-MM-DD in analytics_time_zone (default: today, still running).")
+@click.option("--version", type=int, help="One version's figures (default: all versions).")
+@click.option("--days", default=7, show_default=True, type=click.IntRange(1, 366), help="Days in the chart.")
+@click.pass_context
+def stats(ctx: click.Context, task_id: str, day: str | None, version: int | None, days: int) -> None:
+    """A task's daily window as a table (closed days from analytics, open ones from the aggregator's
+    changelog), and the last days' success rate and p99 latency as bars."""
+    settings = _kafka_settings(ctx)
+    windows = DailyWindows(settings.analytics_time_zone, timedelta(seconds=settings.analytics_grace_s))
+    try:
+        window = windows.of_date(day) if day else windows.today(utc_now())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--date") from None
+    topics = topics_for(settings.topic_prefix)
+
+    async def go() -> dict[StatsKey, DailyStats]:
+        opened = await read_state(settings, topics.daily_windows,
+                                  lambda key, value: OpenWindows.from_json(key.decode(), value, windows))
+        running = opened[task_id.encode()].running() if task_id.encode() in opened else []
+        closed = [d for d in await read_to_end(settings, topics.analytics)
+                  if isinstance(d, DailyStats) and d.task_id == task_id]
+        return by_key(closed, running)
+
+    known = _run(go())
+    shown = known.get(StatsKey(task_id, version, window.date))
+    which = "all versions" if version is None else f"version {version}"
+    if shown is None:
+        click.echo(f"{task_id}: no executions on {window.date} ({settings.analytics_time_zone}), {which}")
+    else:
+        for line in window_table(shown):
+            click.echo(line)
+    recent = [known[key] for key in (StatsKey(task_id, version, (window.day - timedelta(days=back)).isoformat())
+                                     for back in range(days - 1, -1, -1)) if key in known]
+    if recent:
+        click.echo(f"\nlast {days} days, {which}:")
+        for line in chart(recent):
+            click.echo(line)
 
 
 def main() -> None:

@@ -11,9 +11,10 @@ import socket
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.domain.anomaly import AnomalyThresholds
@@ -115,6 +116,21 @@ class Settings(BaseSettings):
     registry_url: str | None = None
     registry_username: str | None = None
     registry_password: SecretStr | None = None
+
+    # Daily analytics (app/agents/aggregate_daily_stats.py): the days' time zone (IANA name), how long after a
+    # day's end its late results still count, and how often open windows are checked for closing.
+    analytics_time_zone: str = Field("UTC", min_length=1)
+    analytics_grace_s: float = Field(3600.0, ge=0)
+    analytics_close_interval_s: float = Field(5.0, gt=0)
+
+    @field_validator("analytics_time_zone")
+    @classmethod
+    def _known_time_zone(cls, zone: str) -> str:
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {zone!r} (an IANA name such as Europe/Paris)") from None
+        return zone
 
     @model_validator(mode="after")
     def _heartbeat_within_session(self) -> Settings:

@@ -20,6 +20,7 @@ from typing import Any
 import faust
 from mode import Service
 
+from app.agents.aggregate_daily_stats import AggregateDailyStats
 from app.agents.decide_canaries import DecideCanaries
 from app.agents.detect_anomalies import DetectAnomalies
 from app.agents.emit_retention_events import EmitRetentionEvents
@@ -65,6 +66,7 @@ class LoopWorker(Service):
         ValidateExecutions(app, self.settings, self.topics, self.tables, self.pool)
         JoinOracleVerdicts(app, self.settings, self.topics)
         DecideCanaries(app, self.settings, self.topics, self.tables, self.executor.assembler.sampler)
+        self.daily_stats = AggregateDailyStats(app, self.settings, self.topics)
         DetectAnomalies(app, self.settings, self.topics)
         EmitRetentionEvents(app, self.settings, self.topics)
 

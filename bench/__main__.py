@@ -7,7 +7,8 @@
 
 Throughput for each is records / (seconds from its first message processed to its last one produced),
 so start-up time does not count. For the pipeline that span is read from the results' executed_at.
-Then request->result latency of the pipeline at a steady rate. Prints the ratios.
+Then request->result latency of the pipeline at a steady rate, and how soon after the last result the daily
+analytics (executor partials merged by the aggregator) hold every execution. Prints the ratios.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from app.contract.records import TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
+from app.domain.daily_windows import DailyWindows
+from app.domain.open_windows import OpenWindows
 from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import BatchSender, apply_topics, make_consumer, make_producer
+from app.kafka.partitioned_state import read_state
 from app.settings import Settings
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from devtools.samples import SPAM_TEXTS, program_source
@@ -68,8 +72,8 @@ async def wait_for_commits(settings: Settings, group: str, expected: int, timeou
         await probe.stop()
 
 
-async def executed_span(settings: Settings, expected: int, timeout_s: float) -> float:
-    """Seconds from the first to the last executed_at among `expected` results."""
+async def executed_span(settings: Settings, expected: int, timeout_s: float) -> tuple[float, datetime]:
+    """Seconds from the first to the last executed_at among `expected` results, and the last one."""
     spec = topics_for(settings.topic_prefix).execution_results
     consumer = make_consumer(settings)
     await consumer.start()
@@ -87,7 +91,30 @@ async def executed_span(settings: Settings, expected: int, timeout_s: float) -> 
     finally:
         await consumer.stop()
     moments = [datetime.fromisoformat(s) for s in stamps]
-    return max((max(moments) - min(moments)).total_seconds(), 0.001)
+    return max((max(moments) - min(moments)).total_seconds(), 0.001), max(moments)
+
+
+async def analytics_caught_up(settings: Settings, expected: int, timeout_s: float) -> tuple[datetime, int]:
+    """When the daily-stats aggregator's open windows (its changelog, read to the end) first hold `expected`
+    executions of spam-filter, and how many changelog records it took."""
+    windows = DailyWindows(settings.analytics_time_zone)
+    spec = topics_for(settings.topic_prefix).daily_windows
+    records = 0
+
+    def decode(key: bytes, value: bytes) -> OpenWindows:
+        nonlocal records
+        records += 1
+        return OpenWindows.from_json(key.decode(), value, windows)
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        records = 0
+        state = await read_state(settings, spec, decode)
+        opened = state.get(b"spam-filter")
+        if opened is not None and sum(d.executions for d in opened.running() if d.version is None) >= expected:
+            return utc_now(), records
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"the daily stats did not reach {expected} executions in {timeout_s}s")
 
 
 async def plain_loop(settings: Settings, source: str, output: str, count: int, at_least_once: bool) -> float:
@@ -224,8 +251,9 @@ async def wait_for_stable_group(logs: list[Path], partitions: int, timeout_s: fl
 
 async def pipeline(
     settings: Settings, count: int, workers: int, log_dir: Path, rate: int | None
-) -> tuple[float, list[float]]:
-    """msg/s of `workers` worker processes over `count` requests, and latencies if rate is given.
+) -> tuple[float, list[float], float]:
+    """msg/s of `workers` worker processes over `count` requests, latencies if rate is given, and how long after
+    the last result the daily analytics held every execution.
 
     One worker starts on requests already produced. Several are started first and the requests produced
     once their group has settled: otherwise a rebalance, as each one joins, falls inside the measurement.
@@ -245,10 +273,15 @@ async def pipeline(
         if workers > 1:
             await wait_for_stable_group(logs, topics_for(settings.topic_prefix).execution_requests.partitions)
             await produce(settings, count)
+        caught_up = asyncio.ensure_future(analytics_caught_up(settings, count, 600))
         await wait_for_commits(settings, f"{settings.app_id}-executors", count, 600)
-        throughput = count / await executed_span(settings, count, 60)
+        span, last_result = await executed_span(settings, count, 60)
+        analytics_at, changes = await caught_up
+        analytics_lag = (analytics_at - last_result).total_seconds()
+        say(f"  daily analytics held all {count} executions {analytics_lag:.2f} s after the last result "
+            f"({changes} changelog records)")
         latencies = sorted(await latency(settings, rate, 5.0)) if rate else []
-        return throughput, latencies
+        return count / span, latencies, analytics_lag
     finally:
         for process in processes:
             process.terminate()
@@ -302,12 +335,14 @@ async def bench(count: int, rate: int) -> None:
         say("loopai pipeline, 1 worker process (+ its sandbox pool)...")
         single = settings_for("bench-1.")
         await provision(single)
-        rates["loopai pipeline, 1 worker"], lat = await pipeline(single, count, 1, log_dir, rate)
+        rates["loopai pipeline, 1 worker"], lat, lag = await pipeline(single, count, 1, log_dir, rate)
+        lags = {"loopai pipeline, 1 worker": lag}
         if cores > 1:
             say(f"loopai pipeline, {cores} worker processes (requests produced once their group settles)...")
             multi = settings_for("bench-multi.")
             await provision(multi)
-            rates[f"loopai pipeline, {cores} workers"], _ = await pipeline(multi, count, cores, log_dir, None)
+            name = f"loopai pipeline, {cores} workers"
+            rates[name], _, lags[name] = await pipeline(multi, count, cores, log_dir, None)
 
     say("")
     say(f"{'job':<32}{'msg/s':>10}{'vs plain':>10}{'vs Quix':>9}")
@@ -315,12 +350,14 @@ async def bench(count: int, rate: int) -> None:
         vs_quix = f"{value / rates['Quix Streams']:.2f}" if "Quix Streams" in rates else "-"
         say(f"{name:<32}{value:>10,.0f}{value / rates['plain aiokafka loop']:>10.2f}{vs_quix:>9}")
     say("targets: pipeline >= 0.50 x plain loop, >= 1.00 x Quix Streams")
+    for name, lag in lags.items():
+        say(f"{name}: daily analytics complete {lag:.2f} s after the last result")
     if lat:
         p50 = statistics.median(lat)
         p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
         say(f"request->result latency, 1 worker at {rate} req/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
             f"({len(lat)} requests)")
-    print(json.dumps({"requests": count, "rates": rates,
+    print(json.dumps({"requests": count, "rates": rates, "analytics_lag_s": lags,
                       "latency_ms": {"p50": p50, "p99": p99} if lat else None}))
 
 

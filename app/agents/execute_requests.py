@@ -216,7 +216,8 @@ class ExecuteRequests:
             validations = []
         sent_results, sent_letters = await self._writer.write(results, letters)
         await self._writer.write_validations(validations)
-        self.executed += sent_results
+        await self._writer.write_stats(sent_results)
+        self.executed += len(sent_results)
         self.dead_lettered += sent_letters
         await self._commit(batch)
 

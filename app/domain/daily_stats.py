@@ -129,28 +129,61 @@ class WindowStats:
         )
 
 
+class _Group:
+    """One task/version/day of a batch being summarised: counts by status, and the latencies to sketch."""
+
+    __slots__ = ("counts", "latencies", "latest", "sampled")
+
+    def __init__(self, executed_at: datetime) -> None:
+        self.counts: dict[str, int] = {}
+        self.latencies: list[float] = []
+        self.sampled = 0
+        self.latest = executed_at
+
+    def to_stats(self) -> WindowStats:
+        unknown = {str(status) for status in self.counts} - set(_STATUSES)
+        if unknown:
+            raise ValueError(f"unknown result status {sorted(unknown)[0]!r}")
+        stats = WindowStats(sampled=self.sampled, latency_sum_ms=sum(self.latencies))
+        for status, count in self.counts.items():  # StrEnum members or their values
+            setattr(stats, str(status), count)
+        stats.sketch.add_all(self.latencies)
+        return stats
+
+
 def summarise_results(results: Iterable[ExecutionResult | Mapping[str, Any]],
                       windows: DailyWindows) -> list[StatsPartial]:
     """One StatsPartial per task/version/day of a batch of results (models, or their fields as the executor
-    holds them), in the order each group first appears."""
-    groups: dict[tuple[str, int | None, DailyWindow], WindowStats] = {}
-    latest: dict[tuple[str, int | None, DailyWindow], datetime] = {}
-    window: DailyWindow | None = None
+    holds them), in the order each group first appears. It runs on the executor's hot path: the loop does
+    no more than count and collect, and the sketch takes each group's latencies at once."""
+    by_day: dict[DailyWindow, dict[tuple[str, int | None], _Group]] = {}
+    in_order: list[tuple[str, int | None, DailyWindow, _Group]] = []  # partials in order of first appearance
+    groups: dict[tuple[str, int | None], _Group] = {}
+    window: DailyWindow = windows.of_date("1970-01-01")  # no result falls in it: the first one moves on
+    last_at: datetime | None = None
     for result in results:
         fields = result.model_dump() if isinstance(result, ExecutionResult) else result
         executed_at = fields["executed_at"]
-        if window is None or executed_at not in window:  # a batch's results share a day: skip the zone maths
-            window = windows.window_for(executed_at)
-        group = (fields["task_id"], fields.get("version"), window)
-        stats = groups.get(group)
-        if stats is None:
-            stats = groups[group] = WindowStats()
-            latest[group] = executed_at
-        elif executed_at > latest[group]:
-            latest[group] = executed_at
-        stats.add(str(fields["status"]), fields.get("latency_ms") or 0.0, bool(fields.get("sampled_for_validation")))
-    return [stats.to_partial(group[0], group[1], group[2], windows.time_zone, latest[group])
-            for group, stats in groups.items()]
+        if executed_at is not last_at:  # a batch's results share one executed_at: skip the zone maths
+            last_at = executed_at
+            if executed_at not in window:
+                window = windows.window_for(executed_at)
+                groups = by_day.setdefault(window, {})
+        group_key = (fields["task_id"], fields["version"])
+        group = groups.get(group_key)
+        if group is None:
+            group = groups[group_key] = _Group(executed_at)
+            in_order.append((group_key[0], group_key[1], window, group))
+        elif executed_at > group.latest:
+            group.latest = executed_at
+        status = fields["status"]
+        group.counts[status] = group.counts.get(status, 0) + 1
+        if status != "rejected":
+            group.latencies.append(fields["latency_ms"] or 0.0)
+        if fields["sampled_for_validation"]:
+            group.sampled += 1
+    return [group.to_stats().to_partial(task_id, version, day, windows.time_zone, group.latest)
+            for task_id, version, day, group in in_order]
 
 
 def summarise_validations(validations: Iterable[Validation], windows: DailyWindows) -> list[StatsPartial]:

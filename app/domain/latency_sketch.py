@@ -9,10 +9,13 @@ themselves when they need them.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Iterable
 
 from ddsketch import DDSketch
 from ddsketch.ddsketch import BaseDDSketch
+from ddsketch.mapping import LogarithmicMapping
 from ddsketch.pb.proto import DDSketchProto, KeyMappingProto, pb
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
@@ -36,10 +39,34 @@ class LatencySketch:
         self._sketch.add(max(latency_ms, 0.0))
 
     def add_all(self, latencies_ms: Iterable[float]) -> None:
-        """Record many latencies."""
-        add = self._sketch.add
-        for latency in latencies_ms:
-            add(max(latency, 0.0))
+        """Record many latencies: the same sketch as add() one by one, at about half the cost (the executor
+        sketches every result). Each distinct bucket is added once, with its count as the weight."""
+        sketch = self._sketch
+        mapping = sketch._mapping
+        if type(mapping) is not LogarithmicMapping:  # the inlined key below is that mapping's formula
+            for latency in latencies_ms:
+                self.add(latency)
+            return
+        values = list(latencies_ms)
+        if not values:
+            return
+        log, ceil = math.log, math.ceil
+        multiplier, offset, smallest = mapping._multiplier, mapping._offset, mapping.min_possible
+        keys: Counter[int] = Counter()
+        zeros = 0
+        for latency in values:
+            if latency > smallest:
+                keys[int(ceil(log(latency, 2) * multiplier) + offset)] += 1
+            else:  # zero, negative (a clock step) or too small to bucket: add() counts it as zero too
+                zeros += 1
+        store = sketch._store
+        for key, count in keys.items():
+            store.add(key, float(count))
+        sketch._zero_count += zeros
+        sketch._count += len(values)
+        sketch._sum += sum(v for v in values if v > 0)
+        sketch._min = min(sketch._min, max(min(values), 0.0))
+        sketch._max = max(sketch._max, max(values))
 
     def merge(self, other: LatencySketch) -> None:
         """Fold `other` into this sketch (in place); `other` is unchanged."""

@@ -1,20 +1,29 @@
 """The records a request ends as, on their way out: gathers a batch's results (assembled by
 app/domain/results.py) and produces them and its dead letters (each with the request message it answers) to
-execution-results and dead-letters, then its validation requests. Whatever the
+execution-results and dead-letters, then its validation requests and its daily-stats partials. Whatever the
 cluster refuses for good falls back to a dead letter; when not even that can be sent, Undeliverable is raised."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
 
 from app.contract.codecs import codec_for
-from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult, ValidationRequest, utc_now
+from app.contract.records import (
+    DeadLetter,
+    ExecutionRequest,
+    ExecutionResult,
+    StatsPartial,
+    ValidationRequest,
+    utc_now,
+)
 from app.contract.topics import Topics
+from app.domain.daily_stats import summarise_results
+from app.domain.daily_windows import DailyWindows
 from app.domain.resolution import Runnable
 from app.domain.results import ResultAssembler
 from app.kafka.clients import partition_for
@@ -77,28 +86,53 @@ class OutcomeWriter:
         self._validations = codec_for(ValidationRequest, settings, topics.validation_requests)
         self._results = codec_for(ExecutionResult, settings, topics.execution_results)
         self._letters = codec_for(DeadLetter, settings, topics.dead_letters)
+        self._partials_topic = topics.stats_partials.name
+        self._partials = codec_for(StatsPartial, settings, topics.stats_partials)
+        self._windows = DailyWindows(settings.analytics_time_zone, timedelta(seconds=settings.analytics_grace_s))
         self._partitions: dict[str, int] = {}
 
     async def start(self) -> None:
         self.validations_dropped = 0
-        for topic in (self._results_topic, self._letters_topic, self._validations_topic):
+        self.partials_dropped = 0
+        for topic in (self._results_topic, self._letters_topic, self._validations_topic, self._partials_topic):
             self._partitions[topic] = len(await topic_partitions(self._producer, topic))
 
-    async def write(self, results: list[tuple[dict[str, Any], Message]], letters: list[DeadLetter]) -> tuple[int, int]:
-        """Deliver every result and letter, or its fallback; returns how many results and letters went out.
-        Raises Undeliverable if a dead letter was refused even without the request's bytes."""
-        outbox = self._encode(results, letters)
+    async def write(self, results: list[tuple[dict[str, Any], Message]],
+                    letters: list[DeadLetter]) -> tuple[list[dict[str, Any]], int]:
+        """Deliver every result and letter, or its fallback; returns the results that went out (their fields)
+        and how many letters did. Raises Undeliverable if a dead letter was refused even without the request's
+        bytes."""
+        refused: set[int] = set()  # id() of the request messages whose result went out as a dead letter
+        outbox = self._encode(results, letters, refused)
         sent_letters = len(letters)
-        sent_results = len(outbox) - sent_letters
         undelivered = await deliver(self._producer, outbox, self._settings.delivery_timeout_s)
         while undelivered:
             outbox = Outbox()
             for item in undelivered:
                 self._add_letter(outbox, self._fall_back(item))
                 if not isinstance(item.tag, DeadLetter):
-                    sent_results, sent_letters = sent_results - 1, sent_letters + 1
+                    refused.add(id(item.tag))
+                    sent_letters += 1
             undelivered = await deliver(self._producer, outbox, self._settings.delivery_timeout_s)
-        return sent_results, sent_letters
+        sent = [fields for fields, message in results if id(message) not in refused] if refused else \
+            [fields for fields, _ in results]
+        return sent, sent_letters
+
+    async def write_stats(self, results: list[dict[str, Any]]) -> None:
+        """Send the daily-stats partials of a batch's delivered results, one per task/version/day, keyed by
+        task_id (before the batch commits: a batch redelivered after a crash counts twice). A partial that cannot
+        be sent is logged and counted, never dead-lettered: it costs statistics, not a request."""
+        if not results:
+            return
+        outbox: Outbox[str] = Outbox()
+        partitions = self._partitions[self._partials_topic]
+        for partial in summarise_results(results, self._windows):
+            key = partial.task_id.encode()
+            outbox.add(self._partials_topic, partition_for(key, partitions), key, self._partials.encode(partial),
+                       f"{partial.task_id}/{partial.version}/{partial.date}")
+        for item in await deliver(self._producer, outbox, self._settings.delivery_timeout_s):
+            self.partials_dropped += 1
+            log.warning("stats partial of %s dropped: %s", item.tag, item.reason)
 
     async def write_validations(self, validations: list[dict[str, Any]]) -> None:
         """Send validation requests (before the batch commits, so a redelivered batch sends them again). One
@@ -121,7 +155,8 @@ class OutcomeWriter:
         self.validations_dropped += 1
         log.warning("validation request of %s dropped: %s", execution_id, reason)
 
-    def _encode(self, results: list[tuple[dict[str, Any], Message]], letters: list[DeadLetter]) -> Outbox[Tag]:
+    def _encode(self, results: list[tuple[dict[str, Any], Message]], letters: list[DeadLetter],
+                refused: set[int]) -> Outbox[Tag]:
         """Results and letters as records, by partition; a result that cannot be encoded is dead-lettered."""
         outbox: Outbox[Tag] = Outbox()
         topic = self._results_topic
@@ -132,6 +167,7 @@ class OutcomeWriter:
                 key = fields["task_id"].encode()
                 outbox.add(topic, partition_for(key, partitions), key, encode(fields), message)
             except Exception as exc:  # e.g. a value the wire format cannot carry
+                refused.add(id(message))
                 letters.append(dead_letter_for(message, f"result cannot be encoded: {exc}", type(exc).__name__,
                                                self._settings.worker_id))
         for letter in letters:

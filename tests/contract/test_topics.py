@@ -20,7 +20,7 @@ def test_prefix_applies_to_every_topic() -> None:
         "acme.task-specs", "acme.dead-letters", "acme.validation-requests", "acme.oracle-requests",
         "acme.oracle-verdicts", "acme.validations", "acme.canary-decisions", "acme.oracle-pending-changelog",
         "acme.canary-accuracy-changelog", "acme.analytics", "acme.stats-partials", "acme.anomaly-signals",
-        "acme.retention-events", "acme.canary-signals-changelog",
+        "acme.retention-events", "acme.canary-signals-changelog", "acme.daily-windows-changelog",
     }
 
 

@@ -162,3 +162,8 @@ def test_daily_stats_with_nothing_run_or_validated() -> None:
 def test_an_unknown_status_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown result status 'done'"):
         WindowStats().add("done", 1.0, False)
+
+
+def test_a_batch_with_an_unknown_status_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown result status 'done'"):
+        summarise_results([result(), {**result(), "status": "done"}], WINDOWS)

@@ -85,3 +85,16 @@ def test_a_sketch_of_another_accuracy_is_refused() -> None:
 def test_quantile_out_of_range() -> None:
     with pytest.raises(ValueError, match="quantile"):
         LatencySketch().quantile(1.5)
+
+
+def test_add_all_is_add_one_by_one() -> None:
+    rng = random.Random(7)
+    values = [rng.lognormvariate(0, 2) for _ in range(5000)] + [0.0, -3.0, 1e-300, 250.0, 250.0]
+    rng.shuffle(values)
+    one_by_one, at_once = LatencySketch(), LatencySketch()
+    for value in values:
+        one_by_one.add(value)
+    at_once.add_all(values)
+    at_once.add_all([])
+    assert at_once.to_bytes() == one_by_one.to_bytes() and at_once.count == len(values)
+    assert [at_once.quantile(q) for q in (0, 0.5, 0.99, 1)] == [one_by_one.quantile(q) for q in (0, 0.5, 0.99, 1)]

@@ -1,0 +1,115 @@
+"""Aggregates daily statistics: consumes stats-partials (the executors' per-batch summaries) and validations,
+both keyed by task_id, merges them into each task's open daily windows (kept in the daily-windows changelog),
+and produces each day's DailyStats to analytics once, when the day closes (end + grace), traffic or not.
+
+A task's windows live with the partition its key falls in, so exactly one worker owns them. A partial for a
+day already closed is late: dropped, logged and counted (`late`).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import faust
+
+from app.agents.plumbing import EventDeadLetters, raw_topic
+from app.contract.codecs import DecodeError, codec_for
+from app.contract.records import DailyStats, StatsPartial, Validation, utc_now
+from app.contract.topics import Topics
+from app.domain.daily_stats import StatsKey, summarise_validations
+from app.domain.daily_windows import DailyWindows
+from app.domain.open_windows import OpenWindows
+from app.kafka.partitioned_state import PartitionedState
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class AggregateDailyStats:
+    """The daily-analytics agent of a worker, registered on its faust app."""
+
+    def __init__(self, app: faust.App, settings: Settings, topics: Topics) -> None:
+        self._app = app
+        self.windows = DailyWindows(settings.analytics_time_zone, timedelta(seconds=settings.analytics_grace_s))
+        self._partials = codec_for(StatsPartial, settings, topics.stats_partials)
+        self._validations = codec_for(Validation, settings, topics.validations)
+        self._daily = codec_for(DailyStats, settings, topics.analytics)
+        self._source = topics.stats_partials.name
+        self._validations_topic = topics.validations.name
+        self._analytics = raw_topic(app, topics.analytics)
+        self._dead_letters = EventDeadLetters(app, settings, topics)
+        self.state: PartitionedState[OpenWindows] = PartitionedState(
+            settings, topics.daily_windows, self._send, self._decode,
+            lambda opened: opened.to_json() if opened else None)  # no open window left: a tombstone
+        self.late = 0  # partials dropped because their day had closed
+        self.closed = 0  # days emitted to analytics
+        self.redelivered = 0  # messages merged before a crash and delivered again: skipped
+        app.agent(raw_topic(app, topics.stats_partials, topics.validations), name="aggregate_daily_stats")(
+            self._consume)
+        app.timer(settings.analytics_close_interval_s, name="close_daily_windows")(self._close)
+        app.on_partitions_assigned.connect(self._on_assigned)
+        app.on_partitions_revoked.connect(self._on_revoked)
+
+    async def _consume(self, stream: Any) -> None:
+        async for event in stream.events():
+            message = event.message
+            try:
+                if message.topic == self._validations_topic:
+                    partials = summarise_validations([self._validations.decode(event.value)], self.windows)
+                else:
+                    partials = [self._partials.decode(event.value)]
+                for partial in partials:
+                    await self._merge(message.partition, partial, message.topic, message.offset)
+            except DecodeError as exc:
+                await self._dead_letters.send(event, str(exc), "DecodeError")
+            except ValueError as exc:  # another zone, an impossible date, a corrupt sketch: this message only
+                await self._dead_letters.send(event, f"cannot be aggregated: {exc}", type(exc).__name__)
+
+    async def _merge(self, partition: int, partial: StatsPartial, topic: str, offset: int) -> None:
+        owned = await self.state.values_of(partition)
+        key = partial.task_id.encode()
+        opened = owned.get(key) or OpenWindows(partial.task_id, self.windows)
+        if opened.merged(topic, offset):  # redelivered after a crash: its changes are in the changelog already
+            self.redelivered += 1
+            return
+        if not opened.add(partial, utc_now()):
+            self.late += 1
+            log.warning("late stats of %s v%s for %s dropped (closed at %s; %d late so far)", partial.task_id,
+                        partial.version, partial.date, self.windows.closes_at(self.windows.of_date(partial.date)),
+                        self.late)
+            return
+        opened.mark(topic, offset)
+        await self.state.put(partition, key, opened)
+
+    async def _close(self) -> None:
+        """Emit and forget every owned window that has closed: days close on time without new traffic."""
+        now = utc_now()
+        for partition, owned in self.state.owned():
+            for key, opened in list(owned.items()):
+                closed = opened.close(now)
+                if not closed:
+                    continue
+                for daily in closed:  # emitted before it is forgotten: a crash in between emits it again
+                    key_of = StatsKey(daily.task_id, daily.version, daily.date).encode().encode()
+                    await self._analytics.send(key=key_of, value=self._daily.encode(daily))
+                await self._app.producer.flush()
+                await self.state.put(partition, key, opened)
+                self.closed += len(closed)
+                log.info("closed %d daily window(s) of %s", len(closed), opened.task_id)
+
+    def _decode(self, key: bytes, value: bytes) -> OpenWindows:
+        return OpenWindows.from_json(key.decode(), value, self.windows)
+
+    async def _send(self, topic: str, key: bytes, value: bytes | None, partition: int) -> None:
+        await self._app.producer.send_and_wait(topic, key, value, partition, None, None)
+
+    def _on_assigned(self, _: Any, /, *args: Any, signal: Any, **__: Any) -> None:
+        # The whole assignment: partitions newly assigned are read back, those no longer here forgotten.
+        assigned: set[Any] = args[0]
+        self.state.assign(tp.partition for tp in assigned if tp.topic == self._source)
+
+    def _on_revoked(self, _: Any, /, *args: Any, signal: Any, **__: Any) -> None:
+        revoked: set[Any] = args[0]
+        self.state.revoke(tp.partition for tp in revoked if tp.topic == self._source)
