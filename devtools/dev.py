@@ -25,10 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.contract.records import AnomalySignal, CanaryDecision, ExecutionResult, Validation, ValidationStatus
+from app.contract.records import (
+    AnomalySignal,
+    CanaryDecision,
+    ExecutionResult,
+    Validation,
+    ValidationStatus,
+    utc_now,
+)
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
-from app.kafka.client import RequestSender, follow, request_from
+from app.domain.daily_windows import DailyWindows
+from app.kafka.client import RequestSender, daily_stats, follow, request_from
 from app.kafka.clients import apply_topics
 from app.settings import Settings
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
@@ -68,6 +76,7 @@ class _Tally:
     accuracy: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     decisions: list[str] = field(default_factory=list)
     signals: list[str] = field(default_factory=list)
+    daily: list[str] = field(default_factory=list)
 
     @property
     def missing(self) -> set[str]:
@@ -87,6 +96,9 @@ class _Tally:
             _say(f"  {label:<32} {validated} validated, {matched} matched ({rate}), {expired} expired")
         for decision in self.decisions:
             _say(f"  canary decision: {decision}")
+        _say("today's analytics (running windows, all versions):")
+        for line in self.daily or ["  none yet"]:
+            _say(line)
         _say(f"anomaly signals: {len(self.signals) or 'none'}")
         for line in self.signals:
             _say(f"  {line}")
@@ -231,6 +243,8 @@ async def _traffic_and_results(
             _say(f"stopping: traffic stopped; waiting for {len(tally.missing)} result(s) still due "
                  "(Ctrl-C again to skip)")
         await _until(lambda: not tally.missing or stop.hurry.is_set() or worker.poll() is not None, 30)
+        if not stop.hurry.is_set():
+            await _daily_summary(settings, tally)
     finally:
         oracle_stop.set()
         with contextlib.suppress(Exception):
@@ -238,6 +252,26 @@ async def _traffic_and_results(
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+
+
+async def _daily_summary(settings: Settings, tally: _Tally, timeout_s: float = 15) -> None:
+    """Today's running window of each task once the aggregator holds every result seen (partials arrive a
+    moment after their results), or what it holds at the deadline."""
+    results_per_task = Counter(label.split(" ")[0] for label in tally.seen.values())
+    deadline = time.monotonic() + timeout_s
+    while True:
+        today = DailyWindows(settings.analytics_time_zone).today(utc_now()).date
+        days = {key.task_id: day for key, day in (await daily_stats(settings)).items()
+                if key.version is None and key.date == today}
+        if (all(days[t].executions >= n for t, n in results_per_task.items() if t in days) \
+                and days.keys() >= results_per_task.keys()) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    tally.daily = [
+        f"  {task:<16} {day.executions} executions, success {day.success_rate:.0%}, sampled {day.sampled}, "
+        f"validated {day.validated} (accuracy {'-' if day.accuracy is None else f'{day.accuracy:.0%}'}), "
+        f"p50 {day.p50_latency_ms or 0:.2f} ms, p99 {day.p99_latency_ms or 0:.2f} ms"
+        for task, day in sorted(days.items())]
 
 
 async def _until(condition: Callable[[], bool], timeout_s: float) -> None:

@@ -1,5 +1,5 @@
-"""Client side of the loop: produce execution requests, follow a topic decoded, and send requests then wait for
-what each ended as (its result, or the dead letter carrying it)."""
+"""Client side of the loop: produce execution requests, follow a topic decoded, send requests then wait for what
+each ended as (its result, or the dead letter carrying it), and read a task's daily analytics."""
 
 from __future__ import annotations
 
@@ -7,15 +7,22 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
+from datetime import timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
 from app.contract.codecs import DecodeError, codec_for
-from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult, Record, utc_now
+from app.contract.records import DailyStats, DeadLetter, ExecutionRequest, ExecutionResult, Record, utc_now
 from app.contract.topics import TopicSpec, topics_for
+from app.domain.daily_stats import StatsKey
+from app.domain.daily_windows import DailyWindows
+from app.domain.open_windows import OpenWindows
+from app.domain.stats_report import by_key
 from app.kafka.clients import BatchSender, make_consumer, make_producer, partition_for
 from app.kafka.metadata import topic_partitions
+from app.kafka.partitioned_state import read_state
+from app.kafka.tables import read_table
 from app.settings import Settings
 
 
@@ -145,6 +152,20 @@ def _ending(is_result: bool, value: bytes | None, results: Any, letters: Any,
         return (request.task_id, request.request_id), letter
     except DecodeError:
         return None  # another client's record, or a letter that is not a request
+
+
+async def daily_stats(settings: Settings, task_id: str | None = None) -> dict[StatsKey, DailyStats]:
+    """Every day known of a task (of all tasks if None), each once: the closed record from analytics where there
+    is one, else the running totals of the open windows (the aggregator's changelog, read to its true end)."""
+    topics = topics_for(settings.topic_prefix)
+    windows = DailyWindows(settings.analytics_time_zone, timedelta(seconds=settings.analytics_grace_s))
+    opened = await read_state(settings, topics.daily_windows,
+                              lambda key, value: OpenWindows.from_json(key.decode(), value, windows))
+    running = [day for key, state in opened.items() if task_id is None or key == task_id.encode()
+               for day in state.running()]
+    closed = [d for d in (await read_table(settings, topics.analytics)).values()
+              if isinstance(d, DailyStats) and (task_id is None or d.task_id == task_id)]
+    return by_key(closed, running)
 
 
 def request_from(task_id: str, value: dict[str, Any], **fields: Any) -> ExecutionRequest:

@@ -20,8 +20,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from app.contract.topics import TopicSpec
 from app.kafka.clients import make_consumer
-from app.kafka.metadata import topic_partitions
-from app.kafka.tables import consume_to_end
+from app.kafka.tables import consume_to_end, read_topic
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,20 +125,8 @@ async def read_state(settings: Settings, spec: TopicSpec, decode: Callable[[byte
     """Every key's latest value in a changelog, all partitions, read to their true end (as the owners see it
     when they take the partitions over). Unreadable values are logged and left out. TimeoutError past timeout_s."""
     values: dict[bytes, V] = {}
-    apply = _applier(values, decode, lambda _: None)
-    consumer = make_consumer(settings, fetch_max_wait_ms=100)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        try:
-            await asyncio.wait_for(consume_to_end(consumer, partitions, apply), timeout_s)
-        except TimeoutError:
-            raise TimeoutError(f"could not read {spec.name} to its end within {timeout_s:g} s") from None
-        return values
-    finally:
-        await consumer.stop()
+    await read_topic(settings, spec, _applier(values, decode, lambda _: None), timeout_s)
+    return values
 
 
 def _applier(values: dict[bytes, V], decode: Callable[[bytes, bytes], V],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -185,29 +186,47 @@ async def _at_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) 
     return True
 
 
+async def read_topic(settings: Settings, spec: TopicSpec,
+                     handle: Callable[[TopicPartition, ConsumerRecord[bytes, bytes]], None],
+                     timeout_s: float = 30.0) -> list[TopicPartition]:
+    """Hands every message of a topic, all partitions from the beginning to their true end, to handle; returns
+    the partitions. Raises TimeoutError past timeout_s."""
+    consumer = make_consumer(settings, fetch_max_wait_ms=100)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        try:
+            await asyncio.wait_for(consume_to_end(consumer, partitions, handle), timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"could not read {spec.name} to its end within {timeout_s:g} s") from None
+        return partitions
+    finally:
+        await consumer.stop()
+
+
+async def read_table(settings: Settings, spec: TopicSpec, timeout_s: float = 30.0) -> Table[Record]:
+    """A compacted topic read to its true end as a Table: the latest record per key, tombstoned keys gone."""
+    table: Table[Record] = Table(spec, settings)
+    await read_topic(settings, spec, lambda _, message: table.apply(message.key, message.value, message.offset),
+                     timeout_s)
+    return table
+
+
 async def read_to_end(settings: Settings, spec: TopicSpec, timeout_s: float = 30.0) -> list[Record]:
-    """Every decodable record of a topic, from the beginning to its true end, in partition order;
-    undecodable ones are logged and left out. Raises TimeoutError past timeout_s."""
+    """Every decodable record of a topic, from the beginning to its true end, in partition order; tombstones
+    and undecodable values are left out (the latter logged). Raises TimeoutError past timeout_s."""
     codec = codec_for(spec.record, settings, spec)
-    records: dict[TopicPartition, list[Record]] = {}
+    records: dict[TopicPartition, list[Record]] = defaultdict(list)
 
     def keep(tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> None:
+        if message.value is None:
+            return
         try:
             records[tp].append(codec.decode(message.value))
         except DecodeError as exc:
             log.warning("%s offset %d skipped: %s", tp, message.offset, exc)
 
-    consumer = make_consumer(settings, fetch_max_wait_ms=100)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
-        records.update({tp: [] for tp in partitions})
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        try:
-            await asyncio.wait_for(consume_to_end(consumer, partitions, keep), timeout_s)
-        except TimeoutError:
-            raise TimeoutError(f"could not read {spec.name} to its end within {timeout_s:g} s") from None
-        return [record for tp in partitions for record in records[tp]]
-    finally:
-        await consumer.stop()
+    partitions = await read_topic(settings, spec, keep, timeout_s)
+    return [record for tp in partitions for record in records[tp]]

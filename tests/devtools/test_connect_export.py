@@ -12,7 +12,7 @@ import pytest
 import yaml
 from aiokafka import TopicPartition
 
-from app.contract.codecs import codec_for
+from app.contract.codecs import json_codec
 from app.contract.records import ExecutionResult, ExecutionStatus, TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
@@ -98,7 +98,7 @@ async def test_file_sink_exports_every_result_exactly_as_produced(
 
     exported = sink_file.read_text(encoding="utf-8").splitlines()
     assert sorted(exported) == sorted(value.decode() for value in produced)  # same bytes, same count
-    decoded = [codec_for(ExecutionResult, "json").decode(line.encode()) for line in exported]
+    decoded = [json_codec(ExecutionResult).decode(line.encode()) for line in exported]
     assert {r.request_id: r for r in decoded} == results
     assert [orjson.loads(line) for line in sorted(exported)] == [orjson.loads(v) for v in sorted(produced)]
     statuses = {r.status for r in decoded}

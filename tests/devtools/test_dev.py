@@ -25,6 +25,11 @@ def test_dev_runs_the_whole_loop_and_leaves_no_temporary_directory(tmp_path: Pat
     assert re.search(r"spam-filter v3 +\d+ validated, \d+ matched \(100%\)", done.stdout), done.stdout[-3000:]
     assert "by external: match" in done.stdout and "by label: MISMATCH" in done.stdout
     assert "canary decision: spam-filter v3 promoted by auto" in done.stdout, done.stdout[-3000:]
+    # Today's analytics hold every result of the run, exactly.
+    summary = done.stdout[done.stdout.rindex("summary:"):]
+    spam_results = sum(int(n) for n in re.findall(r"^  spam-filter v\d+ \w+ +(\d+)$", summary, re.MULTILINE))
+    daily = re.search(r"^  spam-filter +(\d+) executions, success (\d+)%", summary, re.MULTILINE)
+    assert daily and int(daily.group(1)) == spam_results > 0, summary
     # A minute of traffic has no baseline yet: the summary's last line says no signal was seen.
     assert done.stdout.rstrip().endswith("anomaly signals: none"), done.stdout[-3000:]
     assert not list(tmp_path.glob("loopai-dev-*")) and "logs in" not in done.stdout
