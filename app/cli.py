@@ -27,7 +27,6 @@ from app import __version__
 from app.contract.records import (
     CanaryDecision,
     Comparison,
-    DailyStats,
     ExecutionRequest,
     OracleKind,
     ProgramArtifact,
@@ -40,14 +39,12 @@ from app.contract.topics import topics_for
 from app.control.plane import ControlError, ControlPlane
 from app.domain.daily_stats import StatsKey
 from app.domain.daily_windows import DailyWindows
-from app.domain.open_windows import OpenWindows
 from app.domain.programs import ProgramRejected, check_source
-from app.domain.stats_report import by_key, chart, window_table
+from app.domain.stats_report import chart, window_table
 from app.kafka.client import follow, request_from, send_and_wait, send_requests
 from app.kafka.clients import apply_topics, make_consumer
+from app.kafka.daily_stats import read_daily_stats
 from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
-from app.kafka.partitioned_state import read_state
-from app.kafka.tables import read_to_end
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.pool import run_once
 from app.settings import ConfigError, Settings, describe_validation_error
@@ -795,17 +792,7 @@ def stats(ctx: click.Context, task_id: str, day: str | None, version: int | None
         window = windows.of_date(day) if day else windows.today(utc_now())
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--date") from None
-    topics = topics_for(settings.topic_prefix)
-
-    async def go() -> dict[StatsKey, DailyStats]:
-        opened = await read_state(settings, topics.daily_windows,
-                                  lambda key, value: OpenWindows.from_json(key.decode(), value, windows))
-        running = opened[task_id.encode()].running() if task_id.encode() in opened else []
-        closed = [d for d in await read_to_end(settings, topics.analytics)
-                  if isinstance(d, DailyStats) and d.task_id == task_id]
-        return by_key(closed, running)
-
-    known = _run(go())
+    known = _run(read_daily_stats(settings, windows, task_id))
     shown = known.get(StatsKey(task_id, version, window.date))
     which = "all versions" if version is None else f"version {version}"
     if shown is None:
