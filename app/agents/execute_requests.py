@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -263,6 +263,10 @@ class ExecuteRequests:
             log.warning("commit failed after a rebalance: %s", exc)
         except KafkaError as exc:  # retriable errors are retried inside commit(); this one will not heal
             self.fail(f"committing offsets failed: {describe_error(exc)}")
+
+    def partitions(self) -> list[int]:
+        """The requests partitions assigned to this worker now."""
+        return sorted(tp.partition for tp in self._consumer.assignment())
 
     async def lag(self) -> dict[int, int]:
         """Requests not yet committed per assigned partition: the log end seen by the last fetch minus the
