@@ -37,6 +37,8 @@ class ExecuteBody(BaseModel):
     version: Annotated[int, Field(gt=0)] | None = None
     timeout_ms: Annotated[int, Field(ge=1, le=60_000)] | None = None
     request_id: Annotated[str, StringConstraints(min_length=1)] | None = None
+    force_validation: bool = False
+    expected_output: JsonValue = None  # what a label oracle compares with
 
 
 class Executions:
