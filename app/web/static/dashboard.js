@@ -113,7 +113,7 @@ function drawChart(stats) {
     return;
   }
   const most = Math.max(...days.map((d) => d.executions), 1);
-  const slot = (w - left - 10) / days.length;
+  const slot = Math.min(60, (w - left - 10) / days.length);  // a few days must not make giant bars
   g.strokeStyle = "#dde1e7";
   g.beginPath(); g.moveTo(left, h - bottom); g.lineTo(w - 10, h - bottom); g.stroke();
   g.fillStyle = "#667";
@@ -136,6 +136,11 @@ function drawChart(stats) {
   });
   g.stroke();
   g.lineWidth = 1;
+  g.fillStyle = "#2f9e44";  // a dot per day: one day alone has no line to show
+  days.forEach((d, i) => {
+    const y = top + (h - bottom - top) * (1 - (d.success_rate ?? 0));
+    g.beginPath(); g.arc(left + i * slot + slot / 2, y, 3, 0, 2 * Math.PI); g.fill();
+  });
   $("chart-note").textContent = `${stats.task_id}: executions per day (${stats.time_zone}; lighter: today, running)`
     + `, line: success rate. Today: ${days[days.length - 1].executions} executions.`;
 }
