@@ -31,7 +31,7 @@ from app.control.plane import ControlPlane
 from app.kafka.client import RequestSender, follow, request_from
 from app.kafka.clients import apply_topics
 from app.settings import Settings
-from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker, _listening, free_port
 from devtools.oracle import canonical, serve_oracle
 from devtools.samples import INTENT_LABELS, SAMPLE_PROGRAMS, SPAM_TRUTH, program_source, sample_tasks, sample_traffic
 
@@ -127,6 +127,10 @@ async def _run(duration_s: float, rate: float, log_dir: Path, stop: _Stop) -> in
         settings = Settings.load(None, bootstrap_servers=broker.bootstrap_servers, canary_min_validations=20,
                                  **EMBEDDED_TIMINGS)
         _say(f"embedded broker on {broker.bootstrap_servers}")
+        if settings.web_port and _listening(settings.web_port):  # a dev loop should not fail over a busy port
+            settings = settings.model_copy(update={"web_port": free_port()})
+        if settings.web_port:
+            _say(f"dashboard on http://{settings.web_host}:{settings.web_port}/")
         await _set_up(settings)
         if not stop.requested.is_set():
             worker = _start_worker(settings, log_dir / "worker.log")
