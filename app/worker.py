@@ -34,6 +34,7 @@ from app.kafka.tables import TableReader
 from app.sandbox.boundary import Boundary
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
+from app.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class LoopWorker(Service):
             register_schemas(settings, topics)
         self.executor = ExecuteRequests(settings, topics, self.tables, self.pool)
         self.watch = BrokerWatch(settings)
+        self.web = WebServer(settings, topics, self.tables, self.executor, self.pool, self.watch) \
+            if settings.web_port else None
         self.failure: str | None = None
 
     def register_agents(self, app: faust.App) -> None:
@@ -78,6 +81,8 @@ class LoopWorker(Service):
         self.tables.follow()
         await self.pool.start()
         await self.executor.start()
+        if self.web is not None:
+            await self.web.start()
         # Everything alive now (faust, aiokafka, tables) lives as long as the process: keep the collector
         # from scanning it again and again, and let it run less often. Each batch allocates tens of
         # thousands of short-lived objects; with the defaults collection took about a third of the time.
@@ -87,6 +92,8 @@ class LoopWorker(Service):
         log.info("worker %s serving: sandbox %s", self.settings.worker_id, self.pool.protections)
 
     async def on_stop(self) -> None:
+        if self.web is not None:
+            await self.web.stop()
         await self.executor.stop()
         await self.pool.stop()
         await self.tables.stop()

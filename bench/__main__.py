@@ -41,7 +41,7 @@ from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import BatchSender, apply_topics, make_consumer, make_producer
 from app.kafka.partitioned_state import read_state
 from app.settings import Settings
-from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker, free_port
 from devtools.samples import SPAM_TEXTS, program_source
 
 HERE = Path(__file__).resolve().parent
@@ -267,7 +267,9 @@ async def pipeline(
         logs.append(log_dir / f"worker-{settings.topic_prefix}{n}.log")
         log = open(logs[-1], "wb")  # noqa: SIM115 - the worker writes it until the end
         processes.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker"],
-                                          env={**env, "LOOPAI_WORKER_ID": f"bench-{n}"},
+                                          # HTTP on, each its own port: the metrics' counting is measured too
+                                          env={**env, "LOOPAI_WORKER_ID": f"bench-{n}",
+                                               "LOOPAI_WEB_PORT": str(free_port())},
                                           stdout=log, stderr=subprocess.STDOUT))
     try:
         if workers > 1:

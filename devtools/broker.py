@@ -36,7 +36,7 @@ class PortInUse(RuntimeError):
     """Something already listens on the port the broker was asked to use."""
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
     except OSError:
@@ -58,7 +58,7 @@ class EmbeddedBroker:
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:
         """Start the broker and wait until it accepts connections."""
-        if _listening(self.port):
+        if listening(self.port):
             raise PortInUse(f"port {self.port} is already in use on 127.0.0.1 (another broker?)")
         url = f"tcp://127.0.0.1:{self.port}"
         output = open(self._log_file, "ab") if self._log_file else subprocess.DEVNULL  # noqa: SIM115
@@ -79,7 +79,7 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 raise RuntimeError(f"embedded broker exited with code {self._process.returncode}")
-            if _listening(self.port):
+            if listening(self.port):
                 return self
             time.sleep(0.05)
         self.stop()

@@ -39,7 +39,7 @@ from app.domain.daily_windows import DailyWindows
 from app.kafka.client import RequestSender, daily_stats, follow, request_from
 from app.kafka.clients import apply_topics
 from app.settings import Settings
-from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker, free_port, listening
 from devtools.oracle import canonical, serve_oracle
 from devtools.samples import INTENT_LABELS, SAMPLE_PROGRAMS, SPAM_TRUTH, program_source, sample_tasks, sample_traffic
 
@@ -139,6 +139,10 @@ async def _run(duration_s: float, rate: float, log_dir: Path, stop: _Stop) -> in
         settings = Settings.load(None, bootstrap_servers=broker.bootstrap_servers, canary_min_validations=20,
                                  **EMBEDDED_TIMINGS)
         _say(f"embedded broker on {broker.bootstrap_servers}")
+        if settings.web_port and listening(settings.web_port):  # a dev loop should not fail over a busy port
+            settings = settings.model_copy(update={"web_port": free_port()})
+        if settings.web_port:
+            _say(f"dashboard on http://{settings.web_host}:{settings.web_port}/")
         await _set_up(settings)
         if not stop.requested.is_set():
             worker = _start_worker(settings, log_dir / "worker.log")

@@ -46,6 +46,7 @@ def make_settings(broker: EmbeddedBroker, **overrides: Any) -> Settings:
         "topic_prefix": prefix,
         "app_id": f"app-{prefix.rstrip('.')}",
         "sandbox_processes": 16,  # the tests' workers serve up to a dozen tasks at once
+        "web_port": 0,  # no HTTP: tests run many workers at once; tests/test_web.py gives its own a free port
         **EMBEDDED_TIMINGS,
     }
     values.update(overrides)

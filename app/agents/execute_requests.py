@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -59,9 +60,12 @@ class _DrainOnRevoke(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         await self._executor.drain()
+        for tp in revoked:  # the next owner commits there now
+            self._executor.committed.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("executor assigned %s", sorted(tp.partition for tp in assigned))
+        self._executor.joined.set()
 
 
 class ExecuteRequests:
@@ -86,6 +90,10 @@ class ExecuteRequests:
         self.failure: str | None = None
         self.executed = 0
         self.dead_lettered = 0
+        self.joined = asyncio.Event()  # the group has assigned this worker its partitions (maybe none)
+        self.committed: dict[TopicPartition, int] = {}  # what this worker committed, for the lag it reports
+        # Called once per completed batch with its delivered results' fields (app/web/metrics.py counts them).
+        self.on_results: Callable[[list[dict[str, Any]]], None] | None = None
 
     async def start(self) -> None:
         settings = self._settings
@@ -219,6 +227,8 @@ class ExecuteRequests:
         await self._writer.write_stats(sent_results)
         self.executed += len(sent_results)
         self.dead_lettered += sent_letters
+        if self.on_results is not None:
+            self.on_results(sent_results)
         await self._commit(batch)
 
     async def _outcomes(self, batch: _Batch) -> list[Outcome] | list[Outcome | Exception]:
@@ -247,11 +257,30 @@ class ExecuteRequests:
         offsets = {tp: end for tp, (_, end) in batch.offsets.items()}
         try:
             await self._consumer.commit(offsets)
+            self.committed.update(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             # The partitions moved to another worker, which redoes the batch: duplicates, never losses.
             log.warning("commit failed after a rebalance: %s", exc)
         except KafkaError as exc:  # retriable errors are retried inside commit(); this one will not heal
             self.fail(f"committing offsets failed: {describe_error(exc)}")
+
+    def partitions(self) -> list[int]:
+        """The requests partitions assigned to this worker now."""
+        return sorted(tp.partition for tp in self._consumer.assignment())
+
+    async def lag(self) -> dict[int, int]:
+        """Requests not yet committed per assigned partition: the log end seen by the last fetch minus the
+        offset this worker committed (Kafka's consumer lag), or minus its position before its first commit
+        there. A partition not fetched from yet is left out."""
+        lags = {}
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)
+            if end is not None:
+                done = self.committed.get(tp)
+                if done is None:
+                    done = await asyncio.wait_for(self._consumer.position(tp), 1.0)
+                lags[tp.partition] = max(0, end - done)
+        return lags
 
     def _rejected(self, batch: _Batch, task_id: str, request_id: str, why: str,
                   version: int | None = None) -> dict[str, Any]:

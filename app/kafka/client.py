@@ -131,7 +131,7 @@ async def send_and_wait(
                 raise TimeoutError(f"{len(waiting)} of {len(requests)} request(s) unanswered after {timeout_s:g} s")
             for tp, messages in (await consumer.getmany(timeout_ms=int(min(left, 0.2) * 1000))).items():
                 for message in messages:
-                    ended = _ending(tp.topic == topics.execution_results.name, message.value, results, letters,
+                    ended = ending_of(tp.topic == topics.execution_results.name, message.value, results, letters,
                                     requests_codec)
                     if ended is not None and ended[0] in waiting:
                         waiting.discard(ended[0])
@@ -140,7 +140,7 @@ async def send_and_wait(
         await consumer.stop()
 
 
-def _ending(is_result: bool, value: bytes | None, results: Any, letters: Any,
+def ending_of(is_result: bool, value: bytes | None, results: Any, letters: Any,
             requests: Any) -> tuple[tuple[str, str], ExecutionResult | DeadLetter] | None:
     """(task, request id) and the record, when the message is a result or a dead letter of a request."""
     try:

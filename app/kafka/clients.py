@@ -180,10 +180,12 @@ class BrokerWatch:
         self._task: asyncio.Task[None] | None = None
         self.lost = asyncio.Event()
         self.lost_reason = ""
+        self.answered_at: float | None = None  # time.monotonic() of the last answer (for /health)
 
     async def start(self) -> None:
         self._client = AIOKafkaClient(**self._settings.kafka_client_args())
         await self._client.bootstrap()
+        self.answered_at = time.monotonic()
         self._task = asyncio.ensure_future(self._watch())
 
     async def stop(self) -> None:
@@ -200,7 +202,7 @@ class BrokerWatch:
         while True:
             await asyncio.sleep(self.PROBE_INTERVAL_S)
             if await self._answers():
-                answered = time.monotonic()
+                answered = self.answered_at = time.monotonic()
             elif time.monotonic() - answered >= timeout:
                 self.lost_reason = (
                     f"the Kafka broker at {self._settings.bootstrap_servers} has not answered for {timeout:g} s "

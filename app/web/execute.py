@@ -1,0 +1,117 @@
+"""Synchronous execution over HTTP: consumes the body of POST /execute, produces its request on
+execution-requests and returns what it ended as, read from execution-results (or dead-letters).
+
+One producer and one results consumer serve every call: the consumer follows both topics from their end as it
+was at start-up, so a result can never be produced before the consumer could see it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Annotated
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+
+from app.contract.codecs import codec_for
+from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult
+from app.contract.topics import Topics
+from app.kafka.client import (
+    RequestSender,
+    ending_of,  # the same test send --wait uses
+    request_from,
+)
+from app.kafka.clients import make_consumer
+from app.kafka.metadata import topic_partitions
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ExecuteBody(BaseModel):
+    """The body of POST /execute."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: Annotated[str, StringConstraints(min_length=1)]
+    input: dict[str, JsonValue]
+    version: Annotated[int, Field(gt=0)] | None = None
+    timeout_ms: Annotated[int, Field(ge=1, le=60_000)] | None = None
+    request_id: Annotated[str, StringConstraints(min_length=1)] | None = None
+    force_validation: bool = False
+    expected_output: JsonValue = None  # what a label oracle compares with
+
+
+class Executions:
+    """Sends requests and hands each its ending. start() before the first call, stop() at the end."""
+
+    def __init__(self, settings: Settings, topics: Topics) -> None:
+        self._settings = settings
+        self._topics = topics
+        self._results = codec_for(ExecutionResult, settings, topics.execution_results)
+        self._letters = codec_for(DeadLetter, settings, topics.dead_letters)
+        self._requests = codec_for(ExecutionRequest, settings, topics.execution_requests)
+        self._sender = RequestSender(settings)
+        self._consumer: AIOKafkaConsumer | None = None
+        self._waiting: dict[tuple[str, str], asyncio.Future[ExecutionResult | DeadLetter]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._sender.__aenter__()
+        consumer = self._consumer = make_consumer(self._settings, fetch_max_wait_ms=20)
+        await consumer.start()
+        partitions = [TopicPartition(spec.name, p) for spec in (self._topics.execution_results,
+                                                                self._topics.dead_letters)
+                      for p in await topic_partitions(consumer, spec.name)]
+        consumer.assign(partitions)
+        await consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await consumer.position(tp)  # fixed now: every result of a request sent after this is read
+        self._task = asyncio.ensure_future(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+        await self._sender.__aexit__(None, None, None)
+
+    async def execute(self, body: ExecuteBody, timeout_s: float) -> ExecutionResult | DeadLetter:
+        """Send the request and wait for its result (or the dead letter carrying it). Raises TimeoutError."""
+        fields = body.model_dump(exclude_none=True)
+        request = request_from(fields.pop("task_id"), fields.pop("input"), **fields)
+        key = (request.task_id, request.request_id)
+        ending = self._waiting[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self._sender.send([request])
+            return await asyncio.wait_for(ending, timeout_s)
+        finally:
+            self._waiting.pop(key, None)
+
+    async def _follow(self) -> None:
+        assert self._consumer is not None
+        results_topic = self._topics.execution_results.name
+        while True:
+            try:
+                batches = await self._consumer.getmany(timeout_ms=200)
+            except KafkaError as exc:
+                log.warning("execute: reading results: %s; retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if not self._waiting:
+                continue  # nobody waits: skip decoding the whole results stream
+            tasks = {task.encode() for task, _ in self._waiting}
+            for tp, messages in batches.items():
+                is_result = tp.topic == results_topic
+                for message in messages:
+                    if is_result and message.key not in tasks:  # results are keyed by task: decode only those
+                        continue
+                    ended = ending_of(is_result, message.value, self._results, self._letters, self._requests)
+                    if ended is not None:
+                        waiter = self._waiting.get(ended[0])
+                        if waiter is not None and not waiter.done():
+                            waiter.set_result(ended[1])

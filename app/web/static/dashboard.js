@@ -1,0 +1,151 @@
+// The dashboard: polls /api/dashboard every second and /tasks/{id}/stats every 10 s; draws by hand (no CDN).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let chartTask = null;
+
+function text(tag, content, cls) {
+  const node = document.createElement(tag);
+  node.textContent = content;
+  if (cls) node.className = cls;
+  return node;
+}
+
+function ms(value) { return value == null ? "–" : `${value.toFixed(value < 10 ? 2 : 0)} ms`; }
+function pct(value) { return value == null ? "–" : `${(value * 100).toFixed(1)}%`; }
+
+function accuracyOf(task) {
+  const parts = Object.entries(task.accuracy).filter(([, a]) => a.validated > 0)
+    .map(([version, a]) => `v${version} ${pct(a.accuracy)} (${a.validated})`);
+  return parts.length ? parts.join(", ") : "–";
+}
+
+function renderTasks(tasks) {
+  const body = $("tasks").querySelector("tbody");
+  body.replaceChildren();
+  if (!tasks.length) {
+    const row = document.createElement("tr");
+    const cell = text("td", "no tasks yet", "empty");
+    cell.colSpan = 10;
+    row.append(cell);
+    body.append(row);
+  }
+  for (const task of tasks) {
+    const live = task.live || {};
+    const row = document.createElement("tr");
+    row.dataset.task = task.task_id;
+    row.append(
+      text("td", task.task_id),
+      text("td", task.active_version == null ? "–" : `v${task.active_version}`),
+      text("td", task.canary_version ? `v${task.canary_version} @ ${task.canary_percent}%` : "–",
+           task.canary_version ? "canary" : ""),
+      text("td", task.versions.map((v) => `v${v}`).join(" ")),
+      text("td", live.per_second == null ? "–" : live.per_second.toFixed(1), "rate"),
+      text("td", pct(live.error_rate), live.error_rate > 0.05 ? "bad" : ""),
+      text("td", ms(live.p50_ms)), text("td", ms(live.p95_ms)), text("td", ms(live.p99_ms)),
+      text("td", accuracyOf(task)),
+    );
+    body.append(row);
+  }
+  const select = $("chart-task");
+  const names = tasks.map((t) => t.task_id);
+  if (select.options.length !== names.length || names.some((n, i) => select.options[i].value !== n)) {
+    select.replaceChildren(...names.map((n) => { const o = text("option", n); o.value = n; return o; }));
+    if (chartTask && names.includes(chartTask)) select.value = chartTask;
+  }
+  if (!chartTask && names.length) { chartTask = names[0]; loadChart(); }
+}
+
+function renderEvents(id, items, describe) {
+  const list = $(id);
+  list.replaceChildren();
+  if (!items.length) list.append(text("li", "none seen", "empty"));
+  for (const item of items) {
+    const [when, what] = describe(item);
+    const line = document.createElement("li");
+    line.append(text("span", when.replace("T", " ").slice(0, 19), "when"), document.createTextNode(what));
+    list.append(line);
+  }
+}
+
+async function poll() {
+  try {
+    const response = await fetch("/api/dashboard", { cache: "no-store" });
+    const data = await response.json();
+    $("worker").textContent = `worker ${data.worker_id} · partitions ${data.partitions.join(",") || "none"}`
+      + ` · ${data.executed} executed`;
+    const health = $("health");
+    health.textContent = data.ready ? "ready" : "not ready";
+    health.title = data.reasons.join("\n");
+    health.className = `badge ${data.ready ? "ready" : "not-ready"}`;
+    renderTasks(data.tasks);
+    renderEvents("signals", data.signals, (s) => [s.detected_at,
+      `${s.task_id} v${s.version ?? "all"}: ${s.metric} ${s.value.toFixed(3)} (baseline ${s.baseline.toFixed(3)}, `
+      + `${s.method} score ${s.score.toFixed(1)}) ${s.hint}`]);
+    renderEvents("letters", data.dead_letters, (d) => [d.dead_lettered_at,
+      `${d.error_type}: ${d.reason} (${d.source_topic}:${d.source_partition}@${d.source_offset}, ${d.worker_id})`]);
+    $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (error) {
+    $("health").textContent = "unreachable";
+    $("health").className = "badge not-ready";
+  }
+}
+
+async function loadChart() {
+  if (!chartTask) return;
+  try {
+    const response = await fetch(`/tasks/${encodeURIComponent(chartTask)}/stats?days=14`, { cache: "no-store" });
+    if (response.ok) drawChart(await response.json());
+  } catch (error) { /* the next poll tries again */ }
+}
+
+function drawChart(stats) {
+  const canvas = $("chart");
+  const g = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height, left = 50, bottom = 30, top = 10;
+  g.clearRect(0, 0, w, h);
+  g.font = "12px system-ui, sans-serif";
+  const days = stats.days;
+  canvas.dataset.days = String(days.length);
+  if (!days.length) {
+    g.fillStyle = "#889";
+    g.fillText(`${stats.task_id}: no executions in the last 14 days`, left, h / 2);
+    return;
+  }
+  const most = Math.max(...days.map((d) => d.executions), 1);
+  const slot = Math.min(60, (w - left - 10) / days.length);  // a few days must not make giant bars
+  g.strokeStyle = "#dde1e7";
+  g.beginPath(); g.moveTo(left, h - bottom); g.lineTo(w - 10, h - bottom); g.stroke();
+  g.fillStyle = "#667";
+  g.fillText(String(most), 4, top + 10);
+  g.fillText("0", 4, h - bottom);
+  days.forEach((d, i) => {
+    const barHeight = (h - bottom - top) * d.executions / most;
+    g.fillStyle = d.closed_at ? "#4c6ef5" : "#91a7ff";  // today's running window is lighter
+    g.fillRect(left + i * slot + 4, h - bottom - barHeight, Math.max(2, slot - 8), barHeight);
+    g.fillStyle = "#667";
+    g.fillText(d.date.slice(5), left + i * slot + 4, h - bottom + 16);
+  });
+  g.strokeStyle = "#2f9e44";
+  g.lineWidth = 2;
+  g.beginPath();
+  days.forEach((d, i) => {
+    const x = left + i * slot + slot / 2;
+    const y = top + (h - bottom - top) * (1 - (d.success_rate ?? 0));
+    if (i) g.lineTo(x, y); else g.moveTo(x, y);
+  });
+  g.stroke();
+  g.lineWidth = 1;
+  g.fillStyle = "#2f9e44";  // a dot per day: one day alone has no line to show
+  days.forEach((d, i) => {
+    const y = top + (h - bottom - top) * (1 - (d.success_rate ?? 0));
+    g.beginPath(); g.arc(left + i * slot + slot / 2, y, 3, 0, 2 * Math.PI); g.fill();
+  });
+  $("chart-note").textContent = `${stats.task_id}: executions per day (${stats.time_zone}; lighter: today, running)`
+    + `, line: success rate. Today: ${days[days.length - 1].executions} executions.`;
+}
+
+$("chart-task").addEventListener("change", (event) => { chartTask = event.target.value; loadChart(); });
+poll();
+setInterval(poll, 1000);
+setInterval(loadChart, 10000);

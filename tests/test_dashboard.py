@@ -1,0 +1,63 @@
+"""The dashboard in a real headless browser (Debian's chromium driven by PyPI playwright): the page loads from
+the worker, shows a task with its versions, and its live figures move after requests are sent."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.test_web import Served, call, execute
+from tests.test_web import served as served  # the module's own worker, with HTTP on
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    if not Path(CHROMIUM).exists():
+        # Loud on purpose: .ci/run installs it (Debian's chromium); only a machine without it gets here.
+        pytest.skip(f"NO BROWSER TEST: {CHROMIUM} is missing (apt-get install chromium)")
+    assert shutil.which(CHROMIUM)
+    return CHROMIUM
+
+
+def test_the_page_shows_a_task_and_follows_new_requests(served: Served, chromium: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    assert execute(served, {"task_id": "spam", "input": {"text": "warm up"}})[0] == 200
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(served.url + "/")
+            row = page.locator('tr[data-task="listed"]')
+            row.wait_for(timeout=15_000)
+            cells = row.locator("td").all_inner_texts()
+            assert cells[:4] == ["listed", "v1", "v2 @ 25%", "v1 v2"], cells
+            page.wait_for_function("document.getElementById('health').textContent === 'ready'", timeout=15_000)
+
+            executed = int(page.locator("#worker").inner_text().split(" · ")[-1].split()[0])
+            for i in range(5):
+                assert execute(served, {"task_id": "metered", "input": {"text": f"FREE {i}"}})[0] == 200
+            # The page polls every second: the worker's count and metered's rate come from the new requests.
+            page.wait_for_function(
+                "n => Number(document.getElementById('worker').textContent.split(' · ').pop().split(' ')[0]) >= n",
+                arg=executed + 5, timeout=15_000)
+            # The table is drawn anew on every poll: look the cell up each time.
+            page.wait_for_function(
+                "Number(document.querySelector('tr[data-task=\"metered\"] td.rate')?.textContent) > 0",
+                timeout=15_000)
+
+            page.select_option("#chart-task", "metered")
+            page.wait_for_function("Number(document.getElementById('chart').dataset.days || 0) >= 1",
+                                   timeout=30_000)
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+    assert call(served.url + "/static/nothing.js")[0] == 404
