@@ -41,7 +41,7 @@ from app.domain.daily_stats import StatsKey
 from app.domain.daily_windows import DailyWindows
 from app.domain.programs import ProgramRejected, check_source
 from app.domain.stats_report import chart, window_table
-from app.kafka.client import daily_stats, follow, request_from, send_and_wait, send_requests
+from app.kafka.client import RequestSender, daily_stats, follow, request_from, send_and_wait, send_requests
 from app.kafka.clients import apply_topics, make_consumer
 from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
 from app.sandbox.boundary import Boundary, SandboxUnavailable
@@ -539,7 +539,7 @@ def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl
             for target_task, target_version in sorted({(r.task_id, r.version) for r in requests}, key=str):
                 control.check_request_target(target_task, target_version)
         if not wait:
-            return await send_requests(settings, requests)
+            return await _send_showing_progress(settings, requests)
         try:
             async for ended in send_and_wait(settings, requests, timeout_s):
                 click.echo(ended.model_dump_json())
@@ -805,6 +805,22 @@ def stats(ctx: click.Context, task_id: str, day: str | None, version: int | None
         click.echo(f"\nlast {days} days, {which}:")
         for line in chart(recent):
             click.echo(line)
+
+
+# Progress of `send` (issue 11): below this many requests a send takes about a second, not worth a bar.
+_PROGRESS_FROM = 5_000
+_PROGRESS_CHUNK = 2_000
+
+
+async def _send_showing_progress(settings: Settings, requests: list[ExecutionRequest]) -> int:
+    """send_requests, with a progress bar of acknowledged requests on stderr when that is a terminal."""
+    if len(requests) < _PROGRESS_FROM or not sys.stderr.isatty():
+        return await send_requests(settings, requests)
+    async with RequestSender(settings) as sender:
+        with click.progressbar(length=len(requests), label="sending", file=sys.stderr) as bar:
+            for start in range(0, len(requests), _PROGRESS_CHUNK):
+                bar.update(await sender.send(requests[start:start + _PROGRESS_CHUNK]))
+    return len(requests)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from app.agents.validate_executions import ValidateExecutions
 from app.contract.registry import register_schemas
 from app.contract.topics import topics_for
 from app.kafka.clients import BrokerWatch
+from app.kafka.leader import leader_assignor_for
 from app.kafka.tables import TableReader
 from app.sandbox.boundary import Boundary
 from app.sandbox.pool import SandboxPool
@@ -180,6 +181,8 @@ def build_app(settings: Settings) -> faust.App:
         # Every agent is at-least-once already (the analytics agent skips what it merged by offset): an event cut
         # short is delivered again to the partition's next owner.
         stream_wait_empty=False,
+        # faust would name the election's topic after the app id, outside the prefix and the registry
+        LeaderAssignor=leader_assignor_for(topics_for(settings.topic_prefix).leader_election),
     )
 
 

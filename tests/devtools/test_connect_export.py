@@ -125,6 +125,7 @@ def test_compose_export_service_reads_the_results_topic_with_the_shipped_files()
     assert mounted["/connect"] == "./connect"
     for path in re.findall(r"/connect/(\S+)", script):
         assert (CONNECT_DIR / path).is_file(), path
+    assert (CONNECT_DIR / export["environment"]["LOOPAI_EXPORT_CONNECTOR"]).is_file()  # run from /connect
     # Every ${env:...} the worker and the file sink read is set.
     needed = set(re.findall(r"\$\{env:(\w+)\}", (CONNECT_DIR / "worker.properties").read_text()
                             + (CONNECT_DIR / "file-sink.properties").read_text()))
