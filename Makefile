@@ -18,7 +18,7 @@ test: $(BIN)/loopai
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/loopai
-	$(BIN)/ruff check app devtools tests bench
+	$(BIN)/ruff check app devtools tests bench examples
 	$(BIN)/mypy app devtools
 
 bench: $(BIN)/loopai
