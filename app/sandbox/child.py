@@ -140,6 +140,13 @@ def serve(memory_mb: int, cpu_s: int, max_output: int, open_files: int, progress
     signal.signal(signal.SIGALRM, _on_alarm)
     hello = lock_down(memory_mb, cpu_s, open_files, seccomp_filter)
     _write_all(out_fd, orjson.dumps({"hello": hello}) + b"\n")
+    answer_batches(reader, out_fd, progress, compiler, cpu_s, max_output)
+
+
+def answer_batches(reader: Any, out_fd: int, progress: mmap.mmap, compiler: ProgramCompiler, cpu_s: int,
+                   max_output: int) -> None:
+    """Answer batch lines from `reader` on `out_fd` until it ends or the process should retire (the locked-down
+    part of serve(); bench/profiled.py profiles it on its own)."""
     programs: dict[str, Callable[[dict[str, Any]], Any] | str] = {}
     pack, perf, now_ns = PROGRESS.pack_into, time.perf_counter, time.monotonic_ns
     for line in reader:
