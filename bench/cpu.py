@@ -24,38 +24,44 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _own_seconds(pid: int) -> float:
-    """utime + stime of the process and of its reaped children. A reaped child is no longer in the tree, so
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """utime + stime of the process, and of its reaped children. A reaped child is no longer in the tree, so
     nothing is counted twice; a process that dies between two samples keeps its CPU in its parent's cutime."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
-        return 0.0
+        return 0.0, 0.0
     fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-    return sum(int(f) for f in fields[11:15]) * _TICK_S  # utime stime cutime cstime (fields 14-17)
+    utime, stime, cutime, cstime = (int(f) * _TICK_S for f in fields[11:15])  # fields 14-17 of stat
+    return utime + stime, cutime + cstime
 
 
-def tree_seconds(roots: list[int]) -> float:
-    """CPU seconds used so far by the roots and all their descendants."""
-    total, todo, seen = 0.0, list(roots), set()
+def tree_seconds(roots: list[int]) -> tuple[float, float]:
+    """CPU seconds used so far by the roots and all their descendants, and by the roots themselves."""
+    total, own, todo, seen = 0.0, 0.0, list(roots), set()
     while todo:
         pid = todo.pop()
         if pid in seen:
             continue
         seen.add(pid)
-        total += _own_seconds(pid)
+        itself, reaped = _cpu_seconds(pid)
+        total += itself + reaped
+        if pid in roots:
+            own += itself
         todo += _children(pid)
-    return total
+    return total, own
 
 
 class TreeSampler:
-    """Samples the CPU seconds of process trees every `interval_s` (wall clock, time.time()) until stopped."""
+    """Samples the CPU seconds of process trees (and of their roots alone) every `interval_s` (wall clock,
+    time.time()) until stopped."""
 
     def __init__(self, roots: list[int], interval_s: float = 0.05) -> None:
         self._roots = roots
         self._interval_s = interval_s
         self._times: list[float] = []
         self._seconds: list[float] = []
+        self._roots_seconds: list[float] = []
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -69,24 +75,27 @@ class TreeSampler:
         self._take()
 
     def _take(self) -> None:
+        total, own = tree_seconds(self._roots)
         self._times.append(time.time())
-        self._seconds.append(tree_seconds(self._roots))
+        self._seconds.append(total)
+        self._roots_seconds.append(own)
 
     async def _sample(self) -> None:
         while True:
             self._take()
             await asyncio.sleep(self._interval_s)
 
-    def at(self, moment: float) -> float:
+    def at(self, moment: float, roots_only: bool = False) -> float:
         """CPU seconds at a wall-clock moment, interpolated between the samples around it."""
+        seconds = self._roots_seconds if roots_only else self._seconds
         i = bisect.bisect_left(self._times, moment)
         if i == 0:
-            return self._seconds[0]
+            return seconds[0]
         if i == len(self._times):
-            return self._seconds[-1]
-        t0, t1, c0, c1 = self._times[i - 1], self._times[i], self._seconds[i - 1], self._seconds[i]
+            return seconds[-1]
+        t0, t1, c0, c1 = self._times[i - 1], self._times[i], seconds[i - 1], seconds[i]
         return c0 + (c1 - c0) * (moment - t0) / (t1 - t0) if t1 > t0 else c1
 
-    def between(self, start: float, end: float) -> float:
-        """CPU seconds spent from `start` to `end` (wall clock)."""
-        return self.at(end) - self.at(start)
+    def between(self, start: float, end: float, roots_only: bool = False) -> float:
+        """CPU seconds spent from `start` to `end` (wall clock), by the trees or by their roots alone."""
+        return self.at(end, roots_only) - self.at(start, roots_only)
