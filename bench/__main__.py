@@ -9,7 +9,8 @@ round (A B C D E, A B C D E, ...) so that drift of a shared machine hits them al
   as there are cores.
 
 Throughput is records / (seconds from a contender's first message processed to its last one produced), so
-start-up does not count; for the pipeline that span is read from the results' executed_at. CPU per request is
+start-up does not count; for the pipeline that span is read from the results' executed_at (its workers
+are started and warmed up first, then the requests produced at full speed). CPU per request is
 the CPU of the contender's own processes over that span (the pipeline: its workers and their sandbox processes,
 from /proc; never the broker). Then request->result latency of one worker at half its measured capacity, and
 how soon after the last result the daily analytics (executor partials merged by the aggregator) hold every
