@@ -1,14 +1,21 @@
-"""One run, one broker, one topic of requests, three consumers of it:
+"""One broker and the same job (decode -> spam_v1 -> encode -> produce) for five contenders, interleaved round by
+round (A B C D E, A B C D E, ...) so that drift of a shared machine hits them alike:
 
-- the plain aiokafka loop in this process (getmany -> orjson -> program in-process -> send_batch): the
-  practical limit, with no isolation;
-- Quix Streams on the same job (its own virtualenv, bench/.venv-quix, made on first use);
-- the loopai pipeline: a `loopai worker` process with its sandbox pool.
+- plain: the plain aiokafka loop in this process (getmany -> orjson -> program in-process -> send_batch), the
+  practical limit, with no isolation and no delivery guarantee;
+- plain_alo: the same loop, at-least-once (acks awaited and offsets committed per batch);
+- quix: Quix Streams on the same job (its own virtualenv, bench/.venv-quix, made on first use);
+- pipeline_1, pipeline_2: the loopai pipeline, one `loopai worker` process with its sandbox pool, or as many
+  as there are cores.
 
-Throughput for each is records / (seconds from its first message processed to its last one produced),
-so start-up time does not count. For the pipeline that span is read from the results' executed_at.
-Then request->result latency of the pipeline at a steady rate, and how soon after the last result the daily
-analytics (executor partials merged by the aggregator) hold every execution. Prints the ratios.
+Throughput is records / (seconds from a contender's first message processed to its last one produced), so
+start-up does not count; for the pipeline that span is read from the results' executed_at (its workers
+are started and warmed up first, then the requests produced at full speed). CPU per request is
+the CPU of the contender's own processes over that span (the pipeline: its workers and their sandbox processes,
+from /proc; never the broker). Then request->result latency of one worker at half its measured capacity, and
+how soon after the last result the daily analytics (executor partials merged by the aggregator) hold every
+execution. Prints min / median / max per contender and the ratios of medians. Everything it writes goes to a
+temporary directory, removed at the end (except --json and --profile output).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,15 +40,17 @@ import orjson
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.contract.records import TaskSpec, utc_now
+from app.contract.codecs import codec_for
+from app.contract.records import ExecutionRequest, TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.domain.daily_windows import DailyWindows
 from app.domain.open_windows import OpenWindows
-from app.kafka.client import RequestSender, request_from
-from app.kafka.clients import BatchSender, apply_topics, make_consumer, make_producer
+from app.kafka.client import RequestSender, request_from, send_requests
+from app.kafka.clients import BatchSender, apply_topics, make_consumer, make_producer, partition_for
 from app.kafka.partitioned_state import read_state
 from app.settings import Settings
+from bench.cpu import TreeSampler
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker, free_port
 from devtools.samples import SPAM_TEXTS, program_source
 
@@ -72,8 +82,10 @@ async def wait_for_commits(settings: Settings, group: str, expected: int, timeou
         await probe.stop()
 
 
-async def executed_span(settings: Settings, expected: int, timeout_s: float) -> tuple[float, datetime]:
-    """Seconds from the first to the last executed_at among `expected` results, and the last one."""
+async def executed_span(settings: Settings, expected: int, timeout_s: float,
+                        skipped: frozenset[str] = frozenset()) -> tuple[datetime, datetime]:
+    """The first and the last executed_at among `expected` results, leaving out those of `skipped` request ids
+    (counted in `expected`)."""
     spec = topics_for(settings.topic_prefix).execution_results
     consumer = make_consumer(settings)
     await consumer.start()
@@ -87,11 +99,12 @@ async def executed_span(settings: Settings, expected: int, timeout_s: float) -> 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(stamps)} of {expected} results after {timeout_s}s")
             for messages in (await consumer.getmany(timeout_ms=500, max_records=50_000)).values():
-                stamps += [orjson.loads(m.value)["executed_at"] for m in messages]
+                stamps += [(fields["request_id"], fields["executed_at"])
+                           for fields in (orjson.loads(m.value) for m in messages)]
     finally:
         await consumer.stop()
-    moments = [datetime.fromisoformat(s) for s in stamps]
-    return max((max(moments) - min(moments)).total_seconds(), 0.001), max(moments)
+    moments = [datetime.fromisoformat(at) for request_id, at in stamps if request_id not in skipped]
+    return min(moments), max(moments)
 
 
 async def analytics_caught_up(settings: Settings, expected: int, timeout_s: float) -> tuple[datetime, int]:
@@ -117,30 +130,31 @@ async def analytics_caught_up(settings: Settings, expected: int, timeout_s: floa
     raise TimeoutError(f"the daily stats did not reach {expected} executions in {timeout_s}s")
 
 
-async def plain_loop(settings: Settings, source: str, output: str, count: int, at_least_once: bool) -> float:
+async def plain_loop(settings: Settings, source: str, output: str, count: int, at_least_once: bool,
+                     group: str) -> tuple[float, float]:
     """decode -> classify in-process -> encode -> produce with send_batch. Without at_least_once, acks are
     awaited only at the end and nothing is committed (the practical limit); with it, each batch's acks are
     awaited and its offsets committed before the next getmany (the pipeline's guarantee, done simply).
-    Returns seconds from the first message to the last ack."""
+    Returns seconds from the first message to the last ack, and the CPU seconds of this process meanwhile
+    (the broker is another process)."""
     namespace: dict[str, Any] = {}
     exec(program_source(PROGRAM), namespace)
     run = namespace["run"]
     gc.collect()
     gc.freeze()  # the same collector tuning as the worker, for a like-for-like limit
     gc.set_threshold(50_000, 20, 100)
-    group = "bench-plain-alo" if at_least_once else "bench-plain"
     consumer = make_consumer(settings, source, group_id=group, **settings.group_args())
     producer = make_producer(settings)
     await consumer.start()
     await producer.start()
     done = 0
-    started = 0.0
+    started = cpu_started = 0.0
     acks: list[asyncio.Future[Any]] = []
     try:
         while done < count:
             batches = await consumer.getmany(timeout_ms=500, max_records=1000)
             if batches and not started:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
             sender = BatchSender(producer)
             for tp, messages in batches.items():
                 for m in messages:
@@ -155,7 +169,7 @@ async def plain_loop(settings: Settings, source: str, output: str, count: int, a
                 acks.clear()
                 await consumer.commit()
         await asyncio.gather(*acks)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu_started
     finally:
         gc.set_threshold(700, 10, 10)
         gc.unfreeze()
@@ -249,127 +263,298 @@ async def wait_for_stable_group(logs: list[Path], partitions: int, timeout_s: fl
     raise TimeoutError("the executor group did not settle")
 
 
-async def pipeline(
-    settings: Settings, count: int, workers: int, log_dir: Path, rate: int | None
-) -> tuple[float, list[float], float]:
-    """msg/s of `workers` worker processes over `count` requests, latencies if rate is given, and how long after
-    the last result the daily analytics held every execution.
+@dataclass
+class Run:
+    """One contender's figures in one round."""
 
-    One worker starts on requests already produced. Several are started first and the requests produced
-    once their group has settled: otherwise a rebalance, as each one joins, falls inside the measurement.
+    msg_per_s: float
+    cpu_us_per_request: float
+    latencies_ms: list[float] = field(default_factory=list)
+    analytics_lag_s: float | None = None
+    worker_cpu_us_per_request: float | None = None  # the pipeline's worker processes alone, sandboxes excluded
+
+
+async def pipeline(settings: Settings, count: int, workers: int, work: Path, rate: int | None,
+                   worker_command: list[str] | None = None) -> Run:
+    """`workers` worker processes over `count` requests: msg/s, CPU per request of the workers and their sandbox
+    processes, latencies if rate is given, and how long after the last result the daily analytics held every
+    execution.
+
+    The workers start first, settle their group and serve WARM_UP requests; then the `count` requests, encoded
+    beforehand, are produced as fast as the producer goes. So neither a rebalance nor the workers' start-up
+    (faust starting its agents and tables alongside the executor) falls inside the measurement, just as the
+    other contenders are timed from their first message. Workers run in `work` (faust keeps its table data
+    under its working directory).
     """
-    env = {**os.environ, **settings.to_env(), "LOOPAI_LOG_LEVEL": "INFO",
+    env = {**os.environ, **settings.to_env(), "LOOPAI_LOG_LEVEL": "INFO", "PYTHONPATH": str(HERE.parent),
            "LOOPAI_SANDBOX_PROCESSES": str(max(1, (os.cpu_count() or 1) // workers))}
-    if workers == 1:
-        await produce(settings, count)
+    requests = encoded_requests(settings, count)
     processes, logs = [], []
     for n in range(workers):
-        logs.append(log_dir / f"worker-{settings.topic_prefix}{n}.log")
-        log = open(logs[-1], "wb")  # noqa: SIM115 - the worker writes it until the end
-        processes.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker"],
-                                          # HTTP on, each its own port: the metrics' counting is measured too
-                                          env={**env, "LOOPAI_WORKER_ID": f"bench-{n}",
-                                               "LOOPAI_WEB_PORT": str(free_port())},
-                                          stdout=log, stderr=subprocess.STDOUT))
+        logs.append(work / f"worker-{settings.topic_prefix}{n}.log")
+        with open(logs[-1], "wb") as log:  # the worker keeps its own copy of the descriptor
+            processes.append(subprocess.Popen(worker_command or [sys.executable, "-m", "app.cli", "worker"],
+                                              # HTTP on, each its own port: the metrics' counting is measured too
+                                              env={**env, "LOOPAI_WORKER_ID": f"bench-{n}",
+                                                   "LOOPAI_WEB_PORT": str(free_port())},
+                                              cwd=work, stdout=log, stderr=subprocess.STDOUT))
+    cpu = TreeSampler([p.pid for p in processes])
+    cpu.start()
     try:
-        if workers > 1:
-            await wait_for_stable_group(logs, topics_for(settings.topic_prefix).execution_requests.partitions)
-            await produce(settings, count)
-        caught_up = asyncio.ensure_future(analytics_caught_up(settings, count, 600))
-        await wait_for_commits(settings, f"{settings.app_id}-executors", count, 600)
-        span, last_result = await executed_span(settings, count, 60)
+        await wait_for_stable_group(logs, topics_for(settings.topic_prefix).execution_requests.partitions)
+        warm_up = [request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]}) for i in range(WARM_UP)]
+        await send_requests(settings, warm_up)
+        group = f"{settings.app_id}-executors"
+        await wait_for_commits(settings, group, WARM_UP, 120)
+        caught_up = asyncio.ensure_future(analytics_caught_up(settings, WARM_UP + count, 600))
+        await send_encoded(settings, requests)
+        await wait_for_commits(settings, group, WARM_UP + count, 600)
+        first, last = await executed_span(settings, WARM_UP + count, 60,
+                                          frozenset(r.request_id for r in warm_up))
+        await cpu.stop()
         analytics_at, changes = await caught_up
-        analytics_lag = (analytics_at - last_result).total_seconds()
-        say(f"  daily analytics held all {count} executions {analytics_lag:.2f} s after the last result "
+        lag = (analytics_at - last).total_seconds()
+        say(f"    daily analytics held all {count} executions {lag:.2f} s after the last result "
             f"({changes} changelog records)")
+        span = max((last - first).total_seconds(), 0.001)
+        cpu_s = cpu.between(first.timestamp(), last.timestamp())
+        worker_s = cpu.between(first.timestamp(), last.timestamp(), roots_only=True)
         latencies = sorted(await latency(settings, rate, 5.0)) if rate else []
-        return count / span, latencies, analytics_lag
+        return Run(count / span, cpu_s / count * 1e6, latencies, lag, worker_s / count * 1e6)
+    except BaseException:
+        for log_path in logs:  # the temporary directory goes with the run: show why here
+            say(f"--- the end of {log_path.name}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        raise
     finally:
+        await cpu.stop()
         for process in processes:
             process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
+        for n, process in enumerate(processes):
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # the bench must not hang, nor leave it behind
+                say(f"    worker {n} did not stop within 30 s of SIGTERM; killed. The end of its log:\n"
+                    + "".join(logs[n].read_text(errors="replace").splitlines(keepends=True)[-8:]))
+                process.kill()
+                process.wait()
 
 
-async def bench(count: int, rate: int) -> None:
-    log_dir = Path(tempfile.mkdtemp(prefix="loopai-bench-"))
-    cores = os.cpu_count() or 1
-    with EmbeddedBroker(log_file=log_dir / "broker.log") as broker:
-        def settings_for(prefix: str) -> Settings:
-            return Settings.load(None, bootstrap_servers=broker.bootstrap_servers, topic_prefix=prefix,
-                                 **EMBEDDED_TIMINGS)
+WARM_UP = 2_000  # requests a pipeline serves before the measured ones
 
-        settings = settings_for("bench.")
-        topics = topics_for(settings.topic_prefix)
-        partitions = topics.execution_requests.partitions
-        say(f"producing {count} requests to {topics.execution_requests.name} ({partitions} partitions)...")
+
+def encoded_requests(settings: Settings, count: int) -> list[tuple[bytes, bytes, int]]:
+    """(key, value, partition) of `count` spam-filter requests, as RequestSender would send them."""
+    spec = topics_for(settings.topic_prefix).execution_requests
+    codec = codec_for(ExecutionRequest, settings, spec)
+    key = b"spam-filter"
+    partition = partition_for(key, spec.partitions)
+    return [(key, codec.encode(request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]})), partition)
+            for i in range(count)]
+
+
+async def send_encoded(settings: Settings, requests: list[tuple[bytes, bytes, int]]) -> None:
+    """Produce encoded requests in batches, acknowledged at the end."""
+    topic = topics_for(settings.topic_prefix).execution_requests.name
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        acks: list[asyncio.Future[Any]] = []
+        for start in range(0, len(requests), 5_000):
+            sender = BatchSender(producer)
+            for key, value, partition in requests[start:start + 5_000]:
+                await sender.add(topic, partition, key, value)
+            acks += await sender.flush()
+        await asyncio.gather(*acks)
+    finally:
+        await producer.stop()
+
+
+CONTENDERS = {
+    "plain": "plain aiokafka loop (in-process, no isolation)",
+    "plain_alo": "plain loop, at-least-once",
+    "quix": "Quix Streams (orjson serde, in-process)",
+    "pipeline_1": "loopai pipeline, 1 worker",
+    "pipeline_2": "loopai pipeline, 2 workers",
+}
+
+
+class Bench:
+    """The rounds of one bench run on one embedded broker; `work` is its temporary directory."""
+
+    def __init__(self, broker: EmbeddedBroker, work: Path, count: int) -> None:
+        self.broker = broker
+        self.work = work
+        self.count = count
+        self.program = work / "program.py"
+        self.program.write_text(program_source(PROGRAM))
+
+    def settings_for(self, prefix: str) -> Settings:
+        # Its own app id too, so its own consumer groups: on the embedded broker, a worker joining a group that
+        # earlier workers (of another run) left could wait for ever to be given partitions.
+        return Settings.load(None, bootstrap_servers=self.broker.bootstrap_servers, topic_prefix=prefix,
+                             app_id=f"bench-{prefix.rstrip('.')}", **EMBEDDED_TIMINGS)
+
+    async def shared_requests(self, round_no: int) -> Settings:
+        """The requests the in-process contenders of a round consume (each in its own group), and their outputs."""
+        settings = self.settings_for(f"bench-r{round_no}.")
         await provision(settings)
-        started = time.perf_counter()
-        await produce(settings, count)
-        say(f"  {count / (time.perf_counter() - started):,.0f} msg/s produced")
+        await produce(settings, self.count)
         admin = AIOKafkaAdminClient(**settings.kafka_client_args())
         await admin.start()
-        outputs = ("plain", "plain-alo", "quix")
-        await admin.create_topics([NewTopic(f"bench.{name}-out", partitions, 1) for name in outputs])
+        partitions = topics_for(settings.topic_prefix).execution_requests.partitions
+        await admin.create_topics([NewTopic(f"{settings.topic_prefix}{name}-out", partitions, 1)
+                                   for name in ("plain", "plain_alo", "quix")])
         await admin.close()
-        rates: dict[str, float] = {}
+        return settings
 
-        say("plain aiokafka loop (in-process, no isolation)...")
-        seconds = await plain_loop(settings, topics.execution_requests.name, "bench.plain-out", count, False)
-        rates["plain aiokafka loop"] = count / seconds
-        say("plain aiokafka loop, at-least-once (acks awaited and offsets committed per batch)...")
-        seconds = await plain_loop(settings, topics.execution_requests.name, "bench.plain-alo-out", count, True)
-        rates["plain loop, at-least-once"] = count / seconds
-
-        if quix_available():
-            say("Quix Streams (orjson serde, in-process, no isolation)...")
-            program = log_dir / "program.py"
-            program.write_text(program_source(PROGRAM))
+    async def run(self, name: str, round_no: int, shared: Settings | None, rate: int | None) -> Run | None:
+        count = self.count
+        if name in ("plain", "plain_alo"):
+            assert shared is not None
+            seconds, cpu_s = await plain_loop(
+                shared, topics_for(shared.topic_prefix).execution_requests.name,
+                f"{shared.topic_prefix}{name}-out", count, name == "plain_alo", f"bench-{name}-r{round_no}")
+            return Run(count / seconds, cpu_s / count * 1e6)
+        if name == "quix":
+            assert shared is not None
             job = subprocess.run(
-                [str(QUIX_VENV / "bin" / "python"), str(HERE / "quix_job.py"), broker.bootstrap_servers,
-                 topics.execution_requests.name, "bench.quix-out", str(count), "bench-quix", str(program)],
-                capture_output=True, text=True, timeout=600)
-            if job.returncode == 0:
-                rates["Quix Streams"] = count / json.loads(job.stdout.strip().splitlines()[-1])["seconds"]
-            else:
-                say(f"  Quix job failed: {job.stderr[-800:]}")
+                [str(QUIX_VENV / "bin" / "python"), str(HERE / "quix_job.py"), self.broker.bootstrap_servers,
+                 topics_for(shared.topic_prefix).execution_requests.name, f"{shared.topic_prefix}quix-out",
+                 str(count), f"bench-quix-r{round_no}", str(self.program)],
+                capture_output=True, text=True, timeout=600, cwd=self.work)  # its state dir goes in work
+            if job.returncode != 0:
+                say(f"    Quix job failed: {job.stderr[-800:]}")
+                return None
+            timed = json.loads(job.stdout.strip().splitlines()[-1])
+            return Run(count / timed["seconds"], timed["cpu_s"] / count * 1e6)
+        workers = 1 if name == "pipeline_1" else max(2, os.cpu_count() or 1)
+        settings = self.settings_for(f"bench-r{round_no}-{name.replace('_', '')}.")
+        await provision(settings)
+        return await pipeline(settings, count, workers, self.work, rate)
 
-        say("loopai pipeline, 1 worker process (+ its sandbox pool)...")
-        single = settings_for("bench-1.")
-        await provision(single)
-        rates["loopai pipeline, 1 worker"], lat, lag = await pipeline(single, count, 1, log_dir, rate)
-        lags = {"loopai pipeline, 1 worker": lag}
-        if cores > 1:
-            say(f"loopai pipeline, {cores} worker processes (requests produced once their group settles)...")
-            multi = settings_for("bench-multi.")
-            await provision(multi)
-            name = f"loopai pipeline, {cores} workers"
-            rates[name], _, lags[name] = await pipeline(multi, count, cores, log_dir, None)
 
+def _p99(values: list[float]) -> float:
+    return values[min(len(values) - 1, int(len(values) * 0.99))]
+
+
+def report(runs: dict[str, list[Run]], lat: list[float], rate: int | None, machine: str,
+           rate_given: bool = False) -> dict[str, Any]:
+    """Print the table and return the --json document."""
+    medians = {name: statistics.median(r.msg_per_s for r in got) for name, got in runs.items() if got}
+    rounds = max((len(got) for got in runs.values()), default=0)
     say("")
-    say(f"{'job':<32}{'msg/s':>10}{'vs plain':>10}{'vs Quix':>9}")
-    for name, value in rates.items():
-        vs_quix = f"{value / rates['Quix Streams']:.2f}" if "Quix Streams" in rates else "-"
-        say(f"{name:<32}{value:>10,.0f}{value / rates['plain aiokafka loop']:>10.2f}{vs_quix:>9}")
-    say("targets: pipeline >= 0.50 x plain loop, >= 1.00 x Quix Streams")
-    for name, lag in lags.items():
-        say(f"{name}: daily analytics complete {lag:.2f} s after the last result")
-    if lat:
-        p50 = statistics.median(lat)
-        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-        say(f"request->result latency, 1 worker at {rate} req/s: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-            f"({len(lat)} requests)")
-    print(json.dumps({"requests": count, "rates": rates, "analytics_lag_s": lags,
-                      "latency_ms": {"p50": p50, "p99": p99} if lat else None}))
+    say(f"{machine}; {rounds} round(s), interleaved")
+    say(f"{'':<44}{'msg/s':^27}")
+    say(f"{'contender':<44}{'min':>9}{'median':>9}{'max':>9}{'CPU µs/req':>13}{'vs plain':>10}{'vs Quix':>9}")
+    for name, got in runs.items():
+        if not got:
+            continue
+        rates = [r.msg_per_s for r in got]
+        cpu = statistics.median(r.cpu_us_per_request for r in got)
+        vs_plain = f"{medians[name] / medians['plain']:.2f}" if "plain" in medians else "-"
+        vs_quix = f"{medians[name] / medians['quix']:.2f}" if "quix" in medians else "-"
+        say(f"{CONTENDERS[name]:<44}{min(rates):>9,.0f}{medians[name]:>9,.0f}{max(rates):>9,.0f}"
+            f"{cpu:>13.1f}{vs_plain:>10}{vs_quix:>9}")
+    say("targets: pipeline >= 0.50 x plain loop, >= 1.00 x Quix Streams; CPU µs/request <= Quix's")
+    for name in ("pipeline_1", "pipeline_2"):
+        lags = [r.analytics_lag_s for r in runs.get(name, []) if r.analytics_lag_s is not None]
+        if lags:
+            say(f"{CONTENDERS[name]}: daily analytics complete {statistics.median(lags):.2f} s after the last "
+                f"result (median; max {max(lags):.2f} s; target <= 2 s)")
+    latency_doc = None
+    if lat and rate:
+        p50, p99 = statistics.median(lat), _p99(lat)
+        why = "as asked" if rate_given else "half its median capacity"
+        say(f"request->result latency, 1 worker at {rate:,} req/s ({why}): p50 {p50:.1f} ms, "
+            f"p99 {p99:.1f} ms ({len(lat)} requests; targets p50 <= 5 ms, p99 <= 20 ms)")
+        latency_doc = {"rate": rate, "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
+    return {
+        "contenders": {name: {"msg_per_s": [round(r.msg_per_s, 1) for r in got],
+                              "cpu_us_per_request": [round(r.cpu_us_per_request, 2) for r in got]}
+                       for name, got in runs.items() if got},
+        "latency": latency_doc,
+    }
+
+
+async def bench(count: int, rounds: int, only: list[str], rate: int | None, json_path: Path | None) -> None:
+    if "quix" in only and not quix_available():
+        only = [name for name in only if name != "quix"]
+    cores = os.cpu_count() or 1
+    machine = f"{cores} cores, {os.uname().machine}, load average {os.getloadavg()[0]:.1f} at the start"
+    runs: dict[str, list[Run]] = {name: [] for name in only}
+    lat: list[float] = []
+    latency_rate: int | None = None
+    with tempfile.TemporaryDirectory(prefix="loopai-bench-") as temporary, \
+            EmbeddedBroker(log_file=Path(temporary) / "broker.log") as broker:
+        work = Path(temporary)
+        bench_run = Bench(broker, work, count)
+        for round_no in range(rounds):
+            say(f"round {round_no + 1} of {rounds}: {count:,} requests per contender")
+            shared = await bench_run.shared_requests(round_no) \
+                if {"plain", "plain_alo", "quix"} & set(only) else None
+            for name in only:
+                say(f"  {CONTENDERS[name]}...")
+                got = await bench_run.run(name, round_no, shared, None)
+                if got is None:
+                    continue
+                runs[name].append(got)
+                split = "" if got.worker_cpu_us_per_request is None else \
+                    f" (workers {got.worker_cpu_us_per_request:.1f}, sandboxes " \
+                    f"{got.cpu_us_per_request - got.worker_cpu_us_per_request:.1f})"
+                say(f"    {got.msg_per_s:,.0f} msg/s, {got.cpu_us_per_request:.1f} CPU µs per request{split}")
+        if "pipeline_1" in only and runs["pipeline_1"]:
+            latency_rate = rate or int(statistics.median(r.msg_per_s for r in runs["pipeline_1"]) / 2)
+            say(f"latency: 1 worker at {latency_rate:,} req/s...")
+            settings = bench_run.settings_for("bench-latency.")
+            await provision(settings)
+            measured = await pipeline(settings, min(count, 20_000), 1, work, latency_rate)
+            lat = measured.latencies_ms
+        document = report(runs, lat, latency_rate, machine, rate is not None)
+    if json_path is not None:
+        json_path.write_text(json.dumps(document, indent=2) + "\n")
+        say(f"wrote {json_path}")
+
+
+async def profile(count: int, out: Path) -> None:
+    """A worker under cProfile over `count` requests, and a sandbox process's batch loop over as many calls."""
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="loopai-bench-") as temporary, \
+            EmbeddedBroker(log_file=Path(temporary) / "broker.log") as broker:
+        work = Path(temporary)
+        settings = Bench(broker, work, count).settings_for("bench-profile.")
+        await provision(settings)
+        worker_out = out / "worker.prof.txt"
+        say(f"the worker under cProfile, {count:,} requests...")
+        got = await pipeline(settings, count, 1, work, None,
+                             [sys.executable, "-m", "bench.profiled", "worker", str(worker_out.resolve())])
+        say(f"  {got.msg_per_s:,.0f} msg/s under the profiler, {got.cpu_us_per_request:.1f} CPU µs per request")
+    sandbox_out = out / "sandbox.prof.txt"
+    say(f"a sandbox process's batch loop under cProfile, {count:,} calls...")
+    subprocess.run([sys.executable, "-m", "bench.profiled", "sandbox", str(sandbox_out.resolve()), str(count)],
+                   check=True, cwd=HERE.parent)
+    say(f"wrote {worker_out} and {sandbox_out} (sorted by own time, then by cumulative time)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=200_000)
-    parser.add_argument("--rate", type=int, default=2000, help="requests/s for the latency phase")
+    parser.add_argument("--requests", type=int, default=200_000, help="per contender and round")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(CONTENDERS)}")
+    parser.add_argument("--rate", type=int, help="requests/s for the latency phase (default: half of one "
+                                                 "worker's median measured capacity)")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--profile", type=Path, nargs="?", const=Path("bench-profile"), metavar="DIR",
+                        help="instead: profile a worker and a sandbox process into DIR (default bench-profile)")
     args = parser.parse_args()
-    asyncio.run(bench(args.requests, args.rate))
+    only = list(CONTENDERS) if not args.only else [name.strip() for name in args.only.split(",")]
+    unknown = [name for name in only if name not in CONTENDERS]
+    if unknown:
+        parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
+    if args.profile is not None:
+        asyncio.run(profile(args.requests, args.profile))
+    else:
+        asyncio.run(bench(args.requests, args.rounds, only, args.rate, args.json))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ outputs' JSON bytes (output_length -1: no output).
 Before and after each call it writes (batch, call index, start time or 0) to the shared progress page, so the
 pool knows which call was running if it has to kill the process. It serves one task only (the pool's rule)
 and exits after a batch in which a call timed out or ran out of memory, or when its CPU budget runs low.
+Each call is held to its timeout by SIGALRM from one interval timer kept armed across a batch's calls.
 """
 
 from __future__ import annotations
@@ -39,11 +40,37 @@ class _CallTimeout(BaseException):
 
 _in_call = False
 _last_output_size = 0  # bytes of the last call's encoded output: answers are flushed before a line gets long
+# The call timer is armed lazily: two setitimer calls per call cost more than a small program. The running
+# call's deadline is kept here; the timer, once armed, stays armed across calls and fires at `_armed_at`
+# (perf_counter seconds, inf when disarmed) or earlier. When it fires for a call that still has time left (an
+# earlier call's deadline), it is re-armed for the rest; a call whose deadline is earlier than the armed one
+# re-arms it at its start. So a call is never interrupted before its own deadline, nor later than it.
+_deadline = 0.0
+_armed_at = float("inf")
+
+
+def _arm(at: float, now: float) -> None:
+    global _armed_at
+    signal.setitimer(signal.ITIMER_REAL, max(at - now, 1e-6))
+    _armed_at = at
+
+
+def _disarm() -> None:
+    global _armed_at
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _armed_at = float("inf")
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
-    if _in_call:
-        raise _CallTimeout()
+    global _armed_at
+    _armed_at = float("inf")
+    if not _in_call:
+        return  # armed for a call that has ended: the next call arms it again if it must
+    now = time.perf_counter()
+    if now < _deadline:
+        _arm(_deadline, now)
+        return
+    raise _CallTimeout()
 
 
 def lock_down(memory_mb: int, cpu_s: int, open_files: int, seccomp_filter: bytes) -> dict[str, Any]:
@@ -69,13 +96,15 @@ def lock_down(memory_mb: int, cpu_s: int, open_files: int, seccomp_filter: bytes
 def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, value: Any,
              max_output: int) -> tuple[list[Any], bool]:
     """One call's answer, and whether the process should retire after this batch."""
-    global _in_call, _last_output_size
+    global _in_call, _last_output_size, _deadline
     _last_output_size = 0
     if isinstance(program, str):
         return ["error", None, program, 0.0, None], False
     status, output, error, retire = "ok", None, None, False
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
     started = time.perf_counter()
+    _deadline = started + timeout_s
+    if _deadline < _armed_at:
+        _arm(_deadline, started)
     _in_call = True
     try:
         output = program(value)
@@ -88,8 +117,7 @@ def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, v
     except BaseException as exc:  # the program's own failure, whatever it raised
         status, error = "error", f"{type(exc).__name__}: {exc}"[:2000]
     finally:
-        _in_call = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        _in_call = False  # the timer stays armed: the next call of the batch re-uses it
     latency_ms = (time.perf_counter() - started) * 1000
     if status != "ok":
         return [status, None, error, latency_ms, None], retire
@@ -107,8 +135,10 @@ def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, v
 
 def _load(compiler: ProgramCompiler, source: str, timeout_s: float) -> Callable[[dict[str, Any]], Any] | str:
     """Compile a program (its module-level code runs here, so under the same timer as a call)."""
-    global _in_call
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    global _in_call, _deadline
+    started = time.perf_counter()
+    _deadline = started + timeout_s
+    _arm(_deadline, started)
     _in_call = True
     try:
         return compiler.compile(source)
@@ -120,7 +150,7 @@ def _load(compiler: ProgramCompiler, source: str, timeout_s: float) -> Callable[
         return f"program failed while loading: {type(exc).__name__}: {exc}"[:2000]
     finally:
         _in_call = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        _disarm()
 
 
 def _memory_mb() -> float:
@@ -140,6 +170,13 @@ def serve(memory_mb: int, cpu_s: int, max_output: int, open_files: int, progress
     signal.signal(signal.SIGALRM, _on_alarm)
     hello = lock_down(memory_mb, cpu_s, open_files, seccomp_filter)
     _write_all(out_fd, orjson.dumps({"hello": hello}) + b"\n")
+    answer_batches(reader, out_fd, progress, compiler, cpu_s, max_output)
+
+
+def answer_batches(reader: Any, out_fd: int, progress: mmap.mmap, compiler: ProgramCompiler, cpu_s: int,
+                   max_output: int) -> None:
+    """Answer batch lines from `reader` on `out_fd` until it ends or the process should retire (the locked-down
+    part of serve(); bench/profiled.py profiles it on its own)."""
     programs: dict[str, Callable[[dict[str, Any]], Any] | str] = {}
     pack, perf, now_ns = PROGRESS.pack_into, time.perf_counter, time.monotonic_ns
     for line in reader:
@@ -169,6 +206,7 @@ def serve(memory_mb: int, cpu_s: int, max_output: int, open_files: int, progress
             pack(progress, 0, number, last, now_ns())
             batch = calls = value = None  # type: ignore[assignment]
             pack(progress, 0, number, last, 0)
+        _disarm()  # idle between batches: no alarm interrupts the read of the next one
         _flush(out_fd, answers)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         if retire or usage.ru_utime + usage.ru_stime > cpu_s * _RETIRE_CPU_SHARE:

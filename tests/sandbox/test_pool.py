@@ -203,3 +203,31 @@ async def test_outputs_stay_bytes_in_the_worker(pool: SandboxPool) -> None:
         tracemalloc.stop()
     assert all(o.status == "ok" and len(o.output_json) == 990_001 for o in outcomes)
     assert peak < 100 << 20, f"peak {peak >> 20} MB"  # 20 outputs of 1 MB, with room for the frames
+
+
+WAIT = ("import datetime\ndef run(input):\n    end = datetime.datetime.now() + datetime.timedelta(seconds=input['s'])\n"
+        "    while datetime.datetime.now() < end:\n        pass\n    return 'done'\n")
+
+
+async def test_a_call_is_stopped_by_its_own_timer_at_its_own_deadline_after_a_call_with_a_longer_one(
+        pool: SandboxPool) -> None:
+    """The call timer stays armed across calls; a call whose timeout is shorter than the armed deadline re-arms it,
+    so its own timer stops it (the process is not killed by the watchdog), long before the first call's 5 s."""
+    started = time.monotonic()
+    first, spin = await pool.run([Call("timers", "double", DOUBLE, 5.0, {"n": 1}),
+                                  Call("timers", "spin", SPIN, 0.1, {})])
+    assert first.output == 2
+    assert spin.status == "timeout"
+    assert spin.error == "program exceeded its timeout of 100 ms"  # the child's own words: no kill
+    assert time.monotonic() - started < 4
+
+
+async def test_a_call_keeps_its_whole_timeout_when_an_earlier_calls_deadline_passes_during_it(
+        pool: SandboxPool) -> None:
+    """The timer armed for the first call (50 ms) fires while the second runs (0.2 s of its 2 s): it is re-armed
+    for the second call's own deadline, not taken as its timeout."""
+    first, waited = await pool.run([Call("timers", "double", DOUBLE, 0.05, {"n": 1}),
+                                    Call("timers", "wait", WAIT, 2.0, {"s": 0.2})])
+    assert first.output == 2
+    assert (waited.status, waited.output, waited.error) == ("ok", "done", None)
+    assert waited.latency_ms >= 200

@@ -1,0 +1,138 @@
+"""The executor's per-request CPU on the worker side, step by step, without broker or sandbox: a batch of spam_v1
+requests as Kafka messages -> decode and resolve -> the sandbox batch line -> the answers frame parsed ->
+results assembled -> results encoded -> daily-stats partials. Prints µs per request per step (the minimum of
+--repeat runs, which drifts little on a busy machine) and their sum.
+
+    python -m bench.executor_path [--batch N] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from aiokafka import ConsumerRecord
+
+from app.agents.execute_requests import _Batch, _calls
+from app.contract.codecs import codec_for
+from app.contract.records import ExecutionRequest, ExecutionResult, ProgramArtifact, TaskSpec, utc_now
+from app.contract.topics import topics_for
+from app.domain.daily_stats import summarise_results
+from app.domain.daily_windows import DailyWindows
+from app.domain.resolution import Runnable, SchemaValidators, resolve
+from app.domain.results import ResultAssembler
+from app.kafka.client import request_from
+from app.kafka.outcomes import executed_results
+from app.sandbox.boundary import Boundary, Limits
+from app.sandbox.pool import SandboxProcess
+from app.settings import Settings
+from devtools.samples import SPAM_TEXTS, program_source
+
+
+def messages(count: int) -> list[ConsumerRecord[bytes, bytes]]:
+    requests = [request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]}) for i in range(count)]
+    return [ConsumerRecord("requests", 0, i, 0, 0, r.task_id.encode(), orjson.dumps(r.model_dump(mode="json")),
+                           None, 0, 0, []) for i, r in enumerate(requests)]
+
+
+def answers_frame(count: int) -> bytes:
+    """What a sandbox process writes for `count` spam_v1 calls (see app/sandbox/child._flush)."""
+    output = orjson.dumps({"label": "ham", "score": 0.1})
+    header = [["ok", len(output), None, 0.004, 31.5] for _ in range(count)]
+    return orjson.dumps(header) + b"\n" + output * count
+
+
+async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
+    settings = Settings.load(None, bootstrap_servers="localhost:9092")
+    topics = topics_for(settings.topic_prefix)
+    codec = codec_for(ExecutionRequest, settings, topics.execution_requests)
+    results_codec = codec_for(ExecutionResult, settings, topics.execution_results)
+    task = TaskSpec(name="spam-filter", active_version=1, updated_at=utc_now())
+    artifact = ProgramArtifact(task_id="spam-filter", version=1, program_id="spam-filter-v1",
+                               source_code=program_source("spam_v1"), created_at=utc_now())
+    validators = SchemaValidators()
+    batch_messages = messages(batch_size)
+    pending: list[tuple[ExecutionRequest, Runnable, Any]] = []
+    for m in batch_messages:
+        request = codec.decode(m.value)
+        decision = resolve(request, {"spam-filter": task}.get, lambda t, v: artifact, validators, 1000)
+        assert isinstance(decision, Runnable)
+        pending.append((request, decision, m))
+    process = SandboxProcess(Boundary(Limits()))
+    frame = answers_frame(batch_size)
+    loop = asyncio.get_running_loop()
+    assembler = ResultAssembler("bench")
+    windows = DailyWindows("UTC", timedelta(seconds=60))
+    executed_at = utc_now()
+
+    def decode_and_resolve() -> None:
+        for m in batch_messages:
+            request = codec.decode(m.value)
+            resolve(request, {"spam-filter": task}.get, lambda t, v: artifact, validators, 1000)
+
+    def batch_line() -> bytes:
+        calls = _calls(pending)
+        return orjson.dumps({"batch": 1, "load": [], "run": [(c.key, c.timeout_s, c.input) for c in calls]})
+
+    def parse_answers() -> None:
+        process._results, process._expected, process._done = [], batch_size, loop.create_future()
+        process._timeouts = [1.0] * batch_size
+        process._on_data(frame)
+        assert process._done.done() and process.kill_reason is None
+
+    process._results, process._expected, process._done = [], batch_size, loop.create_future()
+    process._timeouts = [1.0] * batch_size
+    process._on_data(frame)
+    outcomes = process._results
+    made: list[tuple[dict[str, Any], Any]] = []
+
+    def assemble() -> None:
+        made.clear()
+        executed_results(pending, outcomes, executed_at, assembler, made, [], [])
+
+    assemble()
+
+    def encode() -> None:
+        for fields, _ in made:
+            results_codec.encode_fields(fields)
+
+    def partials() -> None:
+        summarise_results([fields for fields, _ in made], windows)
+
+    _Batch({})  # the executor's own batch type imports cleanly: these are its functions
+    return {"decode + resolve": decode_and_resolve, "sandbox batch line": batch_line,
+            "parse sandbox answers": parse_answers, "assemble results": assemble, "encode results": encode,
+            "daily-stats partials": partials}
+
+
+async def measure(batch_size: int, repeat: int) -> None:
+    timed = await steps(batch_size)
+    total = 0.0
+    print(f"worker-side µs per request, batches of {batch_size}, min of {repeat} runs")
+    for name, step in timed.items():
+        best = float("inf")
+        for _ in range(repeat):
+            started = time.perf_counter()
+            step()
+            best = min(best, time.perf_counter() - started)
+        per_request = best / batch_size * 1e6
+        total += per_request
+        print(f"  {name:<24}{per_request:8.2f}")
+    print(f"  {'sum':<24}{total:8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=30)
+    args = parser.parse_args()
+    asyncio.run(measure(args.batch, args.repeat))
+
+
+if __name__ == "__main__":
+    main()
