@@ -109,7 +109,7 @@ async def executed_span(settings: Settings, expected: int, timeout_s: float,
 
 async def analytics_caught_up(settings: Settings, expected: int, timeout_s: float) -> tuple[datetime, int]:
     """When the daily-stats aggregator's open windows (its changelog, read to the end) first hold `expected`
-    executions of spam-filter, and how many changelog records it took."""
+    executions of the bench's tasks, and how many changelog records it took."""
     windows = DailyWindows(settings.analytics_time_zone)
     spec = topics_for(settings.topic_prefix).daily_windows
     records = 0
@@ -123,8 +123,9 @@ async def analytics_caught_up(settings: Settings, expected: int, timeout_s: floa
     while time.monotonic() < deadline:
         records = 0
         state = await read_state(settings, spec, decode)
-        opened = state.get(b"spam-filter")
-        if opened is not None and sum(d.executions for d in opened.running() if d.version is None) >= expected:
+        held = sum(d.executions for task in TASKS if (opened := state.get(task.encode())) is not None
+                   for d in opened.running() if d.version is None)
+        if held >= expected:
             return utc_now(), records
         await asyncio.sleep(0.2)
     raise TimeoutError(f"the daily stats did not reach {expected} executions in {timeout_s}s")
@@ -217,7 +218,7 @@ async def latency(settings: Settings, rate: int, seconds: float) -> list[float]:
         started = time.perf_counter()
         tick = 0
         while time.perf_counter() - started < seconds:
-            batch = [request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]}) for i in range(per_tick)]
+            batch = [request_for(tick * per_tick + i) for i in range(per_tick)]
             now = time.perf_counter()
             for r in batch:
                 sent_at[r.request_id] = now
@@ -233,20 +234,20 @@ async def latency(settings: Settings, rate: int, seconds: float) -> list[float]:
 
 
 async def provision(settings: Settings) -> None:
-    """Topics, and the spam-filter task with its program active."""
+    """Topics, and the bench's tasks (one per partition, the same program) with their program active."""
     await apply_topics(settings, topics_for(settings.topic_prefix))
     async with ControlPlane(settings) as control:
-        # No input_schema: the same job as the baselines (decode, classify, encode, produce).
-        await control.put_task(TaskSpec(name="spam-filter", updated_at=utc_now()))
-        await control.publish("spam-filter", program_source(PROGRAM), activate=True)
+        for task in TASKS:
+            # No input_schema: the same job as the baselines (decode, classify, encode, produce).
+            await control.put_task(TaskSpec(name=task, updated_at=utc_now()))
+            await control.publish(task, program_source(PROGRAM), activate=True)
 
 
 async def produce(settings: Settings, count: int) -> None:
-    """`count` spam-filter requests on the requests topic."""
+    """`count` requests of the bench's tasks on the requests topic."""
     async with RequestSender(settings) as sender:
         for start in range(0, count, 10_000):
-            await sender.send(request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]})
-                              for i in range(start, min(count, start + 10_000)))
+            await sender.send(request_for(i) for i in range(start, min(count, start + 10_000)))
 
 
 async def wait_for_stable_group(logs: list[Path], partitions: int, timeout_s: float = 120) -> None:
@@ -287,7 +288,8 @@ async def pipeline(settings: Settings, count: int, workers: int, work: Path, rat
     under its working directory).
     """
     env = {**os.environ, **settings.to_env(), "LOOPAI_LOG_LEVEL": "INFO", "PYTHONPATH": str(HERE.parent),
-           "LOOPAI_SANDBOX_PROCESSES": str(max(1, (os.cpu_count() or 1) // workers))}
+           # one process per task it may serve (a process serves one task; an idle one costs no CPU)
+           "LOOPAI_SANDBOX_PROCESSES": str(len(TASKS))}
     requests = encoded_requests(settings, count)
     processes, logs = [], []
     for n in range(workers):
@@ -302,7 +304,7 @@ async def pipeline(settings: Settings, count: int, workers: int, work: Path, rat
     cpu.start()
     try:
         await wait_for_stable_group(logs, topics_for(settings.topic_prefix).execution_requests.partitions)
-        warm_up = [request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]}) for i in range(WARM_UP)]
+        warm_up = [request_for(i) for i in range(WARM_UP)]
         await send_requests(settings, warm_up)
         group = f"{settings.app_id}-executors"
         await wait_for_commits(settings, group, WARM_UP, 120)
@@ -342,14 +344,33 @@ async def pipeline(settings: Settings, count: int, workers: int, work: Path, rat
 WARM_UP = 2_000  # requests a pipeline serves before the measured ones
 
 
+def _one_task_per_partition() -> list[str]:
+    """Task names (same program) whose keys land on every partition of the requests topic: a request's task is
+    its partition, so with one task a second worker would have nothing to do."""
+    partitions = topics_for("").execution_requests.partitions
+    names: dict[int, str] = {}
+    for n in range(1000):
+        names.setdefault(partition_for(f"spam-filter-{n}".encode(), partitions), f"spam-filter-{n}")
+        if len(names) == partitions:
+            return [names[p] for p in range(partitions)]
+    raise RuntimeError("no task names cover every partition")
+
+
+TASKS = _one_task_per_partition()
+
+
+def request_for(i: int) -> ExecutionRequest:
+    """The i-th request of the job: the tasks in turn, the sample texts in turn."""
+    return request_from(TASKS[i % len(TASKS)], {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]})
+
+
 def encoded_requests(settings: Settings, count: int) -> list[tuple[bytes, bytes, int]]:
-    """(key, value, partition) of `count` spam-filter requests, as RequestSender would send them."""
+    """(key, value, partition) of `count` requests of the bench's tasks, as RequestSender would send them."""
     spec = topics_for(settings.topic_prefix).execution_requests
     codec = codec_for(ExecutionRequest, settings, spec)
-    key = b"spam-filter"
-    partition = partition_for(key, spec.partitions)
-    return [(key, codec.encode(request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]})), partition)
-            for i in range(count)]
+    requests = [request_for(i) for i in range(count)]
+    return [(r.task_id.encode(), codec.encode(r), partition_for(r.task_id.encode(), spec.partitions))
+            for r in requests]
 
 
 async def send_encoded(settings: Settings, requests: list[tuple[bytes, bytes, int]]) -> None:
