@@ -22,4 +22,4 @@ lint: $(BIN)/loopai
 	$(BIN)/mypy app devtools
 
 bench: $(BIN)/loopai
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --rounds 5
