@@ -1,8 +1,11 @@
 """Synchronous execution over HTTP: consumes the body of POST /execute, produces its request on
 execution-requests and returns what it ended as, read from execution-results (or dead-letters).
 
-One producer and one results consumer serve every call: the consumer follows both topics from their end as it
-was at start-up, so a result can never be produced before the consumer could see it."""
+One producer and one results consumer serve every call. The consumer fetches only what somebody waits for: the
+results partition of each awaited task (results are keyed by task) and the dead letters while any call waits.
+A partition is followed from its end, fixed before the request is sent, so a result cannot be produced before
+the consumer could see it; with nobody waiting on it, it is paused (a worker does not read the results stream
+it writes)."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from app.kafka.client import (
     ending_of,  # the same test send --wait uses
     request_from,
 )
-from app.kafka.clients import make_consumer
+from app.kafka.clients import make_consumer, partition_for
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
 
@@ -57,18 +60,21 @@ class Executions:
         self._consumer: AIOKafkaConsumer | None = None
         self._waiting: dict[tuple[str, str], asyncio.Future[ExecutionResult | DeadLetter]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._results_partitions: list[TopicPartition] = []
+        self._letters_partitions: list[TopicPartition] = []
+        self._followers: dict[TopicPartition, int] = {}  # calls waiting on a partition
+        self._followed: dict[TopicPartition, asyncio.Future[None]] = {}  # done once its position is fixed
 
     async def start(self) -> None:
         await self._sender.__aenter__()
         consumer = self._consumer = make_consumer(self._settings, fetch_max_wait_ms=20)
         await consumer.start()
-        partitions = [TopicPartition(spec.name, p) for spec in (self._topics.execution_results,
-                                                                self._topics.dead_letters)
-                      for p in await topic_partitions(consumer, spec.name)]
+        self._results_partitions, self._letters_partitions = [
+            [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
+            for spec in (self._topics.execution_results, self._topics.dead_letters)]
+        partitions = self._results_partitions + self._letters_partitions
         consumer.assign(partitions)
-        await consumer.seek_to_end(*partitions)
-        for tp in partitions:
-            await consumer.position(tp)  # fixed now: every result of a request sent after this is read
+        consumer.pause(*partitions)
         self._task = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
@@ -86,11 +92,42 @@ class Executions:
         request = request_from(fields.pop("task_id"), fields.pop("input"), **fields)
         key = (request.task_id, request.request_id)
         ending = self._waiting[key] = asyncio.get_running_loop().create_future()
+        results = self._results_partitions[partition_for(request.task_id.encode(), len(self._results_partitions))]
+        followed = [results, *self._letters_partitions]
         try:
+            await asyncio.wait_for(self._follow_from_end(followed), timeout_s)
             await self._sender.send([request])
             return await asyncio.wait_for(ending, timeout_s)
         finally:
             self._waiting.pop(key, None)
+            self._unfollow(followed)
+
+    async def _follow_from_end(self, partitions: list[TopicPartition]) -> None:
+        """Count a call among each partition's followers; the first one resumes it from its end. Returns once
+        every position is fixed (also when it was fixed for an earlier call still waiting)."""
+        assert self._consumer is not None
+        consumer = self._consumer
+        for tp in partitions:
+            self._followers[tp] = self._followers.get(tp, 0) + 1
+            following = self._followed.get(tp)
+            if following is None or (following.done() and following.exception() is not None):
+                self._followed[tp] = asyncio.ensure_future(self._resume_at_end(consumer, tp))
+        await asyncio.gather(*(asyncio.shield(self._followed[tp]) for tp in partitions))
+
+    @staticmethod
+    async def _resume_at_end(consumer: AIOKafkaConsumer, tp: TopicPartition) -> None:
+        await consumer.seek_to_end(tp)
+        await consumer.position(tp)  # fixed now: every record produced after this is read
+        consumer.resume(tp)
+
+    def _unfollow(self, partitions: list[TopicPartition]) -> None:
+        assert self._consumer is not None
+        for tp in partitions:
+            self._followers[tp] -= 1
+            if not self._followers[tp]:
+                del self._followers[tp]
+                self._followed.pop(tp).cancel()
+                self._consumer.pause(tp)
 
     async def _follow(self) -> None:
         assert self._consumer is not None
