@@ -16,7 +16,7 @@ import orjson
 
 from app.contract.records import ExecutionRequest, ExecutionResult, ExecutionStatus, SamplingStrategy, execution_id_for
 from app.domain.resolution import Runnable, SchemaValidators
-from app.domain.sampling import Sampler
+from app.domain.sampling import Sampler, fraction_of
 from app.domain.validation import oracle_for
 from app.sandbox.pool import Outcome
 
@@ -56,24 +56,27 @@ class ResultAssembler:
         """The result's fields, and the validation request's fields if the execution was sampled and an oracle
         can judge it (else None)."""
         task, artifact = runnable.task, runnable.artifact
-        status, output_json, error = outcome.status, outcome.output_json, outcome.error
+        status, output_json, error, latency_ms, memory_mb = outcome
+        strategy = task.sampling_strategy
         value: Any = None
-        if output_json is not None and (task.output_schema is not None or task.sampling_strategy in _LOOKS_INSIDE):
+        if output_json is not None and (task.output_schema is not None or strategy in _LOOKS_INSIDE):
             value = orjson.loads(output_json)
             problem = self._outputs.errors(task, value) if task.output_schema is not None else None
             if problem is not None:
                 status, output_json, error, value = "error", None, problem, None
         execution_id = execution_id_for(request.task_id, request.request_id)
-        sampled = self.sampler.decide(
-            execution_id, request.task_id, task.sampling_strategy.value, task.sampling_rate, status=status,
-            output=value, latency_ms=outcome.latency_ms, latency_target_ms=task.latency_target_ms,
-            forced=request.force_validation,
-        )
+        if strategy is SamplingStrategy.RANDOM and not request.force_validation:  # most tasks: no state to keep
+            sampled = fraction_of(execution_id) < task.sampling_rate
+        else:
+            sampled = self.sampler.decide(
+                execution_id, request.task_id, strategy, task.sampling_rate, status=status, output=value,
+                latency_ms=latency_ms, latency_target_ms=task.latency_target_ms, forced=request.force_validation,
+            )
         output = None if output_json is None else orjson.Fragment(output_json)
         result = {  # every ExecutionResult field, in .avsc order
             "execution_id": execution_id, "request_id": request.request_id, "task_id": request.task_id,
             "program_id": artifact.program_id, "version": artifact.version, "status": status, "output": output,
-            "error_message": error, "latency_ms": outcome.latency_ms, "memory_usage_mb": outcome.memory_mb,
+            "error_message": error, "latency_ms": latency_ms, "memory_usage_mb": memory_mb,
             "sampled_for_validation": sampled, "executed_at": executed_at, "worker_id": self.worker_id,
         }
         oracle = oracle_for(task, request.expected_output) if sampled else None

@@ -28,8 +28,9 @@ _CLASS_WINDOW = 10_000  # outputs remembered per task for stratified sampling
 
 
 def fraction_of(execution_id: str) -> float:
-    """A number in [0, 1) from the id's leading 32 bits (uuid5 ids are uniformly spread)."""
-    return int(execution_id.replace("-", "")[:8], 16) / 0x1_0000_0000
+    """A number in [0, 1) from the id's leading 32 bits, its first eight hex digits (uuid5 ids are uniformly
+    spread)."""
+    return int(execution_id[:8], 16) / 0x1_0000_0000
 
 
 def is_sampled(execution_id: str, sampling_rate: float, forced: bool = False) -> bool:

@@ -20,8 +20,7 @@ import logging
 import mmap
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -33,15 +32,16 @@ log = logging.getLogger(__name__)
 _GRACE_S = 0.25  # beyond a call's own timeout, before the process is killed from outside
 _START_TIMEOUT_S = 30.0
 _STATUSES = frozenset({"ok", "error", "timeout"})
+_NUMBER = (int, float)
 _MAX_BLAMELESS_DEATHS = 3  # deaths with no call running, per chunk, before its calls are failed
 _STDERR_KEPT = 4096
 _CORES = os.cpu_count() or 1
 _MIN_CHUNK = 32  # calls: below this, another process costs more in IPC than it saves
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One program call for a task. `key` names a program version; `source` is sent once per process."""
+class Call(NamedTuple):
+    """One program call for a task. `key` names a program version; `source` is sent once per process.
+    (NamedTuples, this and Outcome: one of each per request, and a tuple costs a third of a frozen dataclass.)"""
 
     task_id: str
     key: str
@@ -50,8 +50,7 @@ class Call:
     input: Any
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What a call came to. The output stays the JSON bytes the sandbox process wrote: the worker passes it on
     without building its objects (a 1 MB output of tiny objects would cost the worker tens of MB)."""
 
@@ -274,23 +273,23 @@ class SandboxProcess:
         return True
 
     def _accept(self, answers: Any, outputs: bytes) -> None:
-        if self._done is None or self._done.done() or len(self._results) + len(answers) > self._expected:
+        results = self._results
+        if self._done is None or self._done.done() or len(results) + len(answers) > self._expected:
             raise ValueError("answer without a call")
         if not answers:
             raise ValueError("an empty group of answers")
-        at = 0
+        at, append, statuses, number = 0, results.append, _STATUSES, _NUMBER
         for status, length, error, latency_ms, memory_mb in answers:
             # Checked, not trusted: these go into results, whose encoders must never fail on them.
-            if status not in _STATUSES or not (error is None or isinstance(error, str)):
-                raise ValueError(f"bad answer {status!r:.50}")
-            if type(latency_ms) not in (int, float) or not 0 <= latency_ms < 1e9:
-                raise ValueError("bad latency")
-            if memory_mb is not None and (type(memory_mb) not in (int, float) or not 0 <= memory_mb < 1e9):
-                raise ValueError("bad memory figure")
-            output = None
+            if status not in statuses or not (error is None or type(error) is str) \
+                    or type(latency_ms) not in number or not 0 <= latency_ms < 1e9 \
+                    or not (memory_mb is None or (type(memory_mb) in number and 0 <= memory_mb < 1e9)):
+                raise ValueError(f"bad answer {[status, error, latency_ms, memory_mb]!r:.80}")
             if length >= 0:
-                output, at = outputs[at:at + length], at + length
-            self._results.append(Outcome(status, output, error, float(latency_ms), memory_mb))
+                append(Outcome(status, outputs[at:at + length], error, float(latency_ms), memory_mb))
+                at += length
+            else:
+                append(Outcome(status, None, error, float(latency_ms), memory_mb))
         self._progress_at = asyncio.get_running_loop().time()
         self._due = self._progress_at + self._next_due()
         if len(self._results) == self._expected:
