@@ -13,12 +13,13 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
-from aiokafka import ConsumerRecord
+from aiokafka import ConsumerRecord, TopicPartition
 
-from app.agents.execute_requests import _Batch, _calls
+from app.agents.execute_requests import ExecuteRequests, _calls
 from app.contract.codecs import codec_for
 from app.contract.records import ExecutionRequest, ExecutionResult, ProgramArtifact, TaskSpec, utc_now
 from app.contract.topics import topics_for
@@ -70,10 +71,13 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
     windows = DailyWindows("UTC", timedelta(seconds=60))
     executed_at = utc_now()
 
+    tables = SimpleNamespace(tasks={"spam-filter": task}, artifacts=SimpleNamespace(version=lambda t, v: artifact))
+    executor = ExecuteRequests(settings, topics, tables, None)  # type: ignore[arg-type]  # _prepare needs no more
+    by_partition = {TopicPartition("requests", 0): batch_messages}
+
     def decode_and_resolve() -> None:
-        for m in batch_messages:
-            request = codec.decode(m.value)
-            resolve(request, {"spam-filter": task}.get, lambda t, v: artifact, validators, 1000)
+        prepared = executor._prepare(by_partition)
+        assert len(prepared.pending) == batch_size
 
     def batch_line() -> bytes:
         calls = _calls(pending)
@@ -104,7 +108,6 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
     def partials() -> None:
         summarise_results([fields for fields, _ in made], windows)
 
-    _Batch({})  # the executor's own batch type imports cleanly: these are its functions
     return {"decode + resolve": decode_and_resolve, "sandbox batch line": batch_line,
             "parse sandbox answers": parse_answers, "assemble results": assemble, "encode results": encode,
             "daily-stats partials": partials}

@@ -181,37 +181,41 @@ class ExecuteRequests:
 
     def _prepare(self, batches: dict[TopicPartition, list[Message]]) -> _Batch:
         batch = _Batch({tp: (messages[0].offset, messages[-1].offset + 1) for tp, messages in batches.items()})
+        decode, pending = self._requests.decode, batch.pending
+        task_of, artifact_of = self._tables.tasks.get, self._tables.artifacts.version
+        validators, default_timeout_ms = self._validators, self._settings.default_timeout_ms
         for messages in batches.values():
             for message in messages:
                 try:
-                    self._prepare_one(message, batch)
+                    value = message.value
+                    if value is None:
+                        batch.letters.append(self._dead_letter(message, "message has no value", "EmptyMessage"))
+                        continue
+                    try:
+                        request = decode(value)
+                    except DecodeError as exc:
+                        self._undecodable(message, exc, batch)
+                        continue
+                    decision = resolve(request, task_of, artifact_of, validators, default_timeout_ms)
+                    if type(decision) is Runnable:
+                        pending.append((request, decision, message))
+                    else:
+                        assert isinstance(decision, Refused)
+                        batch.ready.append((self._rejected(batch, request.task_id, request.request_id,
+                                                           decision.message, decision.version), message))
                 except Exception as exc:  # a bug must not cost the request: it goes to the dead letters
                     log.exception("request at %s:%d failed", message.topic, message.offset)
                     batch.letters.append(self._dead_letter(message, f"internal error: {exc}", type(exc).__name__))
         return batch
 
-    def _prepare_one(self, message: Message, batch: _Batch) -> None:
-        if message.value is None:
-            batch.letters.append(self._dead_letter(message, "message has no value", "EmptyMessage"))
-            return
-        try:
-            request = self._requests.decode(message.value)
-        except DecodeError as exc:
-            fields = self._requests.loose(message.value) or {}
-            request_id, task_id = fields.get("request_id"), fields.get("task_id")
-            if isinstance(request_id, str) and request_id and isinstance(task_id, str) and task_id:
-                # We can name the request, so it gets its one result, saying why it was refused.
-                batch.ready.append((self._rejected(batch, task_id, request_id, str(exc)), message))
-            else:
-                batch.letters.append(self._dead_letter(message, str(exc), "DecodeError"))
-            return
-        decision = resolve(request, self._tables.tasks.get, self._tables.artifacts.version,
-                           self._validators, self._settings.default_timeout_ms)
-        if isinstance(decision, Refused):
-            batch.ready.append((self._rejected(batch, request.task_id, request.request_id, decision.message,
-                                               version=decision.version), message))
+    def _undecodable(self, message: Message, error: DecodeError, batch: _Batch) -> None:
+        """A request that names itself gets its one result, saying why it was refused; else a dead letter."""
+        fields = self._requests.loose(message.value) or {}
+        request_id, task_id = fields.get("request_id"), fields.get("task_id")
+        if isinstance(request_id, str) and request_id and isinstance(task_id, str) and task_id:
+            batch.ready.append((self._rejected(batch, task_id, request_id, str(error)), message))
         else:
-            batch.pending.append((request, decision, message))
+            batch.letters.append(self._dead_letter(message, str(error), "DecodeError"))
 
     async def _finish(self, batch: _Batch) -> None:
         results, letters = batch.ready, batch.letters

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonschema
 from jsonschema.exceptions import best_match
@@ -13,9 +13,8 @@ from app.contract.records import ExecutionRequest, ProgramArtifact, TaskSpec
 from app.domain.canary import runs_canary
 
 
-@dataclass(frozen=True, slots=True)
-class Runnable:
-    """The request can run: this artifact of this task, with this timeout."""
+class Runnable(NamedTuple):
+    """The request can run: this artifact of this task, with this timeout. (A tuple: one per request.)"""
 
     artifact: ProgramArtifact
     timeout_ms: int
