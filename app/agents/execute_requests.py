@@ -159,6 +159,7 @@ class ExecuteRequests:
             self.fail(f"fetching requests failed: {describe_error(exc)}")
 
     async def _complete(self) -> None:
+        committing: asyncio.Future[None] | None = None  # the commit of the batch before, maybe still in flight
         while True:
             batch = await self._inflight.get()
             try:
@@ -169,8 +170,13 @@ class ExecuteRequests:
             except Exception as exc:  # a bug: stop rather than commit past requests without an outcome
                 log.exception("completing a batch failed")
                 self.fail(f"completing a batch failed ({describe_error(exc)}); it stays uncommitted")
-            finally:
-                self._inflight.task_done()
+            # Its commit runs while the next batch is sent, after the commit before it (offsets only move
+            # forward); the batch counts as done once committed, so drain() waits for its commit too.
+            committing = asyncio.ensure_future(self._commit(batch, committing))
+            committing.add_done_callback(self._committed)
+
+    def _committed(self, _: asyncio.Future[None]) -> None:
+        self._inflight.task_done()
 
     def _consumer_failure(self, exc: KafkaError) -> str:
         if isinstance(exc.__cause__, InvalidSessionTimeoutError):
@@ -226,14 +232,14 @@ class ExecuteRequests:
             executed_results(batch.pending, outcomes, batch.fetched_at, self.assembler, results, letters, validations)
         else:
             validations = []
-        sent_results, sent_letters = await self._writer.write(results, letters)
-        await self._writer.write_validations(validations)
+        # Validation requests need not wait for the results' acks; the partials count only delivered results.
+        (sent_results, sent_letters), _ = await asyncio.gather(self._writer.write(results, letters),
+                                                               self._writer.write_validations(validations))
         await self._writer.write_stats(sent_results)
         self.executed += len(sent_results)
         self.dead_lettered += sent_letters
         if self.on_results is not None:
             self.on_results(sent_results)
-        await self._commit(batch)
 
     async def _outcomes(self, batch: _Batch) -> list[Outcome] | list[Outcome | Exception]:
         """The sandbox's answers; if the pool fails the batch as a whole, each call is run again on its own
@@ -255,7 +261,9 @@ class ExecuteRequests:
                 alone.append(exc)
         return alone
 
-    async def _commit(self, batch: _Batch) -> None:
+    async def _commit(self, batch: _Batch, after: asyncio.Future[None] | None) -> None:
+        if after is not None:
+            await asyncio.wait([after])  # its outcome is its own: it logs or fails the executor itself
         if self.failure is not None:  # failed while this batch was completing (e.g. the broker is gone)
             return
         offsets = {tp: end for tp, (_, end) in batch.offsets.items()}
