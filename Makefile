@@ -14,8 +14,9 @@ $(BIN)/loopai: pyproject.toml
 dev: $(BIN)/loopai
 	$(BIN)/loopai dev
 
+# Three test processes on two cores: most tests wait on the broker and on group joins, not on a CPU.
 test: $(BIN)/loopai
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3 --dist loadfile
 
 lint: $(BIN)/loopai
 	$(BIN)/ruff check app devtools tests bench examples

@@ -70,11 +70,19 @@ class WorkerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout_s: float = 60) -> WorkerProcess:
+        return self.launch().wait_serving(timeout_s)
+
+    def launch(self) -> WorkerProcess:
+        """Start the process without waiting for it (several workers start side by side)."""
         env = {**os.environ, **self.settings.to_env(), "LOOPAI_WORKER_ID": self.worker_id}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker"],
             env=env, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
         )
+        return self
+
+    def wait_serving(self, timeout_s: float = 60) -> WorkerProcess:
+        assert self.process is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -131,15 +131,18 @@ async def test_open_windows_survive_a_restart_then_close_on_time_once(broker: Em
 
 
 async def test_two_workers_count_every_execution_exactly_once(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    settings = settings_closing(broker, after_s=18)
+    # Yesterday's partials must be in before it closes: two worker starts on a busy machine take up to ~20 s.
+    settings = settings_closing(broker, after_s=30)
     await apply_topics(settings, topics_for(settings.topic_prefix))
     tasks = [f"task-{i}" for i in range(6)]
     async with ControlPlane(settings) as control:
         for task in tasks:
             await control.put_task(TaskSpec(name=task, updated_at=utc_now()))
             await control.publish(task, "def run(input):\n    return input['n'] % 7\n", activate=True)
-    workers = [WorkerProcess(settings, tmp_path / f"w{i}.log", f"stats-w{i}").start() for i in (1, 2)]
+    workers = [WorkerProcess(settings, tmp_path / f"w{i}.log", f"stats-w{i}").launch() for i in (1, 2)]
     try:
+        for worker in workers:
+            worker.wait_serving()
         day = yesterday(settings)
         await send_partials(settings, [partial(task, day, ok=i + 1) for i, task in enumerate(tasks)])
         requests = [request_from(task, {"n": n}) for n in range(100) for task in tasks]
@@ -148,7 +151,7 @@ async def test_two_workers_count_every_execution_exactly_once(broker: EmbeddedBr
         # Executed today (around midnight, maybe over two days): their windows stay open, holding each task's
         # 100 results exactly.
         await executions_open(settings, dict.fromkeys(tasks, 100), besides=day.date)
-        records = await collect(settings, "analytics", lambda rs: len(closed(rs)) >= 2 * len(tasks), timeout_s=40)
+        records = await collect(settings, "analytics", lambda rs: len(closed(rs)) >= 2 * len(tasks), timeout_s=60)
     finally:
         for worker in workers:
             assert worker.stop() == 0, worker.log()[-3000:]
