@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     # Executor
     executor_batch_size: int = Field(1000, ge=1, le=100_000)
     executor_max_inflight_batches: int = Field(4, ge=1, le=64)
+    # How long a fetch may wait for requests. Apache Kafka answers a fetch as soon as a record arrives, so this
+    # only paces an idle poll; the embedded broker waits it out every time (EMBEDDED_TIMINGS sets it low).
+    executor_fetch_max_wait_ms: int = Field(20, ge=0, le=1000)
+    # How often finished batches are committed, after their daily-stats partials are sent (one per
+    # task/version/day over all of them): a crash redoes at most this much work besides the batches in flight.
+    executor_commit_interval_ms: int = Field(100, ge=0, le=10_000)
     default_timeout_ms: int = Field(1000, ge=1, le=60_000)
 
     # Sandbox

@@ -195,7 +195,8 @@ async def latency(settings: Settings, rate: int, seconds: float) -> list[float]:
     spec = topics_for(settings.topic_prefix).execution_results
     sent_at: dict[str, float] = {}
     latencies: list[float] = []
-    consumer = make_consumer(settings, fetch_max_wait_ms=5)
+    # as short a poll as the executor's: the embedded broker holds a fetch for its whole max wait
+    consumer = make_consumer(settings, fetch_max_wait_ms=settings.executor_fetch_max_wait_ms)
     await consumer.start()
     tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
     consumer.assign(tps)

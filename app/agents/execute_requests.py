@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,7 +100,8 @@ class ExecuteRequests:
         settings = self._settings
         self._producer = make_producer(settings)
         self._consumer = make_consumer(
-            settings, group_id=f"{settings.app_id}-executors", fetch_max_wait_ms=20, **settings.group_args()
+            settings, group_id=f"{settings.app_id}-executors", fetch_max_wait_ms=settings.executor_fetch_max_wait_ms,
+            **settings.group_args()
         )
         await self._producer.start()
         self._writer = OutcomeWriter(settings, self._topics, self._producer)
@@ -159,24 +161,51 @@ class ExecuteRequests:
             self.fail(f"fetching requests failed: {describe_error(exc)}")
 
     async def _complete(self) -> None:
-        committing: asyncio.Future[None] | None = None  # the commit of the batch before, maybe still in flight
+        """Finish batches in fetch order. Every executor_commit_interval_ms (and whenever nothing else is
+        queued once it is due) the finished ones get their daily-stats partials, then their commit."""
+        loop = asyncio.get_running_loop()
+        interval = self._settings.executor_commit_interval_ms / 1000
+        committing: asyncio.Future[None] | None = None  # the commit before, maybe still in flight
+        finished: list[_Batch] = []
+        delivered: list[dict[str, Any]] = []  # their delivered results' fields
+        due = 0.0
         while True:
-            batch = await self._inflight.get()
+            if finished and self._inflight.empty():
+                try:
+                    async with asyncio.timeout_at(due):
+                        batch: _Batch | None = await self._inflight.get()
+                except TimeoutError:
+                    batch = None
+            else:
+                batch = await self._inflight.get()
+            if batch is not None:
+                try:
+                    if self.failure is None:  # once failed, batches are dropped: they stay uncommitted
+                        delivered += await self._finish(batch)
+                except Undeliverable as exc:
+                    self.fail(str(exc))
+                except Exception as exc:  # a bug: stop rather than commit past requests without an outcome
+                    log.exception("completing a batch failed")
+                    self.fail(f"completing a batch failed ({describe_error(exc)}); it stays uncommitted")
+                if not finished:
+                    due = loop.time() + interval
+                finished.append(batch)
+                if loop.time() < due:
+                    continue
             try:
-                if self.failure is None:  # once failed, batches are dropped: they stay uncommitted
-                    await self._finish(batch)
-            except Undeliverable as exc:
-                self.fail(str(exc))
-            except Exception as exc:  # a bug: stop rather than commit past requests without an outcome
-                log.exception("completing a batch failed")
-                self.fail(f"completing a batch failed ({describe_error(exc)}); it stays uncommitted")
-            # Its commit runs while the next batch is sent, after the commit before it (offsets only move
-            # forward); the batch counts as done once committed, so drain() waits for its commit too.
-            committing = asyncio.ensure_future(self._commit(batch, committing))
-            committing.add_done_callback(self._committed)
+                if self.failure is None:
+                    await self._writer.write_stats(delivered)
+            except Exception as exc:  # a bug: partials are statistics, but say so loudly
+                log.exception("sending daily-stats partials failed: %s", describe_error(exc))
+            # The commit runs while the next batches are sent, after the commit before it (offsets only move
+            # forward); the batches count as done once committed, so drain() waits for their commit too.
+            committing = asyncio.ensure_future(self._commit(finished, committing))
+            committing.add_done_callback(functools.partial(self._committed, len(finished)))
+            finished, delivered = [], []
 
-    def _committed(self, _: asyncio.Future[None]) -> None:
-        self._inflight.task_done()
+    def _committed(self, batches: int, commit: asyncio.Future[None]) -> None:
+        for _ in range(batches):
+            self._inflight.task_done()
 
     def _consumer_failure(self, exc: KafkaError) -> str:
         if isinstance(exc.__cause__, InvalidSessionTimeoutError):
@@ -223,7 +252,8 @@ class ExecuteRequests:
         else:
             batch.letters.append(self._dead_letter(message, str(error), "DecodeError"))
 
-    async def _finish(self, batch: _Batch) -> None:
+    async def _finish(self, batch: _Batch) -> list[dict[str, Any]]:
+        """Run, send and acknowledge a batch's results; returns those delivered (their fields)."""
         results, letters = batch.ready, batch.letters
         if batch.pending:
             outcomes = await self._outcomes(batch)
@@ -232,14 +262,14 @@ class ExecuteRequests:
             executed_results(batch.pending, outcomes, batch.fetched_at, self.assembler, results, letters, validations)
         else:
             validations = []
-        # Validation requests need not wait for the results' acks; the partials count only delivered results.
+        # Validation requests need not wait for the results' acks (partials, later, count delivered results).
         (sent_results, sent_letters), _ = await asyncio.gather(self._writer.write(results, letters),
                                                                self._writer.write_validations(validations))
-        await self._writer.write_stats(sent_results)
         self.executed += len(sent_results)
         self.dead_lettered += sent_letters
         if self.on_results is not None:
             self.on_results(sent_results)
+        return sent_results
 
     async def _outcomes(self, batch: _Batch) -> list[Outcome] | list[Outcome | Exception]:
         """The sandbox's answers; if the pool fails the batch as a whole, each call is run again on its own
@@ -261,12 +291,12 @@ class ExecuteRequests:
                 alone.append(exc)
         return alone
 
-    async def _commit(self, batch: _Batch, after: asyncio.Future[None] | None) -> None:
+    async def _commit(self, batches: list[_Batch], after: asyncio.Future[None] | None) -> None:
         if after is not None:
             await asyncio.wait([after])  # its outcome is its own: it logs or fails the executor itself
-        if self.failure is not None:  # failed while this batch was completing (e.g. the broker is gone)
+        if self.failure is not None:  # failed while these batches were completing (e.g. the broker is gone)
             return
-        offsets = {tp: end for tp, (_, end) in batch.offsets.items()}
+        offsets = {tp: end for batch in batches for tp, (_, end) in batch.offsets.items()}
         try:
             await self._consumer.commit(offsets)
             self.committed.update(offsets)

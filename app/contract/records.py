@@ -304,7 +304,8 @@ class DailyStats(Record):
 
 
 class StatsPartial(Record):
-    """What one batch adds to one task/version/day: counts, latency sum and sketch (internal)."""
+    """What one commit of the executor (its batches since the last) adds to one task/version/day: counts, latency
+    sum and sketch (internal)."""
 
     task_id: str
     version: int | None = None

@@ -17,7 +17,7 @@ from app.kafka.clients import apply_topics, make_producer
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from devtools.samples import TEXT_INPUT_SCHEMA, program_source
-from tests.conftest import WorkerProcess, dead_letters, make_settings, results_for
+from tests.conftest import WorkerProcess, collect, dead_letters, make_settings, results_for
 
 HOSTILE_VERSIONS = {
     1: "def run(input):\n    while True:\n        pass\n",
@@ -35,6 +35,8 @@ async def _provision(settings: Settings) -> None:
         await control.publish("spam", program_source("spam_v1"), activate=True)
         await control.publish("spam", program_source("spam_v2"))
         await control.put_task(TaskSpec(name="idle", updated_at=utc_now()))
+        await control.put_task(TaskSpec(name="paced", updated_at=utc_now()))
+        await control.publish("paced", "def run(input):\n    return input['n']\n", activate=True)
         await control.put_task(TaskSpec(name="hostile", updated_at=utc_now()))
         for version, source in HOSTILE_VERSIONS.items():
             await control.publish("hostile", source, version=version, activate=version == 4)
@@ -161,3 +163,24 @@ async def test_a_burst_of_requests_each_gets_one_result(served: Settings) -> Non
     assert len(results) == 3000
     assert {r.status for r in results.values()} == {ExecutionStatus.OK}
     assert all(results[r.request_id].output == r.input["n"] * 2 for r in requests if r.task_id == "hostile")
+
+
+async def test_daily_stats_partials_go_out_per_commit_not_per_batch(served: Settings) -> None:
+    """Requests sent one by one are as many batches; their partials go out once per commit interval."""
+    interval_s = served.executor_commit_interval_ms / 1000
+    started = time.monotonic()
+    ids = []
+    async with RequestSender(served) as sender:
+        for n in range(30):
+            request = request_from("paced", {"n": n})
+            await sender.send([request])
+            ids.append(request.request_id)
+            await asyncio.sleep(0.01)
+    results = await results_for(served, ids)
+    elapsed = time.monotonic() - started
+    assert {r.output for r in results.values()} == set(range(30))
+    partials = await collect(served, "stats_partials", lambda ps: sum(
+        p.ok for p in ps if p.task_id == "paced") >= 30)
+    paced = [p for p in partials if p.task_id == "paced"]  # one version: one partial per commit
+    assert sum(p.ok for p in paced) == 30
+    assert len(paced) <= elapsed / interval_s + 2 < 30, (len(paced), elapsed)
