@@ -31,6 +31,7 @@ from tests.conftest import WorkerProcess, collect, make_settings, results_for
 
 LABEL_OF = "def run(input):\n    return 'spam' if 'free' in input['text'].lower() else 'ham'\n"
 ALWAYS_HAM = "def run(input):\n    return 'ham'\n"
+CONTRARY = "def run(input):\n    return 'ham' if 'free' in input['text'].lower() else 'spam'\n"
 SHOUTING = "def run(input):\n    return ' ' + ('SPAM' if 'free' in input['text'].lower() else 'HAM') + ' '\n"
 TEXTS = ["free money", "lunch?", "FREE prize", "notes", "free offer", "hello"]
 
@@ -53,10 +54,12 @@ async def provision(settings: Settings) -> None:
         await control.put_task(TaskSpec(name="asked", sampling_rate=1.0, updated_at=now,
                                         oracle=OracleSpec(kind=OracleKind.EXTERNAL, timeout_s=3)))
         await control.publish("asked", LABEL_OF, activate=True)
-        for name, good in (("better", LABEL_OF), ("worse", ALWAYS_HAM)):
+        # Candidates always right or always wrong, so that every order the validations arrive in decides the
+        # same way (a half-right candidate may hover at the rollback bar for a whole run).
+        for name, active, candidate in (("better", ALWAYS_HAM, LABEL_OF), ("worse", LABEL_OF, CONTRARY)):
             await control.put_task(TaskSpec(name=name, sampling_rate=1.0, accuracy_target=0.6, updated_at=now))
-            await control.publish(name, ALWAYS_HAM if good is LABEL_OF else LABEL_OF, activate=True)
-            await control.publish(name, good)
+            await control.publish(name, active, activate=True)
+            await control.publish(name, candidate)
             spec = control.task(name)
             await control.put_task(spec.model_copy(update={"canary_version": 2, "canary_percent": 50.0}))
 
