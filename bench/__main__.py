@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -132,7 +133,7 @@ async def analytics_caught_up(settings: Settings, expected: int, timeout_s: floa
 
 
 async def plain_loop(settings: Settings, source: str, output: str, count: int, at_least_once: bool,
-                     group: str) -> tuple[float, float]:
+                     group: str, **consumer_args: Any) -> tuple[float, float]:
     """decode -> classify in-process -> encode -> produce with send_batch. Without at_least_once, acks are
     awaited only at the end and nothing is committed (the practical limit); with it, each batch's acks are
     awaited and its offsets committed before the next getmany (the pipeline's guarantee, done simply).
@@ -144,7 +145,7 @@ async def plain_loop(settings: Settings, source: str, output: str, count: int, a
     gc.collect()
     gc.freeze()  # the same collector tuning as the worker, for a like-for-like limit
     gc.set_threshold(50_000, 20, 100)
-    consumer = make_consumer(settings, source, group_id=group, **settings.group_args())
+    consumer = make_consumer(settings, source, group_id=group, **settings.group_args(), **consumer_args)
     producer = make_producer(settings)
     await consumer.start()
     await producer.start()
@@ -178,6 +179,36 @@ async def plain_loop(settings: Settings, source: str, output: str, count: int, a
         await producer.stop()
 
 
+async def create_outputs(settings: Settings, *names: str) -> None:
+    """The output topics of in-process contenders, `<prefix><name>-out`, partitioned like the requests."""
+    admin = AIOKafkaAdminClient(**settings.kafka_client_args())
+    await admin.start()
+    try:
+        partitions = topics_for(settings.topic_prefix).execution_requests.partitions
+        await admin.create_topics([NewTopic(f"{settings.topic_prefix}{name}-out", partitions, 1) for name in names])
+    finally:
+        await admin.close()
+
+
+async def latency_floor(settings: Settings, rate: int, seconds: float) -> list[float]:
+    """The latency load served by the plain loop in this process, polling as often as the executor: what the
+    broker's two hops (request in, result out) and the job cost without isolation, batching for a sandbox or
+    any guarantee. One second of the same load first, so the loop's group has formed."""
+    await provision(settings)
+    await create_outputs(settings, "plain")
+    output = f"{settings.topic_prefix}plain-out"
+    serving = asyncio.ensure_future(plain_loop(
+        settings, topics_for(settings.topic_prefix).execution_requests.name, output, sys.maxsize, False,
+        "bench-latency-floor", fetch_max_wait_ms=settings.executor_fetch_max_wait_ms))
+    try:
+        await latency(settings, rate, 1.0, output)
+        return await latency(settings, rate, seconds, output)
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+
+
 def quix_available() -> bool:
     python = QUIX_VENV / "bin" / "python"
     if python.exists():
@@ -190,15 +221,17 @@ def quix_available() -> bool:
     return made.returncode == 0
 
 
-async def latency(settings: Settings, rate: int, seconds: float) -> list[float]:
-    """Send at a steady rate; milliseconds from send to result seen, per request."""
+async def latency(settings: Settings, rate: int, seconds: float, results_topic: str | None = None) -> list[float]:
+    """Send at a steady rate; milliseconds from send to result seen (on execution-results, or `results_topic`),
+    per request."""
     spec = topics_for(settings.topic_prefix).execution_results
+    topic, partitions = results_topic or spec.name, spec.partitions
     sent_at: dict[str, float] = {}
     latencies: list[float] = []
     # as short a poll as the executor's: the embedded broker holds a fetch for its whole max wait
     consumer = make_consumer(settings, fetch_max_wait_ms=settings.executor_fetch_max_wait_ms)
     await consumer.start()
-    tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
     for tp in tps:
@@ -421,12 +454,7 @@ class Bench:
         settings = self.settings_for(f"bench-r{round_no}.")
         await provision(settings)
         await produce(settings, self.count)
-        admin = AIOKafkaAdminClient(**settings.kafka_client_args())
-        await admin.start()
-        partitions = topics_for(settings.topic_prefix).execution_requests.partitions
-        await admin.create_topics([NewTopic(f"{settings.topic_prefix}{name}-out", partitions, 1)
-                                   for name in ("plain", "plain_alo", "quix")])
-        await admin.close()
+        await create_outputs(settings, "plain", "plain_alo", "quix")
         return settings
 
     async def run(self, name: str, round_no: int, shared: Settings | None, rate: int | None) -> Run | None:
@@ -459,7 +487,7 @@ def _p99(values: list[float]) -> float:
     return values[min(len(values) - 1, int(len(values) * 0.99))]
 
 
-def report(runs: dict[str, list[Run]], lat: list[float], rate: int | None, machine: str,
+def report(runs: dict[str, list[Run]], lat: list[float], floor: list[float], rate: int | None, machine: str,
            rate_given: bool = False) -> dict[str, Any]:
     """Print the table and return the --json document."""
     medians = {name: statistics.median(r.msg_per_s for r in got) for name, got in runs.items() if got}
@@ -490,6 +518,11 @@ def report(runs: dict[str, list[Run]], lat: list[float], rate: int | None, machi
         say(f"request->result latency, 1 worker at {rate:,} req/s ({why}): p50 {p50:.1f} ms, "
             f"p99 {p99:.1f} ms ({len(lat)} requests; targets p50 <= 5 ms, p99 <= 20 ms)")
         latency_doc = {"rate": rate, "p50_ms": round(p50, 2), "p99_ms": round(p99, 2)}
+        if floor:
+            floor_p50, floor_p99 = statistics.median(floor), _p99(floor)
+            say(f"the same load through the plain loop (no isolation, no guarantee), the broker's floor: "
+                f"p50 {floor_p50:.1f} ms, p99 {floor_p99:.1f} ms ({len(floor)} requests)")
+            latency_doc["plain"] = {"p50_ms": round(floor_p50, 2), "p99_ms": round(floor_p99, 2)}
     return {
         "contenders": {name: {"msg_per_s": [round(r.msg_per_s, 1) for r in got],
                               "cpu_us_per_request": [round(r.cpu_us_per_request, 2) for r in got]}
@@ -505,6 +538,7 @@ async def bench(count: int, rounds: int, only: list[str], rate: int | None, json
     machine = f"{cores} cores, {os.uname().machine}, load average {os.getloadavg()[0]:.1f} at the start"
     runs: dict[str, list[Run]] = {name: [] for name in only}
     lat: list[float] = []
+    floor: list[float] = []
     latency_rate: int | None = None
     with tempfile.TemporaryDirectory(prefix="loopai-bench-") as temporary, \
             EmbeddedBroker(log_file=Path(temporary) / "broker.log") as broker:
@@ -531,7 +565,9 @@ async def bench(count: int, rounds: int, only: list[str], rate: int | None, json
             await provision(settings)
             measured = await pipeline(settings, min(count, 20_000), 1, work, latency_rate)
             lat = measured.latencies_ms
-        document = report(runs, lat, latency_rate, machine, rate is not None)
+            say(f"latency floor: the plain loop at {latency_rate:,} req/s...")
+            floor = await latency_floor(bench_run.settings_for("bench-floor."), latency_rate, 5.0)
+        document = report(runs, lat, floor, latency_rate, machine, rate is not None)
     if json_path is not None:
         json_path.write_text(json.dumps(document, indent=2) + "\n")
         say(f"wrote {json_path}")
