@@ -484,7 +484,8 @@ class Bench:
 
 
 def _p99(values: list[float]) -> float:
-    return values[min(len(values) - 1, int(len(values) * 0.99))]
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
 def report(runs: dict[str, list[Run]], lat: list[float], floor: list[float], rate: int | None, machine: str,
