@@ -3,8 +3,9 @@ analytics, the running day as it keeps it in its changelog."""
 
 import asyncio
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+import pytest
 from click.testing import CliRunner
 
 from app.cli import cli
@@ -29,12 +30,12 @@ def day_stats(ok: int, error: int, latency_ms: float, version: int | None = None
     return stats
 
 
-async def publish(settings: Settings) -> None:
+async def publish(settings: Settings, now: datetime) -> None:
     """Five closed days of spam (each slower and less successful than the one before), and today's running
     window in the changelog: 40 ok, 10 errors, of which version 2 ran 5."""
     await apply_topics(settings, topics_for(settings.topic_prefix))
     topics = topics_for(settings.topic_prefix)
-    today = WINDOWS.today(utc_now())
+    today = WINDOWS.today(now)
     codec = codec_for(DailyStats, settings, topics.analytics)
     producer = make_producer(settings)
     await producer.start()
@@ -67,10 +68,13 @@ def stats(settings: Settings, *args: str) -> str:
     return result.output
 
 
-def test_stats_of_today_a_closed_day_and_a_version(broker: EmbeddedBroker) -> None:
+def test_stats_of_today_a_closed_day_and_a_version(broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = make_settings(broker, analytics_time_zone=ZONE, analytics_grace_s=3600)
-    asyncio.run(publish(settings))
-    today = WINDOWS.today(utc_now())
+    # One instant for the data and the CLI's "today": run at midnight in Paris, they would name different days.
+    now = utc_now()
+    monkeypatch.setattr("app.cli.utc_now", lambda: now)
+    asyncio.run(publish(settings, now))
+    today = WINDOWS.today(now)
 
     running = stats(settings, "spam")
     assert f"{today.date} (Europe/Paris), all versions, open (running totals)" in running

@@ -25,18 +25,16 @@ from tests.conftest import WorkerProcess, collect, make_settings
 ZONE = "Europe/Paris"
 
 
-def settings_closing(broker: EmbeddedBroker, after_s: float, **overrides: object) -> Settings:
-    """Settings whose grace makes yesterday's window close `after_s` seconds from now."""
+def settings_closing(broker: EmbeddedBroker, after_s: float, **overrides: object) -> tuple[Settings, DailyWindow]:
+    """Settings whose grace makes yesterday's window close `after_s` seconds from now, and that window.
+
+    Both from one reading of the clock: read again later, "yesterday" could be past midnight, another day."""
     windows = DailyWindows(ZONE)
     now = utc_now()
     grace = (now - windows.today(now).start).total_seconds() + after_s
-    return make_settings(broker, analytics_time_zone=ZONE, analytics_grace_s=grace, analytics_close_interval_s=0.3,
-                         **overrides)
-
-
-def yesterday(settings: Settings) -> DailyWindow:
-    windows = DailyWindows(ZONE)
-    return windows.of_date(windows.today(utc_now()).day - timedelta(days=1))
+    settings = make_settings(broker, analytics_time_zone=ZONE, analytics_grace_s=grace,
+                             analytics_close_interval_s=0.3, **overrides)
+    return settings, windows.of_date(windows.today(now).day - timedelta(days=1))
 
 
 async def send_partials(settings: Settings, partials: list[StatsPartial]) -> None:
@@ -93,16 +91,17 @@ async def test_open_windows_survive_a_restart_then_close_on_time_once(broker: Em
                                                                       tmp_path: Path) -> None:
     """Yesterday's and today's windows fill on one worker; another takes over after it stops, goes on counting
     where it left off, and closes yesterday on time, with no traffic for it, exactly once."""
-    settings = settings_closing(broker, after_s=20)
+    # Yesterday's partials must be in before it closes: a worker start on a busy machine takes up to ~20 s.
+    settings, day = settings_closing(broker, after_s=30)
     await apply_topics(settings, topics_for(settings.topic_prefix))
-    day = yesterday(settings)
-    today = DailyWindows(ZONE).today(utc_now())
+    today = DailyWindows(ZONE).of_date(day.day + timedelta(days=1))  # today when the grace was set, even if
+    long_ago = DailyWindows(ZONE).of_date(day.day - timedelta(days=3))  # the test runs past midnight
+    # Sent before the worker starts, which reads them from the beginning: the close has only its start to wait.
+    await send_partials(settings, [partial("late", long_ago, 5), partial("spam", day, 3, error=1),
+                                   partial("spam", day, 2, version=2), partial("eggs", day, 7)]
+                        + [partial(task, today, 10) for task in ("a", "b", "c") for _ in range(3)])
     first = WorkerProcess(settings, tmp_path / "first.log", "stats-first").start()
     try:
-        long_ago = DailyWindows(ZONE).of_date(day.day - timedelta(days=3))
-        await send_partials(settings, [partial("late", long_ago, 5), partial("spam", day, 3, error=1),
-                                       partial("spam", day, 2, version=2), partial("eggs", day, 7)]
-                            + [partial(task, today, 10) for task in ("a", "b", "c") for _ in range(3)])
         await executions_open(settings, {"a": 30, "b": 30, "c": 30, "spam": 6, "eggs": 7})
     finally:
         assert first.stop() == 0, first.log()[-3000:]
@@ -131,10 +130,12 @@ async def test_open_windows_survive_a_restart_then_close_on_time_once(broker: Em
 
 
 async def test_two_workers_count_every_execution_exactly_once(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    # Yesterday's partials must be in before it closes: two worker starts on a busy machine take up to ~20 s.
-    settings = settings_closing(broker, after_s=30)
+    # Yesterday's partials must be in before it closes: two worker starts on a busy machine take up to ~20 s,
+    # after the tasks' provisioning. Sent first, they only wait for the workers' start.
+    settings, day = settings_closing(broker, after_s=40)
     await apply_topics(settings, topics_for(settings.topic_prefix))
     tasks = [f"task-{i}" for i in range(6)]
+    await send_partials(settings, [partial(task, day, ok=i + 1) for i, task in enumerate(tasks)])
     async with ControlPlane(settings) as control:
         for task in tasks:
             await control.put_task(TaskSpec(name=task, updated_at=utc_now()))
@@ -143,8 +144,6 @@ async def test_two_workers_count_every_execution_exactly_once(broker: EmbeddedBr
     try:
         for worker in workers:
             worker.wait_serving()
-        day = yesterday(settings)
-        await send_partials(settings, [partial(task, day, ok=i + 1) for i, task in enumerate(tasks)])
         requests = [request_from(task, {"n": n}) for n in range(100) for task in tasks]
         async with RequestSender(settings) as sender:
             await sender.send(requests)

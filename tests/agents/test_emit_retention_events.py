@@ -24,7 +24,7 @@ from app.kafka.metadata import topic_partitions
 from app.kafka.tables import Table, TableReader, consume_to_end, read_to_end
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
-from tests.conftest import WorkerProcess, collect, make_settings
+from tests.conftest import WorkerProcess, collect, make_settings, wait_for_text
 
 SOURCE = 'def run(input):\n    return "ham"\n'
 
@@ -179,6 +179,11 @@ async def test_a_version_in_use_by_the_time_of_writing_is_never_tombstoned(broke
 async def test_two_workers_run_it_once(broker: EmbeddedBroker, start_worker: Callable[..., WorkerProcess]) -> None:
     settings, topics = await prepared(broker, retention_interval_s=1.0, sandbox_processes=2)
     workers = [start_worker(settings, "retention-a"), start_worker(settings, "retention-b")]
+    # "serving" comes before faust's group has assigned the leader: wait until both are in it, or the leadership
+    # may move from one to the other while the runs below are counted.
+    for worker in workers:
+        assert worker.process is not None
+        await asyncio.to_thread(wait_for_text, worker.log_path, "[^Worker]: Ready", worker.process, 60)
     now = utc_now()
     await seed_versions(settings, versions=4, active=4)  # keep_versions=1: 1 and 2 go
     keys = await seed_analytics(settings, {"UTC": [45, 2]}, now)

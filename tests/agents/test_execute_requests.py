@@ -134,7 +134,7 @@ async def test_live_switch_and_pinned_versions(served: Settings) -> None:
     started = time.monotonic()
     switched_after = None
     try:
-        while time.monotonic() - started < 15:
+        while time.monotonic() - started < 60:  # a table update reaches a busy worker in seconds, not 15
             probe = request_from("spam", {"text": "free money"})
             result = (await results_for(served, await _send(served, probe)))[probe.request_id]
             if result.version == 2:
@@ -179,8 +179,12 @@ async def test_daily_stats_partials_go_out_per_commit_not_per_batch(served: Sett
     results = await results_for(served, ids)
     elapsed = time.monotonic() - started
     assert {r.output for r in results.values()} == set(range(30))
+    batches = len({r.executed_at for r in results.values()})  # a result carries when its batch finished
     partials = await collect(served, "stats_partials", lambda ps: sum(
         p.ok for p in ps if p.task_id == "paced") >= 30)
     paced = [p for p in partials if p.task_id == "paced"]  # one version: one partial per commit
     assert sum(p.ok for p in paced) == 30
-    assert len(paced) <= elapsed / interval_s + 2 < 30, (len(paced), elapsed)
+    assert len(paced) <= elapsed / interval_s + 2, (len(paced), elapsed)
+    # Fewer partials than batches, however long a busy machine took to send and read them back (the bound above
+    # passes per-batch partials once that took more than 30 commit intervals).
+    assert len(paced) < batches, (len(paced), batches)

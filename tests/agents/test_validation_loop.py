@@ -18,22 +18,28 @@ from app.contract.records import (
     TaskSpec,
     Validation,
     ValidationStatus,
+    execution_id_for,
     utc_now,
 )
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
+from app.domain.sampling import fraction_of
 from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import apply_topics, make_producer
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from devtools.oracle import canonical, serve_oracle
 from tests.conftest import WorkerProcess, collect, make_settings, results_for
+from tests.faults import read_values
 
 LABEL_OF = "def run(input):\n    return 'spam' if 'free' in input['text'].lower() else 'ham'\n"
 ALWAYS_HAM = "def run(input):\n    return 'ham'\n"
 CONTRARY = "def run(input):\n    return 'ham' if 'free' in input['text'].lower() else 'spam'\n"
 SHOUTING = "def run(input):\n    return ' ' + ('SPAM' if 'free' in input['text'].lower() else 'HAM') + ' '\n"
 TEXTS = ["free money", "lunch?", "FREE prize", "notes", "free offer", "hello"]
+# From when the worker takes a request, the oracle must start (a group join: seconds on a busy machine) and its
+# answer come back within this; the unanswered requests of the external-oracle test wait it out.
+ORACLE_TIMEOUT_S = 20
 
 
 def truth(text: str) -> str:
@@ -52,7 +58,7 @@ async def provision(settings: Settings) -> None:
         await control.publish("shadowed", LABEL_OF, activate=False)
         await control.publish("shadowed", SHOUTING, activate=True)
         await control.put_task(TaskSpec(name="asked", sampling_rate=1.0, updated_at=now,
-                                        oracle=OracleSpec(kind=OracleKind.EXTERNAL, timeout_s=3)))
+                                        oracle=OracleSpec(kind=OracleKind.EXTERNAL, timeout_s=ORACLE_TIMEOUT_S)))
         await control.publish("asked", LABEL_OF, activate=True)
         # Candidates always right or always wrong, so that every order the validations arrive in decides the
         # same way (a half-right candidate may hover at the rollback bar for a whole run).
@@ -109,10 +115,14 @@ async def test_shadow_oracle_runs_the_other_version_in_the_sandbox(served: Setti
 
 async def test_external_oracle_answers_or_expires(served: Settings) -> None:
     labels = {canonical({"text": text}): truth(text) for text in TEXTS[:4]}  # the last two go unanswered
+    ids = await send(served, "asked", TEXTS)
+    # The oracle starts once the worker holds every request as pending: a verdict that comes before its request
+    # is dropped by the worker (a bug in app/agents/join_oracle_verdicts.py), and the request then expires.
+    pending = await read_values(served, topics_for(served.topic_prefix).oracle_pending.name, len(ids), 60)
+    assert all(execution_id_for("asked", i).encode() in b"".join(pending) for i in ids), pending
     stop = asyncio.Event()
     oracle = asyncio.ensure_future(serve_oracle(served, labels, "test-labels", stop))
     try:
-        ids = await send(served, "asked", TEXTS)
         found = await validations_of(served, ids, timeout_s=90)
     finally:
         stop.set()
@@ -168,7 +178,9 @@ async def test_sampling_strategies_on_the_stream(broker: EmbeddedBroker, tmp_pat
     worker = WorkerProcess(settings, tmp_path / "worker.log", "sampler").start()
     try:
         inputs = [{"n": 0 if i % 5 == 0 else 1} for i in range(400)]  # every fifth divides by zero
-        requests = [request_from(task, value, expected_output=1) for task in ("edges", "randomly") for value in inputs]
+        # Fixed request ids: which executions a rate samples is then known (DRAWS), not left to fresh uuids.
+        requests = [request_from(task, value, expected_output=1, request_id=f"sampled-{task}-{i}")
+                    for task in ("edges", "randomly") for i, value in enumerate(inputs)]
         async with RequestSender(settings) as sender:
             await sender.send(requests)
         results = await results_for(settings, [r.request_id for r in requests], timeout_s=90)
@@ -180,9 +192,13 @@ async def test_sampling_strategies_on_the_stream(broker: EmbeddedBroker, tmp_pat
     edges = [r for r in results.values() if r.task_id == "edges"]
     failed = [r for r in edges if r.status.value == "error"]
     assert len(failed) == 80 and all(r.sampled_for_validation for r in failed)
+    # The rest: exactly the executions whose id draws under the rate, and any slower than the latency target.
     others = [r for r in edges if r.status.value == "ok"]
-    assert 0.04 < sum(r.sampled_for_validation for r in others) / len(others) < 0.2
+    assert all(r.sampled_for_validation is (fraction_of(r.execution_id) < 0.1 or r.latency_ms > 1000)
+               for r in others), others
+    assert 0.04 < sum(fraction_of(r.execution_id) < 0.1 for r in others) / len(others) < 0.2
     randomly = [r for r in results.values() if r.task_id == "randomly"]
+    assert all(r.sampled_for_validation is (fraction_of(r.execution_id) < 0.3) for r in randomly), randomly
     assert 0.22 < sum(r.sampled_for_validation for r in randomly) / len(randomly) < 0.38
     assert all(found[r.request_id].match is False for r in failed)
 
