@@ -1,7 +1,8 @@
 """Joins external oracles' verdicts with the requests they answer: consumes oracle-requests and oracle-verdicts
 (both keyed by execution_id, co-partitioned) and produces validations. A request waits in a faust table (its
 changelog is the registry's oracle_pending topic, so it survives a restart or a rebalance); one still
-unanswered past its oracle's timeout_s becomes an `expired` validation, never a silent drop.
+unanswered past its oracle's timeout_s becomes an `expired` validation, never a silent drop. Kafka orders no two
+topics: a fast oracle's verdict may be read before its request, so it waits in the same table for the request.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 _EXPIRY_CHECK_S = 1.0
+_EARLY_VERDICT_KEPT_S = 600.0  # a verdict read before its request waits this long for it
 
 
 class JoinOracleVerdicts:
@@ -31,12 +33,14 @@ class JoinOracleVerdicts:
         self._requests = codec_for(ValidationRequest, settings, topics.oracle_requests)
         self._stored = json_codec(ValidationRequest)  # the table's own format, whatever the wire's
         self._verdicts = codec_for(OracleVerdict, settings, topics.oracle_verdicts)
+        self._stored_verdicts = json_codec(OracleVerdict)
         self._validations = codec_for(Validation, settings, topics.validations)
         self._requests_topic = topics.oracle_requests.name
         self._validations_topic = raw_topic(app, topics.validations)
         self._dead_letters = EventDeadLetters(app, settings, topics)
         # execution_id (raw bytes, so partitioned like the source topics) ->
-        #   {"request": ValidationRequest as JSON text, "deadline": unix seconds}.
+        #   {"request": ValidationRequest as JSON text, "deadline": unix seconds}, or, for a verdict read before
+        #   its request, {"verdict": OracleVerdict as JSON text, "deadline": unix seconds}.
         # use_partitioner: the expiry timer changes it outside a stream, keyed like the source topics.
         self.pending = app.Table(
             "oracle_pending", key_type=bytes, use_partitioner=True, partitions=topics.oracle_pending.partitions,
@@ -52,7 +56,7 @@ class JoinOracleVerdicts:
         async for event in stream.events():
             try:
                 if event.message.topic == self._requests_topic:
-                    self._wait_for_verdict(self._requests.decode(event.value))
+                    await self._wait_for_verdict(self._requests.decode(event.value))
                 else:
                     await self._judge(self._verdicts.decode(event.value))
             except DecodeError as exc:
@@ -61,9 +65,15 @@ class JoinOracleVerdicts:
                 log.exception("oracle join failed at %s:%d", event.message.topic, event.message.offset)
                 await self._dead_letters.send(event, f"oracle join failed: {exc}", type(exc).__name__)
 
-    def _wait_for_verdict(self, request: ValidationRequest) -> None:
+    async def _wait_for_verdict(self, request: ValidationRequest) -> None:
         key = request.execution_id.encode()
-        if key in self.pending:
+        waiting = self.pending.get(key)
+        if waiting is not None and "verdict" in waiting:  # answered before it was read here
+            verdict = self._stored_verdicts.decode(waiting["verdict"].encode())
+            await self._send(validated(request, verdict.output, utc_now()))
+            del self.pending[key]
+            return
+        if waiting is not None:
             return  # redelivered: the first copy's deadline stands
         self.pending[key] = {
             "request": self._stored.encode(request).decode(),
@@ -73,10 +83,12 @@ class JoinOracleVerdicts:
     async def _judge(self, verdict: OracleVerdict) -> None:
         key = verdict.execution_id.encode()
         waiting = self.pending.get(key)
-        if waiting is None:
-            log.warning("verdict for %s, which is not waiting (answered already, or expired)",
-                        verdict.execution_id)
+        if waiting is None:  # its request is not read yet (or was answered, or expired: then this one expires)
+            self.pending[key] = {"verdict": self._stored_verdicts.encode(verdict).decode(),
+                                 "deadline": time.time() + _EARLY_VERDICT_KEPT_S}
             return
+        if "request" not in waiting:
+            return  # another verdict before the request: the first one stands
         request = self._stored.decode(waiting["request"].encode())
         await self._send(validated(request, verdict.output, utc_now()))
         del self.pending[key]
@@ -85,9 +97,13 @@ class JoinOracleVerdicts:
         now = time.time()
         for key, waiting in list(self.pending.items()):
             if waiting["deadline"] <= now:
-                request = self._stored.decode(waiting["request"].encode())
-                await self._send(unvalidated(request, ValidationStatus.EXPIRED,
-                                             f"no verdict within {request.oracle.timeout_s:g} s", utc_now()))
+                if "request" in waiting:
+                    request = self._stored.decode(waiting["request"].encode())
+                    await self._send(unvalidated(request, ValidationStatus.EXPIRED,
+                                                 f"no verdict within {request.oracle.timeout_s:g} s", utc_now()))
+                else:
+                    log.warning("verdict for %s dropped: no request for it within %g s (answered already, or "
+                                "expired)", key.decode(errors="replace"), _EARLY_VERDICT_KEPT_S)
                 del self.pending[key]
 
     async def _send(self, record: Validation) -> None:
