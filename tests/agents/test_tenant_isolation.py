@@ -64,7 +64,9 @@ async def _victim_outputs(settings: Settings, with_attacker: bool, log_dir) -> d
     await _provision(settings, with_attacker)
     worker = WorkerProcess(settings, log_dir / f"worker-{with_attacker}.log", f"iso-{with_attacker}").start()
     try:
-        victims = [request_from("victim", {"text": f"w{n % 3} w{n % 3} x{n}", "n": n}, timeout_ms=300)
+        # The victims' calls get 2 s (a busy machine may hold a process off its core for a while); the
+        # attackers' 300 ms, which their spinning runs out.
+        victims = [request_from("victim", {"text": f"w{n % 3} w{n % 3} x{n}", "n": n}, timeout_ms=2000)
                    for n in range(60)]
         attackers = [request_from("attacker", {"n": n}, timeout_ms=300) for n in range(60)] if with_attacker else []
         interleaved = [r for pair in zip(victims, attackers or victims, strict=True) for r in pair]
