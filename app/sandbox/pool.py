@@ -278,7 +278,7 @@ class SandboxProcess:
             raise ValueError("answer without a call")
         if not answers:
             raise ValueError("an empty group of answers")
-        at, append, statuses, number = 0, results.append, _STATUSES, _NUMBER
+        at, append, statuses, number, loads = 0, results.append, _STATUSES, _NUMBER, orjson.loads
         for status, length, error, latency_ms, memory_mb in answers:
             # Checked, not trusted: these go into results, whose encoders must never fail on them.
             if status not in statuses or not (error is None or type(error) is str) \
@@ -286,7 +286,11 @@ class SandboxProcess:
                     or not (memory_mb is None or (type(memory_mb) in number and 0 <= memory_mb < 1e9)):
                 raise ValueError(f"bad answer {[status, error, latency_ms, memory_mb]!r:.80}")
             if length >= 0:
-                append(Outcome(status, outputs[at:at + length], error, float(latency_ms), memory_mb))
+                output = outputs[at:at + length]
+                # Results carry an output as these very bytes: anything but exactly one JSON value could end
+                # the output's field and forge others (another task's id) after it. orjson raises a ValueError.
+                loads(output)
+                append(Outcome(status, output, error, float(latency_ms), memory_mb))
                 at += length
             else:
                 append(Outcome(status, None, error, float(latency_ms), memory_mb))

@@ -165,6 +165,13 @@ STALL = HANDSHAKE + (
     "    time.sleep(0.05)\n"
 )
 FORGE = HANDSHAKE + "os.write(1, b'[[\"ok\", 1, null, 1e308, {\"memory\": \"x\"}]]\\n1')\ntime.sleep(20)\n"
+# An output that would end its own field in a JSON result and add fields after it (last one wins on reading).
+BREAKOUT_OUTPUT = b'"spam", "task_id": "victim", "request_id": "theirs"'
+BREAKOUT = HANDSHAKE + (
+    f"output = {BREAKOUT_OUTPUT!r}\n"
+    "os.write(1, json.dumps([['ok', len(output), None, 1.0, None]]).encode() + b'\\n' + output)\n"
+    "time.sleep(20)\n"
+)
 
 
 async def test_a_process_that_only_rewrites_its_page_is_killed_when_its_answer_is_overdue() -> None:
@@ -186,6 +193,19 @@ async def test_forged_answers_that_results_could_not_carry_are_refused() -> None
         with pytest.raises(SandboxDied):
             await process.run(1, [Call("t", "k", DOUBLE, 5.0, {"n": 1})])
         assert "malformed answer" in (process.kill_reason or "")
+    finally:
+        await process.stop()
+
+
+async def test_an_output_that_is_not_one_json_value_is_refused() -> None:
+    """Outputs go into results as the bytes the process wrote: bytes that are not exactly one JSON value could
+    forge another task's fields in a result, so the process that sends them is killed as malformed."""
+    process = SandboxProcess(Scripted(Limits(memory_mb=256), script=BREAKOUT))
+    await process.start()
+    try:
+        with pytest.raises(SandboxDied) as died:
+            await process.run(1, [Call("t", "k", DOUBLE, 5.0, {"n": 1})])
+        assert died.value.answers == [] and "malformed answer" in (process.kill_reason or "")
     finally:
         await process.stop()
 
