@@ -283,3 +283,28 @@ async def test_a_latency_no_clock_gives_is_refused() -> None:
     partial grows from a few kB to 285 kB and costs the aggregator 80 ms to merge."""
     assert "malformed answer" in await refused(answering("boom", 1e-300))
 
+
+# Answers every call with the program keys it was asked to load: which versions ran in the process.
+LOADED_KEYS = HANDSHAKE.replace("number = json.loads(sys.stdin.buffer.readline())['batch']\n", "") + (
+    "loaded = []\n"
+    "for line in sys.stdin.buffer:\n"
+    "    batch = json.loads(line)\n"
+    "    loaded += [key for key, _ in batch['load']]\n"
+    "    output = json.dumps(loaded).encode()\n"
+    "    answers = [['ok', len(output), None, 1.0, None] for _ in batch['run']]\n"
+    "    os.write(1, json.dumps(answers).encode() + b'\\n' + output * len(answers))\n"
+)
+
+
+async def test_a_process_never_runs_a_second_version_of_its_task() -> None:
+    """A shadow oracle runs the active version on the input of a canary's execution, for the same task: in the
+    canary's process, the canary (owning it) could answer for its own judge. So a process runs one version only."""
+    pool = SandboxPool(Scripted(Limits(memory_mb=256), script=LOADED_KEYS), 2, spares=1)
+    await pool.start()
+    try:
+        judged = await pool.run([Call("t", "t-v2", DOUBLE, 1.0, {"n": 1})])
+        judge, again = await pool.run([Call("t", "t-v1", DOUBLE, 1.0, {"n": 1}),
+                                       Call("t", "t-v2", DOUBLE, 1.0, {"n": 1})])
+    finally:
+        await pool.stop()
+    assert (judged[0].output, judge.output, again.output) == (["t-v2"], ["t-v1"], ["t-v2"])
