@@ -32,6 +32,7 @@ from app.sandbox.seccomp import load_filter
 PROGRESS = struct.Struct("qqq")  # batch, call index, start (monotonic ns; 0 when no call is running)
 _FLUSH_S = 0.002
 _RETIRE_CPU_SHARE = 0.8
+MAX_ERROR_CHARS = 2000  # an error text is cut to this; the pool refuses a longer one as no process of ours wrote it
 
 
 class _CallTimeout(BaseException):
@@ -99,7 +100,7 @@ def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, v
     global _in_call, _last_output_size, _deadline
     _last_output_size = 0
     if isinstance(program, str):
-        return ["error", None, program, 0.0, None], False
+        return ["error", None, program[:MAX_ERROR_CHARS], 0.0, None], False
     status, output, error, retire = "ok", None, None, False
     started = time.perf_counter()
     _deadline = started + timeout_s
@@ -115,7 +116,7 @@ def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, v
     except RecursionError:
         status, error = "error", "program exceeded the maximum recursion depth"
     except BaseException as exc:  # the program's own failure, whatever it raised
-        status, error = "error", f"{type(exc).__name__}: {exc}"[:2000]
+        status, error = "error", f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
     finally:
         _in_call = False  # the timer stays armed: the next call of the batch re-uses it
     latency_ms = (time.perf_counter() - started) * 1000
@@ -124,7 +125,8 @@ def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, v
     try:
         encoded = orjson.dumps(output)
     except (TypeError, orjson.JSONEncodeError) as exc:
-        return ["error", None, f"output is not JSON-serialisable: {exc}", latency_ms, None], False
+        return ["error", None, f"output is not JSON-serialisable: {exc}"[:MAX_ERROR_CHARS], latency_ms,
+                None], False
     except MemoryError:
         return ["error", None, "output too large to serialise", latency_ms, None], True
     if len(encoded) > max_output:
@@ -147,7 +149,7 @@ def _load(compiler: ProgramCompiler, source: str, timeout_s: float) -> Callable[
     except _CallTimeout:
         return f"program did not finish loading within {timeout_s * 1000:.0f} ms"
     except BaseException as exc:  # loading ran program code: anything may come out
-        return f"program failed while loading: {type(exc).__name__}: {exc}"[:2000]
+        return f"program failed while loading: {type(exc).__name__}: {exc}"
     finally:
         _in_call = False
         _disarm()

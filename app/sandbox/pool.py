@@ -1,9 +1,11 @@
 """The sandbox pool: sandbox processes started inside the OS boundary, each serving one task at a time, called in
 batches from the worker's event loop.
 
-One task per process: a process is bound to the first task it serves and is never handed to another one; when
-a task needs a process and the pool is full, the least recently used idle process of another task is stopped
-and a warm spare (already started and locked down) takes its place, so switching costs no cold start.
+One program version per process: a process is bound to the first task and version it serves and is never handed
+to another one (not even another version of its task: a version on trial would otherwise run in the process
+that then runs the version judging it, as a shadow oracle, and could answer for it); when a version needs a
+process and the pool is full, the least recently used idle process of another one is stopped and a warm spare
+(already started and locked down) takes its place, so switching costs no cold start.
 
 Fair blame: every process writes the index and start time of the call it is running to a shared page. A call
 that outlives its timeout (stuck in C code, or swallowing its own timer) is killed once and charged once, as
@@ -25,7 +27,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from app.sandbox.boundary import Boundary, SandboxUnavailable
-from app.sandbox.child import PROGRESS
+from app.sandbox.child import MAX_ERROR_CHARS, PROGRESS
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,14 @@ _GRACE_S = 0.25  # beyond a call's own timeout, before the process is killed fro
 _START_TIMEOUT_S = 30.0
 _STATUSES = frozenset({"ok", "error", "timeout"})
 _NUMBER = (int, float)
+# A latency is 0 (a program that did not load) or a difference of two readings of a nanosecond clock. Anything
+# smaller than this would open buckets of its own in the task's latency sketch, one per 2 % down to 1e-308:
+# daily-stats partials of 285 kB instead of a few, 80 ms of the aggregator's time each.
+_MIN_LATENCY_MS = 1e-7
 _MAX_BLAMELESS_DEATHS = 3  # deaths with no call running, per chunk, before its calls are failed
 _STDERR_KEPT = 4096
 _CORES = os.cpu_count() or 1
+Owner = tuple[str, str]  # what a process is bound to: (task_id, program key)
 _MIN_CHUNK = 32  # calls: below this, another process costs more in IPC than it saves
 
 
@@ -119,6 +126,7 @@ class SandboxProcess:
         self._lost = False
         self.loaded: set[str] = set()
         self.task: str | None = None
+        self.owner: Owner | None = None
         self.last_used = 0.0
         self.kill_reason: str | None = None
         self._killed_running: int | None = None
@@ -281,8 +289,10 @@ class SandboxProcess:
         at, append, statuses, number, loads = 0, results.append, _STATUSES, _NUMBER, orjson.loads
         for status, length, error, latency_ms, memory_mb in answers:
             # Checked, not trusted: these go into results, whose encoders must never fail on them.
-            if status not in statuses or not (error is None or type(error) is str) \
-                    or type(latency_ms) not in number or not 0 <= latency_ms < 1e9 \
+            if status not in statuses \
+                    or not (error is None or (type(error) is str and len(error) <= MAX_ERROR_CHARS)) \
+                    or type(latency_ms) not in number \
+                    or not (_MIN_LATENCY_MS <= latency_ms < 1e9 or latency_ms == 0) \
                     or not (memory_mb is None or (type(memory_mb) in number and 0 <= memory_mb < 1e9)):
                 raise ValueError(f"bad answer {[status, error, latency_ms, memory_mb]!r:.80}")
             if length >= 0:
@@ -327,16 +337,16 @@ class SandboxProcess:
 
 
 class SandboxPool:
-    """Up to `processes` sandbox processes bound to tasks, plus `spares` started ahead. run() spreads a batch's
-    calls over processes of their own task."""
+    """Up to `processes` sandbox processes bound to program versions, plus `spares` started ahead. run() spreads a
+    batch's calls over processes of their own task and version."""
 
     def __init__(self, boundary: Boundary, processes: int, spares: int = 1, chunk_size: int = 500) -> None:
         self._boundary = boundary
         self._size = processes
         self._spare_target = spares
         self._chunk_size = chunk_size
-        self._idle: dict[str, list[SandboxProcess]] = {}
-        self._bound: dict[str, int] = {}  # per task: processes bound to it, busy or idle
+        self._idle: dict[Owner, list[SandboxProcess]] = {}
+        self._bound: dict[Owner, int] = {}  # per owner: processes bound to it, busy or idle
         self._spares: list[SandboxProcess] = []
         self._all: set[SandboxProcess] = set()
         self._changed = asyncio.Condition()
@@ -375,26 +385,27 @@ class SandboxPool:
         if not calls:
             return []
         outcomes: list[Outcome | None] = [None] * len(calls)
-        by_task: dict[str, list[int]] = {}
+        by_owner: dict[Owner, list[int]] = {}
         for index, call in enumerate(calls):
-            by_task.setdefault(call.task_id, []).append(index)
+            by_owner.setdefault((call.task_id, call.key), []).append(index)
         jobs = []
-        # Processes a task may use in this batch: its share of the pool, and no more than there are cores.
-        parallel = max(1, min(self._size // len(by_task), _CORES))
-        for task, indices in by_task.items():
+        # Processes a version may use in this batch: its share of the pool, and no more than there are cores.
+        parallel = max(1, min(self._size // len(by_owner), _CORES))
+        for owner, indices in by_owner.items():
             size = min(self._chunk_size, max(_MIN_CHUNK, -(-len(indices) // parallel)))
-            jobs += [self._run_chunk(task, indices[i:i + size], calls, outcomes) for i in range(0, len(indices), size)]
+            jobs += [self._run_chunk(owner, indices[i:i + size], calls, outcomes)
+                     for i in range(0, len(indices), size)]
         if len(jobs) == 1:
             await jobs[0]
         else:
             await asyncio.gather(*jobs)
         return outcomes  # type: ignore[return-value]  # every slot is filled by its chunk
 
-    async def _run_chunk(self, task: str, indices: list[int], calls: Sequence[Call],
+    async def _run_chunk(self, owner: Owner, indices: list[int], calls: Sequence[Call],
                          outcomes: list[Outcome | None]) -> None:
         pending, retried, blameless = indices, set(), 0
         while pending:
-            process = await self._acquire(task)
+            process = await self._acquire(owner)
             try:
                 answers = await process.run(next(self._batches), [calls[i] for i in pending])
             except SandboxDied as death:
@@ -425,65 +436,64 @@ class SandboxPool:
             await self._release(process)
             return
 
-    async def _acquire(self, task: str) -> SandboxProcess:
+    async def _acquire(self, owner: Owner) -> SandboxProcess:
         async with self._changed:
             while True:
-                idle = self._idle.get(task)
+                idle = self._idle.get(owner)
                 if idle:
                     process = idle.pop()
                     if process.alive:
                         return process
                     self._forget(process)
                     continue
-                bound = self._bound.get(task, 0)
+                bound = self._bound.get(owner, 0)
                 if bound < self._size:
-                    # A full pool makes room only for a task that has no process yet; one that has a process
-                    # waits for it, so tasks do not take each other's processes in turn.
+                    # A full pool makes room only for an owner that has no process yet; one that has a process
+                    # waits for it, so owners do not take each other's processes in turn.
                     if sum(self._bound.values()) >= self._size and not bound:
-                        self._evict_for(task)
+                        self._evict_for(owner)
                     if sum(self._bound.values()) < self._size:
-                        self._bound[task] = self._bound.get(task, 0) + 1
+                        self._bound[owner] = self._bound.get(owner, 0) + 1
                         break
                 await self._changed.wait()
         try:
             process = await self._take_spare()
         except BaseException:
             async with self._changed:
-                self._bound[task] -= 1
+                self._bound[owner] -= 1
                 self._changed.notify_all()
             raise
-        process.task = task
+        process.task, process.owner = owner[0], owner
         return process
 
-    def _evict_for(self, task: str) -> None:
-        """Stop the least recently used idle process of another task, freeing its place."""
-        candidates = [p for other, idle in self._idle.items() if other != task for p in idle]
+    def _evict_for(self, owner: Owner) -> None:
+        """Stop the least recently used idle process of another owner, freeing its place."""
+        candidates = [p for other, idle in self._idle.items() if other != owner for p in idle]
         if not candidates:
             return
         victim = min(candidates, key=lambda p: p.last_used)
-        self._idle[victim.task or ""].remove(victim)
+        self._idle[victim.owner].remove(victim)  # type: ignore[index]  # an idle process has its owner
         self.evicted += 1
         self._forget(victim, replaced=False)
 
     async def _release(self, process: SandboxProcess) -> None:
         async with self._changed:
-            if process.alive and process.task is not None:
+            if process.alive and process.owner is not None:
                 process.last_used = asyncio.get_running_loop().time()
-                self._idle.setdefault(process.task, []).append(process)
+                self._idle.setdefault(process.owner, []).append(process)
             else:
                 self._forget(process)
             self._changed.notify_all()
 
     def _forget(self, process: SandboxProcess, replaced: bool = True) -> None:
         """Drop a bound process (dead, or evicted) and stop it in the background."""
-        if process.task is not None:
-            self._bound[process.task] -= 1
-            if not self._bound[process.task]:
-                del self._bound[process.task]
+        if process.owner is not None:
+            self._bound[process.owner] -= 1
+            if not self._bound[process.owner]:
+                del self._bound[process.owner]
         if replaced:
             self.replaced += 1
-            log.warning("sandbox process %s of task %s replaced: %s", process.pid, process.task,
-                        process.kill_reason)
+            log.warning("sandbox process %s of %s replaced: %s", process.pid, process.owner, process.kill_reason)
         self._all.discard(process)
         self._background(process.stop())
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 from app.sandbox.boundary import Boundary, Limits
+from app.sandbox.child import MAX_ERROR_CHARS
 from app.sandbox.pool import Call, SandboxDied, SandboxPool, SandboxProcess
 from devtools.samples import program_source
 
@@ -251,3 +252,59 @@ async def test_a_call_keeps_its_whole_timeout_when_an_earlier_calls_deadline_pas
     assert first.output == 2
     assert (waited.status, waited.output, waited.error) == ("ok", "done", None)
     assert waited.latency_ms >= 200
+
+
+async def refused(script: str) -> str:
+    """Run one call on a process speaking `script`; the kill reason, which must say it was refused."""
+    process = SandboxProcess(Scripted(Limits(memory_mb=256), script=script))
+    await process.start()
+    try:
+        with pytest.raises(SandboxDied) as died:
+            await process.run(1, [Call("t", "k", DOUBLE, 5.0, {"n": 1})])
+        assert died.value.answers == []
+        return process.kill_reason or ""
+    finally:
+        await process.stop()
+
+
+def answering(error: str | None, latency_ms: float) -> str:
+    return HANDSHAKE + (f"os.write(1, json.dumps([['error', -1, {error!r}, {latency_ms!r}, None]]).encode() + b'\\n')\n"
+                        "time.sleep(20)\n")
+
+
+async def test_an_error_text_longer_than_any_the_sandbox_writes_is_refused() -> None:
+    """Error texts go into results as they come: a process could make each of its calls' results megabytes (past
+    what the cluster accepts, three times what outputs may hold in the worker's memory)."""
+    assert "malformed answer" in await refused(answering("x" * (MAX_ERROR_CHARS + 1), 1.0))
+
+
+async def test_a_latency_no_clock_gives_is_refused() -> None:
+    """A latency of 1e-300 ms files under its own bucket of the task's latency sketch: with one of 1e8 ms, the daily
+    partial grows from a few kB to 285 kB and costs the aggregator 80 ms to merge."""
+    assert "malformed answer" in await refused(answering("boom", 1e-300))
+
+
+# Answers every call with the program keys it was asked to load: which versions ran in the process.
+LOADED_KEYS = HANDSHAKE.replace("number = json.loads(sys.stdin.buffer.readline())['batch']\n", "") + (
+    "loaded = []\n"
+    "for line in sys.stdin.buffer:\n"
+    "    batch = json.loads(line)\n"
+    "    loaded += [key for key, _ in batch['load']]\n"
+    "    output = json.dumps(loaded).encode()\n"
+    "    answers = [['ok', len(output), None, 1.0, None] for _ in batch['run']]\n"
+    "    os.write(1, json.dumps(answers).encode() + b'\\n' + output * len(answers))\n"
+)
+
+
+async def test_a_process_never_runs_a_second_version_of_its_task() -> None:
+    """A shadow oracle runs the active version on the input of a canary's execution, for the same task: in the
+    canary's process, the canary (owning it) could answer for its own judge. So a process runs one version only."""
+    pool = SandboxPool(Scripted(Limits(memory_mb=256), script=LOADED_KEYS), 2, spares=1)
+    await pool.start()
+    try:
+        judged = await pool.run([Call("t", "t-v2", DOUBLE, 1.0, {"n": 1})])
+        judge, again = await pool.run([Call("t", "t-v1", DOUBLE, 1.0, {"n": 1}),
+                                       Call("t", "t-v2", DOUBLE, 1.0, {"n": 1})])
+    finally:
+        await pool.stop()
+    assert (judged[0].output, judge.output, again.output) == (["t-v2"], ["t-v1"], ["t-v2"])
