@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     sandbox_isolation: Literal["strict", "weak"] = Field(
         "strict", description="weak: no namespaces (development on hosts without user namespaces only)"
     )
-    # One task per process: keep it at least the number of tasks a worker serves at once, or tasks take turns
-    # (each turn a stopped process and a fresh one). Idle processes cost memory (~25 MB each), not CPU.
+    # One program version per process: keep it at least the number of task versions a worker serves at once, or
+    # they take turns (each turn a stopped process and a fresh one). Idle processes cost memory (~25 MB each), not CPU.
     sandbox_processes: int = Field(16, ge=1, le=256)
     sandbox_spares: int = Field(1, ge=0, le=64, description="processes started ahead for tasks that need one")
     sandbox_memory_mb: int = Field(512, ge=64)

@@ -7,7 +7,7 @@ Out: first {"hello": {...protections}}, then frames of answers, one per call in 
 milliseconds: a JSON line [[status, output_length, error, latency_ms, memory_mb], ...] followed by the
 outputs' JSON bytes (output_length -1: no output).
 Before and after each call it writes (batch, call index, start time or 0) to the shared progress page, so the
-pool knows which call was running if it has to kill the process. It serves one task only (the pool's rule)
+pool knows which call was running if it has to kill the process. It serves one program version only (the pool's rule)
 and exits after a batch in which a call timed out or ran out of memory, or when its CPU budget runs low.
 Each call is held to its timeout by SIGALRM from one interval timer kept armed across a batch's calls.
 """

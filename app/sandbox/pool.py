@@ -1,4 +1,4 @@
-"""The sandbox pool: sandbox processes started inside the OS boundary, each serving one task at a time, called in
+"""The sandbox pool: sandbox processes started inside the OS boundary, each serving one program version, called in
 batches from the worker's event loop.
 
 One program version per process: a process is bound to the first task and version it serves and is never handed
