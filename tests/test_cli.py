@@ -298,14 +298,18 @@ def test_an_absent_broker_is_one_line_within_the_timeout(
     assert done.returncode == 1
     assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"cannot reach Kafka: {address}" in done.stderr and "LOOPAI_BOOTSTRAP_SERVERS" in done.stderr
-    assert elapsed < 1 + 8, elapsed  # the timeout plus a generous interpreter start on a busy machine
+    if kind == "silent":  # it gave up after the timeout it was given (the wall clock cannot say: see below)
+        assert "did not answer within 1 s (connect_timeout_s)" in done.stderr, done.stderr
+    # No hang. About 2 s alone; beside the rest of the suite on two cores, the interpreter's start alone has
+    # taken 8 s, so the wall clock only bounds it well below the subprocess's own 30 s.
+    assert elapsed < 1 + 20, elapsed
 
 
 def test_a_silent_broker_fails_within_the_default_timeout(silent_broker: str) -> None:
     started = time.monotonic()
     done = loopai({"LOOPAI_BOOTSTRAP_SERVERS": silent_broker}, "task", "list", timeout=60)
     assert done.returncode == 1 and "did not answer within 5 s (connect_timeout_s)" in done.stderr, done.stderr
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 5 + 20  # no hang; the interpreter's start may take 8 s on a busy machine
 
 
 def test_send_wait_tail_filters_and_the_smaller_commands(
