@@ -69,9 +69,7 @@ class JoinOracleVerdicts:
         key = request.execution_id.encode()
         waiting = self.pending.get(key)
         if waiting is not None and "verdict" in waiting:  # answered before it was read here
-            verdict = self._stored_verdicts.decode(waiting["verdict"].encode())
-            await self._send(validated(request, verdict.output, utc_now()))
-            del self.pending[key]
+            await self._validate(key, request, self._stored_verdicts.decode(waiting["verdict"].encode()))
             return
         if waiting is not None:
             return  # redelivered: the first copy's deadline stands
@@ -89,7 +87,9 @@ class JoinOracleVerdicts:
             return
         if "request" not in waiting:
             return  # another verdict before the request: the first one stands
-        request = self._stored.decode(waiting["request"].encode())
+        await self._validate(key, self._stored.decode(waiting["request"].encode()), verdict)
+
+    async def _validate(self, key: bytes, request: ValidationRequest, verdict: OracleVerdict) -> None:
         await self._send(validated(request, verdict.output, utc_now()))
         del self.pending[key]
 

@@ -125,8 +125,7 @@ class SandboxProcess:
         self._started: dict[int, float] = {}  # call index -> when it started, as far as the worker can tell
         self._lost = False
         self.loaded: set[str] = set()
-        self.task: str | None = None
-        self.owner: Owner | None = None
+        self.owner: Owner | None = None  # the task and program version it serves, once taken from the spares
         self.last_used = 0.0
         self.kill_reason: str | None = None
         self._killed_running: int | None = None
@@ -145,6 +144,10 @@ class SandboxProcess:
         except (SandboxDied, OSError, TimeoutError) as exc:
             await self.stop()
             raise SandboxUnavailable(self._boundary.explain(self._stderr.decode(errors="replace") or str(exc))) from exc
+
+    @property
+    def task(self) -> str | None:
+        return None if self.owner is None else self.owner[0]
 
     @property
     def alive(self) -> bool:
@@ -463,7 +466,7 @@ class SandboxPool:
                 self._bound[owner] -= 1
                 self._changed.notify_all()
             raise
-        process.task, process.owner = owner[0], owner
+        process.owner = owner
         return process
 
     def _evict_for(self, owner: Owner) -> None:
