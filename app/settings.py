@@ -66,6 +66,8 @@ class Settings(BaseSettings):
 
     worker_id: str = Field(default_factory=_default_worker_id, min_length=1)
     app_id: str = Field("loopai", min_length=1, description="faust app id; also names the executor group")
+    # faust's local files (its tables are in memory; it still keeps a directory): default ./<app_id>-data
+    data_dir: Path | None = None
 
     # Executor
     executor_batch_size: int = Field(1000, ge=1, le=100_000)

@@ -162,12 +162,15 @@ def build_app(settings: Settings) -> faust.App:
         )
     elif "ssl_context" in client_args:
         credentials = faust.SSLCredentials(client_args["ssl_context"])
+    if settings.data_dir:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust makes the directory, not its parents
     return faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
         broker_credentials=credentials,
         web_enabled=False,
         store="memory://",
+        **({"datadir": settings.data_dir} if settings.data_dir else {}),
         topic_replication_factor=settings.replication_factor,
         table_standby_replicas=0,
         broker_session_timeout=settings.session_timeout_s,

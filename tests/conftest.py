@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -45,6 +46,7 @@ def make_settings(broker: EmbeddedBroker, **overrides: Any) -> Settings:
         "bootstrap_servers": broker.bootstrap_servers,
         "topic_prefix": prefix,
         "app_id": f"app-{prefix.rstrip('.')}",
+        "data_dir": Path(tempfile.gettempdir()) / "loopai-tests" / prefix.rstrip("."),  # not in the checkout
         "sandbox_processes": 16,  # the tests' workers serve up to a dozen tasks at once
         "web_port": 0,  # no HTTP: tests run many workers at once; tests/test_web.py gives its own a free port
         **EMBEDDED_TIMINGS,
