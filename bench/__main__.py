@@ -53,7 +53,7 @@ from app.kafka.partitioned_state import read_state
 from app.settings import Settings
 from bench.cpu import TreeSampler
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker, free_port
-from devtools.samples import SPAM_TEXTS, program_source
+from devtools.samples import SPAM_TEXTS, TEXT_INPUT_SCHEMA, program_source
 
 HERE = Path(__file__).resolve().parent
 QUIX_VENV = HERE / ".venv-quix"
@@ -272,8 +272,9 @@ async def provision(settings: Settings) -> None:
     await apply_topics(settings, topics_for(settings.topic_prefix))
     async with ControlPlane(settings) as control:
         for task in TASKS:
-            # No input_schema: the same job as the baselines (decode, classify, encode, produce).
-            await control.put_task(TaskSpec(name=task, updated_at=utc_now()))
+            # The baselines' job (decode, classify, encode, produce), and the pipeline checks each input against
+            # its task's schema besides, as users' tasks have one.
+            await control.put_task(TaskSpec(name=task, input_schema=TEXT_INPUT_SCHEMA, updated_at=utc_now()))
             await control.publish(task, program_source(PROGRAM), activate=True)
 
 

@@ -32,7 +32,7 @@ from app.kafka.outcomes import executed_results
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.pool import SandboxProcess
 from app.settings import Settings
-from devtools.samples import SPAM_TEXTS, program_source
+from devtools.samples import SPAM_TEXTS, TEXT_INPUT_SCHEMA, program_source
 
 
 def messages(count: int) -> list[ConsumerRecord[bytes, bytes]]:
@@ -53,7 +53,7 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
     topics = topics_for(settings.topic_prefix)
     codec = codec_for(ExecutionRequest, settings, topics.execution_requests)
     results_codec = codec_for(ExecutionResult, settings, topics.execution_results)
-    task = TaskSpec(name="spam-filter", active_version=1, updated_at=utc_now())
+    task = TaskSpec(name="spam-filter", input_schema=TEXT_INPUT_SCHEMA, active_version=1, updated_at=utc_now())
     artifact = ProgramArtifact(task_id="spam-filter", version=1, program_id="spam-filter-v1",
                                source_code=program_source("spam_v1"), created_at=utc_now())
     validators = SchemaValidators()

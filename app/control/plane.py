@@ -27,6 +27,7 @@ from app.contract.records import (
 )
 from app.contract.topics import TopicSpec, topics_for
 from app.domain.programs import check_source, complexity_of
+from app.domain.resolution import SchemaError, check_schema
 from app.kafka.clients import make_producer, partition_for
 from app.kafka.metadata import topic_partitions
 from app.kafka.tables import TableReader, artifact_key, read_to_end
@@ -309,6 +310,8 @@ def _merged_oracle(task: TaskSpec, changes: dict[str, Any]) -> dict[str, Any]:
 
 def _check_json_schema(schema: dict[str, Any], field: str) -> None:
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
+        check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise ControlError(f"{field} is not a valid JSON Schema: {exc.message}") from exc
+    except SchemaError as exc:
+        raise ControlError(f"{field} must be self-contained (workers fetch no $ref): {exc}") from exc

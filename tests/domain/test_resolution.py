@@ -1,3 +1,5 @@
+import http.server
+import threading
 from typing import Any
 
 import pytest
@@ -65,6 +67,42 @@ def test_validator_follows_a_changed_schema() -> None:
     assert validators.errors(task, {"n": 1}) is not None
     relaxed = task.model_copy(update={"input_schema": {"type": "object"}})
     assert validators.errors(relaxed, {"n": 1}) is None
+
+
+def test_a_schema_that_refers_elsewhere_refuses_its_requests_and_nothing_is_fetched() -> None:
+    fetched: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            fetched.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"type": "string"}')
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        ref = {"$ref": f"http://127.0.0.1:{server.server_address[1]}/s.json"}
+        for schema in (ref, {"type": "object", "properties": {"text": ref}}):
+            task = TASKS["spam"].model_copy(update={"input_schema": schema})
+            problem = SchemaValidators().errors(task, {"text": "x"})
+            assert problem is not None and "the task's input_schema cannot be used" in problem
+            assert "s.json" in problem
+    finally:
+        server.shutdown()
+    assert fetched == []
+
+
+def test_the_fast_check_and_the_worded_error_agree_on_what_is_valid() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}, "tags": {
+        "type": "array", "items": {"type": "string", "pattern": "^[a-z]+$"}, "maxItems": 2}},
+        "required": ["n"], "additionalProperties": False}
+    task = TASKS["spam"].model_copy(update={"input_schema": schema})
+    validators = SchemaValidators()
+    valid = [{"n": 0}, {"n": 2**70}, {"n": 3, "tags": ["ab", "c"]}]
+    invalid = [{"n": -1}, {"n": 1.5}, {"n": 1, "x": 0}, {"n": 1, "tags": ["A"]}, {"n": 1, "tags": ["a"] * 3}, {}]
+    assert [validators.errors(task, value) for value in valid] == [None] * len(valid)
+    assert all(validators.errors(task, value) for value in invalid)
 
 
 def test_a_canary_runs_its_share_of_requests_and_pins_win() -> None:
