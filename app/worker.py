@@ -170,7 +170,7 @@ def build_app(settings: Settings) -> faust.App:
         broker_credentials=credentials,
         web_enabled=False,
         store="memory://",
-        **({"datadir": settings.data_dir} if settings.data_dir else {}),
+        datadir=settings.data_dir or f"{settings.app_id}-data",
         topic_replication_factor=settings.replication_factor,
         table_standby_replicas=0,
         broker_session_timeout=settings.session_timeout_s,

@@ -11,7 +11,6 @@ import logging
 from types import TracebackType
 from typing import Any
 
-import jsonschema
 from aiokafka import AIOKafkaProducer
 
 from app.contract.codecs import codec_for
@@ -27,7 +26,7 @@ from app.contract.records import (
 )
 from app.contract.topics import TopicSpec, topics_for
 from app.domain.programs import check_source, complexity_of
-from app.domain.resolution import SchemaError, check_schema
+from app.domain.resolution import SchemaError, schema_validator
 from app.kafka.clients import make_producer, partition_for
 from app.kafka.metadata import topic_partitions
 from app.kafka.tables import TableReader, artifact_key, read_to_end
@@ -310,8 +309,7 @@ def _merged_oracle(task: TaskSpec, changes: dict[str, Any]) -> dict[str, Any]:
 
 def _check_json_schema(schema: dict[str, Any], field: str) -> None:
     try:
-        check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise ControlError(f"{field} is not a valid JSON Schema: {exc.message}") from exc
+        schema_validator(schema)
     except SchemaError as exc:
-        raise ControlError(f"{field} must be self-contained (workers fetch no $ref): {exc}") from exc
+        raise ControlError(f"{field} is not a valid JSON Schema, or refers outside itself (workers fetch no $ref): "
+                           f"{exc}") from exc

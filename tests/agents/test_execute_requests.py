@@ -78,7 +78,7 @@ async def test_every_error_path_gives_exactly_one_result(served: Settings) -> No
         "unknown pinned version": (request_from("spam", {"text": "x"}, version=9), ExecutionStatus.REJECTED,
                                    "has no version 9"),
         "input against schema": (request_from("spam", {"txt": "x"}), ExecutionStatus.REJECTED,
-                                 "'text' is a required property"),
+                                 '"text" is a required property'),
         "program exception": (request_from("hostile", {"n": 0}, version=2), ExecutionStatus.ERROR,
                               "ZeroDivisionError: division by zero"),
         "timeout": (request_from("hostile", {}, version=1, timeout_ms=200), ExecutionStatus.TIMEOUT,
