@@ -137,7 +137,7 @@ async def _run(duration_s: float, rate: float, log_dir: Path, stop: _Stop) -> in
     worker_code = 0
     with EmbeddedBroker(log_file=log_dir / "broker.log") as broker:
         settings = Settings.load(None, bootstrap_servers=broker.bootstrap_servers, canary_min_validations=20,
-                                 **EMBEDDED_TIMINGS)
+                                 data_dir=log_dir / "worker-data", **EMBEDDED_TIMINGS)
         _say(f"embedded broker on {broker.bootstrap_servers}")
         if settings.web_port and listening(settings.web_port):  # a dev loop should not fail over a busy port
             settings = settings.model_copy(update={"web_port": free_port()})
