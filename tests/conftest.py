@@ -30,6 +30,13 @@ from app.settings import Settings
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 
 _counter = itertools.count()
+_data_root: Path | None = None  # where the workers' faust data goes: pytest's temporary directory, not the checkout
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _faust_data_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    global _data_root
+    _data_root = tmp_path_factory.mktemp("faust-data")
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +53,7 @@ def make_settings(broker: EmbeddedBroker, **overrides: Any) -> Settings:
         "bootstrap_servers": broker.bootstrap_servers,
         "topic_prefix": prefix,
         "app_id": f"app-{prefix.rstrip('.')}",
-        "data_dir": Path(tempfile.gettempdir()) / "loopai-tests" / prefix.rstrip("."),  # not in the checkout
+        "data_dir": (_data_root or Path(tempfile.mkdtemp())) / prefix.rstrip("."),
         "sandbox_processes": 16,  # the tests' workers serve up to a dozen tasks at once
         "web_port": 0,  # no HTTP: tests run many workers at once; tests/test_web.py gives its own a free port
         **EMBEDDED_TIMINGS,
