@@ -25,6 +25,8 @@ from app.kafka.partitioned_state import PartitionedState
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+_BATCH = 1000  # events merged before their windows go to the changelog
+_BATCH_WITHIN_S = 0.05  # or once this long has passed since the batch's first event
 
 
 class AggregateDailyStats:
@@ -53,24 +55,33 @@ class AggregateDailyStats:
         app.on_partitions_revoked.connect(self._on_revoked)
 
     async def _consume(self, stream: Any) -> None:
-        async for event in stream.events():
-            message = event.message
-            try:
-                if message.topic == self._validations_topic:
-                    partials = summarise_validations([self._validations.decode(event.value)], self.windows)
-                else:
-                    partials = [self._partials.decode(event.value)]
-                for partial in partials:
-                    await self._merge(message.partition, partial, message.topic, message.offset)
-            except DecodeError as exc:
-                await self._dead_letters.send(event, str(exc), "DecodeError")
-            except ValueError as exc:  # another zone, an impossible date, a corrupt sketch: this message only
-                await self._dead_letters.send(event, f"cannot be aggregated: {exc}", type(exc).__name__)
+        """Merges events a batch at a time: a task's windows change in memory for each event, then go to the
+        changelog once per batch (one record per task touched, acknowledged before faust acks the batch's
+        events). Record by record, each validation cost a changelog round trip, and at full speed (5 % of
+        40,000 executions/s sampled) the windows fell seconds behind."""
+        async for events in stream.take_events(_BATCH, within=_BATCH_WITHIN_S):
+            touched: dict[tuple[int, bytes], OpenWindows] = {}
+            for event in events:
+                message = event.message
+                try:
+                    if message.topic == self._validations_topic:
+                        partials = summarise_validations([self._validations.decode(event.value)], self.windows)
+                    else:
+                        partials = [self._partials.decode(event.value)]
+                    for partial in partials:
+                        await self._merge(message.partition, partial, message.topic, message.offset, touched)
+                except DecodeError as exc:
+                    await self._dead_letters.send(event, str(exc), "DecodeError")
+                except ValueError as exc:  # another zone, an impossible date, a corrupt sketch: this message only
+                    await self._dead_letters.send(event, f"cannot be aggregated: {exc}", type(exc).__name__)
+            for (partition, key), opened in touched.items():
+                await self.state.put(partition, key, opened)
 
-    async def _merge(self, partition: int, partial: StatsPartial, topic: str, offset: int) -> None:
+    async def _merge(self, partition: int, partial: StatsPartial, topic: str, offset: int,
+                     touched: dict[tuple[int, bytes], OpenWindows]) -> None:
         owned = await self.state.values_of(partition)
         key = partial.task_id.encode()
-        opened = owned.get(key) or OpenWindows(partial.task_id, self.windows)
+        opened = touched.get((partition, key)) or owned.get(key) or OpenWindows(partial.task_id, self.windows)
         if opened.merged(topic, offset):  # redelivered after a crash: its changes are in the changelog already
             self.redelivered += 1
             return
@@ -81,7 +92,7 @@ class AggregateDailyStats:
                         self.late)
             return
         opened.mark(topic, offset)
-        await self.state.put(partition, key, opened)
+        touched[(partition, key)] = opened
 
     async def _close(self) -> None:
         """Emit and forget every owned window that has closed: days close on time without new traffic."""
