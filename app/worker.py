@@ -15,9 +15,11 @@ import os
 import signal
 import threading
 import time
+import weakref
 from typing import Any
 
 import faust
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from mode import Service
 
 from app.agents.aggregate_daily_stats import AggregateDailyStats
@@ -151,6 +153,24 @@ class RepeatsHeldBack(logging.Filter):
         return True
 
 
+_agent_fetch_waits: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_faust_worker_consumer = AIOKafkaConsumerThread._create_worker_consumer
+
+
+def _worker_consumer(self: AIOKafkaConsumerThread, transport: Any) -> Any:
+    """faust builds its agents' consumer with fetch_max_wait_ms=1500, fixed; this one takes the app's
+    `agent_fetch_max_wait_ms` (Apache Kafka answers a fetch once a record arrives, so that only paces idle
+    polls; the embedded broker holds every fetch that long)."""
+    consumer = _faust_worker_consumer(self, transport)
+    wait_ms = _agent_fetch_waits.get(self.app)
+    if wait_ms is not None:
+        consumer._fetch_max_wait_ms = wait_ms  # read when the consumer starts and builds its fetcher
+    return consumer
+
+
+AIOKafkaConsumerThread._create_worker_consumer = _worker_consumer  # type: ignore[method-assign]
+
+
 def build_app(settings: Settings) -> faust.App:
     """The faust app of a worker, with group timings and credentials from the settings."""
     credentials: Any = None
@@ -166,7 +186,7 @@ def build_app(settings: Settings) -> faust.App:
         credentials = faust.SSLCredentials(client_args["ssl_context"])
     if settings.data_dir:
         settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust makes the directory, not its parents
-    return faust.App(
+    app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap_servers.split(",")],
         broker_credentials=credentials,
@@ -189,6 +209,8 @@ def build_app(settings: Settings) -> faust.App:
         # faust would name the election's topic after the app id, outside the prefix and the registry
         LeaderAssignor=leader_assignor_for(topics_for(settings.topic_prefix).leader_election),
     )
+    _agent_fetch_waits[app] = settings.agent_fetch_max_wait_ms
+    return app
 
 
 class Worker(faust.Worker):

@@ -24,6 +24,7 @@ EMBEDDED_TIMINGS = {
     "rebalance_timeout_s": 4.0,
     "commit_interval_s": 1.0,
     "executor_fetch_max_wait_ms": 2,
+    "agent_fetch_max_wait_ms": 100,
 }
 
 

@@ -5,6 +5,7 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiokafka import TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -18,7 +19,7 @@ from app.control.plane import ControlPlane
 from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import apply_topics, make_consumer, make_producer
 from app.settings import Settings
-from app.worker import RepeatsHeldBack
+from app.worker import RepeatsHeldBack, build_app
 from devtools.registry import LocalRegistry
 from devtools.samples import program_source
 from tests.conftest import WorkerProcess, collect, make_settings, results_for
@@ -187,3 +188,11 @@ def test_repeated_warnings_are_held_back_and_counted() -> None:
     held_back._window_s = 0.0  # the window has passed
     assert held_back.filter(records[0])
     assert records[0].getMessage() == "Unable connect to n1 [and 499 more like it in the last 0 s]"
+
+
+async def test_the_agents_consumer_waits_for_records_as_long_as_the_settings_say(tmp_path: Path) -> None:
+    """faust fixes its consumer's fetch wait at 1500 ms; the embedded broker holds every fetch that long."""
+    app = build_app(Settings(bootstrap_servers="127.0.0.1:9", agent_fetch_max_wait_ms=123, data_dir=tmp_path))
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)
+    assert consumer._fetch_max_wait_ms == 123
+    await consumer.stop()  # never started: this only marks it closed
