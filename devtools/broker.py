@@ -7,6 +7,8 @@ when it is done with it (after its workers).
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import socket
 import subprocess
 import time
@@ -26,6 +28,16 @@ EMBEDDED_TIMINGS = {
     "executor_fetch_max_wait_ms": 2,
     "agent_fetch_max_wait_ms": 100,
 }
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the broker's child, before exec: SIGTERM when the process that started it dies, however it dies
+    (a SIGKILLed `loopai dev` or test run would otherwise leave the broker running)."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -77,7 +89,8 @@ class EmbeddedBroker:
             stdout=output,
             stderr=output,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the worker first; the broker is stopped after
+            preexec_fn=_die_with_parent,  # it only calls prctl
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -6,10 +6,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from app.contract.topics import topics_for
-from devtools.broker import EmbeddedBroker
+from devtools.broker import EmbeddedBroker, listening
 from tests.conftest import make_settings, wait_for_text
 
 
@@ -40,3 +41,21 @@ def test_loopai_broker_refuses_a_port_in_use(broker: EmbeddedBroker) -> None:
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert f"port {broker.port} is already in use" in done.stderr and "--port" in done.stderr
+
+
+def test_a_killed_loopai_broker_takes_its_broker_with_it(tmp_path: Path) -> None:
+    """SIGKILL leaves no time to stop the broker; the kernel ends it when its parent dies."""
+    output = tmp_path / "broker.out"
+    with open(output, "wb") as out:
+        running = subprocess.Popen([sys.executable, "-m", "app.cli", "broker", "--port", "0"],
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        export = wait_for_text(output, re.compile(r"^export LOOPAI_BOOTSTRAP_SERVERS=127\.0\.0\.1:(\d+)$", re.M),
+                               running, timeout_s=30)
+    finally:
+        os.killpg(running.pid, signal.SIGKILL)
+        running.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while listening(int(export.group(1))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not listening(int(export.group(1)))
