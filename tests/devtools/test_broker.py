@@ -14,14 +14,21 @@ from devtools.broker import EmbeddedBroker, listening
 from tests.conftest import make_settings, wait_for_text
 
 
+def _loopai_broker(output: Path) -> subprocess.Popen[bytes]:
+    """`loopai broker` on a free port, in a session of its own (as a terminal runs it), its output in a file."""
+    with open(output, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "app.cli", "broker", "--port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+_EXPORT = re.compile(r"^export LOOPAI_BOOTSTRAP_SERVERS=(127\.0\.0\.1:(\d+))$", re.M)
+
+
 def test_loopai_broker_serves_the_other_commands_until_ctrl_c(broker: EmbeddedBroker, tmp_path: Path) -> None:
     output = tmp_path / "broker.out"
-    with open(output, "wb") as out:
-        running = subprocess.Popen([sys.executable, "-m", "app.cli", "broker", "--port", "0"],
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    running = _loopai_broker(output)
     try:
-        export = wait_for_text(output, re.compile(r"^export LOOPAI_BOOTSTRAP_SERVERS=(127\.0\.0\.1:(\d+))$", re.M),
-                               running, timeout_s=30)
+        export = wait_for_text(output, _EXPORT, running, timeout_s=30)
         env = {**os.environ, **make_settings(broker).to_env(), "LOOPAI_BOOTSTRAP_SERVERS": export.group(1)}
         applied = subprocess.run([sys.executable, "-m", "app.cli", "topics", "apply"],
                                  capture_output=True, text=True, timeout=60, env=env)
@@ -46,16 +53,13 @@ def test_loopai_broker_refuses_a_port_in_use(broker: EmbeddedBroker) -> None:
 def test_a_killed_loopai_broker_takes_its_broker_with_it(tmp_path: Path) -> None:
     """SIGKILL leaves no time to stop the broker; the kernel ends it when its parent dies."""
     output = tmp_path / "broker.out"
-    with open(output, "wb") as out:
-        running = subprocess.Popen([sys.executable, "-m", "app.cli", "broker", "--port", "0"],
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    running = _loopai_broker(output)
     try:
-        export = wait_for_text(output, re.compile(r"^export LOOPAI_BOOTSTRAP_SERVERS=127\.0\.0\.1:(\d+)$", re.M),
-                               running, timeout_s=30)
+        port = int(wait_for_text(output, _EXPORT, running, timeout_s=30).group(2))
     finally:
         os.killpg(running.pid, signal.SIGKILL)
         running.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while listening(int(export.group(1))) and time.monotonic() < deadline:
+    while listening(port) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not listening(int(export.group(1)))
+    assert not listening(port)
