@@ -39,9 +39,7 @@ def schema_validator(schema: dict[str, Any]) -> Any:
     try:
         jsonschema_rs.meta.validate(schema)
         return jsonschema_rs.validator_for(schema, offline=True, validate_formats=False)
-    except jsonschema_rs.ValidationError as exc:
-        raise SchemaError(str(exc).splitlines()[0]) from None
-    except (jsonschema_rs.ReferencingError, ValueError) as exc:
+    except (jsonschema_rs.ValidationError, jsonschema_rs.ReferencingError, ValueError) as exc:
         raise SchemaError(str(exc).splitlines()[0]) from None
 
 
