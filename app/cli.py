@@ -38,7 +38,6 @@ from app.contract.registry import RegistryError, register_schemas
 from app.contract.topics import topics_for
 from app.control.plane import ControlError, ControlPlane
 from app.domain.daily_stats import StatsKey
-from app.domain.daily_windows import DailyWindows
 from app.domain.programs import ProgramRejected, check_source
 from app.domain.stats_report import chart, window_table
 from app.kafka.client import RequestSender, daily_stats, follow, request_from, send_and_wait, send_requests
@@ -786,7 +785,7 @@ def stats(ctx: click.Context, task_id: str, day: str | None, version: int | None
     """A task's daily window as a table (closed days from analytics, open ones from the aggregator's
     changelog), and the last days' success rate and p99 latency as bars."""
     settings = _kafka_settings(ctx)
-    windows = DailyWindows(settings.analytics_time_zone, timedelta(seconds=settings.analytics_grace_s))
+    windows = settings.daily_windows()
     try:
         window = windows.of_date(day) if day else windows.today(utc_now())
     except ValueError as exc:

@@ -9,6 +9,7 @@ import os
 import re
 import socket
 from dataclasses import fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -18,6 +19,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.domain.anomaly import AnomalyThresholds
+from app.domain.daily_windows import DailyWindows
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -227,6 +229,10 @@ class Settings(BaseSettings):
                 keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
             )
         return args
+
+    def daily_windows(self) -> DailyWindows:
+        """The analytics' days: in analytics_time_zone, open analytics_grace_s past their end."""
+        return DailyWindows(self.analytics_time_zone, timedelta(seconds=self.analytics_grace_s))
 
     def group_args(self) -> dict[str, Any]:
         """Consumer-group timing arguments for aiokafka consumers."""

@@ -1,5 +1,6 @@
-"""Decides canary rollouts: consumes validations and anomaly signals (both key task_id, co-partitioned, so one
-owner per task), keeps validated and matched counts and the signals per task version in faust tables, and when
+"""Decides canary rollouts: consumes stats-partials (for the validated and matched counts the validators'
+partials carry) and anomaly signals (both key task_id, co-partitioned, so one owner per task), keeps those counts
+and the signals per task version in faust tables, and when
 a task's canary has shown itself better or worse, or has a signal against it (app/domain/canary.py), produces a
 canary decision and the task's new spec (promoted: the candidate becomes active; rolled back: the canary ends)."""
 
@@ -16,9 +17,8 @@ from app.contract.records import (
     AnomalySignal,
     CanaryAction,
     CanaryDecision,
+    StatsPartial,
     TaskSpec,
-    Validation,
-    ValidationStatus,
     utc_now,
 )
 from app.contract.topics import Topics
@@ -39,7 +39,7 @@ class DecideCanaries:
         self._settings = settings
         self._sampler = sampler  # adaptive sampling learns recent disagreement from the validations seen here
         self._tables = tables
-        self._validations = codec_for(Validation, settings, topics.validations)
+        self._partials = codec_for(StatsPartial, settings, topics.stats_partials)
         self._signals = codec_for(AnomalySignal, settings, topics.anomaly_signals)
         self._stored_signals = json_codec(AnomalySignal)  # the table's own format, whatever the wire's
         self._signals_topic = topics.anomaly_signals.name
@@ -65,7 +65,8 @@ class DecideCanaries:
                                       value_serializer="json", partitions=topics.canary_signals.partitions,
                                       compacting=True),
         )
-        app.agent(raw_topic(app, topics.validations, topics.anomaly_signals), name="decide_canaries")(self._consume)
+        app.agent(raw_topic(app, topics.stats_partials, topics.anomaly_signals), name="decide_canaries")(
+            self._consume)
 
     def accuracy_of(self, task_id: str, version: int | None) -> Accuracy:
         counts = self.accuracy.get(f"{task_id}/{version}".encode()) if version is not None else None
@@ -82,17 +83,18 @@ class DecideCanaries:
                 if event.message.topic == self._signals_topic:
                     await self._take_signal(self._signals.decode(event.value))
                     continue
-                validation = self._validations.decode(event.value)
+                partial = self._partials.decode(event.value)
             except DecodeError as exc:
                 await self._dead_letters.send(event, str(exc), "DecodeError")
                 continue
-            if validation.status is not ValidationStatus.VALIDATED or validation.match is None:
+            if not partial.validated:  # an executor's partial: results, no validations
                 continue
             if self._sampler is not None:
-                self._sampler.observe_validation(validation.task_id, validation.match)
-            key = f"{validation.task_id}/{validation.version}".encode()
-            self.accuracy[key] = self.accuracy_of(validation.task_id, validation.version).add(validation.match).counts()
-            await self._maybe_decide(validation.task_id)
+                self._sampler.observe_validations(partial.task_id, partial.validated, partial.matched)
+            key = f"{partial.task_id}/{partial.version}".encode()
+            accuracy = self.accuracy_of(partial.task_id, partial.version).add(partial.validated, partial.matched)
+            self.accuracy[key] = accuracy.counts()
+            await self._maybe_decide(partial.task_id)
 
     async def _take_signal(self, signal: AnomalySignal) -> None:
         if signal.version is None:

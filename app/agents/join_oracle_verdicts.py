@@ -1,8 +1,9 @@
 """Joins external oracles' verdicts with the requests they answer: consumes oracle-requests and oracle-verdicts
-(both keyed by execution_id, co-partitioned) and produces validations. A request waits in a faust table (its
-changelog is the registry's oracle_pending topic, so it survives a restart or a rebalance); one still
-unanswered past its oracle's timeout_s becomes an `expired` validation, never a silent drop. Kafka orders no two
-topics: a fast oracle's verdict may be read before its request, so it waits in the same table for the request.
+(both keyed by execution_id, co-partitioned) and produces validations, each with its daily-stats partial (see
+validate_executions). A request waits in a faust table (its changelog is the registry's oracle_pending topic, so
+it survives a restart or a rebalance); one still unanswered past its oracle's timeout_s becomes an `expired`
+validation, never a silent drop. Kafka orders no two topics: a fast oracle's verdict may be read before its
+request, so it waits in the same table for the request.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import faust
 
 from app.agents.plumbing import EventDeadLetters, raw_topic
 from app.contract.codecs import DecodeError, codec_for, json_codec
-from app.contract.records import OracleVerdict, Validation, ValidationRequest, ValidationStatus, utc_now
+from app.contract.records import OracleVerdict, StatsPartial, Validation, ValidationRequest, ValidationStatus, utc_now
 from app.contract.topics import Topics
+from app.domain.daily_stats import summarise_validations
 from app.domain.validation import unvalidated, validated
 from app.settings import Settings
 
@@ -37,6 +39,9 @@ class JoinOracleVerdicts:
         self._validations = codec_for(Validation, settings, topics.validations)
         self._requests_topic = topics.oracle_requests.name
         self._validations_topic = raw_topic(app, topics.validations)
+        self._windows = settings.daily_windows()
+        self._partials = codec_for(StatsPartial, settings, topics.stats_partials)
+        self._partials_topic = raw_topic(app, topics.stats_partials)
         self._dead_letters = EventDeadLetters(app, settings, topics)
         # execution_id (raw bytes, so partitioned like the source topics) ->
         #   {"request": ValidationRequest as JSON text, "deadline": unix seconds}, or, for a verdict read before
@@ -107,5 +112,9 @@ class JoinOracleVerdicts:
                 del self.pending[key]
 
     async def _send(self, record: Validation) -> None:
-        await self._validations_topic.send(key=record.task_id.encode(), value=self._validations.encode(record))
+        """The validation, then its daily-stats partial (what the analytics and canary agents count)."""
+        key = record.task_id.encode()
+        await self._validations_topic.send(key=key, value=self._validations.encode(record))
+        for partial in summarise_validations([record], self._windows):
+            await self._partials_topic.send(key=key, value=self._partials.encode(partial))
 

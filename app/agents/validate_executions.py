@@ -5,10 +5,15 @@ batch); an external oracle forwards the request to oracle-requests (key executio
 answers (see join_oracle_verdicts).
 
 Every request ends as its validation, its forwarded oracle request, or a dead letter saying why, all
-acknowledged before the batch's offsets are committed (at-least-once, like the executor). It reads with aiokafka
-in batches, not as a faust agent: at full speed 5 % of the executions are sampled (≈ 2,000 a second per worker),
-and faust's per-event path (a stream event, an ack and a produce request per record) fell further behind the
-longer a run went: 50,000 samples still waited 20-25 s after the last result of a million requests.
+acknowledged before the batch's offsets are committed (at-least-once, like the executor). Like the executor, it
+then sends the daily-stats partials of the batch's validations (validated and matched counts per
+task/version/day) to stats-partials: the analytics and canary agents count validations from those, a few
+records a second, not one faust event per validation.
+
+It reads with aiokafka in batches, not as a faust agent: at full speed 5 % of the executions are sampled
+(≈ 2,000 a second per worker), and faust's per-event path (a stream event, an ack and a produce request per
+record) fell further behind the longer a run went: 50,000 samples still waited 20-25 s after the last result
+of a million requests.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class _Batch:
 
     outbox: Outbox[Tag] = field(default_factory=Outbox)
     shadows: list[tuple[ValidationRequest, int, Call, Message]] = field(default_factory=list)  # (.., version, ..)
-    validated: list[int] = field(default_factory=list)  # id() of the messages answered with a validation
+    validations: list[tuple[int, Validation]] = field(default_factory=list)  # (id() of its message, record)
     forwarded: list[int] = field(default_factory=list)  # id() of those forwarded to an external oracle
 
 
@@ -150,7 +155,9 @@ class ValidateExecutions:
         if batch.shadows:
             await self._run_shadows(batch)
         fallen_back = await self._writer.deliver(batch.outbox)  # those answers went as dead letters instead
-        self.validated += sum(1 for key in batch.validated if key not in fallen_back)
+        delivered = [record for key, record in batch.validations if key not in fallen_back]
+        await self._writer.write_validation_stats(delivered)  # before the commit, as the executor's partials
+        self.validated += len(delivered)
         self.forwarded += sum(1 for key in batch.forwarded if key not in fallen_back)
         self.dead_lettered += len(fallen_back)
         try:
@@ -214,7 +221,7 @@ class ValidateExecutions:
 
     def _send(self, batch: _Batch, record: Validation, message: Message) -> None:
         self._add(batch, self._topics.validations.name, record.task_id, self._validations.encode(record), message)
-        batch.validated.append(id(message))
+        batch.validations.append((id(message), record))
 
     def _add(self, batch: _Batch, topic: str, key: str, value: bytes, message: Message) -> None:
         encoded = key.encode()

@@ -35,8 +35,9 @@ class Accuracy:
     def rate(self) -> float | None:
         return self.matched / self.validated if self.validated else None
 
-    def add(self, matched: bool) -> Accuracy:
-        return Accuracy(self.validated + 1, self.matched + int(matched))
+    def add(self, validated: int, matched: int) -> Accuracy:
+        """These counts plus `validated` more validations, `matched` of them matched."""
+        return Accuracy(self.validated + validated, self.matched + matched)
 
     def counts(self) -> list[int]:
         """[validated, matched], as stored in a table."""

@@ -109,7 +109,11 @@ class Sampler:
         raised = rate * (1 + ADAPTIVE_GAIN * self.disagreement.get(task_id, 0.0))
         return max(rate, min(max(ADAPTIVE_MAX, rate), raised))
 
-    def observe_validation(self, task_id: str, matched: bool, weight: float = 0.05) -> None:
-        """Fold one validation outcome into the task's recent disagreement (an EWMA)."""
+    def observe_validations(self, task_id: str, validated: int, matched: int, weight: float = 0.05) -> None:
+        """Fold `validated` validation outcomes, `matched` of them matched, into the task's recent disagreement
+        (an EWMA of one step per validation, the batch's steps taken as if its mismatches were spread evenly)."""
+        if validated <= 0:
+            return
+        kept = (1 - weight) ** validated
         previous = self.disagreement.get(task_id, 0.0)
-        self.disagreement[task_id] = (1 - weight) * previous + weight * (0.0 if matched else 1.0)
+        self.disagreement[task_id] = kept * previous + (1 - kept) * (validated - matched) / validated

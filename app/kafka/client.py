@@ -7,7 +7,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
-from datetime import timedelta
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -16,7 +15,6 @@ from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import DailyStats, DeadLetter, ExecutionRequest, ExecutionResult, Record, utc_now
 from app.contract.topics import TopicSpec, topics_for
 from app.domain.daily_stats import StatsKey
-from app.domain.daily_windows import DailyWindows
 from app.domain.open_windows import OpenWindows
 from app.domain.stats_report import by_key
 from app.kafka.clients import BatchSender, make_consumer, make_producer, partition_for
@@ -158,7 +156,7 @@ async def daily_stats(settings: Settings, task_id: str | None = None) -> dict[St
     """Every day known of a task (of all tasks if None), each once: the closed record from analytics where there
     is one, else the running totals of the open windows (the aggregator's changelog, read to its true end)."""
     topics = topics_for(settings.topic_prefix)
-    windows = DailyWindows(settings.analytics_time_zone, timedelta(seconds=settings.analytics_grace_s))
+    windows = settings.daily_windows()
     opened = await read_state(settings, topics.daily_windows,
                               lambda key, value: OpenWindows.from_json(key.decode(), value, windows))
     running = [day for key, state in opened.items() if task_id is None or key == task_id.encode()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaProducer, ConsumerRecord
@@ -18,12 +18,12 @@ from app.contract.records import (
     ExecutionRequest,
     ExecutionResult,
     StatsPartial,
+    Validation,
     ValidationRequest,
     utc_now,
 )
 from app.contract.topics import Topics
-from app.domain.daily_stats import summarise_results
-from app.domain.daily_windows import DailyWindows
+from app.domain.daily_stats import summarise_results, summarise_validations
 from app.domain.resolution import Runnable
 from app.domain.results import ResultAssembler
 from app.kafka.clients import partition_for
@@ -88,7 +88,7 @@ class OutcomeWriter:
         self._letters = codec_for(DeadLetter, settings, topics.dead_letters)
         self._partials_topic = topics.stats_partials.name
         self._partials = codec_for(StatsPartial, settings, topics.stats_partials)
-        self._windows = DailyWindows(settings.analytics_time_zone, timedelta(seconds=settings.analytics_grace_s))
+        self._windows = settings.daily_windows()
         self._partitions: dict[str, int] = {}
 
     async def start(self) -> None:
@@ -130,11 +130,20 @@ class OutcomeWriter:
         """Send the daily-stats partials of a batch's delivered results, one per task/version/day, keyed by
         task_id (before the batch commits: a batch redelivered after a crash counts twice). A partial that cannot
         be sent is logged and counted, never dead-lettered: it costs statistics, not a request."""
-        if not results:
-            return
+        if results:
+            await self.write_partials(summarise_results(results, self._windows))
+
+    async def write_validation_stats(self, validations: list[Validation]) -> None:
+        """Send the daily-stats partials of a batch's delivered validations (validated and matched counts), as
+        write_stats does for results: the analytics and canary agents count validations from these."""
+        if validations:
+            await self.write_partials(summarise_validations(validations, self._windows))
+
+    async def write_partials(self, partials: list[StatsPartial]) -> None:
+        """Send partials keyed by task_id; one that cannot be sent is logged and counted."""
         outbox: Outbox[str] = Outbox()
         partitions = self._partitions[self._partials_topic]
-        for partial in summarise_results(results, self._windows):
+        for partial in partials:
             key = partial.task_id.encode()
             outbox.add(self._partials_topic, partition_for(key, partitions), key, self._partials.encode(partial),
                        f"{partial.task_id}/{partial.version}/{partial.date}")

@@ -24,7 +24,6 @@ from app.agents.execute_requests import ExecuteRequests
 from app.contract.records import DailyStats, DeadLetter, Record, utc_now
 from app.contract.topics import Topics
 from app.domain.daily_stats import StatsKey
-from app.domain.daily_windows import DailyWindows
 from app.kafka.client import daily_stats
 from app.kafka.clients import BrokerWatch
 from app.kafka.tables import TableReader
@@ -59,7 +58,7 @@ class WebServer:
         self.metrics.watch(self.recent.metrics)
         self.metrics.watch(self._worker_metrics)
         self._executions = Executions(settings, topics)
-        self._windows = DailyWindows(settings.analytics_time_zone, timedelta(seconds=settings.analytics_grace_s))
+        self._windows = settings.daily_windows()
         self._stats_cache: dict[str, tuple[float, dict[StatsKey, DailyStats]]] = {}
         self._lag: dict[int, int] = {}
         self._runner: web.AppRunner | None = None

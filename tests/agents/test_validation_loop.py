@@ -28,7 +28,7 @@ from app.contract.records import (
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.domain.sampling import fraction_of
-from app.kafka.client import RequestSender, request_from
+from app.kafka.client import RequestSender, daily_stats, request_from
 from app.kafka.clients import apply_topics, make_producer
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
@@ -107,6 +107,12 @@ async def test_label_oracle_compares_with_the_expected_output(served: Settings) 
         assert record.oracle_kind is OracleKind.LABEL and record.status is ValidationStatus.VALIDATED
         assert record.match is (truth(text) == "ham"), record  # the program always says ham
         assert record.program_output == "ham" and record.oracle_output == truth(text)
+    # The validator's partials reach the daily analytics (the module's first validations of this task).
+    deadline = time.monotonic() + 30
+    while not any(day.version is None and (day.validated, day.matched) == (6, 3)
+                  for day in (await daily_stats(served, "labelled")).values()):
+        assert time.monotonic() < deadline, await daily_stats(served, "labelled")
+        await asyncio.sleep(0.2)
 
 
 async def test_shadow_oracle_runs_the_other_version_in_the_sandbox(served: Settings) -> None:
@@ -239,11 +245,11 @@ async def test_undecodable_validation_traffic_becomes_dead_letters(served: Setti
     producer = make_producer(served)
     await producer.start()
     try:
-        for spec in (topics.validation_requests, topics.oracle_verdicts, topics.validations):
+        for spec in (topics.validation_requests, topics.oracle_verdicts, topics.stats_partials):
             await producer.send_and_wait(spec.name, b"\xff not a record " + spec.name.encode(), key=b"k")
     finally:
         await producer.stop()
-    wanted = {topics.validation_requests.name, topics.oracle_verdicts.name, topics.validations.name}
+    wanted = {topics.validation_requests.name, topics.oracle_verdicts.name, topics.stats_partials.name}
     letters = await collect(served, "dead_letters",
                             lambda rs: wanted <= {r.source_topic for r in rs if isinstance(r, DeadLetter)}, 60)
     for letter in (r for r in letters if isinstance(r, DeadLetter) and r.source_topic in wanted):

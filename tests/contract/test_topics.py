@@ -26,10 +26,10 @@ def test_prefix_applies_to_every_topic() -> None:
 
 
 def test_the_canary_agents_topics_are_co_partitioned() -> None:
-    """It reads validations and signals in one stream: faust gives a worker the same partitions of both only
+    """It reads stats-partials and signals in one stream: faust gives a worker the same partitions of both only
     when their counts agree, and its tables' changelogs follow the stream's partitions."""
     topics = topics_for("")
-    counts = {topics.validations.partitions, topics.anomaly_signals.partitions, topics.canary_accuracy.partitions,
+    counts = {topics.stats_partials.partitions, topics.anomaly_signals.partitions, topics.canary_accuracy.partitions,
               topics.canary_signals.partitions}
     assert len(counts) == 1, counts
 

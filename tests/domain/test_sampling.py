@@ -1,3 +1,5 @@
+import pytest
+
 from app.contract.records import execution_id_for
 from app.domain.sampling import ADAPTIVE_MAX, STRATEGIES, Sampler, is_sampled
 
@@ -64,14 +66,26 @@ def test_adaptive_rate_rises_with_disagreement_and_falls_back_within_bounds() ->
     sampler = Sampler()
     assert sampler.adaptive_rate("task", 0.1) == 0.1
     for _ in range(100):
-        sampler.observe_validation("task", matched=False)
+        sampler.observe_validations("task", validated=1, matched=0)
     high = sampler.adaptive_rate("task", 0.1)
     assert 0.3 < high <= ADAPTIVE_MAX
     share = sum(decide(sampler, eid, "adaptive") for eid in IDS) / len(IDS)
     assert abs(share - high) < TOLERANCE * 2
     for _ in range(200):
-        sampler.observe_validation("task", matched=True)
+        sampler.observe_validations("task", validated=1, matched=1)
     assert 0.1 <= sampler.adaptive_rate("task", 0.1) < 0.11
+
+
+def test_a_batch_of_validations_weighs_as_much_as_the_same_validations_one_by_one() -> None:
+    one_by_one, at_once = Sampler(), Sampler()
+    for sampler in (one_by_one, at_once):
+        sampler.observe_validations("task", validated=10, matched=10)
+    for _ in range(20):
+        one_by_one.observe_validations("task", validated=1, matched=0)
+    at_once.observe_validations("task", validated=20, matched=0)
+    assert at_once.disagreement["task"] == pytest.approx(one_by_one.disagreement["task"])
+    at_once.observe_validations("task", validated=0, matched=0)  # an executor's partial: nothing to fold
+    assert at_once.disagreement["task"] == pytest.approx(one_by_one.disagreement["task"])
 
 
 def test_decisions_are_deterministic_and_forced_always_samples() -> None:
