@@ -142,18 +142,19 @@ def _audit(sent: list[ExecutionRequest], results: list[ExecutionResult]) -> int:
 
 
 def _join_hold(log: str, group: str, after: float) -> float:
-    """Seconds the broker held the first JoinGroup of `group` sent after `after` (wall clock), from the
-    worker's log: "(Re-)joining group" to "Joined group"."""
+    """Seconds the broker held the JoinGroup of `group` that completed first after `after` (wall clock), from
+    the worker's log: its "(Re-)joining group" (or `after`, if the worker was already waiting to join then, as
+    it is when a rebalance is still under way on a busy machine) to "Joined group"."""
     sent = None
     for line in log.splitlines():
         match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", line)
         if not match:
             continue
         at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        if sent is None and at >= after and f"(Re-)joining group {group} " in line + " ":
+        if f"(Re-)joining group {group} " in line + " ":
             sent = at
-        elif sent is not None and f"Joined group '{group}'" in line:
-            return at - sent
+        elif sent is not None and at >= after and f"Joined group '{group}'" in line:
+            return at - max(sent, after)
     pytest.fail(f"no completed JoinGroup of {group} after {after} in the log")
 
 
