@@ -3,8 +3,9 @@ the sandbox pool, produces exactly one execution-result or dead letter per reque
 offsets only once every one of them is acknowledged (at-least-once; a redelivered request yields the same
 execution_id). What it cannot complete stops it, uncommitted (docs/delivery.md).
 
-Batches are pipelined: while one runs in the sandbox, the next is fetched and decoded. Batches complete
-(results sent, acks awaited, offsets committed) strictly in the order they were fetched.
+Batches are pipelined: while one runs in the sandbox, the next is fetched and decoded, and its results are sent
+without waiting for the acknowledgements of the one before. Results go out, and offsets are committed, strictly
+in the order batches were fetched; a commit waits for every acknowledgement of its batches.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -161,13 +163,17 @@ class ExecuteRequests:
             self.fail(f"fetching requests failed: {describe_error(exc)}")
 
     async def _complete(self) -> None:
-        """Finish batches in fetch order. Every executor_commit_interval_ms (and whenever nothing else is
-        queued once it is due) the finished ones get their daily-stats partials, then their commit."""
+        """Send batches' results in fetch order, each as soon as its sandbox work is done, without waiting for
+        the acknowledgements of the batches before it (they are awaited by the commits). Every
+        executor_commit_interval_ms (and whenever nothing else is queued once it is due) the sent ones are
+        committed: once acknowledged, after their daily-stats partials."""
         loop = asyncio.get_running_loop()
         interval = self._settings.executor_commit_interval_ms / 1000
         committing: asyncio.Future[None] | None = None  # the commit before, maybe still in flight
         finished: list[_Batch] = []
-        delivered: list[dict[str, Any]] = []  # their delivered results' fields
+        sending: list[asyncio.Future[list[dict[str, Any]]]] = []  # their deliveries: the results that went out
+        unacknowledged: deque[asyncio.Future[list[dict[str, Any]]]] = deque()
+        most = self._settings.executor_max_inflight_batches  # sent, unacknowledged batches: back-pressure
         due = 0.0
         while True:
             if finished and self._inflight.empty():
@@ -181,9 +187,11 @@ class ExecuteRequests:
             if batch is not None:
                 try:
                     if self.failure is None:  # once failed, batches are dropped: they stay uncommitted
-                        delivered += await self._finish(batch)
-                except Undeliverable as exc:
-                    self.fail(str(exc))
+                        while len(unacknowledged) >= most:
+                            await asyncio.wait([unacknowledged.popleft()])
+                        delivery = await self._send(batch)
+                        sending.append(delivery)
+                        unacknowledged.append(delivery)
                 except Exception as exc:  # a bug: stop rather than commit past requests without an outcome
                     log.exception("completing a batch failed")
                     self.fail(f"completing a batch failed ({describe_error(exc)}); it stays uncommitted")
@@ -192,16 +200,13 @@ class ExecuteRequests:
                 finished.append(batch)
                 if loop.time() < due:
                     continue
-            try:
-                if self.failure is None:
-                    await self._writer.write_stats(delivered)
-            except Exception as exc:  # a bug: partials are statistics, but say so loudly
-                log.exception("sending daily-stats partials failed: %s", describe_error(exc))
             # The commit runs while the next batches are sent, after the commit before it (offsets only move
             # forward); the batches count as done once committed, so drain() waits for their commit too.
-            committing = asyncio.ensure_future(self._commit(finished, committing))
+            committing = asyncio.ensure_future(self._commit(finished, sending, committing))
             committing.add_done_callback(functools.partial(self._committed, len(finished)))
-            finished, delivered = [], []
+            finished, sending = [], []
+            while unacknowledged and unacknowledged[0].done():
+                unacknowledged.popleft()
 
     def _committed(self, batches: int, commit: asyncio.Future[None]) -> None:
         for _ in range(batches):
@@ -252,16 +257,20 @@ class ExecuteRequests:
         else:
             batch.letters.append(self._dead_letter(message, str(error), "DecodeError"))
 
-    async def _finish(self, batch: _Batch) -> list[dict[str, Any]]:
-        """Run, send and acknowledge a batch's results; returns those delivered (their fields)."""
+    async def _send(self, batch: _Batch) -> asyncio.Future[list[dict[str, Any]]]:
+        """Await a batch's sandbox work and hand its results to the producer; returns the delivery, which
+        resolves to the results that went out once every one is acknowledged (or fell back to a dead letter).
+        Deliveries start in the order of these calls, so each partition gets its records in fetch order."""
         results, letters = batch.ready, batch.letters
+        validations: list[dict[str, Any]] = []
         if batch.pending:
             outcomes = await self._outcomes(batch)
             batch.fetched_at = utc_now()  # results carry when their batch finished executing
-            validations: list[dict[str, Any]] = []
             executed_results(batch.pending, outcomes, batch.fetched_at, self.assembler, results, letters, validations)
-        else:
-            validations = []
+        return asyncio.ensure_future(self._deliver(results, letters, validations))
+
+    async def _deliver(self, results: list[tuple[dict[str, Any], Message]], letters: list[DeadLetter],
+                       validations: list[dict[str, Any]]) -> list[dict[str, Any]]:
         # Validation requests need not wait for the results' acks (partials, later, count delivered results).
         (sent_results, sent_letters), _ = await asyncio.gather(self._writer.write(results, letters),
                                                                self._writer.write_validations(validations))
@@ -291,11 +300,27 @@ class ExecuteRequests:
                 alone.append(exc)
         return alone
 
-    async def _commit(self, batches: list[_Batch], after: asyncio.Future[None] | None) -> None:
+    async def _commit(self, batches: list[_Batch], deliveries: list[asyncio.Future[list[dict[str, Any]]]],
+                      after: asyncio.Future[None] | None) -> None:
+        """Once the batches' deliveries are acknowledged: their daily-stats partials, then (after the commit
+        before, whose outcome is its own) their offsets."""
+        delivered: list[dict[str, Any]] = []
+        for delivery in deliveries:
+            try:
+                delivered += await delivery
+            except Undeliverable as exc:
+                self.fail(str(exc))
+            except Exception as exc:  # a bug: stop rather than commit past requests without an outcome
+                log.error("delivering a batch failed: %s", describe_error(exc), exc_info=exc)
+                self.fail(f"completing a batch failed ({describe_error(exc)}); it stays uncommitted")
         if after is not None:
-            await asyncio.wait([after])  # its outcome is its own: it logs or fails the executor itself
+            await asyncio.wait([after])
         if self.failure is not None:  # failed while these batches were completing (e.g. the broker is gone)
             return
+        try:
+            await self._writer.write_stats(delivered)
+        except Exception as exc:  # a bug: partials are statistics, but say so loudly
+            log.exception("sending daily-stats partials failed: %s", describe_error(exc))
         offsets = {tp: end for batch in batches for tp, (_, end) in batch.offsets.items()}
         try:
             await self._consumer.commit(offsets)
