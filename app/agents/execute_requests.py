@@ -34,7 +34,7 @@ from app.contract.records import DeadLetter, ExecutionRequest, utc_now
 from app.contract.topics import Topics
 from app.domain.resolution import Refused, Runnable, SchemaValidators, resolve
 from app.domain.results import ResultAssembler, rejected_fields
-from app.kafka.clients import make_consumer, make_producer
+from app.kafka.clients import make_consumer, make_producer, stop_clients
 from app.kafka.delivery import describe_error
 from app.kafka.outcomes import Message, OutcomeWriter, Undeliverable, dead_letter_for, executed_results
 from app.kafka.tables import TableReader
@@ -133,13 +133,7 @@ class ExecuteRequests:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        # Bounded: with the broker gone, leaving the group or flushing would wait out request timeouts.
-        for client in (getattr(self, "_consumer", None), getattr(self, "_producer", None)):
-            if client is not None:
-                try:
-                    await asyncio.wait_for(client.stop(), timeout=10)
-                except (TimeoutError, KafkaError) as exc:
-                    log.warning("%s did not stop cleanly: %s", type(client).__name__, describe_error(exc))
+        await stop_clients(getattr(self, "_consumer", None), getattr(self, "_producer", None))
 
     async def drain(self) -> None:
         """Wait until every fetched batch is completed and committed (or, once failed, dropped)."""

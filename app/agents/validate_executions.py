@@ -31,7 +31,7 @@ from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import OracleKind, Validation, ValidationRequest, ValidationStatus, utc_now
 from app.contract.topics import Topics
 from app.domain.validation import shadow_version_for, unvalidated, validated
-from app.kafka.clients import make_consumer, make_producer, partition_for
+from app.kafka.clients import make_consumer, make_producer, partition_for, stop_clients
 from app.kafka.delivery import Outbox, describe_error
 from app.kafka.metadata import topic_partitions
 from app.kafka.outcomes import Message, OutcomeWriter, Tag, Undeliverable, dead_letter_for
@@ -124,12 +124,7 @@ class ValidateExecutions:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for client in (getattr(self, "_consumer", None), getattr(self, "_producer", None)):
-            if client is not None:
-                try:
-                    await asyncio.wait_for(client.stop(), timeout=10)
-                except (TimeoutError, KafkaError) as exc:
-                    log.warning("%s did not stop cleanly: %s", type(client).__name__, describe_error(exc))
+        await stop_clients(getattr(self, "_consumer", None), getattr(self, "_producer", None))
 
     async def _run(self) -> None:
         await self._tables.ready.wait()  # a shadow oracle needs the artifacts

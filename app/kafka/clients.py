@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,13 +15,16 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 from aiokafka.protocol.admin import ApiVersionRequest
 
 from app.contract.topics import Topics, TopicSpec
+from app.kafka.delivery import describe_error
 from app.kafka.topic_configs import ConfigsNotAltered, configs_of, differences, set_configs
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=65536)
@@ -54,6 +58,17 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafk
     }
     args.update(overrides)
     return AIOKafkaConsumer(*topics, **args)
+
+
+async def stop_clients(*clients: AIOKafkaConsumer | AIOKafkaProducer | None, timeout_s: float = 10) -> None:
+    """Stop each client (None: never made), bounded: with the broker gone, leaving a group or flushing would
+    wait out request timeouts. One that does not stop in time is logged and left."""
+    for client in clients:
+        if client is not None:
+            try:
+                await asyncio.wait_for(client.stop(), timeout=timeout_s)
+            except (TimeoutError, KafkaError) as exc:
+                log.warning("%s did not stop cleanly: %s", type(client).__name__, describe_error(exc))
 
 
 class BatchSender:
