@@ -77,8 +77,9 @@ class Settings(BaseSettings):
     # How long a fetch may wait for requests. Apache Kafka answers a fetch as soon as a record arrives, so this
     # only paces an idle poll; the embedded broker waits it out every time (EMBEDDED_TIMINGS sets it low).
     executor_fetch_max_wait_ms: int = Field(20, ge=0, le=1000)
-    # The same for the faust agents' consumer (faust fixes it at 1500 ms; so does the default here). On the
-    # embedded broker each hop of the validation loop and the analytics waited that long (EMBEDDED_TIMINGS: 100).
+    # The same for the agents' consumers, the faust agents' and the validator's (faust fixes it at 1500 ms; so
+    # does the default here). On the embedded broker each hop of the validation loop and the analytics waited
+    # that long (EMBEDDED_TIMINGS: 100).
     agent_fetch_max_wait_ms: int = Field(1500, ge=0, le=10_000)
     # How often finished batches are committed, after their daily-stats partials are sent (one per
     # task/version/day over all of them): a crash redoes at most this much work besides the batches in flight.
