@@ -166,7 +166,7 @@ def summarise_results(results: Iterable[ExecutionResult | Mapping[str, Any]],
         executed_at = fields["executed_at"]
         if executed_at is not last_at:  # a batch's results share one executed_at: skip the zone maths
             last_at = executed_at
-            if executed_at not in window:
+            if executed_at.tzinfo is None or executed_at not in window:
                 window = windows.window_for(executed_at)
                 groups = by_day.setdefault(window, {})
         group_key = (fields["task_id"], fields["version"])
@@ -190,9 +190,18 @@ def summarise_validations(validations: Iterable[Validation], windows: DailyWindo
     """One StatsPartial per task/version/day of a batch of validations (the day of validated_at)."""
     groups: dict[tuple[str, int, DailyWindow], WindowStats] = {}
     latest: dict[tuple[str, int, DailyWindow], datetime] = {}
+    window: DailyWindow = windows.of_date("1970-01-01")  # no validation falls in it: the first one moves on
     for validation in validations:
-        group = (validation.task_id, validation.version, windows.window_for(validation.validated_at))
-        groups.setdefault(group, WindowStats()).add_validation(validation)
-        latest[group] = max(latest.get(group, validation.validated_at), validation.validated_at)
+        at = validation.validated_at
+        if at.tzinfo is None or at not in window:  # a batch's mostly share a day: skip the zone maths
+            window = windows.window_for(at)  # (which refuses a naive time)
+        group = (validation.task_id, validation.version, window)
+        stats = groups.get(group)
+        if stats is None:  # (a WindowStats holds a sketch: not one made per validation only to be dropped)
+            stats = groups[group] = WindowStats()
+            latest[group] = at
+        stats.add_validation(validation)
+        if at > latest[group]:
+            latest[group] = at
     return [stats.to_partial(group[0], group[1], group[2], windows.time_zone, latest[group])
             for group, stats in groups.items()]

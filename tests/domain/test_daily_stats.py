@@ -27,10 +27,11 @@ def result(status: str = "ok", latency_ms: float = 1.0, version: int | None = 1,
             "sampled_for_validation": sampled, "executed_at": executed_at}
 
 
-def validation(match: bool | None, status: ValidationStatus = ValidationStatus.VALIDATED) -> Validation:
+def validation(match: bool | None, status: ValidationStatus = ValidationStatus.VALIDATED,
+               validated_at: datetime = NOON) -> Validation:
     return Validation(execution_id="e", request_id="r", task_id="spam", version=1, input={},
                       oracle_kind=OracleKind.LABEL, comparison=Comparison.EXACT, status=status, match=match,
-                      validated_at=NOON)
+                      validated_at=validated_at)
 
 
 def test_a_batch_becomes_one_partial_per_task_version_day() -> None:
@@ -65,6 +66,16 @@ def test_validations_count_only_when_validated() -> None:
     [partial] = summarise_validations([validation(True), validation(False), validation(True),
                                        validation(None, ValidationStatus.EXPIRED)], WINDOWS)
     assert (partial.validated, partial.matched, partial.ok, partial.sketch) == (3, 2, 0, b"")
+
+
+def test_validations_count_on_the_day_and_latest_time_they_were_validated() -> None:
+    late, later = datetime(2026, 11, 22, 23, 30, tzinfo=UTC), NOON + timedelta(seconds=30)  # late: the 23rd in Paris
+    batch = [validation(True), validation(True, validated_at=late), validation(False, validated_at=later),
+             validation(True)]
+    assert [(p.date, p.validated, p.matched, p.event_at) for p in summarise_validations(batch, WINDOWS)] == [
+        ("2026-11-22", 3, 2, later), ("2026-11-23", 1, 1, late)]
+    with pytest.raises(ValueError, match="naive"):
+        summarise_validations([validation(True), validation(True, validated_at=datetime(2026, 11, 22, 12))], WINDOWS)
 
 
 def test_a_partial_counts_for_its_version_and_for_the_whole_task() -> None:

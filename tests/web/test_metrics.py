@@ -3,6 +3,7 @@ Prometheus text; the live window turns two samples into a rate, an error rate an
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client import generate_latest
 
 from app.web.metrics import LATENCY_BOUNDS_MS, WorkerMetrics, percentile
@@ -25,6 +26,17 @@ def test_a_batch_is_counted_by_task_version_and_status() -> None:
     assert 'loopai_execution_latency_seconds_count{task="a",version="1"} 3.0' in text
     assert 'loopai_execution_latency_seconds_sum{task="a",version="1"} 0.005' in text
     assert 'task="a",version=""' not in text.split("loopai_execution_latency")[1]
+
+
+def test_a_latency_on_a_bound_counts_in_that_bucket_whichever_way_the_batch_is_counted() -> None:
+    one_version, mixed = WorkerMetrics(), WorkerMetrics()
+    latencies = [1.0, 1.0000001, 0.0, 60000.0, 60001.0, 0.01]
+    one_version.count_results([result("a", latency_ms=ms) for ms in latencies])
+    mixed.count_results([result("a", latency_ms=ms) for ms in latencies] + [result("b", "rejected", 0.0)])
+    for metrics in (one_version, mixed):
+        assert metrics.latencies["a", "1"].buckets == [2, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+        assert metrics.latencies["a", "1"].total_ms == pytest.approx(sum(latencies))
+    assert len(LATENCY_BOUNDS_MS) + 1 == 21
 
 
 def test_other_registries_do_not_see_it() -> None:
