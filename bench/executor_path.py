@@ -81,7 +81,8 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
 
     def batch_line() -> bytes:
         calls = _calls(pending)
-        return orjson.dumps({"batch": 1, "load": [], "run": [(c.key, c.timeout_s, c.input) for c in calls]})
+        return orjson.dumps({"batch": 1, "load": [], "key": calls[0].key,
+                             "run": [(c.timeout_s, c.input) for c in calls]})
 
     def parse_answers() -> None:
         process._results, process._expected, process._done = [], batch_size, loop.create_future()

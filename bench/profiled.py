@@ -51,10 +51,10 @@ def profile_sandbox(out: str, calls: int) -> None:
 
     lines = []
     for number, start in enumerate(range(0, calls, _SANDBOX_BATCH), 1):
-        run = [["spam-v1", 1.0, {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]}]
+        run = [[1.0, {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]}]
                for i in range(start, min(calls, start + _SANDBOX_BATCH))]
         load = [["spam-v1", program_source("spam_v1")]] if number == 1 else []
-        lines.append(orjson.dumps({"batch": number, "load": load, "run": run}) + b"\n")
+        lines.append(orjson.dumps({"batch": number, "load": load, "key": "spam-v1", "run": run}) + b"\n")
     progress = mmap.mmap(-1, child.PROGRESS.size)
     out_fd = os.open(os.devnull, os.O_WRONLY)
     compiler = ProgramCompiler()

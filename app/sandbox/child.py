@@ -1,8 +1,8 @@
 """A sandbox process: reads batches of calls on stdin, runs them one by one, writes their answers on stdout.
 
 Started inside the boundary (app/sandbox/boundary.py) with argv: memory_mb cpu_s max_output open_files
-progress_fd seccomp_hex. Protocol. In, JSON lines:
-{"batch": n, "load": [[key, source], ...], "run": [[key, timeout_s, input], ...]}.
+progress_fd seccomp_hex. Protocol. In, JSON lines, each the calls of one program version:
+{"batch": n, "load": [[key, source], ...], "key": key, "run": [[timeout_s, input], ...]}.
 Out: first {"hello": {...protections}}, then frames of answers, one per call in order, flushed every few
 milliseconds: a JSON line [[status, output_length, error, latency_ms, memory_mb], ...] followed by the
 outputs' JSON bytes (output_length -1: no output).
@@ -183,18 +183,17 @@ def answer_batches(reader: Any, out_fd: int, progress: mmap.mmap, compiler: Prog
     pack, perf, now_ns = PROGRESS.pack_into, time.perf_counter, time.monotonic_ns
     for line in reader:
         batch = orjson.loads(line)
-        number, calls = batch["batch"], batch["run"]
-        for key, source in batch.get("load", ()):
-            first = next((i for i, call in enumerate(calls) if call[0] == key), 0)
-            pack(progress, 0, number, first, now_ns())
-            programs[key] = _load(compiler, source, calls[first][1] if calls else 1.0)
+        number, key, calls = batch["batch"], batch["key"], batch["run"]
+        for loaded, source in batch.get("load", ()):  # loading runs under the first call's timeout
+            pack(progress, 0, number, 0, now_ns())
+            programs[loaded] = _load(compiler, source, calls[0][0] if calls else 1.0)
+        program = programs.get(key, f"program {key} was not loaded")
         answers: list[list[Any]] = []
         retire, pending, last = False, 0, len(calls) - 1
         flushed = perf()
-        for index, (key, timeout_s, value) in enumerate(calls):
+        for index, (timeout_s, value) in enumerate(calls):
             pack(progress, 0, number, index, now_ns())
-            answer, spent = _run_one(programs.get(key, f"program {key} was not loaded"), timeout_s, value,
-                                     max_output)
+            answer, spent = _run_one(program, timeout_s, value, max_output)
             pack(progress, 0, number, index, 0)
             answers.append(answer)
             retire = retire or spent

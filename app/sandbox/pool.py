@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 import orjson
@@ -44,6 +45,8 @@ _STDERR_KEPT = 4096
 _CORES = os.cpu_count() or 1
 Owner = tuple[str, str]  # what a process is bound to: (task_id, program key)
 _MIN_CHUNK = 32  # calls: below this, another process costs more in IPC than it saves
+_owner = itemgetter(0, 1)  # of a Call: (task_id, key)
+_input = itemgetter(4)  # of a Call
 
 
 class Call(NamedTuple):
@@ -158,23 +161,26 @@ class SandboxProcess:
         return self._transport.get_pid() if self._transport else None
 
     async def run(self, batch: int, calls: Sequence[Call]) -> list[Outcome]:
-        """Run calls in order. Raises SandboxDied if the process ends before answering all of them."""
+        """Run calls of one program version in order. Raises SandboxDied if the process ends before answering
+        all of them."""
         assert self._transport is not None
         if not self.alive:
             raise SandboxDied(self.kill_reason or "sandbox process is not running", [], None, False)
+        key, source = calls[0].key, calls[0].source
+        if any(call.key != key for call in calls):
+            raise ValueError("a sandbox batch runs one program version")
         loop = asyncio.get_running_loop()
         self._results = []
         self._done = loop.create_future()
         self._expected = len(calls)
         self._batch = batch
-        self._timeouts = [call.timeout_s for call in calls]
+        self._timeouts = timeouts = [call.timeout_s for call in calls]
         loads = []
-        for call in calls:
-            if call.key not in self.loaded:
-                loads.append((call.key, call.source))
-                self.loaded.add(call.key)
+        if key not in self.loaded:
+            loads.append((key, source))
+            self.loaded.add(key)
         message = orjson.dumps(
-            {"batch": batch, "load": loads, "run": [(c.key, c.timeout_s, c.input) for c in calls]}
+            {"batch": batch, "load": loads, "key": key, "run": list(zip(timeouts, map(_input, calls), strict=True))}
         )
         self._progress_at = self._last_check = loop.time()
         self._started = {}
@@ -388,9 +394,15 @@ class SandboxPool:
         if not calls:
             return []
         outcomes: list[Outcome | None] = [None] * len(calls)
-        by_owner: dict[Owner, list[int]] = {}
-        for index, call in enumerate(calls):
-            by_owner.setdefault((call.task_id, call.key), []).append(index)
+        owners = set(map(_owner, calls))
+        by_owner: dict[Owner, Sequence[int]]
+        if len(owners) == 1:  # the usual batch: no index lists to build
+            by_owner = {owners.pop(): range(len(calls))}
+        else:
+            lists: dict[Owner, list[int]] = {}
+            for index, call in enumerate(calls):
+                lists.setdefault((call.task_id, call.key), []).append(index)
+            by_owner = dict(lists)
         jobs = []
         # Processes a version may use in this batch: its share of the pool, and no more than there are cores.
         parallel = max(1, min(self._size // len(by_owner), _CORES))
@@ -404,13 +416,14 @@ class SandboxPool:
             await asyncio.gather(*jobs)
         return outcomes  # type: ignore[return-value]  # every slot is filled by its chunk
 
-    async def _run_chunk(self, owner: Owner, indices: list[int], calls: Sequence[Call],
+    async def _run_chunk(self, owner: Owner, indices: Sequence[int], calls: Sequence[Call],
                          outcomes: list[Outcome | None]) -> None:
         pending, retried, blameless = indices, set(), 0
         while pending:
             process = await self._acquire(owner)
+            chunk = calls[pending.start:pending.stop] if isinstance(pending, range) else [calls[i] for i in pending]
             try:
-                answers = await process.run(next(self._batches), [calls[i] for i in pending])
+                answers = await process.run(next(self._batches), chunk)
             except SandboxDied as death:
                 await self._release(process)
                 for index, outcome in zip(pending, death.answers, strict=False):
@@ -434,8 +447,13 @@ class SandboxPool:
                     continue
                 pending = [index for index in pending if index != culprit]
                 continue
-            for index, outcome in zip(pending, answers, strict=True):
-                outcomes[index] = outcome
+            if len(answers) != len(pending):
+                raise RuntimeError(f"{len(answers)} answers to {len(pending)} calls")
+            if isinstance(pending, range):
+                outcomes[pending.start:pending.stop] = answers
+            else:
+                for index, outcome in zip(pending, answers, strict=True):
+                    outcomes[index] = outcome
             await self._release(process)
             return
 

@@ -67,6 +67,18 @@ async def test_concurrent_batches_share_the_pool(pool: SandboxPool) -> None:
     assert all(o.output == "spam" for batch in batches for o in batch)
 
 
+async def test_a_sandbox_process_is_given_the_calls_of_one_program_version_at_a_time() -> None:
+    process = SandboxProcess(Boundary(Limits(memory_mb=256)))
+    await process.start()
+    try:
+        with pytest.raises(ValueError, match="one program version"):
+            await process.run(1, [Call("t", "k1", DOUBLE, 1.0, {"n": 1}), Call("t", "k2", DOUBLE, 1.0, {"n": 2})])
+        assert [o.output for o in await process.run(2, [Call("t", "k1", DOUBLE, 1.0, {"n": n}) for n in (1, 2)])] \
+            == [2, 4]
+    finally:
+        await process.stop()
+
+
 async def test_stuck_calls_are_killed_once_and_charged_once(pool: SandboxPool) -> None:
     """Ten calls stuck in C next to ten good ones of the same task: ten timeouts, ten oks, ten replacements."""
     stuck = Call("mixed", "stuck", STUCK_IN_C, 0.2, {})
