@@ -32,7 +32,7 @@ from aiokafka.errors import (
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import DeadLetter, ExecutionRequest, utc_now
 from app.contract.topics import Topics
-from app.domain.resolution import Refused, Runnable, SchemaValidators, resolve
+from app.domain.resolution import Refused, Resolver, Runnable, SchemaValidators
 from app.domain.results import ResultAssembler, rejected_fields
 from app.kafka.clients import make_consumer, make_producer, stop_clients
 from app.kafka.delivery import describe_error
@@ -216,8 +216,8 @@ class ExecuteRequests:
     def _prepare(self, batches: dict[TopicPartition, list[Message]]) -> _Batch:
         batch = _Batch({tp: (messages[0].offset, messages[-1].offset + 1) for tp, messages in batches.items()})
         decode, pending = self._requests.decode, batch.pending
-        task_of, artifact_of = self._tables.tasks.get, self._tables.artifacts.version
-        validators, default_timeout_ms = self._validators, self._settings.default_timeout_ms
+        resolve = Resolver(self._tables.tasks.get, self._tables.artifacts.version, self._validators,
+                           self._settings.default_timeout_ms)
         for messages in batches.values():
             for message in messages:
                 try:
@@ -230,7 +230,7 @@ class ExecuteRequests:
                     except DecodeError as exc:
                         self._undecodable(message, exc, batch)
                         continue
-                    decision = resolve(request, task_of, artifact_of, validators, default_timeout_ms)
+                    decision = resolve(request)
                     if type(decision) is Runnable:
                         pending.append((request, decision, message))
                     else:

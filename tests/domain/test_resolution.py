@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from app.contract.records import ExecutionRequest, ProgramArtifact, TaskSpec, utc_now
-from app.domain.resolution import Refused, Runnable, SchemaValidators, resolve
+from app.domain.resolution import Refused, Resolver, Runnable, SchemaValidators, resolve
 
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 
@@ -130,3 +130,28 @@ def test_a_canary_runs_its_share_of_requests_and_pins_win() -> None:
     pinned = ExecutionRequest(request_id="r1", task_id="spam", version=2, input={"text": "x"})
     decision = resolve(pinned, canary.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), 1000)
     assert isinstance(decision, Runnable) and decision.artifact.version == 2
+
+
+def test_a_batch_resolver_decides_as_resolve_does_for_every_kind_of_request_and_table() -> None:
+    broken = {"$ref": "https://example.com/schema.json"}  # refers elsewhere: no validator can be built
+    tasks = {**TASKS,
+             "canary": TASKS["spam"].model_copy(update={"name": "canary", "canary_version": 1, "canary_percent": 50}),
+             "unpublished": TASKS["spam"].model_copy(update={"name": "unpublished", "active_version": 5}),
+             "unchecked": TASKS["spam"].model_copy(update={"name": "unchecked", "input_schema": None}),
+             "broken": TASKS["spam"].model_copy(update={"name": "broken", "input_schema": broken})}
+    artifacts = {(task, version): _artifact(version).model_copy(update={"task_id": task})
+                 for task in tasks for version in (1, 2)}
+
+    def artifact_of(task: str, version: int) -> ProgramArtifact | None:
+        return artifacts.get((task, version))
+
+    requests = [ExecutionRequest(request_id=f"r{i}", task_id=task, input=value, **pins)
+                for task in [*tasks, "nope"]
+                for value in ({"text": "x"}, {"text": 5}, {})
+                for pins in ({}, {"version": 1}, {"version": 9}, {"timeout_ms": 25})
+                for i in range(4)]
+    batch = Resolver(tasks.get, artifact_of, SchemaValidators(), 1000)
+    for request in requests:
+        assert batch(request) == resolve(request, tasks.get, artifact_of, SchemaValidators(), 1000), request
+    shared = {id(batch(request)) for request in requests[:4]}  # one task, unpinned, valid: one Runnable
+    assert len(shared) == 1
