@@ -36,7 +36,14 @@ from app.domain.resolution import Refused, Resolver, Runnable, SchemaValidators
 from app.domain.results import ResultAssembler, rejected_fields
 from app.kafka.clients import make_consumer, make_producer, stop_clients
 from app.kafka.delivery import describe_error
-from app.kafka.outcomes import Message, OutcomeWriter, Undeliverable, dead_letter_for, executed_results
+from app.kafka.outcomes import (
+    Message,
+    OutcomeWriter,
+    Undeliverable,
+    dead_letter_for,
+    executed_results,
+    start_answering,
+)
 from app.kafka.tables import TableReader
 from app.sandbox.pool import Call, Outcome, SandboxPool
 from app.settings import Settings
@@ -101,15 +108,10 @@ class ExecuteRequests:
     async def start(self) -> None:
         settings = self._settings
         self._producer = make_producer(settings)
-        self._consumer = make_consumer(
-            settings, group_id=f"{settings.app_id}-executors", fetch_max_wait_ms=settings.executor_fetch_max_wait_ms,
-            **settings.group_args()
-        )
-        await self._producer.start()
-        self._writer = OutcomeWriter(settings, self._topics, self._producer)
-        await self._writer.start()
-        self._consumer.subscribe([self._topics.execution_requests.name], listener=_DrainOnRevoke(self))
-        await self._consumer.start()
+        self._consumer = make_consumer(settings, group_id=f"{settings.app_id}-executors",
+                                       fetch_max_wait_ms=settings.executor_fetch_max_wait_ms, **settings.group_args())
+        self._writer = await start_answering(self._consumer, self._producer, settings, self._topics,
+                                             self._topics.execution_requests.name, _DrainOnRevoke(self))
         self._tasks = [asyncio.ensure_future(self._fetch()), asyncio.ensure_future(self._complete())]
 
     def fail(self, reason: str) -> None:

@@ -34,7 +34,7 @@ from app.domain.validation import shadow_version_for, unvalidated, validated
 from app.kafka.clients import make_consumer, make_producer, partition_for, stop_clients
 from app.kafka.delivery import Outbox, describe_error
 from app.kafka.metadata import topic_partitions
-from app.kafka.outcomes import Message, OutcomeWriter, Tag, Undeliverable, dead_letter_for
+from app.kafka.outcomes import Message, OutcomeWriter, Tag, Undeliverable, dead_letter_for, start_answering
 from app.kafka.tables import TableReader
 from app.sandbox.pool import Call, SandboxPool
 from app.settings import Settings
@@ -95,16 +95,12 @@ class ValidateExecutions:
     async def start(self) -> None:
         settings = self._settings
         self._producer = make_producer(settings)
-        self._consumer = make_consumer(
-            settings, group_id=f"{settings.app_id}-validators", fetch_max_wait_ms=settings.agent_fetch_max_wait_ms,
-            **settings.group_args())
-        await self._producer.start()
-        self._writer = OutcomeWriter(settings, self._topics, self._producer)
-        await self._writer.start()
-        for spec in (self._topics.validations, self._topics.oracle_requests):
+        self._consumer = make_consumer(settings, group_id=f"{settings.app_id}-validators",
+                                       fetch_max_wait_ms=settings.agent_fetch_max_wait_ms, **settings.group_args())
+        self._writer = await start_answering(self._consumer, self._producer, settings, self._topics,
+                                             self._topics.validation_requests.name, _FinishOnRevoke(self))
+        for spec in (self._topics.validations, self._topics.oracle_requests):  # before the first batch is read
             self._partitions[spec.name] = len(await topic_partitions(self._producer, spec.name))
-        self._consumer.subscribe([self._topics.validation_requests.name], listener=_FinishOnRevoke(self))
-        await self._consumer.start()
         self._task = asyncio.ensure_future(self._run())
 
     def fail(self, reason: str) -> None:

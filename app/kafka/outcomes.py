@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeAlias
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.abc import ConsumerRebalanceListener
 
 from app.contract.codecs import codec_for
 from app.contract.records import (
@@ -26,7 +27,7 @@ from app.contract.topics import Topics
 from app.domain.daily_stats import summarise_results, summarise_validations
 from app.domain.resolution import Runnable
 from app.domain.results import ResultAssembler
-from app.kafka.clients import partition_for
+from app.kafka.clients import partition_for, stop_clients
 from app.kafka.delivery import Outbox, Undelivered, deliver
 from app.kafka.metadata import topic_partitions
 from app.sandbox.pool import Outcome
@@ -71,6 +72,23 @@ def executed_results(
         results.append((result, message))
         if validation is not None:
             validations.append(validation)
+
+
+async def start_answering(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, settings: Settings, topics: Topics,
+                          source: str, listener: ConsumerRebalanceListener) -> OutcomeWriter:
+    """Start the clients of a service that answers a topic's records in batches (the executor, the validators):
+    the producer, its OutcomeWriter (returned), then the consumer of `source`. If one fails to start, both
+    clients are stopped."""
+    try:
+        await producer.start()
+        writer = OutcomeWriter(settings, topics, producer)
+        await writer.start()
+        consumer.subscribe([source], listener=listener)
+        await consumer.start()
+    except BaseException:
+        await stop_clients(consumer, producer)
+        raise
+    return writer
 
 
 class OutcomeWriter:
