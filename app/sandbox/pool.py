@@ -179,8 +179,9 @@ class SandboxProcess:
         if key not in self.loaded:
             loads.append((key, source))
             self.loaded.add(key)
-        message = orjson.dumps(
-            {"batch": batch, "load": loads, "key": key, "run": list(zip(timeouts, map(_input, calls), strict=True))}
+        line = orjson.dumps(
+            {"batch": batch, "load": loads, "key": key, "run": list(zip(timeouts, map(_input, calls), strict=True))},
+            option=orjson.OPT_APPEND_NEWLINE,  # not `+ b"\n"`: a copy of the whole line
         )
         self._progress_at = self._last_check = loop.time()
         self._started = {}
@@ -189,7 +190,7 @@ class SandboxProcess:
         self._watchdog = loop.call_at(self._progress_at + _GRACE_S, self._watch)
         stdin = self._transport.get_pipe_transport(0)
         assert isinstance(stdin, asyncio.WriteTransport)
-        stdin.write(message + b"\n")
+        stdin.write(line)
         try:
             await self._done
         except SandboxDied as death:
@@ -295,7 +296,7 @@ class SandboxProcess:
             raise ValueError("answer without a call")
         if not answers:
             raise ValueError("an empty group of answers")
-        at, append, statuses, number, loads = 0, results.append, _STATUSES, _NUMBER, orjson.loads
+        at, append, statuses, number, loads, made = 0, results.append, _STATUSES, _NUMBER, orjson.loads, tuple.__new__
         for status, length, error, latency_ms, memory_mb in answers:
             # Checked, not trusted: these go into results, whose encoders must never fail on them.
             if status not in statuses \
@@ -309,10 +310,10 @@ class SandboxProcess:
                 # Results carry an output as these very bytes: anything but exactly one JSON value could end
                 # the output's field and forge others (another task's id) after it. orjson raises a ValueError.
                 loads(output)
-                append(Outcome(status, output, error, float(latency_ms), memory_mb))
                 at += length
             else:
-                append(Outcome(status, None, error, float(latency_ms), memory_mb))
+                output = None
+            append(made(Outcome, (status, output, error, float(latency_ms), memory_mb)))  # (Outcome(...): 2x)
         self._progress_at = asyncio.get_running_loop().time()
         self._due = self._progress_at + self._next_due()
         if len(self._results) == self._expected:
