@@ -59,11 +59,15 @@ class Outbox(Generic[T]):
         self.slots: dict[Slot, list[Outgoing[T]]] = {}
 
     def add(self, topic: str, partition: int, key: bytes | None, value: bytes, tag: T) -> None:
+        self.records(topic, partition).append((key, value, tag))
+
+    def records(self, topic: str, partition: int) -> list[Outgoing[T]]:
+        """The records for one partition, to append to (in order) directly."""
         slot = (topic, partition)
         records = self.slots.get(slot)
         if records is None:
             records = self.slots[slot] = []
-        records.append((key, value, tag))
+        return records
 
     def __len__(self) -> int:
         return sum(len(records) for records in self.slots.values())

@@ -28,7 +28,7 @@ from app.domain.daily_stats import summarise_results, summarise_validations
 from app.domain.resolution import Runnable
 from app.domain.results import ResultAssembler
 from app.kafka.clients import partition_for, stop_clients
-from app.kafka.delivery import Outbox, Undelivered, deliver
+from app.kafka.delivery import Outbox, Outgoing, Undelivered, deliver
 from app.kafka.metadata import topic_partitions
 from app.sandbox.pool import Outcome
 from app.settings import Settings
@@ -197,10 +197,15 @@ class OutcomeWriter:
         topic = self._results_topic
         partitions = self._partitions[topic]
         encode = self._results.encode_fields
+        routes: dict[str, tuple[bytes, list[Outgoing[Tag]]]] = {}  # task_id -> its key, its partition's records
         for fields, message in results:
             try:
-                key = fields["task_id"].encode()
-                outbox.add(topic, partition_for(key, partitions), key, encode(fields), message)
+                task_id = fields["task_id"]
+                route = routes.get(task_id)
+                if route is None:
+                    key = task_id.encode()
+                    route = routes[task_id] = (key, outbox.records(topic, partition_for(key, partitions)))
+                route[1].append((route[0], encode(fields), message))
             except Exception as exc:  # e.g. a value the wire format cannot carry
                 refused.add(id(message))
                 letters.append(dead_letter_for(message, f"result cannot be encoded: {exc}", type(exc).__name__,
