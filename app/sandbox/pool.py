@@ -395,15 +395,20 @@ class SandboxPool:
         if not calls:
             return []
         outcomes: list[Outcome | None] = [None] * len(calls)
-        owners = set(map(_owner, calls))
-        by_owner: dict[Owner, Sequence[int]]
-        if len(owners) == 1:  # the usual batch: no index lists to build
-            by_owner = {owners.pop(): range(len(calls))}
-        else:
-            lists: dict[Owner, list[int]] = {}
-            for index, call in enumerate(calls):
-                lists.setdefault((call.task_id, call.key), []).append(index)
-            by_owner = dict(lists)
+        # Each version's calls, as ranges while they are contiguous (a batch is fetched partition by partition,
+        # and a partition's requests are often one task's): no per-call index lists to build or walk.
+        by_owner: dict[Owner, range | list[int]] = {}
+        at = 0
+        for owner, run in itertools.groupby(map(_owner, calls)):
+            end = at + len(list(run))
+            seen = by_owner.get(owner)
+            if seen is None:
+                by_owner[owner] = range(at, end)
+            elif isinstance(seen, range):
+                by_owner[owner] = [*seen, *range(at, end)]
+            else:
+                seen.extend(range(at, end))
+            at = end
         jobs = []
         # Processes a version may use in this batch: its share of the pool, and no more than there are cores.
         parallel = max(1, min(self._size // len(by_owner), _CORES))

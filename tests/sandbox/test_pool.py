@@ -4,6 +4,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -34,8 +35,10 @@ async def wait_for(condition, timeout_s: float = 20.0, what: str = "condition"):
     raise AssertionError(f"{what} not reached within {timeout_s}s")
 
 
-async def test_results_come_back_in_order(pool: SandboxPool) -> None:
-    calls = [spam("free stuff" if i % 3 == 0 else "hello", task=f"t{i % 4}") for i in range(500)]
+@pytest.mark.parametrize("task_of", [lambda i: f"t{i % 4}", lambda i: f"t{i // 70 % 3}"],
+                         ids=["interleaved", "in runs that come back"])
+async def test_results_come_back_in_order(pool: SandboxPool, task_of: Callable[[int], str]) -> None:
+    calls = [spam("free stuff" if i % 3 == 0 else "hello", task=task_of(i)) for i in range(500)]
     outcomes = await pool.run(calls)
     assert [o.output for o in outcomes] == ["spam" if i % 3 == 0 else "ham" for i in range(500)]
     assert all(o.status == "ok" and o.latency_ms >= 0 and o.memory_mb > 0 for o in outcomes)
