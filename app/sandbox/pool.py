@@ -426,10 +426,12 @@ class SandboxPool:
                          outcomes: list[Outcome | None]) -> None:
         pending, retried, blameless = indices, set(), 0
         while pending:
-            process = await self._acquire(owner)
             chunk = calls[pending.start:pending.stop] if isinstance(pending, range) else [calls[i] for i in pending]
+            process = await self._acquire(owner)
             try:
                 answers = await process.run(next(self._batches), chunk)
+                if len(answers) != len(chunk):
+                    raise RuntimeError(f"{len(answers)} answers to {len(chunk)} calls")
             except SandboxDied as death:
                 await self._release(process)
                 for index, outcome in zip(pending, death.answers, strict=False):
@@ -453,8 +455,9 @@ class SandboxPool:
                     continue
                 pending = [index for index in pending if index != culprit]
                 continue
-            if len(answers) != len(pending):
-                raise RuntimeError(f"{len(answers)} answers to {len(pending)} calls")
+            except Exception:  # a bug: the process is given back (dead or alive) before the error goes up
+                await self._release(process)
+                raise
             if isinstance(pending, range):
                 outcomes[pending.start:pending.stop] = answers
             else:
