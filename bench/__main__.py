@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import os
 import re
 import statistics
@@ -266,19 +267,29 @@ async def latency(settings: Settings, rate: int, seconds: float, results_topic: 
                     if request_id in sent_at:
                         latencies.append((now - sent_at.pop(request_id)) * 1000)
 
-    receiver = asyncio.ensure_future(receive())
+    # Every request is made and encoded before the clock starts, as for the throughput rounds: building them on
+    # the fly cost this process a fifth of a core at half a worker's capacity, taken from the worker and broker.
     per_tick = max(1, rate // 100)
-    async with RequestSender(settings) as sender:
+    requests = [request_for(i) for i in range(per_tick * math.ceil(seconds * 100))]
+    encoded = encode_requests(settings, requests)
+    ticks = [(requests[at:at + per_tick], encoded[at:at + per_tick]) for at in range(0, len(requests), per_tick)]
+    requests_topic = topics_for(settings.topic_prefix).execution_requests.name
+    receiver = asyncio.ensure_future(receive())
+    producer = make_producer(settings)
+    await producer.start()
+    try:
         started = time.perf_counter()
-        tick = 0
-        while time.perf_counter() - started < seconds:
-            batch = [request_for(tick * per_tick + i) for i in range(per_tick)]
+        for tick, (made, encoded) in enumerate(ticks, 1):
             now = time.perf_counter()
-            for r in batch:
+            for r in made:
                 sent_at[r.request_id] = now
-            await sender.send(batch)
-            tick += 1
+            sender = BatchSender(producer)
+            for key, value, partition in encoded:
+                await sender.add(requests_topic, partition, key, value)
+            await asyncio.gather(*await sender.flush())
             await asyncio.sleep(max(0.0, started + tick * 0.01 - time.perf_counter()))
+    finally:
+        await producer.stop()
     deadline = time.monotonic() + 30
     while sent_at and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
@@ -347,7 +358,7 @@ async def pipeline(settings: Settings, count: int, workers: int, work: Path, rat
     env = {**os.environ, **settings.to_env(), "LOOPAI_LOG_LEVEL": "INFO", "PYTHONPATH": str(HERE.parent),
            # one process per task it may serve (a process serves one task; an idle one costs no CPU)
            "LOOPAI_SANDBOX_PROCESSES": str(len(TASKS))}
-    requests = encoded_requests(settings, count)
+    requests = encode_requests(settings, [request_for(i) for i in range(count)])
     processes, logs = [], []
     for n in range(workers):
         logs.append(work / f"worker-{settings.topic_prefix}{n}.log")
@@ -435,11 +446,10 @@ def sampled_among(requests: Iterable[ExecutionRequest]) -> int:
     return sum(is_sampled(execution_id_for(r.task_id, r.request_id), SAMPLING_RATE) for r in requests)
 
 
-def encoded_requests(settings: Settings, count: int) -> list[tuple[bytes, bytes, int]]:
-    """(key, value, partition) of `count` requests of the bench's tasks, as RequestSender would send them."""
+def encode_requests(settings: Settings, requests: list[ExecutionRequest]) -> list[tuple[bytes, bytes, int]]:
+    """(key, value, partition) of each request, as RequestSender would send it."""
     spec = topics_for(settings.topic_prefix).execution_requests
     codec = codec_for(ExecutionRequest, settings, spec)
-    requests = [request_for(i) for i in range(count)]
     return [(r.task_id.encode(), codec.encode(r), partition_for(r.task_id.encode(), spec.partitions))
             for r in requests]
 
