@@ -1,7 +1,10 @@
 """The executor's per-request CPU on the worker side, step by step, without broker or sandbox: a batch of spam_v1
-requests as Kafka messages -> decode and resolve -> the sandbox batch line -> the answers frame parsed ->
-results assembled -> results encoded -> daily-stats partials. Prints µs per request per step (the minimum of
---repeat runs, which drifts little on a busy machine) and their sum.
+requests as Kafka messages, spread over the bench's tasks (one per partition) as a fetch returns them ->
+decode and resolve -> the sandbox batch lines -> the answers frame parsed -> results assembled -> results
+encoded -> daily-stats partials. Prints µs per request per step (the minimum of --repeat runs, which drifts
+little on a busy machine) and their sum. What a step makes is kept alive while it runs, as in the worker;
+run it with MALLOC_TRIM_THRESHOLD_ raised (e.g. 268435456), or glibc hands each run's memory back to the
+system and the next run pays page faults for it.
 
     python -m bench.executor_path [--batch N] [--repeat N]
 """
@@ -10,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from operator import attrgetter
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,24 +26,30 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from app.agents.execute_requests import ExecuteRequests, _calls
 from app.contract.codecs import codec_for
-from app.contract.records import ExecutionRequest, ExecutionResult, ProgramArtifact, TaskSpec, utc_now
+from app.contract.records import ExecutionResult, ProgramArtifact, TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.domain.daily_stats import summarise_results
 from app.domain.daily_windows import DailyWindows
-from app.domain.resolution import Runnable, SchemaValidators, resolve
 from app.domain.results import ResultAssembler
 from app.kafka.client import request_from
 from app.kafka.outcomes import executed_results
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.pool import SandboxProcess
 from app.settings import Settings
+from bench.__main__ import TASKS
 from devtools.samples import SPAM_TEXTS, TEXT_INPUT_SCHEMA, program_source
 
 
-def messages(count: int) -> list[ConsumerRecord[bytes, bytes]]:
-    requests = [request_from("spam-filter", {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]}) for i in range(count)]
-    return [ConsumerRecord("requests", 0, i, 0, 0, r.task_id.encode(), orjson.dumps(r.model_dump(mode="json")),
-                           None, 0, 0, []) for i, r in enumerate(requests)]
+def messages(count: int) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    """A fetch of `count` requests of the bench's tasks, partition by partition (a task is a partition)."""
+    fetched: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
+    for i in range(count):
+        partition = i % len(TASKS)
+        request = request_from(TASKS[partition], {"text": SPAM_TEXTS[i % len(SPAM_TEXTS)]})
+        records = fetched.setdefault(TopicPartition("requests", partition), [])
+        records.append(ConsumerRecord("requests", partition, len(records), 0, 0, request.task_id.encode(),
+                                      orjson.dumps(request.model_dump(mode="json")), None, 0, 0, []))
+    return fetched
 
 
 def answers_frame(count: int) -> bytes:
@@ -51,19 +62,16 @@ def answers_frame(count: int) -> bytes:
 async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
     settings = Settings.load(None, bootstrap_servers="localhost:9092")
     topics = topics_for(settings.topic_prefix)
-    codec = codec_for(ExecutionRequest, settings, topics.execution_requests)
     results_codec = codec_for(ExecutionResult, settings, topics.execution_results)
-    task = TaskSpec(name="spam-filter", input_schema=TEXT_INPUT_SCHEMA, active_version=1, updated_at=utc_now())
-    artifact = ProgramArtifact(task_id="spam-filter", version=1, program_id="spam-filter-v1",
-                               source_code=program_source("spam_v1"), created_at=utc_now())
-    validators = SchemaValidators()
-    batch_messages = messages(batch_size)
-    pending: list[tuple[ExecutionRequest, Runnable, Any]] = []
-    for m in batch_messages:
-        request = codec.decode(m.value)
-        decision = resolve(request, {"spam-filter": task}.get, lambda t, v: artifact, validators, 1000)
-        assert isinstance(decision, Runnable)
-        pending.append((request, decision, m))
+    tasks = {name: TaskSpec(name=name, input_schema=TEXT_INPUT_SCHEMA, active_version=1, updated_at=utc_now())
+             for name in TASKS}
+    artifacts = {name: ProgramArtifact(task_id=name, version=1, program_id=f"{name}-v1",
+                                       source_code=program_source("spam_v1"), created_at=utc_now())
+                 for name in TASKS}
+    tables = SimpleNamespace(tasks=tasks, artifacts=SimpleNamespace(version=lambda t, v: artifacts.get(t)))
+    executor = ExecuteRequests(settings, topics, tables, None)  # type: ignore[arg-type]  # _prepare needs no more
+    by_partition = messages(batch_size)
+    pending = executor._prepare(by_partition).pending
     process = SandboxProcess(Boundary(Limits()))
     frame = answers_frame(batch_size)
     loop = asyncio.get_running_loop()
@@ -71,18 +79,14 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
     windows = DailyWindows("UTC", timedelta(seconds=60))
     executed_at = utc_now()
 
-    tables = SimpleNamespace(tasks={"spam-filter": task}, artifacts=SimpleNamespace(version=lambda t, v: artifact))
-    executor = ExecuteRequests(settings, topics, tables, None)  # type: ignore[arg-type]  # _prepare needs no more
-    by_partition = {TopicPartition("requests", 0): batch_messages}
-
     def decode_and_resolve() -> None:
         prepared = executor._prepare(by_partition)
         assert len(prepared.pending) == batch_size
 
-    def batch_line() -> bytes:
-        calls = _calls(pending)
-        return orjson.dumps({"batch": 1, "load": [], "key": calls[0].key,
-                             "run": [(c.timeout_s, c.input) for c in calls]})
+    def batch_lines() -> list[bytes]:  # one per version, as the pool writes them (app/sandbox/pool.py)
+        return [orjson.dumps({"batch": 1, "load": [], "key": key, "run": [(c.timeout_s, c.input) for c in calls]},
+                             option=orjson.OPT_APPEND_NEWLINE)
+                for key, calls in itertools.groupby(_calls(pending), key=attrgetter("key"))]
 
     def parse_answers() -> None:
         process._results, process._expected, process._done = [], batch_size, loop.create_future()
@@ -102,14 +106,13 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
 
     assemble()
 
-    def encode() -> None:
-        for fields, _ in made:
-            results_codec.encode_fields(fields)
+    def encode() -> list[bytes]:
+        return [results_codec.encode_fields(fields) for fields, _ in made]
 
     def partials() -> None:
         summarise_results([fields for fields, _ in made], windows)
 
-    return {"decode + resolve": decode_and_resolve, "sandbox batch line": batch_line,
+    return {"decode + resolve": decode_and_resolve, "sandbox batch lines": batch_lines,
             "parse sandbox answers": parse_answers, "assemble results": assemble, "encode results": encode,
             "daily-stats partials": partials}
 
