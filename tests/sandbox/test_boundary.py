@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.sandbox.boundary import Boundary, Limits, SandboxUnavailable
+from app.sandbox.boundary import MALLOC_ENVIRONMENT, Boundary, Limits, SandboxUnavailable
 from app.sandbox.pool import SandboxPool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,8 +132,9 @@ def test_escape_is_denied(probe: dict, attempt: str) -> None:
 def test_process_has_nothing_of_the_host(strict_probe: dict) -> None:
     probe = strict_probe
     assert probe["uid"] == 65534
-    # Nothing of the worker's environment (no credentials): only what bubblewrap and Python set themselves.
-    assert probe["environ"] == {"PWD": "/", "LC_CTYPE": "C.UTF-8"}
+    # Nothing of the worker's environment (no credentials): only what bubblewrap and Python set themselves, and
+    # the allocator's tuning.
+    assert probe["environ"] == {"PWD": "/", "LC_CTYPE": "C.UTF-8", **MALLOC_ENVIRONMENT}
     assert SECRET not in json.dumps(probe)
     assert probe["visible"] == []  # no /etc, /tmp, /home, /sys, nothing of root's home but the Python install
     assert probe["repo visible"] is False
