@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
+from itertools import repeat
 
 from ddsketch import DDSketch
 from ddsketch.ddsketch import BaseDDSketch
@@ -50,19 +51,16 @@ class LatencySketch:
         values = list(latencies_ms)
         if not values:
             return
-        log, ceil = math.log, math.ceil
         multiplier, offset, smallest = mapping._multiplier, mapping._offset, mapping.min_possible
-        keys: Counter[int] = Counter()
-        zeros = 0
-        for latency in values:
-            if latency > smallest:
-                keys[int(ceil(log(latency, 2) * multiplier) + offset)] += 1
-            else:  # zero, negative (a clock step) or too small to bucket: add() counts it as zero too
-                zeros += 1
+        # The mapping's key, int(ceil(log(latency, 2) * multiplier) + offset), with the per-value steps mapped
+        # in C and the offset added per distinct key. Zero, negative (a clock step) or too small to bucket:
+        # add() counts it as zero too.
+        bucketed = list(filter(smallest.__lt__, values))
+        rounded = Counter(map(math.ceil, map(multiplier.__mul__, map(math.log, bucketed, repeat(2)))))
         store = sketch._store
-        for key, count in keys.items():
-            store.add(key, float(count))
-        sketch._zero_count += zeros
+        for key, count in rounded.items():
+            store.add(int(key + offset), float(count))
+        sketch._zero_count += len(values) - len(bucketed)
         sketch._count += len(values)
         sketch._sum += sum(v for v in values if v > 0)
         sketch._min = min(sketch._min, max(min(values), 0.0))

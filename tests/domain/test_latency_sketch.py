@@ -98,3 +98,15 @@ def test_add_all_is_add_one_by_one() -> None:
     at_once.add_all([])
     assert at_once.to_bytes() == one_by_one.to_bytes() and at_once.count == len(values)
     assert [at_once.quantile(q) for q in (0, 0.5, 0.99, 1)] == [one_by_one.quantile(q) for q in (0, 0.5, 0.99, 1)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_adding_many_at_once_is_adding_them_one_by_one(seed: int) -> None:
+    rng = random.Random(seed)
+    values = [rng.choice([0.0, -1.0, 1e-320, 5e-8, rng.uniform(0.001, 0.05), rng.uniform(1, 60_000),
+                          2.0 ** rng.randint(-20, 15)]) for _ in range(rng.randint(0, 300))]
+    at_once, one_by_one = LatencySketch(), LatencySketch()
+    at_once.add_all(values)
+    for value in values:
+        one_by_one.add(value)
+    assert at_once.to_bytes() == one_by_one.to_bytes() and at_once.count == len(values)
