@@ -19,7 +19,7 @@ from app.contract.codecs import DecodeError, codec_for, json_codec
 from app.contract.records import OracleVerdict, StatsPartial, Validation, ValidationRequest, ValidationStatus, utc_now
 from app.contract.topics import Topics
 from app.domain.daily_stats import summarise_validations
-from app.domain.validation import unvalidated, validated
+from app.domain.validation import ValidationFields, unvalidated, validated
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -111,10 +111,10 @@ class JoinOracleVerdicts:
                                 "expired)", key.decode(errors="replace"), _EARLY_VERDICT_KEPT_S)
                 del self.pending[key]
 
-    async def _send(self, record: Validation) -> None:
+    async def _send(self, record: ValidationFields) -> None:
         """The validation, then its daily-stats partial (what the analytics and canary agents count)."""
-        key = record.task_id.encode()
-        await self._validations_topic.send(key=key, value=self._validations.encode(record))
+        key = record["task_id"].encode()
+        await self._validations_topic.send(key=key, value=self._validations.encode_fields(record))
         for partial in summarise_validations([record], self._windows):
             await self._partials_topic.send(key=key, value=self._partials.encode(partial))
 

@@ -30,7 +30,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import OracleKind, Validation, ValidationRequest, ValidationStatus, utc_now
 from app.contract.topics import Topics
-from app.domain.validation import shadow_version_for, unvalidated, validated
+from app.domain.validation import ValidationFields, shadow_version_for, unvalidated, validated
 from app.kafka.clients import make_consumer, make_producer, partition_for, stop_clients
 from app.kafka.delivery import Outbox, describe_error
 from app.kafka.metadata import topic_partitions
@@ -49,7 +49,7 @@ class _Batch:
 
     outbox: Outbox[Tag] = field(default_factory=Outbox)
     shadows: list[tuple[ValidationRequest, int, Call, Message]] = field(default_factory=list)  # (.., version, ..)
-    validations: list[tuple[int, Validation]] = field(default_factory=list)  # (id() of its message, record)
+    validations: list[tuple[int, ValidationFields]] = field(default_factory=list)  # (id() of its message, ..)
     forwarded: list[int] = field(default_factory=list)  # id() of those forwarded to an external oracle
 
 
@@ -210,8 +210,9 @@ class ValidateExecutions:
                 record = validated(request, outcome.output, utc_now())
             self._send(batch, record, message)
 
-    def _send(self, batch: _Batch, record: Validation, message: Message) -> None:
-        self._add(batch, self._topics.validations.name, record.task_id, self._validations.encode(record), message)
+    def _send(self, batch: _Batch, record: ValidationFields, message: Message) -> None:
+        self._add(batch, self._topics.validations.name, record["task_id"], self._validations.encode_fields(record),
+                  message)
         batch.validations.append((id(message), record))
 
     def _add(self, batch: _Batch, topic: str, key: str, value: bytes, message: Message) -> None:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from app.contract.records import DailyStats, ExecutionResult, StatsPartial, Validation, ValidationStatus
+from app.contract.records import DailyStats, ExecutionResult, StatsPartial, ValidationStatus
 from app.domain.daily_windows import DailyWindow, DailyWindows
 from app.domain.latency_sketch import LatencySketch
+from app.domain.validation import ValidationFields
 
 ALL_VERSIONS = "all"
 _STATUSES = ("ok", "error", "timeout", "rejected")
@@ -82,11 +83,11 @@ class WindowStats:
             self.sketch.add(latency_ms)
         self.sampled += sampled
 
-    def add_validation(self, validation: Validation) -> None:
-        """Count one validation; expired and failed ones validated nothing."""
-        if validation.status == ValidationStatus.VALIDATED:
+    def add_validation(self, validation: ValidationFields) -> None:
+        """Count one validation (its fields); expired and failed ones validated nothing."""
+        if validation["status"] == ValidationStatus.VALIDATED:
             self.validated += 1
-            self.matched += bool(validation.match)
+            self.matched += bool(validation["match"])
 
     def merge(self, other: WindowStats) -> None:
         """Fold `other` in (in place); `other` is unchanged."""
@@ -186,16 +187,17 @@ def summarise_results(results: Iterable[ExecutionResult | Mapping[str, Any]],
             for task_id, version, day, group in in_order]
 
 
-def summarise_validations(validations: Iterable[Validation], windows: DailyWindows) -> list[StatsPartial]:
-    """One StatsPartial per task/version/day of a batch of validations (the day of validated_at)."""
+def summarise_validations(validations: Iterable[ValidationFields], windows: DailyWindows) -> list[StatsPartial]:
+    """One StatsPartial per task/version/day of a batch of validations (their fields: app/domain/validation.py),
+    the day of validated_at."""
     groups: dict[tuple[str, int, DailyWindow], WindowStats] = {}
     latest: dict[tuple[str, int, DailyWindow], datetime] = {}
     window: DailyWindow = windows.of_date("1970-01-01")  # no validation falls in it: the first one moves on
     for validation in validations:
-        at = validation.validated_at
+        at = validation["validated_at"]
         if at.tzinfo is None or at not in window:  # a batch's mostly share a day: skip the zone maths
             window = windows.window_for(at)  # (which refuses a naive time)
-        group = (validation.task_id, validation.version, window)
+        group = (validation["task_id"], validation["version"], window)
         stats = groups.get(group)
         if stats is None:  # (a WindowStats holds a sketch: not one made per validation only to be dropped)
             stats = groups[group] = WindowStats()

@@ -19,7 +19,6 @@ from app.contract.records import (
     ExecutionRequest,
     ExecutionResult,
     StatsPartial,
-    Validation,
     ValidationRequest,
     utc_now,
 )
@@ -27,6 +26,7 @@ from app.contract.topics import Topics
 from app.domain.daily_stats import summarise_results, summarise_validations
 from app.domain.resolution import Runnable
 from app.domain.results import ResultAssembler
+from app.domain.validation import ValidationFields
 from app.kafka.clients import partition_for, stop_clients
 from app.kafka.delivery import Outbox, Outgoing, Undelivered, deliver
 from app.kafka.metadata import topic_partitions
@@ -151,7 +151,7 @@ class OutcomeWriter:
         if results:
             await self.write_partials(summarise_results(results, self._windows))
 
-    async def write_validation_stats(self, validations: list[Validation]) -> None:
+    async def write_validation_stats(self, validations: list[ValidationFields]) -> None:
         """Send the daily-stats partials of a batch's delivered validations (validated and matched counts), as
         write_stats does for results: the analytics and canary agents count validations from these."""
         if validations:

@@ -28,10 +28,11 @@ def result(status: str = "ok", latency_ms: float = 1.0, version: int | None = 1,
 
 
 def validation(match: bool | None, status: ValidationStatus = ValidationStatus.VALIDATED,
-               validated_at: datetime = NOON) -> Validation:
+               validated_at: datetime = NOON) -> dict[str, Any]:
+    """A validation's fields, as the validators make them (app/domain/validation.py)."""
     return Validation(execution_id="e", request_id="r", task_id="spam", version=1, input={},
                       oracle_kind=OracleKind.LABEL, comparison=Comparison.EXACT, status=status, match=match,
-                      validated_at=validated_at)
+                      validated_at=validated_at).model_dump()
 
 
 def test_a_batch_becomes_one_partial_per_task_version_day() -> None:

@@ -5,6 +5,7 @@ from app.contract.records import (
     OracleKind,
     OracleSpec,
     TaskSpec,
+    Validation,
     ValidationRequest,
     ValidationStatus,
 )
@@ -40,15 +41,26 @@ def test_shadow_runs_the_configured_or_the_active_version() -> None:
 
 def test_validated_records_match_and_details() -> None:
     good = validated(request("spam"), "spam", NOW)
-    assert good.match is True and good.status is ValidationStatus.VALIDATED and good.oracle_output == "spam"
+    assert good["match"] is True and good["status"] is ValidationStatus.VALIDATED and good["oracle_output"] == "spam"
     bad = validated(request("spam"), "ham", NOW)
-    assert bad.match is False and "'spam' != 'ham'" in bad.details
+    assert bad["match"] is False and "'spam' != 'ham'" in bad["details"]
     fuzzy = OracleSpec(kind=OracleKind.LABEL, comparison=Comparison.NORMALISED_TEXT)
-    assert validated(request(" SPAM ", oracle=fuzzy), "spam", NOW).match is True
+    assert validated(request(" SPAM ", oracle=fuzzy), "spam", NOW)["match"] is True
     failed = validated(request(None, status="timeout"), "spam", NOW)
-    assert failed.match is False and "timeout" in failed.details
+    assert failed["match"] is False and "timeout" in failed["details"]
 
 
 def test_unvalidated_records_have_no_match() -> None:
     expired = unvalidated(request("spam"), ValidationStatus.EXPIRED, "no verdict within 60 s", NOW)
-    assert expired.match is None and expired.status is ValidationStatus.EXPIRED
+    assert expired["match"] is None and expired["status"] is ValidationStatus.EXPIRED
+
+
+def test_records_are_every_validation_field_in_order() -> None:
+    """What the codecs encode without a model (their tests hold encode_fields(r.model_dump()) to encode(r)):
+    the very fields, values and order of the Validation they stand for."""
+    shadow = OracleSpec(kind=OracleKind.SHADOW, comparison=Comparison.JSON_FIELDS)
+    for fields in (validated(request({"label": "spam", "p": [0.5]}), {"label": "spam"}, NOW),
+                   validated(request("spam", oracle=shadow), "ham", NOW),
+                   unvalidated(request(None, status="error"), ValidationStatus.FAILED, "shadow failed", NOW)):
+        assert list(fields) == list(Validation.model_fields)
+        assert Validation(**fields).model_dump() == fields
