@@ -2,7 +2,7 @@
 comparison. Pure: the agents decode, call these, and send.
 
 Validation records are built as field dicts in .avsc order, as results are (app/domain/results.py): the codecs
-encode them without a model, which costs a quarter of building and dumping a Validation (the validator's hot
+encode them without a model, which costs a third of building and dumping a Validation (the validator's hot
 path: every sampled execution)."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from datetime import datetime
 from typing import Any
 
 from app.contract.records import (
-    Comparison,
     OracleKind,
     OracleSpec,
     TaskSpec,
@@ -72,6 +71,6 @@ def _record(request: ValidationRequest, at: datetime, status: ValidationStatus, 
     return {
         "execution_id": request.execution_id, "request_id": request.request_id, "task_id": request.task_id,
         "version": request.version, "input": request.input, "program_output": request.output,
-        "oracle_output": oracle_output, "oracle_kind": oracle.kind, "comparison": oracle.comparison or Comparison.EXACT,
+        "oracle_output": oracle_output, "oracle_kind": oracle.kind, "comparison": oracle.comparison,
         "status": status, "match": match, "details": details, "validated_at": at,
     }
