@@ -34,7 +34,7 @@ from app.domain.results import ResultAssembler
 from app.kafka.client import request_from
 from app.kafka.outcomes import executed_results
 from app.sandbox.boundary import Boundary, Limits
-from app.sandbox.pool import SandboxProcess
+from app.sandbox.process import SandboxProcess
 from app.settings import Settings
 from bench.__main__ import TASKS
 from devtools.samples import SPAM_TEXTS, TEXT_INPUT_SCHEMA, program_source
