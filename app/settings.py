@@ -73,7 +73,11 @@ class Settings(BaseSettings):
 
     # Executor
     executor_batch_size: int = Field(1000, ge=1, le=100_000)
+    # Requests in flight (fetched, not yet answered) are at most batch size x this; fetching pauses past it.
     executor_max_inflight_batches: int = Field(4, ge=1, le=64)
+    # Bytes of program outputs a worker holds until their results are acknowledged; fetching pauses past it, so
+    # a task of megabyte outputs costs its own throughput, not the worker's memory.
+    executor_max_output_bytes: int = Field(64 << 20, ge=1 << 20)
     # How long a fetch may wait for requests. Apache Kafka answers a fetch as soon as a record arrives, so this
     # only paces an idle poll; the embedded broker waits it out every time (EMBEDDED_TIMINGS sets it low).
     executor_fetch_max_wait_ms: int = Field(20, ge=0, le=1000)
@@ -81,8 +85,8 @@ class Settings(BaseSettings):
     # does the default here). On the embedded broker each hop of the validation loop and the analytics waited
     # that long (EMBEDDED_TIMINGS: 100).
     agent_fetch_max_wait_ms: int = Field(1500, ge=0, le=10_000)
-    # How often finished batches are committed, after their daily-stats partials are sent (one per
-    # task/version/day over all of them): a crash redoes at most this much work besides the batches in flight.
+    # How often answered requests are committed, after their daily-stats partials are sent (one per
+    # task/version/day over all of them): a crash redoes at most this much work besides the requests in flight.
     executor_commit_interval_ms: int = Field(100, ge=0, le=10_000)
     default_timeout_ms: int = Field(1000, ge=1, le=60_000)
 
