@@ -62,6 +62,7 @@ class LoopWorker(Service):
             # Before any codec is built: a schema the registry refuses stops the worker here, saying why.
             register_schemas(settings, topics)
         self.executor = ExecuteRequests(settings, topics, self.tables, self.pool)
+        self.pool.room = self.executor.wait_for_output_room  # outputs held bound the calls started
         self.validator = ValidateExecutions(settings, topics, self.tables, self.pool)
         self.watch = BrokerWatch(settings)
         self.web = WebServer(settings, topics, self.tables, self.executor, self.pool, self.watch) \

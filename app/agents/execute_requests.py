@@ -102,6 +102,8 @@ class ExecuteRequests:
         self._held_bytes = 0  # outputs received from the sandbox and not yet acknowledged
         self._room = asyncio.Event()  # set while fetching may go on
         self._room.set()
+        self._output_room = asyncio.Event()  # set while the outputs held are within their bound
+        self._output_room.set()
         self._changed = asyncio.Condition()  # notified whenever answers are acknowledged
         self._answered = asyncio.Event()  # set whenever answers are acknowledged, cleared by the committer
         self._outgoing = _Outgoing()
@@ -288,7 +290,8 @@ class ExecuteRequests:
         out = self._outgoing
         executed_results(pending, outcomes, utc_now(), self.assembler, out.results, out.letters, out.validations)
         out.marks += marks
-        size = sum(len(o.output_json) for o in outcomes if type(o) is Outcome and o.output_json is not None)
+        # An output is held twice until acknowledged: as the sandbox wrote it, and encoded in its result.
+        size = 2 * sum(len(o.output_json) for o in outcomes if type(o) is Outcome and o.output_json is not None)
         out.output_bytes += size
         self._held_bytes += size
         self._flush_soon()
@@ -334,10 +337,20 @@ class ExecuteRequests:
             self._changed.notify_all()
 
     def _update_room(self) -> None:
-        if self._stopping or (self._in_flight < self._max_requests and self._held_bytes < self._max_output_bytes):
+        outputs_fit = self._stopping or self._held_bytes < self._max_output_bytes
+        if outputs_fit:
+            self._output_room.set()
+        else:
+            self._output_room.clear()
+        if outputs_fit and (self._stopping or self._in_flight < self._max_requests):
             self._room.set()
         else:
             self._room.clear()
+
+    async def wait_for_output_room(self) -> None:
+        """Return once the outputs held are within executor_max_output_bytes (the sandbox pool awaits this before
+        each chunk: past the bound no more calls start until results are delivered)."""
+        await self._output_room.wait()
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)

@@ -9,7 +9,7 @@ import itertools
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -32,6 +32,7 @@ _CORES = os.cpu_count() or 1
 _PER_OWNER = max(2, _CORES)  # processes one version may use at once: more cannot run on this machine anyway
 Owner = tuple[str, str]  # what a process is bound to: (task_id, program key)
 _MIN_CHUNK = 32  # calls: below this, another process costs more in IPC than it saves
+_FIRST_CHUNK = 8  # calls of a version whose output size is not known yet
 _CHUNK_OUTPUT_BYTES = 4 << 20  # a chunk's expected outputs: a task of large outputs runs in small chunks
 _owner = itemgetter(0, 1)  # of a Call: (task_id, key)
 Emit = Callable[[Sequence[int], Sequence[Outcome]], None]  # (indices into the calls, their outcomes)
@@ -43,16 +44,19 @@ class SandboxPool:
     calls on processes of their own task and version and emits each chunk's outcomes as it ends.
 
     `gate` (optional) is asked before each chunk starts: a task it refuses gets `rejected` outcomes for the calls
-    not yet run. `on_timeout` (optional) is told of every call that timed out, with its task."""
+    not yet run. `on_timeout` (optional) is told of every call that timed out, with its task. `room` (optional)
+    is awaited before each chunk starts: the caller's bound on the outputs it holds."""
 
     def __init__(self, boundary: Boundary, processes: int, spares: int = 1, chunk_size: int = 500,
-                 gate: Gate | None = None, on_timeout: Callable[[str], None] | None = None) -> None:
+                 gate: Gate | None = None, on_timeout: Callable[[str], None] | None = None,
+                 room: Callable[[], Awaitable[None]] | None = None) -> None:
         self._boundary = boundary
         self._size = processes
         self._spare_target = spares
         self._chunk_size = chunk_size
         self.gate = gate
         self.on_timeout = on_timeout
+        self.room = room
         self._idle: dict[Owner, list[SandboxProcess]] = {}
         self._lru: OrderedDict[SandboxProcess, None] = OrderedDict()  # idle processes, least recently used first
         self._bound: dict[Owner, int] = {}  # per owner: processes bound to it, busy or idle
@@ -136,6 +140,8 @@ class SandboxPool:
         most chunk_size, and few enough that a chunk's outputs stay near _CHUNK_OUTPUT_BYTES."""
         size = min(self._chunk_size, max(_MIN_CHUNK, -(-calls // min(_PER_OWNER, self._size))))
         per_call = self._output_per_call.get(owner)
+        if per_call is None:  # outputs of unknown size: a first chunk small enough for megabyte outputs
+            return min(size, _FIRST_CHUNK)
         if per_call:
             size = min(size, max(1, int(_CHUNK_OUTPUT_BYTES // per_call)))
         return size
@@ -165,6 +171,8 @@ class SandboxPool:
     async def _run_chunk(self, owner: Owner, indices: Sequence[int], calls: Sequence[Call], emit: Emit) -> None:
         pending, retried, blameless = indices, set(), 0
         while pending:
+            if self.room is not None:
+                await self.room()
             if self._refused(owner, pending, emit):
                 return
             chunk = calls[pending.start:pending.stop] if isinstance(pending, range) else [calls[i] for i in pending]
