@@ -37,6 +37,7 @@ from app.kafka.tables import TableReader
 from app.sandbox.boundary import Boundary
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
+from app.web.metrics import EventLoopLag
 from app.web.server import WebServer
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class LoopWorker(Service):
         self.watch = BrokerWatch(settings)
         self.web = WebServer(settings, topics, self.tables, self.executor, self.pool, self.watch) \
             if settings.web_port else None
+        self.loop_lag = EventLoopLag()
+        if self.web is not None:
+            self.web.metrics.watch(self.loop_lag.metrics)
         self.failure: str | None = None
 
     def register_agents(self, app: faust.App) -> None:
@@ -96,6 +100,7 @@ class LoopWorker(Service):
         gc.freeze()
         gc.set_threshold(200_000, 20, 100)
         self.add_future(self._stop_on_failure())
+        self.add_future(self.loop_lag.run())
         log.info("worker %s serving: sandbox %s", self.settings.worker_id, self.pool.protections)
 
     async def on_stop(self) -> None:
@@ -106,7 +111,8 @@ class LoopWorker(Service):
         await self.pool.stop()
         await self.tables.stop()
         await self.watch.stop()
-        log.info("worker %s stopped after %d results", self.settings.worker_id, self.executor.executed)
+        log.info("worker %s stopped after %d results; the event loop ran at most %.0f ms late",
+                 self.settings.worker_id, self.executor.executed, self.loop_lag.worst_s * 1000)
 
     async def _stop_on_failure(self) -> None:
         waits = [asyncio.ensure_future(event.wait())

@@ -125,23 +125,30 @@ class SandboxPool:
             else:
                 seen.extend(range(at, end))
             at = end
-        jobs = []
-        for owner, indices in by_owner.items():
-            size = self._chunk_for(owner, len(indices))
-            jobs += [self._run_chunk(owner, indices[i:i + size], calls, emit)
-                     for i in range(0, len(indices), size)]
+        jobs = [self._run_owner(owner, indices, calls, emit) for owner, indices in by_owner.items()]
         if len(jobs) == 1:
             await jobs[0]
         else:
             await asyncio.gather(*jobs)
+
+    async def _run_owner(self, owner: Owner, indices: Sequence[int], calls: Sequence[Call], emit: Emit) -> None:
+        """One version's calls, in chunks at once. A version whose output size is not known yet runs a first small
+        chunk alone, and the rest in chunks sized by what it returned."""
+        if owner not in self._output_per_call and len(indices) > _FIRST_CHUNK:
+            await self._run_chunk(owner, indices[:_FIRST_CHUNK], calls, emit)
+            indices = indices[_FIRST_CHUNK:]
+        size = self._chunk_for(owner, len(indices))
+        chunks = [self._run_chunk(owner, indices[i:i + size], calls, emit) for i in range(0, len(indices), size)]
+        if len(chunks) == 1:
+            await chunks[0]
+        else:
+            await asyncio.gather(*chunks)
 
     def _chunk_for(self, owner: Owner, calls: int) -> int:
         """Calls per chunk: spread over the processes a version may use, at least _MIN_CHUNK (IPC costs), at
         most chunk_size, and few enough that a chunk's outputs stay near _CHUNK_OUTPUT_BYTES."""
         size = min(self._chunk_size, max(_MIN_CHUNK, -(-calls // min(_PER_OWNER, self._size))))
         per_call = self._output_per_call.get(owner)
-        if per_call is None:  # outputs of unknown size: a first chunk small enough for megabyte outputs
-            return min(size, _FIRST_CHUNK)
         if per_call:
             size = min(size, max(1, int(_CHUNK_OUTPUT_BYTES // per_call)))
         return size

@@ -16,36 +16,9 @@ from app.kafka.client import RequestSender, follow, request_from
 from app.kafka.clients import apply_topics
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
+from devtools.samples.neighbours import FINALISER, HUGE, SPIN, VICTIM
 from tests.conftest import WorkerProcess, make_settings
 
-VICTIM = "def run(input):\n    return input['n'] * 2\n"
-# Swallows its own timer: only the worker's watchdog ends it.
-SPIN = """
-def run(input):
-    while True:
-        try:
-            while True:
-                pass
-        except BaseException:
-            pass
-"""
-# Even inputs carry a generator whose finaliser spins once the input is freed, after run has returned.
-FINALISER = """
-def _hold(spin):
-    try:
-        yield 1
-    finally:
-        while spin:
-            pass
-
-
-def run(input):
-    held = _hold(input["n"] % 2 == 0)
-    next(held)
-    input["held"] = held
-    return input["n"]
-"""
-HUGE = "def run(input):\n    return 'x' * 999_000\n"
 PROGRAMS = {"victim": VICTIM, "spin": SPIN, "finaliser": FINALISER, "huge": HUGE}
 
 
