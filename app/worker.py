@@ -42,7 +42,8 @@ from app.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
-_FORCED_EXIT_AFTER_S = 60.0  # a stop after a failure that takes longer is not going to finish
+_FORCED_EXIT_AFTER_S = 60.0
+_AGENT_MAX_POLL_RECORDS = 500  # a stop after a failure that takes longer is not going to finish
 
 
 class LoopWorker(Service):
@@ -217,6 +218,9 @@ def build_app(settings: Settings) -> faust.App:
         # Every agent is at-least-once already (the analytics agent skips what it merged by offset): an event cut
         # short is delivered again to the partition's next owner.
         stream_wait_empty=False,
+        # A poll's records are handled without a pause of the event loop the executor shares: on Apache Kafka a
+        # table's recovery after a rebalance otherwise fetches (and applies) tens of thousands at a time.
+        broker_max_poll_records=_AGENT_MAX_POLL_RECORDS,
         # faust would name the election's topic after the app id, outside the prefix and the registry
         LeaderAssignor=leader_assignor_for(topics_for(settings.topic_prefix).leader_election),
     )
