@@ -130,9 +130,21 @@ def refusal_of(suspension: TaskSuspension, now: float | None = None) -> str:
     """What a suspended task's rejected results say."""
     task_id = suspension.task_id
     until = "" if suspension.until is None else f" until {_clock(suspension.until, now)}"
-    why = f"{suspension.timeouts} calls timed out within {suspension.window_s:g} s" if suspension.timeouts \
-        else suspension.reason
-    return f"task {task_id!r} is suspended{until}: {why}; `loopai task resume {task_id}` lifts it"
+    return f"task {task_id!r} is suspended{until}: {cause_of(suspension)}; `loopai task resume {task_id}` lifts it"
+
+
+def cause_of(suspension: TaskSuspension) -> str:
+    """Why the task was suspended, in a few words ("10 calls timed out within 60 s")."""
+    if suspension.timeouts:
+        return f"{suspension.timeouts} calls timed out within {suspension.window_s:g} s"
+    return suspension.reason
+
+
+def in_force(record: TaskSuspension | None, now: datetime) -> TaskSuspension | None:
+    """The record if it is a suspension that has not ended by now (what the views show), else None."""
+    if record is None or not record.suspended or (record.until is not None and record.until <= now):
+        return None
+    return record
 
 
 def _at(epoch_s: float) -> datetime:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from app.contract.records import TaskSuspension
-from app.domain.task_budget import TimeoutBudget, refusal_of
+from app.domain.task_budget import TimeoutBudget, cause_of, in_force, refusal_of
 
 T0 = datetime(2026, 12, 7, 12, 0, 0, tzinfo=UTC).timestamp()
 
@@ -225,3 +225,15 @@ def test_a_far_end_is_shown_with_its_date() -> None:
     far = _suspension(0, until=3 * 86_400)
     assert "until 2026-12-10 12:00:00 UTC" in refusal_of(far, T0)
     assert "until 13:00:00 UTC:" in refusal_of(_suspension(0, until=3600), T0)
+
+
+def test_in_force_is_a_suspension_that_has_not_ended() -> None:
+    now = _at(100)
+    assert in_force(None, now) is None
+    assert in_force(_resume(50), now) is None
+    assert in_force(_suspension(0, until=100), now) is None
+    running = _suspension(0, until=100.001)
+    assert in_force(running, now) is running
+    held = TaskSuspension(task_id="t", suspended=True, reason="held", updated_at=_at(0))
+    assert in_force(held, now) is held and cause_of(held) == "held"
+    assert cause_of(running) == "3 calls timed out within 10 s"
