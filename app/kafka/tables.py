@@ -103,6 +103,17 @@ class ArtifactTable(Table[ProgramArtifact]):
         return dict(self._by_task.get(task_id, {}))
 
 
+class SuspensionTable(Table[TaskSuspension]):
+    """Task suspensions: the latest record per task by the time it was made (updated_at), not by its offset. A
+    worker's suspension may reach the topic after an operator's later resume; it must not suspend the task again
+    in the views, as it does not in the workers' budgets (app/domain/task_budget.py decides the same way)."""
+
+    def _remember(self, key: str, record: TaskSuspension) -> None:
+        current = self.get(key)
+        if current is None or record.updated_at >= current.updated_at:
+            super()._remember(key, record)
+
+
 class TableReader:
     """One consumer (no group, every partition assigned) feeding the task, artifact and suspension tables.
 
@@ -117,9 +128,9 @@ class TableReader:
         self.artifacts = ArtifactTable(artifacts_spec, settings)
         if suspensions_spec is None:
             suspensions_spec = topics_for(settings.topic_prefix).task_suspensions
-        self.suspensions: Table[TaskSuspension] = Table(suspensions_spec, settings)
+        self.suspensions = SuspensionTable(suspensions_spec, settings)
         self.suspensions.on_record = on_suspension
-        self._tables: dict[str, Table[TaskSpec] | ArtifactTable | Table[TaskSuspension]] = {
+        self._tables: dict[str, Table[TaskSpec] | ArtifactTable | SuspensionTable] = {
             tasks_spec.name: self.tasks,
             artifacts_spec.name: self.artifacts,
             suspensions_spec.name: self.suspensions,

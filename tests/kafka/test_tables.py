@@ -1,6 +1,7 @@
 """Tables read from the compacted topics on the real broker: exact after catch-up, current while following."""
 
 import asyncio
+from datetime import timedelta
 
 from aiokafka import TopicPartition
 
@@ -142,6 +143,26 @@ def test_the_suspension_listener_can_be_set_after_construction(settings: Setting
     record = TaskSuspension(task_id="t", suspended=False, reason="resumed by an operator", updated_at=utc_now())
     reader.suspensions.apply(b"t", json_codec(TaskSuspension).encode(record), 0)
     assert heard == [record] and reader.on_suspension == heard.append
+
+
+def test_a_suspension_made_before_a_resume_does_not_replace_it(settings: Settings) -> None:
+    """Records of one task keep their topic order, not the order they were made in: a worker's suspension written
+    after an operator's later resume leaves the task resumed, as the workers' budgets leave it."""
+    topics = topics_for(settings.topic_prefix)
+    table = TableReader(settings, topics.task_specs, topics.program_artifacts).suspensions
+    codec = json_codec(TaskSuspension)
+    now = utc_now()
+    resumed = TaskSuspension(task_id="t", suspended=False, reason="resumed by an operator", updated_at=now)
+    late = TaskSuspension(task_id="t", suspended=True, until=now + timedelta(minutes=5), reason="timeouts",
+                          timeouts=10, window_s=60.0, updated_at=now - timedelta(seconds=1))
+    table.apply(b"t", codec.encode(resumed), 0)
+    table.apply(b"t", codec.encode(late), 1)
+    assert table.get("t") == resumed
+    later = late.model_copy(update={"updated_at": now + timedelta(seconds=1)})
+    table.apply(b"t", codec.encode(later), 2)
+    assert table.get("t") == later
+    table.apply(b"t", None, 3)
+    assert table.get("t") is None
 
 
 async def _eventually(condition, timeout_s: float = 10) -> None:
