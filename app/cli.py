@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Iterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ from app.contract.records import (
     ProgramArtifact,
     SamplingStrategy,
     TaskSpec,
+    TaskSuspension,
     utc_now,
 )
 from app.contract.registry import RegistryError, register_schemas
@@ -40,6 +41,7 @@ from app.control.plane import ControlError, ControlPlane
 from app.domain.daily_stats import StatsKey
 from app.domain.programs import ProgramRejected, check_source
 from app.domain.stats_report import chart, window_table
+from app.domain.task_budget import cause_of
 from app.kafka.client import RequestSender, daily_stats, follow, request_from, send_and_wait, send_requests
 from app.kafka.clients import apply_topics, make_consumer
 from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
@@ -199,6 +201,10 @@ def _task_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="The version a shadow oracle runs (default: the active one)."),
         click.option("--oracle-timeout-s", type=click.FloatRange(min=0, min_open=True),
                      help="How long an external oracle may take before a validation expires (default 60)."),
+        click.option("--max-timeout-ms", type=click.IntRange(1, 60_000),
+                     help="The largest timeout_ms a request may ask for, up to 60000 (default 1000); a request "
+                          "above it is rejected. Raise it deliberately: a call that loops holds a worker's process "
+                          "that long."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -296,15 +302,42 @@ def task_delete(ctx: click.Context, name: str) -> None:
 @task.command("list")
 @click.pass_context
 def task_list(ctx: click.Context) -> None:
-    """List tasks and their active versions."""
+    """List tasks and their active versions, and which are suspended."""
     settings = _kafka_settings(ctx)
 
-    async def go() -> list[TaskSpec]:
+    async def go() -> list[tuple[TaskSpec, TaskSuspension | None]]:
         async with ControlPlane(settings) as control:
-            return sorted(control.tables.tasks.values(), key=lambda t: t.name)
+            return [(spec, control.suspension(spec.name))
+                    for spec in sorted(control.tables.tasks.values(), key=lambda t: t.name)]
 
-    for spec in _run(go()):
-        click.echo(f"{spec.name}\tactive={spec.active_version or '-'}\tsampling={spec.sampling_rate}")
+    for spec, suspension in _run(go()):
+        click.echo(f"{spec.name}\tactive={spec.active_version or '-'}\tsampling={spec.sampling_rate}"
+                   + ("" if suspension is None else f"\t{_suspended_until(suspension)} ({cause_of(suspension)})"))
+
+
+@task.command("resume")
+@click.argument("name")
+@click.pass_context
+def task_resume(ctx: click.Context, name: str) -> None:
+    """Lift a task's suspension (its calls kept timing out): every worker runs its requests again and forgets its
+    timeouts so far."""
+    settings = _kafka_settings(ctx)
+
+    async def go() -> TaskSuspension | None:
+        async with ControlPlane(settings) as control:
+            return await control.resume(name)
+
+    lifted = _run(go())
+    if lifted is None:
+        click.echo(f"task {name} was not suspended; its timeouts so far are forgotten all the same")
+    else:
+        click.echo(f"task {name} resumed: it was {_suspended_until(lifted)} ({cause_of(lifted)}, "
+                   f"by {lifted.worker_id or 'an operator'})")
+
+
+def _suspended_until(suspension: TaskSuspension) -> str:
+    until = suspension.until
+    return "suspended" if until is None else f"suspended until {until.astimezone(UTC):%H:%M:%S} UTC"
 
 
 @cli.group()

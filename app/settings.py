@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from app.domain.anomaly import AnomalyThresholds
 from app.domain.daily_windows import DailyWindows
+from app.domain.task_budget import TimeoutBudget
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -89,6 +90,14 @@ class Settings(BaseSettings):
     # task/version/day over all of them): a crash redoes at most this much work besides the requests in flight.
     executor_commit_interval_ms: int = Field(100, ge=0, le=10_000)
     default_timeout_ms: int = Field(1000, ge=1, le=60_000)
+    # A task whose calls keep timing out is suspended: task_suspend_timeouts of them within task_suspend_window_s
+    # (0: never) and its requests are rejected at once for task_suspend_cooldown_s, or until `loopai task resume`.
+    # Each timeout holds a sandbox process for up to the task's max_timeout_ms while other tasks' calls wait:
+    # 10 in a minute is no passing glitch, and 5 minutes is long enough for an owner to notice (a signal names the
+    # task) yet short enough that a transient cause costs little.
+    task_suspend_timeouts: int = Field(10, ge=0, le=100_000, description="0: never suspend")
+    task_suspend_window_s: float = Field(60.0, gt=0)
+    task_suspend_cooldown_s: float = Field(300.0, gt=0)
 
     # Sandbox
     sandbox_isolation: Literal["strict", "weak"] = Field(
@@ -234,6 +243,11 @@ class Settings(BaseSettings):
                 keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
             )
         return args
+
+    def timeout_budget(self) -> TimeoutBudget:
+        """The task_suspend_* settings as a worker's timeout budget."""
+        return TimeoutBudget(self.task_suspend_timeouts, self.task_suspend_window_s, self.task_suspend_cooldown_s,
+                             self.worker_id)
 
     def daily_windows(self) -> DailyWindows:
         """The analytics' days: in analytics_time_zone, open analytics_grace_s past their end."""

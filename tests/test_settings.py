@@ -94,3 +94,14 @@ def test_anomaly_settings_are_the_detectors_thresholds() -> None:
 def test_anomaly_thresholds_that_make_no_sense_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"anomaly_\* settings: a re-arm threshold above its raise threshold"):
         Settings.load(None, anomaly_ewma_raise=2.0, anomaly_ewma_rearm=3.0)
+
+
+def test_task_suspend_settings_are_the_workers_timeout_budget() -> None:
+    defaults = Settings.load(None, worker_id="w7").timeout_budget()
+    assert (defaults.max_timeouts, defaults.window_s, defaults.cooldown_s) == (10, 60.0, 300.0)
+    off = Settings.load(None, task_suspend_timeouts=0, task_suspend_window_s=5, task_suspend_cooldown_s=30)
+    budget = off.timeout_budget()
+    assert (budget.max_timeouts, budget.window_s, budget.cooldown_s) == (0, 5.0, 30.0)
+    assert all(budget.charge("t") is None for _ in range(50))  # 0 turns suspension off
+    with pytest.raises(ConfigError, match="invalid setting 'task_suspend_cooldown_s'"):
+        Settings.load(None, task_suspend_cooldown_s=0)

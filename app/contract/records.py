@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 JsonValue = Any
 TaskName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+IsoDate = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+Count = Annotated[int, Field(ge=0)]
 
 EXECUTION_NAMESPACE = uuid.UUID("6f0d6a52-8d0b-4f57-9a55-1f0f5d6c2a11")
 _NAMESPACE_BYTES = EXECUTION_NAMESPACE.bytes
@@ -184,6 +186,22 @@ class TaskSpec(Record):
     oracle: OracleSpec | None = None
     canary_version: Annotated[int, Field(gt=0)] | None = None
     canary_percent: Annotated[float, Field(ge=0, le=100)] = 0.0
+    # An LLM's program that loops on one input holds a sandbox process for as long as its request asks: a task
+    # owner raises this deliberately (README: The program contract).
+    max_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 1000
+
+
+class TaskSuspension(Record):
+    """A task suspended because its calls kept timing out (suspended, until), or resumed (suspended False)."""
+
+    task_id: NonEmpty
+    suspended: bool
+    until: datetime | None = None
+    reason: str
+    timeouts: Count = 0
+    window_s: Annotated[float, Field(ge=0)] = 0.0
+    worker_id: str | None = None
+    updated_at: datetime
 
 
 class DeadLetter(Record):
@@ -256,10 +274,6 @@ class CanaryDecision(Record):
     validations: int = 0
     decided_by: str = "auto"
     decided_at: datetime
-
-
-IsoDate = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
-Count = Annotated[int, Field(ge=0)]
 
 
 def artifact_key(task_id: str, version: int) -> str:
@@ -354,5 +368,5 @@ RECORD_TYPES: dict[str, type[Record]] = {
     cls.__name__: cls
     for cls in (ExecutionRequest, ExecutionResult, ProgramArtifact, TaskSpec, DeadLetter, ValidationRequest,
                 OracleVerdict, Validation, CanaryDecision, DailyStats, StatsPartial, AnomalySignal,
-                RetentionEvent)
+                RetentionEvent, TaskSuspension)
 }

@@ -24,6 +24,7 @@ from app.agents.execute_requests import ExecuteRequests
 from app.contract.records import DailyStats, DeadLetter, Record, utc_now
 from app.contract.topics import Topics
 from app.domain.daily_stats import StatsKey
+from app.domain.task_budget import in_force
 from app.kafka.client import daily_stats
 from app.kafka.clients import BrokerWatch
 from app.kafka.tables import TableReader
@@ -183,7 +184,14 @@ class WebServer:
         return {"task_id": task_id, "active_version": spec.active_version, "canary_version": spec.canary_version,
                 "canary_percent": spec.canary_percent if spec.canary_version else 0.0,
                 "versions": sorted(self._tables.artifacts.versions_of(task_id)),
-                "oracle": None if spec.oracle is None else spec.oracle.kind.value}
+                "oracle": None if spec.oracle is None else spec.oracle.kind.value, **self._suspension(task_id)}
+
+    def _suspension(self, task_id: str) -> dict[str, Any]:
+        """suspended_until (null: until resumed) and suspension_reason of a suspended task; both null when it runs."""
+        suspension = in_force(self._tables.suspensions.get(task_id), utc_now())
+        if suspension is None:
+            return {"suspended_until": None, "suspension_reason": None}
+        return {"suspended_until": suspension.model_dump(mode="json")["until"], "suspension_reason": suspension.reason}
 
     async def _task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
@@ -194,7 +202,7 @@ class WebServer:
                     for _, a in sorted(self._tables.artifacts.versions_of(task_id).items())]
         return web.json_response({"spec": spec.model_dump(mode="json"), "versions": versions,
                                   "canary": {"version": spec.canary_version, "percent": spec.canary_percent}
-                                  if spec.canary_version else None})
+                                  if spec.canary_version else None, **self._suspension(task_id)})
 
     async def _task_stats(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
