@@ -63,8 +63,13 @@ class LoopWorker(Service):
         if settings.wire_format == "avro":
             # Before any codec is built: a schema the registry refuses stops the worker here, saying why.
             register_schemas(settings, topics)
-        self.executor = ExecuteRequests(settings, topics, self.tables, self.pool)
-        self.pool.room = self.executor.wait_for_output_room  # outputs held bound the calls started
+        self.budget = settings.timeout_budget()
+        self.executor = ExecuteRequests(settings, topics, self.tables, self.pool, self.budget)
+        # The pool starts no call of a suspended task, charges each timeout to its task's budget, and starts no
+        # call while the outputs held are past their bound; the table brings other workers' suspensions and resumes.
+        self.pool.gate, self.pool.on_timeout = self.budget.refusal, self.executor.charge_timeout
+        self.pool.room = self.executor.wait_for_output_room
+        self.tables.on_suspension = self.budget.apply
         self.validator = ValidateExecutions(settings, topics, self.tables, self.pool)
         self.watch = BrokerWatch(settings)
         self.web = WebServer(settings, topics, self.tables, self.executor, self.pool, self.watch) \

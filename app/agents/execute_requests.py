@@ -25,10 +25,11 @@ from aiokafka.errors import (
 )
 
 from app.contract.codecs import DecodeError, codec_for
-from app.contract.records import DeadLetter, ExecutionRequest, utc_now
+from app.contract.records import AnomalySignal, DeadLetter, ExecutionRequest, TaskSuspension, utc_now
 from app.contract.topics import Topics
 from app.domain.resolution import Refused, Resolver, Runnable, SchemaValidators
 from app.domain.results import ResultAssembler, rejected_fields
+from app.domain.task_budget import TimeoutBudget, signal_of
 from app.kafka.clients import make_consumer, make_producer, stop_clients
 from app.kafka.delivery import describe_error
 from app.kafka.outcomes import (
@@ -84,7 +85,8 @@ class ExecuteRequests:
     """The executor service of a worker. start() joins the executor group; stop() finishes in-flight work.
     `failed` is set, with `failure` saying why, when it had to stop without committing."""
 
-    def __init__(self, settings: Settings, topics: Topics, tables: TableReader, pool: SandboxPool) -> None:
+    def __init__(self, settings: Settings, topics: Topics, tables: TableReader, pool: SandboxPool,
+                 budget: TimeoutBudget | None = None) -> None:
         self._settings = settings
         self._topics = topics
         self._tables = tables
@@ -121,8 +123,11 @@ class ExecuteRequests:
         self.committed: dict[TopicPartition, int] = {}  # what this worker committed, for the lag it reports
         # Called with each acknowledged group of results' fields (app/web/metrics.py counts them).
         self.on_results: Callable[[list[dict[str, Any]]], None] | None = None
-        # Why a task's requests may not run now (a suspended task), or None; asked per request.
-        self.refusal: Callable[[str], str | None] | None = None
+        # The tasks' timeout budget: a suspended task's requests get a rejected result at once.
+        self.budget = budget
+        self.refusal: Callable[[str], str | None] | None = budget.refusal if budget is not None else None
+        self._suspensions = codec_for(TaskSuspension, settings, topics.task_suspensions)
+        self._signals = codec_for(AnomalySignal, settings, topics.anomaly_signals)
 
     async def start(self) -> None:
         settings = self._settings
@@ -335,6 +340,25 @@ class ExecuteRequests:
         self._answered.set()
         async with self._changed:
             self._changed.notify_all()
+
+    def charge_timeout(self, task_id: str) -> None:
+        """A call of the task timed out (the sandbox pool tells): charge its budget, and when that suspends the
+        task, say so on task-suspensions (every worker refuses it) and anomaly-signals."""
+        suspension = self.budget.charge(task_id) if self.budget is not None else None
+        if suspension is not None:
+            log.warning("task %s suspended: %s", task_id, suspension.reason)
+            self._spawn(self._announce(suspension))
+
+    async def _announce(self, suspension: TaskSuspension) -> None:
+        key = suspension.task_id.encode()
+        try:
+            await asyncio.gather(
+                self._producer.send_and_wait(self._topics.task_suspensions.name, self._suspensions.encode(suspension),
+                                             key=key),
+                self._producer.send_and_wait(self._topics.anomaly_signals.name,
+                                             self._signals.encode(signal_of(suspension)), key=key))
+        except Exception as exc:  # the suspension holds on this worker all the same
+            log.error("could not announce the suspension of %s: %s", suspension.task_id, describe_error(exc))
 
     def _update_room(self) -> None:
         outputs_fit = self._stopping or self._held_bytes < self._max_output_bytes

@@ -284,11 +284,13 @@ def artifact_key(task_id: str, version: int) -> str:
 class AnomalyMetric(StrEnum):
     ERROR_RATE = "error_rate"
     P99_LATENCY = "p99_latency"
+    TIMEOUTS = "timeouts"
 
 
 class AnomalyMethod(StrEnum):
     ZSCORE = "zscore"
     EWMA = "ewma"
+    BUDGET = "budget"
 
 
 class DailyStats(Record):
@@ -340,7 +342,8 @@ class StatsPartial(Record):
 
 
 class AnomalySignal(Record):
-    """A task version's error rate or p99 latency left its normal range (one per incident)."""
+    """A task version's error rate or p99 latency left its normal range, or a task used up its timeout budget and
+    was suspended (one per incident)."""
 
     task_id: str
     version: int | None = None

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from app.contract.records import TaskSuspension
+from app.contract.records import AnomalyMethod, AnomalyMetric, AnomalySignal, TaskSuspension
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,3 +157,11 @@ def _clock(when: datetime, now: float | None = None) -> str:
     if now is not None and abs(when.timestamp() - now) < 86_400:
         return when.astimezone(UTC).strftime("%H:%M:%S UTC")
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def signal_of(suspension: TaskSuspension) -> AnomalySignal:
+    """The anomaly signal that names a task this worker suspended (a canary of it is rolled back on it)."""
+    return AnomalySignal(
+        task_id=suspension.task_id, metric=AnomalyMetric.TIMEOUTS, value=float(suspension.timeouts),
+        baseline=float(suspension.timeouts), score=1.0, method=AnomalyMethod.BUDGET,
+        hint=f"task {suspension.task_id!r} suspended: {suspension.reason}", detected_at=suspension.updated_at)

@@ -17,7 +17,7 @@ from app.kafka.clients import apply_topics
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from devtools.samples.neighbours import FINALISER, HUGE, SPIN, VICTIM
-from tests.conftest import WorkerProcess, make_settings
+from tests.conftest import WorkerProcess, collect, make_settings
 
 PROGRAMS = {"victim": VICTIM, "spin": SPIN, "finaliser": FINALISER, "huge": HUGE}
 
@@ -94,7 +94,7 @@ async def test_a_victim_does_not_wait_for_its_neighbours_and_memory_stays_bounde
         _, alone_s = await _send_and_time(settings, victims, {r.request_id for r in victims}, 60)
 
         spin = [request_from("spin", {"n": n}) for n in range(60)]
-        finaliser = [request_from("finaliser", {"n": n}) for n in range(20)]
+        finaliser = [request_from("finaliser", {"n": n}) for n in range(12)]  # 6 timeouts: within its budget
         huge = [request_from("huge", {"n": n}) for n in range(200)]
         victims = _victims(60)
         hostile = [*spin, *finaliser, *huge]
@@ -109,10 +109,14 @@ async def test_a_victim_does_not_wait_for_its_neighbours_and_memory_stays_bounde
     assert all(len(answers) == 1 for answers in results.values())  # no redelivery without a failure
     first = {request_id: answers[0] for request_id, answers in results.items()}
     assert [first[r.request_id].output for r in victims] == [r.input["n"] * 2 for r in victims]
-    assert {first[r.request_id].status.value for r in spin} == {"timeout"}
+    # The spinning task used up its budget (10 timeouts within a minute): the rest of its calls were refused.
+    spun = [first[r.request_id] for r in spin]
+    assert sum(r.status.value == "timeout" for r in spun) >= 10
+    assert {r.status.value for r in spun} == {"timeout", "rejected"}
+    assert all("is suspended until" in r.error_message for r in spun if r.status.value == "rejected")
     # Each finaliser is charged to the call that created it: exactly the even inputs time out.
     timed_out = {r.input["n"] for r in finaliser if first[r.request_id].status.value == "timeout"}
-    assert timed_out == {n for n in range(20) if n % 2 == 0}
+    assert timed_out == {n for n in range(12) if n % 2 == 0}
     assert all(first[r.request_id].output == r.input["n"] for r in finaliser if r.input["n"] % 2)
     assert all(first[r.request_id].status.value == "ok" for r in huge)
     # 200 outputs of 1 MB went through; the worker held at most executor_max_output_bytes (64 MB) of them.
@@ -151,4 +155,35 @@ async def test_nothing_is_lost_when_the_worker_is_killed_among_hostile_neighbour
         answers = results[request.request_id]
         assert {a.output for a in answers} == {request.input["n"] * 2}
         assert len({a.execution_id for a in answers}) == 1  # a duplicate carries the same execution id
-    assert {a.status.value for r in spin for a in results[r.request_id]} == {"timeout"}
+    assert {a.status.value for r in spin for a in results[r.request_id]} <= {"timeout", "rejected"}
+
+
+@pytest.mark.timeout(300)
+async def test_a_task_whose_calls_keep_timing_out_is_suspended_until_resumed(
+        broker: EmbeddedBroker, tmp_path: Path) -> None:
+    settings = make_settings(broker, sandbox_memory_mb=256, task_suspend_timeouts=3)
+    await _provision(settings)
+    worker = WorkerProcess(settings, tmp_path / "worker.log", "budget").start()
+    try:
+        spin = [request_from("spin", {"n": n}) for n in range(12)]
+        results, _ = await _send_and_time(settings, spin, set(), 120)
+        statuses = [results[r.request_id][0].status.value for r in spin]
+        assert statuses.count("timeout") >= 3 and "rejected" in statuses, statuses
+        signals = await collect(settings, "anomaly_signals", lambda ss: any(s.task_id == "spin" for s in ss))
+        (signal_,) = [s for s in signals if s.task_id == "spin"]
+        assert signal_.metric.value == "timeouts" and signal_.method.value == "budget"
+        assert "3 calls timed out within 60 s" in signal_.hint
+        async with ControlPlane(settings) as control:
+            assert control.suspension("spin") is not None
+            await control.resume("spin")
+        # Resumed: its next call runs again (and times out) rather than being refused.
+        deadline = time.monotonic() + 60
+        while True:
+            again = request_from("spin", {"n": 99})
+            answer = (await _send_and_time(settings, [again], set(), 60))[0][again.request_id][0]
+            if answer.status.value == "timeout":
+                break
+            assert time.monotonic() < deadline, answer
+            await asyncio.sleep(0.2)  # the resume is on its way through the suspensions table
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
