@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from app import __version__
+from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import (
     CanaryDecision,
     Comparison,
@@ -40,7 +42,7 @@ from app.control.plane import ControlError, ControlPlane
 from app.domain.daily_stats import StatsKey
 from app.domain.programs import ProgramRejected, check_source
 from app.domain.stats_report import chart, window_table
-from app.kafka.client import RequestSender, daily_stats, follow, request_from, send_and_wait, send_requests
+from app.kafka.client import RequestSender, daily_stats, request_from, send_and_wait, send_requests
 from app.kafka.clients import apply_topics, make_consumer
 from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
 from app.sandbox.boundary import Boundary, SandboxUnavailable
@@ -569,42 +571,108 @@ def _request(where: str, task_id: Any, value: Any, fields: dict[str, Any]) -> Ex
 
 @cli.command()
 @click.argument("topic")
-@click.option("--from-beginning/--from-end", default=True, show_default=True,
-              help="Start at the first record kept (default), or only print what arrives from now on.")
-@click.option("-n", "--count", type=click.IntRange(min=1), help="Exit after printing this many records.")
+@click.option("-n", "--lines", "count", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Print the last N matching records kept (0: none), then exit unless --follow.")
+@click.option("--from-beginning", is_flag=True, help="Print every matching record kept instead of the last N.")
+@click.option("-f", "--follow", is_flag=True, help="Then keep printing records as they arrive, until Ctrl-C.")
 @click.option("--task", "task_id", help="Only records of this task.")
 @click.option("--status", help="Only records with this status (results: ok, error, timeout, rejected).")
 @click.option("--pretty", is_flag=True, help="Indented JSON, a blank line between records.")
-@click.option("--idle-exit", type=float, help="Exit after this many seconds without records.")
+@click.option("--idle-exit", type=click.FloatRange(min=0, min_open=True),
+              help="Follow, but exit after this many seconds without records (implies --follow).")
 @click.pass_context
-def tail(ctx: click.Context, topic: str, from_beginning: bool, count: int | None, task_id: str | None,
+def tail(ctx: click.Context, topic: str, count: int, from_beginning: bool, follow: bool, task_id: str | None,
          status: str | None, pretty: bool, idle_exit: float | None) -> None:
-    """Follow TOPIC (e.g. results, requests, dead-letters) and print each record as JSON, one per line."""
+    """Print the last records of TOPIC (e.g. results, requests, dead-letters) as JSON, one per line, like tail:
+    the last 10 by default, across partitions in timestamp order; with -f, then follow it."""
     settings = _kafka_settings(ctx)
     try:
         spec = topics_for(settings.topic_prefix).by_name(topic)
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0])) from exc
+    follow = follow or idle_exit is not None
+    filtered = task_id is not None or status is not None
 
     def wanted(record: Any) -> bool:
         return ((task_id is None or getattr(record, "task_id", None) == task_id)
                 and (status is None or str(getattr(record, "status", "")) == status))
 
+    def show(record: Any) -> None:
+        click.echo(record.model_dump_json(indent=2) + "\n" if pretty else record.model_dump_json())
+
     async def go() -> None:
-        printed = 0
-        async for tp, offset, record in follow(settings, spec, from_beginning, idle_exit):
-            if isinstance(record, Exception):
-                click.echo(f"# {tp.partition}:{offset} undecodable: {record}", err=True)
-                continue
-            if not wanted(record):
-                continue
-            click.echo(record.model_dump_json(indent=2) + "\n" if pretty else record.model_dump_json())
-            printed += 1
-            if count is not None and printed >= count:
+        codec = codec_for(spec.record, settings, spec)
+        consumer = make_consumer(settings)
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
+            consumer.assign(partitions)
+            ends = await consumer.end_offsets(partitions)  # what is kept now: the records printed before -f
+            starts = await consumer.beginning_offsets(partitions)
+            everything = from_beginning or filtered
+            for tp in partitions:
+                # Unfiltered, only a partition's last N records can be among the last N of the topic.
+                consumer.seek(tp, starts[tp] if everything else max(starts[tp], ends[tp] - count))
+            kept: list[tuple[int, int, int, Any]] = []  # (timestamp, partition, offset, record)
+            behind = {tp for tp in partitions if (from_beginning or count) and ends[tp] > starts[tp]}
+            shown = 0
+            while behind:
+                batches = await consumer.getmany(*behind, timeout_ms=500)
+                for tp, messages in batches.items():
+                    for message in messages:
+                        record = None if message.offset >= ends[tp] else _decoded(codec, tp, message)
+                        if record is None or not wanted(record):
+                            continue
+                        if from_beginning:  # as they come, partition by partition: a long topic is never held
+                            show(record)
+                            shown += 1
+                        else:
+                            kept.append((message.timestamp, tp.partition, message.offset, record))
+                for tp in list(behind):  # also past a tail of offsets without records (compacted, markers)
+                    if await consumer.position(tp) >= ends[tp]:
+                        behind.discard(tp)
+                if len(kept) > 2 * count + 1000:  # held memory stays bounded on a long topic
+                    kept = sorted(kept, key=lambda k: k[:3])[-count:]
+            for *_, record in sorted(kept, key=lambda k: k[:3])[len(kept) - count:]:
+                show(record)
+                shown += 1
+            if not follow:
+                if not shown and (from_beginning or count):
+                    click.echo(f"# no {'matching ' if filtered else ''}records in {spec.name}", err=True)
                 return
+            for tp in partitions:
+                consumer.seek(tp, ends[tp])
+            click.echo(f"# waiting for new records on {spec.name}"
+                       + (f" (exit after {idle_exit:g} s without any)" if idle_exit else "") + "; Ctrl-C stops",
+                       err=True)
+            idle = 0.0
+            while True:
+                batches = await consumer.getmany(timeout_ms=200)
+                if not batches:
+                    idle += 0.2
+                    if idle_exit is not None and idle >= idle_exit:
+                        return
+                    continue
+                idle = 0.0
+                for tp, messages in batches.items():
+                    for message in messages:
+                        record = _decoded(codec, tp, message)
+                        if record is not None and wanted(record):
+                            show(record)
+        finally:
+            await consumer.stop()
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(go())
+
+
+def _decoded(codec: Any, tp: TopicPartition, message: Any) -> Any:
+    """The record a message holds, or None after a line on stderr for one that does not decode."""
+    try:
+        return codec.decode(message.value)
+    except DecodeError as exc:
+        click.echo(f"# {tp.partition}:{message.offset} undecodable: {exc}", err=True)
+        return None
 
 
 @cli.group()
