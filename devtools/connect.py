@@ -17,10 +17,16 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from aiokafka import TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
 from app.contract.topics import topics_for
+from app.kafka.clients import make_consumer
+from app.kafka.metadata import topic_partitions
 from app.settings import Settings
 from devtools.broker import free_port
 
@@ -250,9 +256,52 @@ class ConnectStandalone:
 
 
 
+def export_connector_name(topic: str, file: Path) -> str:
+    """The file sink's connector name for one topic and one file, so each file has its own consumer group
+    (connect-<name>): what one file has been given says nothing about another."""
+    digest = hashlib.sha256(f"{topic}\0{file.resolve()}".encode()).hexdigest()[:12]
+    return f"loopai-export-{digest}"
+
+
+@dataclass(frozen=True)
+class ExportStart:
+    """Where an export to a file starts: the whole topic for a new file, else after what the file was given."""
+
+    group: str
+    fresh: bool  # the file is missing or empty: its group was set to the start of the topic
+    kept: int  # results on the topic now
+    pending: int  # of those, not yet exported to this file
+
+
+async def prepare_export(settings: Settings, file: Path) -> ExportStart:
+    """Set the file's sink group to the start of the results topic when the file is missing or empty (so a new
+    file gets every result kept, even at a path exported to before), and count what the export starts with."""
+    topic = topics_for(settings.topic_prefix).execution_results.name
+    group = "connect-" + export_connector_name(topic, file)
+    fresh = not file.exists() or file.stat().st_size == 0
+    consumer = make_consumer(settings, group_id=group)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in await topic_partitions(consumer, topic)]
+        consumer.assign(partitions)
+        starts = await consumer.beginning_offsets(partitions)
+        ends = await consumer.end_offsets(partitions)
+        if fresh:
+            # A commit outside the group's generation: accepted while no member is in the group (no export runs).
+            await consumer.commit({tp: OffsetAndMetadata(starts[tp], "") for tp in partitions})
+            done = starts
+        else:
+            done = {tp: max(starts[tp], await consumer.committed(tp) or 0) for tp in partitions}
+    finally:
+        await consumer.stop()
+    return ExportStart(group, fresh, sum(ends[tp] - starts[tp] for tp in partitions),
+                       sum(max(0, ends[tp] - done[tp]) for tp in partitions))
+
+
 def file_export(settings: Settings, file: Path, work_dir: Path) -> ConnectStandalone:
     """A Connect worker (not started) appending every execution result to `file` as JSON lines, with
-    connect/file-sink.properties. Its sink consumer uses the loopai workers' group timings."""
+    connect/file-sink.properties under a connector name of this file's own (export_connector_name). Its sink
+    consumer uses the loopai workers' group timings."""
     if settings.wire_format != "json":
         raise ConnectUnavailable(
             f"the file export writes JSON lines from the JSON wire format; wire_format is {settings.wire_format!r} "
@@ -263,12 +312,15 @@ def file_export(settings: Settings, file: Path, work_dir: Path) -> ConnectStanda
             f"the file export connects in PLAINTEXT only; for {settings.security_protocol} add the security "
             "settings to a copy of connect/worker.properties (and its consumer.* equivalents)"
         )
+    topic = topics_for(settings.topic_prefix).execution_results.name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    connector = work_dir / "file-sink.properties"
+    lines = (CONNECT_DIR / "file-sink.properties").read_text().splitlines()
+    connector.write_text("\n".join(f"name={export_connector_name(topic, file)}" if line.startswith("name=")
+                                   else line for line in lines) + "\n")
     return ConnectStandalone(
-        settings.bootstrap_servers, [CONNECT_DIR / "file-sink.properties"], work_dir,
-        env={
-            "LOOPAI_EXPORT_TOPIC": topics_for(settings.topic_prefix).execution_results.name,
-            "LOOPAI_EXPORT_FILE": str(file.resolve()),
-        },
+        settings.bootstrap_servers, [connector], work_dir,
+        env={"LOOPAI_EXPORT_TOPIC": topic, "LOOPAI_EXPORT_FILE": str(file.resolve())},
         worker_overrides={
             "consumer.session.timeout.ms": str(int(settings.session_timeout_s * 1000)),
             "consumer.heartbeat.interval.ms": str(int(settings.heartbeat_interval_s * 1000)),
