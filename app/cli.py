@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import signal
 import subprocess
 import sys
 import tempfile
+from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +47,7 @@ from app.domain.stats_report import chart, window_table
 from app.kafka.client import RequestSender, daily_stats, request_from, send_and_wait, send_requests
 from app.kafka.clients import apply_topics, make_consumer
 from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
+from app.kafka.tables import consume_to_end
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.pool import run_once
 from app.settings import ConfigError, Settings, describe_validation_error
@@ -510,14 +513,16 @@ def worker(ctx: click.Context) -> None:
 @click.argument("task_id", required=False)
 @click.option("--input", "inputs", multiple=True, help="A JSON object; repeat for more requests.")
 @click.option("--file", "jsonl", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="JSONL file of whole requests (request_id may be omitted).")
+              help="JSONL file of whole requests (request_id may be omitted); with --inputs, of inputs.")
+@click.option("--inputs", "lines_are_inputs", is_flag=True,
+              help="Each line of --file is one input (a JSON object) for TASK_ID, not a whole request.")
 @click.option("--version", type=int, help="Pin a program version.")
 @click.option("--wait", is_flag=True, help="Then print each request's result (or dead letter) as it arrives.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="With --wait: give up after this many seconds (exit 1).")
 @click.pass_context
 def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl: Path | None,
-         version: int | None, wait: bool, timeout_s: float) -> None:
+         lines_are_inputs: bool, version: int | None, wait: bool, timeout_s: float) -> None:
     """Produce execution requests, once the task (and a pinned version) is known to exist."""
     requests: list[ExecutionRequest] = []
     for number, text in enumerate(inputs, 1):
@@ -525,12 +530,20 @@ def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl
             raise click.UsageError("TASK_ID is needed with --input")
         where = f"--input {number}"
         requests.append(_request(where, task_id, _json_object(where, text), {"version": version}))
+    if lines_are_inputs and (jsonl is None or task_id is None):
+        raise click.UsageError("--inputs reads one input per line of --file for TASK_ID: give both")
     if jsonl is not None:
         for number, line in enumerate(_read_text(jsonl).splitlines(), 1):
             if line.strip():
                 where = f"{jsonl} line {number}"
                 fields = _json_object(where, line)
-                requests.append(_request(where, fields.pop("task_id", task_id), fields.pop("input", None), fields))
+                if lines_are_inputs:
+                    requests.append(_request(where, task_id, fields, {"version": version}))
+                    continue
+                if "input" not in fields:
+                    raise click.ClickException(f'{where}: a request needs an "input" object; for a file of one '
+                                               "input per line, add --inputs")
+                requests.append(_request(where, fields.pop("task_id", task_id), fields.pop("input"), fields))
     if not requests:
         raise click.UsageError("nothing to send: give --input or --file")
     settings = _kafka_settings(ctx)
@@ -607,41 +620,38 @@ def tail(ctx: click.Context, topic: str, count: int, from_beginning: bool, follo
         try:
             partitions = [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
             consumer.assign(partitions)
-            ends = await consumer.end_offsets(partitions)  # what is kept now: the records printed before -f
+            # Unfiltered, only a partition's last N records can be among the topic's last N. The broker's
+            # end offset can fall short of the true end (the embedded one's does), never past it: reading
+            # from N before it, to the true end, takes in at least the last N.
             starts = await consumer.beginning_offsets(partitions)
-            everything = from_beginning or filtered
+            ends = await consumer.end_offsets(partitions)
+            everything = from_beginning or (filtered and count > 0)
             for tp in partitions:
-                # Unfiltered, only a partition's last N records can be among the last N of the topic.
                 consumer.seek(tp, starts[tp] if everything else max(starts[tp], ends[tp] - count))
-            kept: list[tuple[int, int, int, Any]] = []  # (timestamp, partition, offset, record)
-            behind = {tp for tp in partitions if (from_beginning or count) and ends[tp] > starts[tp]}
+            last: dict[int, deque[tuple[int, int, int, Any]]] = defaultdict(lambda: deque(maxlen=count))
             shown = 0
-            while behind:
-                batches = await consumer.getmany(*behind, timeout_ms=500)
-                for tp, messages in batches.items():
-                    for message in messages:
-                        record = None if message.offset >= ends[tp] else _decoded(codec, tp, message)
-                        if record is None or not wanted(record):
-                            continue
-                        if from_beginning:  # as they come, partition by partition: a long topic is never held
-                            show(record)
-                            shown += 1
-                        else:
-                            kept.append((message.timestamp, tp.partition, message.offset, record))
-                for tp in list(behind):  # also past a tail of offsets without records (compacted, markers)
-                    if await consumer.position(tp) >= ends[tp]:
-                        behind.discard(tp)
-                if len(kept) > 2 * count + 1000:  # held memory stays bounded on a long topic
-                    kept = sorted(kept, key=lambda k: k[:3])[-count:]
-            for *_, record in sorted(kept, key=lambda k: k[:3])[len(kept) - count:]:
+
+            def take(tp: TopicPartition, message: Any) -> None:
+                nonlocal shown
+                record = _decoded(codec, tp, message)
+                if record is None or not wanted(record):
+                    return
+                if from_beginning:  # as they come, partition by partition: a long topic is never held
+                    show(record)
+                    shown += 1
+                elif count:
+                    last[tp.partition].append((message.timestamp, tp.partition, message.offset, record))
+
+            await consume_to_end(consumer, partitions, take)  # what is kept now: printed before -f follows
+            # Each partition's records stay in offset order; partitions interleave by timestamp.
+            merged = list(heapq.merge(*last.values(), key=lambda kept: kept[0]))
+            for *_, record in merged[len(merged) - count:]:
                 show(record)
                 shown += 1
             if not follow:
                 if not shown and (from_beginning or count):
                     click.echo(f"# no {'matching ' if filtered else ''}records in {spec.name}", err=True)
                 return
-            for tp in partitions:
-                consumer.seek(tp, ends[tp])
             click.echo(f"# waiting for new records on {spec.name}"
                        + (f" (exit after {idle_exit:g} s without any)" if idle_exit else "") + "; Ctrl-C stops",
                        err=True)

@@ -206,6 +206,14 @@ def test_send_and_tail(env: dict[str, str], tmp_path: Path) -> None:
     records = [json.loads(line) for line in tailed.stdout.splitlines()]
     assert [r["request_id"] for r in records[:2]] == ["a", "b"] and len(records) == 3
     assert {r["task_id"] for r in records} == {"spam"}
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    as_inputs = loopai(env, "send", "spam", "--file", str(inputs), "--inputs")
+    assert as_inputs.returncode == 0 and "sent 2" in as_inputs.stdout, as_inputs.stderr
+    assert [json.loads(line)["input"] for line in loopai(env, "tail", "requests", "-n", "2").stdout.splitlines()] \
+        == [{"text": "one"}, {"text": "two"}]
+    no_task = loopai(env, "send", "--file", str(inputs), "--inputs")
+    assert no_task.returncode == 2 and "--inputs reads one input per line of --file for TASK_ID" in no_task.stderr
     bad = loopai(env, "send", "spam", "--input", '{"text": 1', )
     assert bad.returncode != 0 and "not JSON" in bad.stderr
 
@@ -278,6 +286,8 @@ def test_send_refuses_requests_that_could_only_be_rejected(
         ('["not", "a", "request"]', "line 3: expected a JSON object, got list"),
         ('{"input": {}, "timeout_ms": 0}', "line 3: invalid request field 'timeout_ms'"),
         ('{"input": {}, "colour": "red"}', "line 3: invalid request field 'colour'"),
+        ('{"text": "an input, not a request"}',
+         'line 3: a request needs an "input" object; for a file of one input per line, add --inputs'),
     ],
 )
 def test_a_bad_jsonl_line_is_named_by_its_number(tmp_path: Path, line: str, message: str) -> None:
