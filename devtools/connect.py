@@ -6,6 +6,7 @@ repository); produces: a running ConnectStandalone process with connect/worker.p
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -27,6 +28,7 @@ from aiokafka.structs import OffsetAndMetadata
 from app.contract.topics import topics_for
 from app.kafka.clients import make_consumer
 from app.kafka.metadata import topic_partitions
+from app.kafka.tables import consume_to_end
 from app.settings import Settings
 from devtools.broker import free_port
 
@@ -285,7 +287,10 @@ async def prepare_export(settings: Settings, file: Path) -> ExportStart:
         partitions = [TopicPartition(topic, p) for p in await topic_partitions(consumer, topic)]
         consumer.assign(partitions)
         starts = await consumer.beginning_offsets(partitions)
-        ends = await consumer.end_offsets(partitions)
+        await consumer.seek_to_end(*partitions)
+        # The true ends are the high watermarks of a fetch: the embedded broker's end offsets fall short.
+        await asyncio.wait_for(consume_to_end(consumer, partitions, lambda tp, message: None), 30)
+        ends = {tp: consumer.highwater(tp) or 0 for tp in partitions}
         if fresh:
             # A commit outside the group's generation: accepted while no member is in the group (no export runs).
             await consumer.commit({tp: OffsetAndMetadata(starts[tp], "") for tp in partitions})

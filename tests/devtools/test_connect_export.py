@@ -1,6 +1,7 @@
 """Dataset export through a real Apache Kafka Connect 3.9 standalone worker and connect/file-sink.properties:
 a loopai worker executes requests, Connect's FileStreamSink writes every result to a file, byte for byte."""
 
+import asyncio
 import os
 import re
 import signal
@@ -173,12 +174,11 @@ async def test_export_to_a_new_file_starts_at_the_beginning_and_one_that_has_lin
         pytest.skip("no java on PATH (see the test above)")
     topic = topics_for(settings.topic_prefix).execution_results.name
 
-    async def produce(numbers: range) -> None:
+    async def produce(numbers: range) -> None:  # in one record batch: the count must not stop at its base
         producer = make_producer(settings)
         await producer.start()
         try:
-            for n in numbers:
-                await producer.send_and_wait(topic, orjson.dumps({"n": n}), key=b"k")
+            await asyncio.gather(*[await producer.send(topic, orjson.dumps({"n": n}), key=b"k") for n in numbers])
         finally:
             await producer.stop()
 
