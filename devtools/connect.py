@@ -61,6 +61,7 @@ SYSTEM_JAVA_DIR = Path("/usr/share/java")
 UNUSED_JARS = ("debezium-", "mongodb-", "bson-", "mysql-", "postgresql-", "antlr4-", "protobuf-java-")
 REPLACED_JARS = ("jetty-security-", "jetty-servlet-9")
 MAIN_CLASS = "org.apache.kafka.connect.cli.ConnectStandalone"
+CLASSPATH_DIR = "libs-3.9.0"  # under the cache; holds .complete once assembled
 # The JVM's exit status after SIGTERM once its shutdown hooks (Connect's clean stop) have run: 128 + 15.
 STOPPED_BY_SIGTERM = 143
 
@@ -114,7 +115,7 @@ def _jetty_jars(cache: Path) -> list[Path]:
 
 def assemble_classpath(cache: Path = DEFAULT_CACHE) -> Path:
     """A directory holding every jar the worker needs (built once, then reused); use it as `dir/*`."""
-    libs = cache / "libs-3.9.0"
+    libs = cache / CLASSPATH_DIR
     if (libs / ".complete").exists():
         return libs
     cache.mkdir(parents=True, exist_ok=True)
