@@ -300,12 +300,21 @@ class Settings(BaseSettings):
         return AnomalyThresholds(**{f.name: getattr(self, f"anomaly_{f.name}") for f in fields(AnomalyThresholds)})
 
     # HTTP on the worker (app/web/): health, metrics, execute, tasks, the dashboard. Loopback by default, because
-    # POST /execute has no authentication: a container sets web_host 0.0.0.0 and keeps the
+    # POST /execute needs no token unless web_token is set: a container sets web_host 0.0.0.0 and keeps the
     # port on its own network. 8080 is on by default so every worker can be probed; web_port 0 turns it off.
     web_host: str = Field("127.0.0.1", min_length=1)
     web_port: int = Field(8080, ge=0, le=65535, description="0: no HTTP server")
     web_execute_timeout_s: float = Field(10.0, gt=0, description="how long POST /execute waits for the result")
     web_recent_items: int = Field(50, ge=1, le=10_000, description="anomaly signals and dead letters kept to show")
+    # When set, POST /execute, /tasks and the dashboard answer 401 without it (app/web/server.py,
+    # docs/production.md); /health and /metrics stay open for probes and Prometheus.
+    # An empty value is no token: docker-compose.yml passes LOOPAI_WEB_TOKEN through, empty when not set.
+    web_token: SecretStr | None = None
+
+    @field_validator("web_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, token: Any) -> Any:
+        return None if token == "" else token
 
 
 def _closest(name: str, candidates: list[str], shown: Callable[[str], str] = str) -> str:
