@@ -894,12 +894,40 @@ def stats(ctx: click.Context, task_id: str, day: str | None, version: int | None
     else:
         for line in window_table(shown):
             click.echo(line)
+        if shown.validated == 0:
+            click.echo(f"  (why none validated: {_why_not_validated(settings, task_id, shown.sampled)})")
     recent = [known[key] for key in (StatsKey(task_id, version, (window.day - timedelta(days=back)).isoformat())
                                      for back in range(days - 1, -1, -1)) if key in known]
     if recent:
         click.echo(f"\nlast {days} days, {which}:")
         for line in chart(recent):
             click.echo(line)
+
+
+def _why_not_validated(settings: Settings, task_id: str, sampled: int) -> str:
+    """What `stats` says under a window without validations: the task's oracle and sampling, as they are now."""
+
+    async def go() -> TaskSpec | None:
+        async with ControlPlane(settings) as control:
+            return control.tables.tasks.get(task_id)
+
+    spec = _run(go())
+    if spec is None:
+        return "there is no such task now"
+    if spec.oracle is None:
+        return (f"the task has no oracle, and its requests carried no expected_output, so nothing judges its "
+                f"sampled executions; give it one with `loopai task update {task_id} --oracle "
+                "label|shadow|external`")
+    if sampled == 0:
+        return (f"no execution was sampled (sampling_rate {spec.sampling_rate:g}; `loopai task update {task_id} "
+                "--sampling-rate R`, or force_validation on a request)")
+    kind = spec.oracle.kind.value
+    if kind == "external":
+        return ("its external oracle has not answered yet (is an oracle service, e.g. `loopai oracle serve`, "
+                "running?); unanswered requests expire")
+    if kind == "label":
+        return "the label oracle needs expected_output on the requests; these carried none"
+    return "the shadow oracle has not judged them yet (is a worker running?)"
 
 
 # Progress of `send` (issue 11): below this many requests a send takes about a second, not worth a bar.
