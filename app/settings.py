@@ -5,9 +5,12 @@ The YAML file may use ${VAR} and ${VAR:-default}; environment variables override
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +24,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from app.domain.anomaly import AnomalyThresholds
 from app.domain.daily_windows import DailyWindows
 from app.domain.task_budget import TimeoutBudget
+
+log = logging.getLogger(__name__)
+
+# LOOPAI_* variables that are not settings: the Kafka Connect files read them (connect/*.properties).
+_CONNECT_VARIABLES = ("LOOPAI_EXPORT_", "LOOPAI_CONNECT_REST_PORT", "LOOPAI_CONNECT_OFFSETS_FILE",
+                      "LOOPAI_SCHEMA_REGISTRY_URL")
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -207,6 +216,12 @@ class Settings(BaseSettings):
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {config_file} must hold a mapping of setting: value")
             file_values = loaded
+            for key in file_values:
+                if key not in cls.model_fields:
+                    raise ConfigError(f"invalid setting {key!r} in config file {config_file}: not a setting"
+                                      + _closest(str(key), list(cls.model_fields)))
+        for message in cls.unknown_environment(os.environ):
+            log.warning(message)
         env_set = {name for name in cls.model_fields if f"LOOPAI_{name.upper()}" in os.environ}
         values = {k: v for k, v in file_values.items() if k not in env_set}
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -214,6 +229,17 @@ class Settings(BaseSettings):
             return cls(**values)
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc, "setting")) from exc
+
+    @classmethod
+    def unknown_environment(cls, environ: Mapping[str, str]) -> list[str]:
+        """One message per LOOPAI_* variable that names no setting (it is ignored), with the closest name."""
+        fields = list(cls.model_fields)
+        return [f"unknown environment variable {variable} ignored: not a setting"
+                + _closest(variable.removeprefix("LOOPAI_").lower(), fields,
+                           lambda close: f"LOOPAI_{close.upper()} ({close})")
+                for variable in sorted(environ)
+                if variable.startswith("LOOPAI_") and variable.removeprefix("LOOPAI_").lower() not in fields
+                and not variable.startswith(_CONNECT_VARIABLES)]
 
     def to_env(self) -> dict[str, str]:
         """These settings as LOOPAI_* variables, to hand to a child process."""
@@ -292,12 +318,29 @@ class Settings(BaseSettings):
         return AnomalyThresholds(**{f.name: getattr(self, f"anomaly_{f.name}") for f in fields(AnomalyThresholds)})
 
     # HTTP on the worker (app/web/): health, metrics, execute, tasks, the dashboard. Loopback by default, because
-    # POST /execute has no authentication: a container sets web_host 0.0.0.0 and keeps the
+    # POST /execute needs no token unless web_token is set: a container sets web_host 0.0.0.0 and keeps the
     # port on its own network. 8080 is on by default so every worker can be probed; web_port 0 turns it off.
     web_host: str = Field("127.0.0.1", min_length=1)
     web_port: int = Field(8080, ge=0, le=65535, description="0: no HTTP server")
     web_execute_timeout_s: float = Field(10.0, gt=0, description="how long POST /execute waits for the result")
     web_recent_items: int = Field(50, ge=1, le=10_000, description="anomaly signals and dead letters kept to show")
+    # When set, POST /execute, /tasks and the dashboard answer 401 without it (app/web/server.py,
+    # docs/production.md); /health and /metrics stay open for probes and Prometheus.
+    # An empty value is no token: docker-compose.yml passes LOOPAI_WEB_TOKEN through, empty when not set.
+    web_token: SecretStr | None = None
+
+    @field_validator("web_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, token: Any) -> Any:
+        return None if token == "" else token
+
+
+def _closest(name: str, candidates: list[str], shown: Callable[[str], str] = str) -> str:
+    """"; did you mean X?" for the candidate most like name (difflib), or a pointer to the list."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {shown(close[0])}?"
+    return " (the settings: README, Configuration; app/settings.py)"
 
 
 def describe_validation_error(exc: ValidationError, what: str) -> str:
