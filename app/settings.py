@@ -83,7 +83,8 @@ class Settings(BaseSettings):
 
     # Executor
     executor_batch_size: int = Field(1000, ge=1, le=100_000)
-    # Requests in flight (fetched, not yet answered) are at most batch size x this; fetching pauses past it.
+    # Requests in flight (fetched, not yet answered) are at most batch size x this, fetching pauses past it; and
+    # at most this many deliveries of results are on their way at once (the next gathers what comes meanwhile).
     executor_max_inflight_batches: int = Field(4, ge=1, le=64)
     # Bytes of program outputs a worker holds until their results are acknowledged; fetching pauses past it, so
     # a task of megabyte outputs costs its own throughput, not the worker's memory.

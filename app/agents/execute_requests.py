@@ -110,6 +110,8 @@ class ExecuteRequests:
         self._answered = asyncio.Event()  # set whenever answers are acknowledged, cleared by the committer
         self._outgoing = _Outgoing()
         self._flush_due = False
+        self._delivering = 0  # deliveries on their way
+        self._max_deliveries = settings.executor_max_inflight_batches
         self._delivered: list[dict[str, Any]] = []  # results acknowledged since the last commit: its partials
         self._commit_lock = asyncio.Lock()
         self._work: set[asyncio.Future[Any]] = set()
@@ -308,10 +310,13 @@ class ExecuteRequests:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Send what was gathered over this turn of the event loop, as one delivery."""
+        """Send what was gathered, as one delivery, unless executor_max_inflight_batches deliveries are on their
+        way: then it goes with the next one that ends (aiokafka holds one batch per partition; hundreds of small
+        deliveries would queue there one round trip each)."""
         self._flush_due = False
-        out, self._outgoing = self._outgoing, _Outgoing()
-        if out.marks:
+        if self._outgoing.marks and self._delivering < self._max_deliveries:
+            out, self._outgoing = self._outgoing, _Outgoing()
+            self._delivering += 1
             self._spawn(self._deliver(out))
 
     async def _deliver(self, out: _Outgoing) -> None:
@@ -329,6 +334,8 @@ class ExecuteRequests:
         finally:
             self._held_bytes -= out.output_bytes
             self._in_flight -= len(out.marks)
+            self._delivering -= 1
+            self._flush_soon()
             self._update_room()
         for segment, index in out.marks:
             segment.complete(index)
