@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     )
     # One program version per process: keep it at least the number of task versions a worker serves at once, or
     # they take turns (each turn a stopped process and a fresh one). Idle processes cost memory (~25 MB each), not CPU.
-    sandbox_processes: int = Field(16, ge=1, le=256)
+    sandbox_processes: int = Field(16, ge=1, le=4096)
     sandbox_spares: int = Field(1, ge=0, le=64, description="processes started ahead for tasks that need one")
     sandbox_memory_mb: int = Field(512, ge=64)
     sandbox_cpu_seconds: int = Field(3600, ge=1, description="CPU budget of one sandbox process's life")
