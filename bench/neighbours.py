@@ -36,7 +36,7 @@ SCENARIOS = {  # neighbour task -> its requests per second beside the victim
     "alone": ("", 0),
     "spinning (swallows its timer)": ("spin", 20),
     "spinning finaliser": ("finaliser", 20),
-    "1 MB outputs": ("huge", 100),
+    "1 MB outputs": ("huge", 20),
 }
 
 

@@ -57,7 +57,7 @@ Pending = tuple[ExecutionRequest, Runnable, Message]
 class _Outgoing:
     """Records ready to send, gathered over one turn of the event loop so that they go out together."""
 
-    __slots__ = ("letters", "marks", "output_bytes", "results", "validations")
+    __slots__ = ("by_task", "letters", "marks", "output_bytes", "results", "validations")
 
     def __init__(self) -> None:
         self.results: list[tuple[dict[str, Any], Message]] = []
@@ -65,6 +65,7 @@ class _Outgoing:
         self.validations: list[dict[str, Any]] = []
         self.marks: list[Mark] = []
         self.output_bytes = 0
+        self.by_task: dict[str, int] = {}
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):
@@ -104,8 +105,8 @@ class ExecuteRequests:
         self._held_bytes = 0  # outputs received from the sandbox and not yet acknowledged
         self._room = asyncio.Event()  # set while fetching may go on
         self._room.set()
-        self._output_room = asyncio.Event()  # set while the outputs held are within their bound
-        self._output_room.set()
+        self._held_by_task: dict[str, int] = {}
+        self._output_waiters: list[asyncio.Future[None]] = []  # chunks waiting for outputs to be delivered
         self._changed = asyncio.Condition()  # notified whenever answers are acknowledged
         self._answered = asyncio.Event()  # set whenever answers are acknowledged, cleared by the committer
         self._outgoing = _Outgoing()
@@ -299,8 +300,12 @@ class ExecuteRequests:
         out.marks += marks
         # An output is held twice until acknowledged: as the sandbox wrote it, and encoded in its result.
         size = 2 * sum(len(o.output_json) for o in outcomes if type(o) is Outcome and o.output_json is not None)
-        out.output_bytes += size
-        self._held_bytes += size
+        if size:
+            task_id = pending[0][0].task_id  # a chunk is one task's
+            out.output_bytes += size
+            out.by_task[task_id] = out.by_task.get(task_id, 0) + size
+            self._held_by_task[task_id] = self._held_by_task.get(task_id, 0) + size
+            self._held_bytes += size
         self._flush_soon()
         self._update_room()
 
@@ -333,6 +338,12 @@ class ExecuteRequests:
             return
         finally:
             self._held_bytes -= out.output_bytes
+            for task_id, size in out.by_task.items():
+                left = self._held_by_task[task_id] - size
+                if left:
+                    self._held_by_task[task_id] = left
+                else:
+                    del self._held_by_task[task_id]
             self._in_flight -= len(out.marks)
             self._delivering -= 1
             self._flush_soon()
@@ -369,19 +380,27 @@ class ExecuteRequests:
 
     def _update_room(self) -> None:
         outputs_fit = self._stopping or self._held_bytes < self._max_output_bytes
-        if outputs_fit:
-            self._output_room.set()
-        else:
-            self._output_room.clear()
         if outputs_fit and (self._stopping or self._in_flight < self._max_requests):
             self._room.set()
         else:
             self._room.clear()
+        waiters, self._output_waiters = self._output_waiters, []
+        for waiter in waiters:  # each checks its own bound again
+            if not waiter.done():
+                waiter.set_result(None)
 
-    async def wait_for_output_room(self) -> None:
-        """Return once the outputs held are within executor_max_output_bytes (the sandbox pool awaits this before
-        each chunk: past the bound no more calls start until results are delivered)."""
-        await self._output_room.wait()
+    def _outputs_fit(self, task_id: str) -> bool:
+        return self._stopping or (self._held_bytes < self._max_output_bytes
+                                  and self._held_by_task.get(task_id, 0) < self._max_output_bytes // 4)
+
+    async def wait_for_output_room(self, task_id: str) -> None:
+        """Return once the outputs held are within executor_max_output_bytes, and the task's own within a quarter
+        of it (the sandbox pool awaits this before each chunk): a task of huge outputs waits for their delivery
+        without filling the bound that would pause fetching for every task."""
+        while not self._outputs_fit(task_id):
+            waiter = asyncio.get_running_loop().create_future()
+            self._output_waiters.append(waiter)
+            await waiter
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)

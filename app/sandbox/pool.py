@@ -29,7 +29,9 @@ log = logging.getLogger(__name__)
 # each chunk's outcomes are emitted when it ends, so one task's slow calls never hold another's.
 _MAX_BLAMELESS_DEATHS = 3  # deaths in a row with no call running and no answer, per chunk, before it fails
 _CORES = os.cpu_count() or 1
-_PER_OWNER = max(2, _CORES)  # processes one version may use at once: more cannot run on this machine anyway
+# Processes one version may use at once: half the cores, so a version whose calls spin leaves the worker and the
+# other tasks the rest (a sandbox process costs a few µs a call: one keeps up with a worker's whole throughput).
+_PER_OWNER = max(1, _CORES // 2)
 Owner = tuple[str, str]  # what a process is bound to: (task_id, program key)
 _MIN_CHUNK = 32  # calls: below this, another process costs more in IPC than it saves
 _FIRST_CHUNK = 8  # calls of a version whose output size is not known yet
@@ -45,11 +47,11 @@ class SandboxPool:
 
     `gate` (optional) is asked before each chunk starts: a task it refuses gets `rejected` outcomes for the calls
     not yet run. `on_timeout` (optional) is told of every call that timed out, with its task. `room` (optional)
-    is awaited before each chunk starts: the caller's bound on the outputs it holds."""
+    is awaited with the task before each of its chunks starts: the caller's bound on the outputs it holds."""
 
     def __init__(self, boundary: Boundary, processes: int, spares: int = 1, chunk_size: int = 500,
                  gate: Gate | None = None, on_timeout: Callable[[str], None] | None = None,
-                 room: Callable[[], Awaitable[None]] | None = None) -> None:
+                 room: Callable[[str], Awaitable[None]] | None = None) -> None:
         self._boundary = boundary
         self._size = processes
         self._spare_target = spares
@@ -179,11 +181,14 @@ class SandboxPool:
         pending, retried, blameless = indices, set(), 0
         while pending:
             if self.room is not None:
-                await self.room()
+                await self.room(owner[0])
             if self._refused(owner, pending, emit):
                 return
             chunk = calls[pending.start:pending.stop] if isinstance(pending, range) else [calls[i] for i in pending]
             process = await self._acquire(owner)
+            if self._refused(owner, pending, emit):  # suspended while this chunk waited for a process
+                await self._release(process)
+                return
             try:
                 answers = await process.run(next(self._batches), chunk)
                 if len(answers) != len(chunk):
