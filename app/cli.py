@@ -49,7 +49,6 @@ from app.domain.task_budget import cause_of
 from app.kafka.client import RequestSender, daily_stats, request_from, send_and_wait, send_requests
 from app.kafka.clients import apply_topics, make_consumer
 from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
-from app.kafka.tables import consume_to_end
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.pool import run_once
 from app.settings import ConfigError, Settings, describe_validation_error
@@ -662,20 +661,31 @@ def tail(ctx: click.Context, topic: str, count: int, from_beginning: bool, follo
             for tp in partitions:
                 consumer.seek(tp, starts[tp] if everything else max(starts[tp], ends[tp] - count))
             last: dict[int, deque[tuple[int, int, int, Any]]] = defaultdict(lambda: deque(maxlen=count))
+            arrived: list[tuple[TopicPartition, Any]] = []  # past the end as it was: new, for -f
             shown = 0
-
-            def take(tp: TopicPartition, message: Any) -> None:
-                nonlocal shown
-                record = _decoded(codec, tp, message)
-                if record is None or not wanted(record):
-                    return
-                if from_beginning:  # as they come, partition by partition: a long topic is never held
-                    show(record)
-                    shown += 1
-                elif count:
-                    last[tp.partition].append((message.timestamp, tp.partition, message.offset, record))
-
-            await consume_to_end(consumer, partitions, take)  # what is kept now: printed before -f follows
+            # What is kept now ends at each partition's true end: the high watermark of its first fetch, held
+            # fixed so that a busy topic cannot keep the end out of reach.
+            kept_end: dict[TopicPartition, int] = {}
+            behind = set(partitions)
+            while behind:
+                batches = await consumer.getmany(*behind, timeout_ms=200)
+                for tp in behind:
+                    if tp not in kept_end and consumer.highwater(tp) is not None:
+                        kept_end[tp] = consumer.highwater(tp) or 0
+                for tp, messages in batches.items():
+                    for message in messages:
+                        if message.offset >= kept_end[tp]:
+                            arrived.append((tp, message))
+                            continue
+                        record = _decoded(codec, tp, message)
+                        if record is None or not wanted(record):
+                            continue
+                        if from_beginning:  # as they come, partition by partition: a long topic is never held
+                            show(record)
+                            shown += 1
+                        elif count:
+                            last[tp.partition].append((message.timestamp, tp.partition, message.offset, record))
+                behind = {tp for tp in behind if tp not in kept_end or await consumer.position(tp) < kept_end[tp]}
             # Each partition's records stay in offset order; partitions interleave by timestamp.
             merged = list(heapq.merge(*last.values(), key=lambda kept: kept[0]))
             for *_, record in merged[len(merged) - count:]:
@@ -688,6 +698,10 @@ def tail(ctx: click.Context, topic: str, count: int, from_beginning: bool, follo
             click.echo(f"# waiting for new records on {spec.name}"
                        + (f" (exit after {idle_exit:g} s without any)" if idle_exit else "") + "; Ctrl-C stops",
                        err=True)
+            for tp, message in arrived:
+                record = _decoded(codec, tp, message)
+                if record is not None and wanted(record):
+                    show(record)
             idle = 0.0
             while True:
                 batches = await consumer.getmany(timeout_ms=200)
@@ -872,7 +886,10 @@ def export(ctx: click.Context, file: Path) -> None:
             connect = file_export(settings, file, Path(work))
         except ConnectUnavailable as exc:
             raise click.ClickException(str(exc)) from exc
-        start = _run(prepare_export(settings, file))
+        try:
+            start = _run(prepare_export(settings, file))
+        except TimeoutError as exc:
+            raise click.ClickException(str(exc)) from exc
         lines_before = _count_lines(file)
         try:
             connect.start()

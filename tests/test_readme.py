@@ -25,9 +25,13 @@ from devtools.connect import java_binary
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPAI = str(Path(sys.executable).parent / "loopai")
-# What each long-running command prints once it is ready.
+# What each long-running command prints once it is ready. The next line waits for the broker (its address)
+# and tail -f (following before the first send); the others are checked at the end, so their start-up overlaps
+# the lines after them, as it would for a reader, until a `send --wait` (on a busy machine, the worker's
+# start-up could outlast its 30 s).
 READY = {"broker": "export LOOPAI_BOOTSTRAP_SERVERS=", "oracle": "serving", "worker": "serving",
          "tail": "waiting for new records", "export": "exporting"}
+WAITED_FOR_AT_ONCE = {"broker", "tail"}
 
 
 def using_it_lines() -> list[str]:
@@ -97,13 +101,19 @@ def test_the_readme_using_it_block_runs_as_written(tmp_path: Path) -> None:
                 process = subprocess.Popen(command, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
                                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
                 background.append(Background(line, log, process))
-                background[-1].wait_for(READY[words[1]])
+                if words[1] in WAITED_FOR_AT_ONCE:
+                    background[-1].wait_for(READY[words[1]])
                 continue
+            if "--wait" in words:
+                for process in background:
+                    process.wait_for(READY[shlex.split(process.line)[1]])
             done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
             assert done.returncode == 0, f"{line}\nexit {done.returncode}\n{done.stdout}\n{done.stderr}"
             outputs[" ".join(words[1:])] = done.stdout
 
         # What the lines did, beyond exiting 0.
+        for process in background:
+            process.wait_for(READY[shlex.split(process.line)[1]])
         waited = next(out for command, out in outputs.items() if "--wait" in command)
         assert len(waited.splitlines()) == 6 and '"status":"ok"' in waited
         canary = next(out for command, out in outputs.items() if command.startswith("artifact canary"))
