@@ -1,7 +1,8 @@
-"""A sandbox process: reads batches of calls on stdin, runs them one by one, writes their answers on stdout.
+"""A sandbox process: forked by the zygote (app/sandbox/zygote.py) for one task, it reads batches of calls on its
+channel, runs them one by one, and writes their answers on the same channel.
 
-Started inside the boundary (app/sandbox/boundary.py) with argv: memory_mb cpu_s max_output open_files
-progress_fd seccomp_hex. Protocol. In, JSON lines, each the calls of one program version:
+It holds two fds of its own (the channel, a stream socket, and its progress page, a memfd) and locks down before
+it reads anything. Protocol. In, JSON lines, each the calls of one program version:
 {"batch": n, "load": [[key, source], ...], "key": key, "run": [[timeout_s, input], ...]}.
 Out: first {"hello": {...protections}}, then frames of answers, one per call in order, flushed every few
 milliseconds: a JSON line [[status, output_length, error, latency_ms, memory_mb], ...] followed by the
@@ -19,7 +20,6 @@ import os
 import resource
 import signal
 import struct
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -159,20 +159,23 @@ def _memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def serve(memory_mb: int, cpu_s: int, max_output: int, open_files: int, progress_fd: int,
-          seccomp_filter: bytes) -> None:
-    """The process's whole life: lock down, then answer batches until stdin closes or it retires."""
-    reader = os.fdopen(os.dup(0), "rb")
-    out_fd = os.dup(1)
+def serve(channel_fd: int, progress_fd: int, compiler: ProgramCompiler, memory_mb: int, cpu_s: int,
+          max_output: int, open_files: int, seccomp_filter: bytes) -> None:
+    """The process's whole life once forked and holding only its two fds: lock down, then answer batches until
+    its channel closes or it retires. `compiler` was built by the zygote (every allowed module imported)."""
+    reader = os.fdopen(channel_fd, "rb")
     devnull = os.open(os.devnull, os.O_RDONLY)
-    for fd in (0, 1, 2):  # nothing a program does can reach the protocol pipes through these
-        os.dup2(devnull, fd)
+    for fd in (0, 1, 2):  # nothing a program does can reach the protocol channel through these
+        if fd != devnull:
+            os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
     progress = mmap.mmap(progress_fd, PROGRESS.size)
-    compiler = ProgramCompiler()  # imports every allowed module while files can still be opened
+    os.close(progress_fd)
     signal.signal(signal.SIGALRM, _on_alarm)
     hello = lock_down(memory_mb, cpu_s, open_files, seccomp_filter)
-    _write_all(out_fd, orjson.dumps({"hello": hello}) + b"\n")
-    answer_batches(reader, out_fd, progress, compiler, cpu_s, max_output)
+    _write_all(channel_fd, orjson.dumps({"hello": hello}) + b"\n")
+    answer_batches(reader, channel_fd, progress, compiler, cpu_s, max_output)
 
 
 def answer_batches(reader: Any, out_fd: int, progress: mmap.mmap, compiler: ProgramCompiler, cpu_s: int,
@@ -233,18 +236,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def main(probe: str | None = None) -> None:
-    """Serve calls; or, for the isolation tests, lock down and then run `probe` (see Boundary.command)."""
-    memory_mb, cpu_s, max_output, open_files, progress_fd = (int(arg) for arg in sys.argv[1:6])
-    seccomp_filter = bytes.fromhex(sys.argv[6])
-    if probe is None:
-        serve(memory_mb, cpu_s, max_output, open_files, progress_fd, seccomp_filter)
-        return
-    lock_down(memory_mb, cpu_s, open_files, seccomp_filter)
-    exec(compile(probe, "<probe>", "exec"), {"__name__": "__probe__"})
-
-
-if __name__ == "__main__":
-    main()
