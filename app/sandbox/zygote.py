@@ -143,6 +143,8 @@ def _become_child(zygote: int, control: socket.socket, fds: list[int], compiler:
         else:
             _run_probe(probe, channel, page, memory_mb, cpu_s, open_files, seccomp_filter)
         code = 0
+    except SystemExit as exc:  # a probe's own exit
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
     finally:
         os._exit(code)
 
@@ -166,8 +168,9 @@ def _run_probe(probe: str, channel: int, page: int, memory_mb: int, cpu_s: int, 
     os.dup2(channel, 1)
     os.close(channel)
     devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
+    if devnull != 2:
+        os.dup2(devnull, 2)
+        os.close(devnull)
     sys.argv[5] = str(page)
     child.lock_down(memory_mb, cpu_s, open_files, seccomp_filter)
     exec(compile(probe, "<probe>", "exec"), {"__name__": "__probe__"})

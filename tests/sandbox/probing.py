@@ -38,23 +38,26 @@ class Child:
     channel_inode: int  # of the child's end
     page_inode: int
     exit_code: asyncio.Future[int | None]
+    received: bytearray = field(default_factory=bytearray)
 
     async def send(self, data: bytes) -> None:
         await asyncio.get_running_loop().sock_sendall(self.channel, data)
 
     async def read_line(self, timeout_s: float = 20.0) -> bytes:
         """The next line the child writes (without its newline)."""
-        data = b""
         async with asyncio.timeout(timeout_s):
-            while not data.endswith(b"\n"):
-                chunk = await asyncio.get_running_loop().sock_recv(self.channel, 1)
+            while (end := self.received.find(b"\n")) < 0:
+                chunk = await asyncio.get_running_loop().sock_recv(self.channel, 1 << 16)
                 if not chunk:
-                    raise EOFError(f"child {self.pid} closed its channel after {data!r}")
-                data += chunk
-        return data[:-1]
+                    raise EOFError(f"child {self.pid} closed its channel after {bytes(self.received[-200:])!r}")
+                self.received += chunk
+        line = bytes(self.received[:end])
+        del self.received[:end + 1]
+        return line
 
     async def read_to_end(self, timeout_s: float = 30.0) -> bytes:
-        chunks = []
+        chunks = [bytes(self.received)]
+        self.received.clear()
         async with asyncio.timeout(timeout_s):
             while chunk := await asyncio.get_running_loop().sock_recv(self.channel, 1 << 16):
                 chunks.append(chunk)
