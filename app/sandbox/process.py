@@ -127,13 +127,16 @@ def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 class _ZygoteProtocol(asyncio.SubprocessProtocol):
     def __init__(self, zygote: Zygote) -> None:
         self._zygote = zygote
+        self.exited = asyncio.get_running_loop().create_future()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if len(self._zygote.stderr) < _STDERR_KEPT:
             self._zygote.stderr += data[: _STDERR_KEPT - len(self._zygote.stderr)]
 
     def process_exited(self) -> None:
-        self._zygote._on_gone("the sandbox zygote exited")
+        self.exited.set_result(None)
+        if self._zygote._protocol is self:  # not a zygote already replaced
+            self._zygote._on_gone("the sandbox zygote exited")
 
 
 class Zygote:
@@ -143,6 +146,7 @@ class Zygote:
     def __init__(self, boundary: Boundary) -> None:
         self._boundary = boundary
         self._transport: asyncio.SubprocessTransport | None = None
+        self._protocol: _ZygoteProtocol | None = None
         self._control: socket.socket | None = None
         self._ready: asyncio.Future[None] | None = None
         self._pending: deque[tuple[asyncio.Future[tuple[int, int]], Callable[[int | None], None]]] = deque()
@@ -182,7 +186,7 @@ class Zygote:
                 ours.setblocking(False)
                 self._control = ours
                 loop.add_reader(ours.fileno(), self._on_control)
-                self._transport, _ = await loop.subprocess_exec(
+                self._transport, self._protocol = await loop.subprocess_exec(
                     lambda: _ZygoteProtocol(self), *argv,
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE, env=self._boundary.environment(), pass_fds=(theirs.fileno(),),
@@ -287,9 +291,12 @@ class Zygote:
 
     async def _stop(self) -> None:
         self._on_gone("the sandbox zygote was stopped")
-        if self._transport is not None:
+        if self._transport is not None and self._protocol is not None:
             transport, self._transport = self._transport, None
+            with contextlib.suppress(TimeoutError):  # reaped by asyncio's child watcher, not by close()
+                await asyncio.wait_for(asyncio.shield(self._protocol.exited), _STOP_GRACE_S)
             transport.close()
+            self._protocol = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None

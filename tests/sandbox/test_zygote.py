@@ -319,3 +319,24 @@ async def test_a_process_that_closes_its_channel_and_runs_on_is_killed() -> None
             await process.run(1, [Call("t", "k", DOUBLE, 1.0, {"n": 1})])
     finally:
         await process.stop()
+
+
+HOARD = "def run(input):\n    return len(bytearray(input['n']))\n"
+
+
+async def test_an_idle_process_gives_its_freed_heap_back() -> None:
+    """A process keeps freed memory for its next batch (glibc's trim threshold), but not once idle: its heap is
+    trimmed a second after its last batch."""
+    process = SandboxProcess(Boundary(Limits(memory_mb=256)))
+    await process.start()
+    try:
+        before = process.memory()
+        assert before is not None
+        assert (await process.run(1, [Call("t", "hoard", HOARD, 1.0, {"n": 3 << 20})]))[0].output == 3 << 20
+        kept = process.memory()
+        assert kept is not None and kept.uss > before.uss + (2 << 20)  # the 3 MB freed, kept for the next batch
+        trimmed = await wait_for(lambda: (m := process.memory()) is not None and m.uss < kept.uss - (2 << 20) and m,
+                                 what="the heap trimmed")
+        print(f"own memory: {before.uss >> 10} kB, {kept.uss >> 10} kB after the call, {trimmed.uss >> 10} kB idle")
+    finally:
+        await process.stop()
