@@ -286,8 +286,12 @@ class Zygote:
         children, self._children = self._children, {}
         for on_exit in children.values():
             on_exit(None)
-        if self._transport is not None and self._transport.get_returncode() is None:
-            self._transport.kill()  # bubblewrap's init dies with it, and everything in its pid namespace
+        # Killed through its pidfd: bubblewrap's init exits with it, and everything in its pid namespace. (Not
+        # through the transport: Popen.kill() polls, which can reap the process before asyncio's child watcher.)
+        if self._pidfd is not None:
+            _pidfd_kill(self._pidfd)
+        elif self._transport is not None and self._transport.get_returncode() is None:
+            self._transport.kill()  # it never said it was ready
 
     async def _stop(self) -> None:
         self._on_gone("the sandbox zygote was stopped")
