@@ -305,6 +305,10 @@ class Zygote:
             os.close(self._pidfd)
             self._pidfd = None
 
+    def abandon(self) -> None:
+        """Kill the zygote, and with it every process it forked, without waiting (when nothing may be awaited)."""
+        self._on_gone("the sandbox zygote was abandoned")
+
     async def stop(self) -> None:
         """Stop the zygote and, with it, every process it forked."""
         async with self._starting:
@@ -393,6 +397,14 @@ class SandboxProcess:
                 raise
             detail = self._zygote.stderr.decode(errors="replace") or str(exc)
             raise SandboxUnavailable(self._boundary.explain(detail)) from exc
+        except BaseException:  # cancelled while starting: nothing may be left running or open
+            self.kill("start cancelled")
+            if self._transport is None:
+                ours.close()
+            self._close()
+            if self._own_zygote:
+                self._zygote.abandon()
+            raise
 
     @property
     def task(self) -> str | None:
@@ -604,6 +616,11 @@ class SandboxProcess:
             with contextlib.suppress(TimeoutError):  # then it is killed
                 await asyncio.wait_for(asyncio.shield(self._gone), _STOP_GRACE_S)
         self.kill("stopped")
+        self._close()
+        if self._own_zygote:
+            await self._zygote.stop()
+
+    def _close(self) -> None:
         if self._transport is not None:
             self._transport.close()
         if self._pidfd is not None:
@@ -611,5 +628,3 @@ class SandboxProcess:
             self._pidfd = None
         if self._page is not None and not self._page.closed:
             self._page.close()
-        if self._own_zygote:
-            await self._zygote.stop()

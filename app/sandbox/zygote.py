@@ -29,12 +29,13 @@ from app.sandbox import child
 MESSAGE = struct.Struct("=cii")  # tag, pid, value
 _PR_SET_PDEATHSIG = 1
 _FDS = struct.Struct("ii")  # the two fds a request carries
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def die_with_parent(parent: int) -> None:
     """Be killed when the process that started this one exits (the worker, for a zygote started without
     bubblewrap; the zygote, for a child); exit now if it already has."""
-    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         os._exit(70)
     if os.getppid() != parent:
         os._exit(70)
@@ -85,7 +86,13 @@ def main(probe: str | None = None) -> None:
             for received in fds:
                 os.close(received)
             if pid > 0:
-                _send(control, MESSAGE.pack(b"P", pid, 0), os.pidfd_open(pid))
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError as exc:  # a child the worker could not kill is not handed out
+                    os.kill(pid, signal.SIGKILL)
+                    control.send(MESSAGE.pack(b"F", 0, exc.errno or 0))
+                else:
+                    _send(control, MESSAGE.pack(b"P", pid, 0), pidfd)
 
 
 def _send(control: socket.socket, message: bytes, pidfd: int) -> None:

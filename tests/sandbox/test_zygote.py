@@ -340,3 +340,18 @@ async def test_an_idle_process_gives_its_freed_heap_back() -> None:
         print(f"own memory: {before.uss >> 10} kB, {kept.uss >> 10} kB after the call, {trimmed.uss >> 10} kB idle")
     finally:
         await process.stop()
+
+
+async def test_a_start_cancelled_leaves_no_process_behind() -> None:
+    zygote = Zygote(Probed(Limits(memory_mb=256), probe="while True:\n    pass\n"))  # never says hello
+    process = SandboxProcess(zygote._boundary, zygote)
+    try:
+        starting = asyncio.ensure_future(process.start())
+        pid = await wait_for(lambda: process.pid, what="the process forked")
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        await wait_for(lambda: not Path(f"/proc/{pid}").exists(), what="the process killed and reaped")
+        assert process.kill_reason == "start cancelled" and not process.alive
+    finally:
+        await zygote.stop()
