@@ -14,8 +14,15 @@ $(BIN)/loopai: pyproject.toml
 dev: $(BIN)/loopai
 	$(BIN)/loopai dev
 
-# Three test processes on two cores: most tests wait on the broker and on group joins, not on a CPU.
+# First the system packages the tests need (Java 17, libjetty9-java, chromium, libseccomp2): a missing one stops
+# here, named with its install command. Then the Connect jars and the compose client, fetched once into
+# ~/.cache/loopai. Three test processes on two cores: most tests wait on the broker and on group joins.
 test: $(BIN)/loopai
+ifneq ($(PREREQUISITES),skip)
+	$(BIN)/python -m devtools.prerequisites
+endif
+	$(BIN)/python -m devtools.connect >/dev/null
+	$(BIN)/python -m devtools.compose >/dev/null
 	$(BIN)/python -m pytest -q -n 3 --dist loadfile
 
 lint: $(BIN)/loopai

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import signal
 import subprocess
 import sys
 import tempfile
+from collections import defaultdict, deque
 from collections.abc import Callable, Coroutine, Iterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from app import __version__
+from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import (
     CanaryDecision,
     Comparison,
@@ -32,6 +36,7 @@ from app.contract.records import (
     ProgramArtifact,
     SamplingStrategy,
     TaskSpec,
+    TaskSuspension,
     utc_now,
 )
 from app.contract.registry import RegistryError, register_schemas
@@ -40,9 +45,11 @@ from app.control.plane import ControlError, ControlPlane
 from app.domain.daily_stats import StatsKey
 from app.domain.programs import ProgramRejected, check_source
 from app.domain.stats_report import chart, window_table
-from app.kafka.client import RequestSender, daily_stats, follow, request_from, send_and_wait, send_requests
+from app.domain.task_budget import cause_of
+from app.kafka.client import RequestSender, daily_stats, request_from, send_and_wait, send_requests
 from app.kafka.clients import apply_topics, make_consumer
 from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
+from app.kafka.tables import consume_to_end
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.pool import run_once
 from app.settings import ConfigError, Settings, describe_validation_error
@@ -199,6 +206,10 @@ def _task_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="The version a shadow oracle runs (default: the active one)."),
         click.option("--oracle-timeout-s", type=click.FloatRange(min=0, min_open=True),
                      help="How long an external oracle may take before a validation expires (default 60)."),
+        click.option("--max-timeout-ms", type=click.IntRange(1, 60_000),
+                     help="The largest timeout_ms a request may ask for, up to 60000 (default 1000); a request "
+                          "above it is rejected. Raise it deliberately: a call that loops holds a worker's process "
+                          "that long."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -296,15 +307,42 @@ def task_delete(ctx: click.Context, name: str) -> None:
 @task.command("list")
 @click.pass_context
 def task_list(ctx: click.Context) -> None:
-    """List tasks and their active versions."""
+    """List tasks and their active versions, and which are suspended."""
     settings = _kafka_settings(ctx)
 
-    async def go() -> list[TaskSpec]:
+    async def go() -> list[tuple[TaskSpec, TaskSuspension | None]]:
         async with ControlPlane(settings) as control:
-            return sorted(control.tables.tasks.values(), key=lambda t: t.name)
+            return [(spec, control.suspension(spec.name))
+                    for spec in sorted(control.tables.tasks.values(), key=lambda t: t.name)]
 
-    for spec in _run(go()):
-        click.echo(f"{spec.name}\tactive={spec.active_version or '-'}\tsampling={spec.sampling_rate}")
+    for spec, suspension in _run(go()):
+        click.echo(f"{spec.name}\tactive={spec.active_version or '-'}\tsampling={spec.sampling_rate}"
+                   + ("" if suspension is None else f"\t{_suspended_until(suspension)} ({cause_of(suspension)})"))
+
+
+@task.command("resume")
+@click.argument("name")
+@click.pass_context
+def task_resume(ctx: click.Context, name: str) -> None:
+    """Lift a task's suspension (its calls kept timing out): every worker runs its requests again and forgets its
+    timeouts so far."""
+    settings = _kafka_settings(ctx)
+
+    async def go() -> TaskSuspension | None:
+        async with ControlPlane(settings) as control:
+            return await control.resume(name)
+
+    lifted = _run(go())
+    if lifted is None:
+        click.echo(f"task {name} was not suspended; its timeouts so far are forgotten all the same")
+    else:
+        click.echo(f"task {name} resumed: it was {_suspended_until(lifted)} ({cause_of(lifted)}, "
+                   f"by {lifted.worker_id or 'an operator'})")
+
+
+def _suspended_until(suspension: TaskSuspension) -> str:
+    until = suspension.until
+    return "suspended" if until is None else f"suspended until {until.astimezone(UTC):%H:%M:%S} UTC"
 
 
 @cli.group()
@@ -508,14 +546,16 @@ def worker(ctx: click.Context) -> None:
 @click.argument("task_id", required=False)
 @click.option("--input", "inputs", multiple=True, help="A JSON object; repeat for more requests.")
 @click.option("--file", "jsonl", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="JSONL file of whole requests (request_id may be omitted).")
+              help="JSONL file of whole requests (request_id may be omitted); with --inputs, of inputs.")
+@click.option("--inputs", "lines_are_inputs", is_flag=True,
+              help="Each line of --file is one input (a JSON object) for TASK_ID, not a whole request.")
 @click.option("--version", type=int, help="Pin a program version.")
 @click.option("--wait", is_flag=True, help="Then print each request's result (or dead letter) as it arrives.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="With --wait: give up after this many seconds (exit 1).")
 @click.pass_context
 def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl: Path | None,
-         version: int | None, wait: bool, timeout_s: float) -> None:
+         lines_are_inputs: bool, version: int | None, wait: bool, timeout_s: float) -> None:
     """Produce execution requests, once the task (and a pinned version) is known to exist."""
     requests: list[ExecutionRequest] = []
     for number, text in enumerate(inputs, 1):
@@ -523,12 +563,20 @@ def send(ctx: click.Context, task_id: str | None, inputs: tuple[str, ...], jsonl
             raise click.UsageError("TASK_ID is needed with --input")
         where = f"--input {number}"
         requests.append(_request(where, task_id, _json_object(where, text), {"version": version}))
+    if lines_are_inputs and (jsonl is None or task_id is None):
+        raise click.UsageError("--inputs reads one input per line of --file for TASK_ID: give both")
     if jsonl is not None:
         for number, line in enumerate(_read_text(jsonl).splitlines(), 1):
             if line.strip():
                 where = f"{jsonl} line {number}"
                 fields = _json_object(where, line)
-                requests.append(_request(where, fields.pop("task_id", task_id), fields.pop("input", None), fields))
+                if lines_are_inputs:
+                    requests.append(_request(where, task_id, fields, {"version": version}))
+                    continue
+                if "input" not in fields:
+                    raise click.ClickException(f'{where}: a request needs an "input" object; for a file of one '
+                                               "input per line, add --inputs")
+                requests.append(_request(where, fields.pop("task_id", task_id), fields.pop("input"), fields))
     if not requests:
         raise click.UsageError("nothing to send: give --input or --file")
     settings = _kafka_settings(ctx)
@@ -569,42 +617,105 @@ def _request(where: str, task_id: Any, value: Any, fields: dict[str, Any]) -> Ex
 
 @cli.command()
 @click.argument("topic")
-@click.option("--from-beginning/--from-end", default=True, show_default=True,
-              help="Start at the first record kept (default), or only print what arrives from now on.")
-@click.option("-n", "--count", type=click.IntRange(min=1), help="Exit after printing this many records.")
+@click.option("-n", "--lines", "count", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Print the last N matching records kept (0: none), then exit unless --follow.")
+@click.option("--from-beginning", is_flag=True, help="Print every matching record kept instead of the last N.")
+@click.option("-f", "--follow", is_flag=True, help="Then keep printing records as they arrive, until Ctrl-C.")
 @click.option("--task", "task_id", help="Only records of this task.")
 @click.option("--status", help="Only records with this status (results: ok, error, timeout, rejected).")
 @click.option("--pretty", is_flag=True, help="Indented JSON, a blank line between records.")
-@click.option("--idle-exit", type=float, help="Exit after this many seconds without records.")
+@click.option("--idle-exit", type=click.FloatRange(min=0, min_open=True),
+              help="Follow, but exit after this many seconds without records (implies --follow).")
 @click.pass_context
-def tail(ctx: click.Context, topic: str, from_beginning: bool, count: int | None, task_id: str | None,
+def tail(ctx: click.Context, topic: str, count: int, from_beginning: bool, follow: bool, task_id: str | None,
          status: str | None, pretty: bool, idle_exit: float | None) -> None:
-    """Follow TOPIC (e.g. results, requests, dead-letters) and print each record as JSON, one per line."""
+    """Print the last records of TOPIC (e.g. results, requests, dead-letters) as JSON, one per line, like tail:
+    the last 10 by default, across partitions in timestamp order; with -f, then follow it."""
     settings = _kafka_settings(ctx)
     try:
         spec = topics_for(settings.topic_prefix).by_name(topic)
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0])) from exc
+    follow = follow or idle_exit is not None
+    filtered = task_id is not None or status is not None
 
     def wanted(record: Any) -> bool:
         return ((task_id is None or getattr(record, "task_id", None) == task_id)
                 and (status is None or str(getattr(record, "status", "")) == status))
 
+    def show(record: Any) -> None:
+        click.echo(record.model_dump_json(indent=2) + "\n" if pretty else record.model_dump_json())
+
     async def go() -> None:
-        printed = 0
-        async for tp, offset, record in follow(settings, spec, from_beginning, idle_exit):
-            if isinstance(record, Exception):
-                click.echo(f"# {tp.partition}:{offset} undecodable: {record}", err=True)
-                continue
-            if not wanted(record):
-                continue
-            click.echo(record.model_dump_json(indent=2) + "\n" if pretty else record.model_dump_json())
-            printed += 1
-            if count is not None and printed >= count:
+        codec = codec_for(spec.record, settings, spec)
+        consumer = make_consumer(settings)
+        await consumer.start()
+        try:
+            partitions = [TopicPartition(spec.name, p) for p in await topic_partitions(consumer, spec.name)]
+            consumer.assign(partitions)
+            # Unfiltered, only a partition's last N records can be among the topic's last N. The broker's
+            # end offset can fall short of the true end (the embedded one's does), never past it: reading
+            # from N before it, to the true end, takes in at least the last N.
+            starts = await consumer.beginning_offsets(partitions)
+            ends = await consumer.end_offsets(partitions)
+            everything = from_beginning or (filtered and count > 0)
+            for tp in partitions:
+                consumer.seek(tp, starts[tp] if everything else max(starts[tp], ends[tp] - count))
+            last: dict[int, deque[tuple[int, int, int, Any]]] = defaultdict(lambda: deque(maxlen=count))
+            shown = 0
+
+            def take(tp: TopicPartition, message: Any) -> None:
+                nonlocal shown
+                record = _decoded(codec, tp, message)
+                if record is None or not wanted(record):
+                    return
+                if from_beginning:  # as they come, partition by partition: a long topic is never held
+                    show(record)
+                    shown += 1
+                elif count:
+                    last[tp.partition].append((message.timestamp, tp.partition, message.offset, record))
+
+            await consume_to_end(consumer, partitions, take)  # what is kept now: printed before -f follows
+            # Each partition's records stay in offset order; partitions interleave by timestamp.
+            merged = list(heapq.merge(*last.values(), key=lambda kept: kept[0]))
+            for *_, record in merged[len(merged) - count:]:
+                show(record)
+                shown += 1
+            if not follow:
+                if not shown and (from_beginning or count):
+                    click.echo(f"# no {'matching ' if filtered else ''}records in {spec.name}", err=True)
                 return
+            click.echo(f"# waiting for new records on {spec.name}"
+                       + (f" (exit after {idle_exit:g} s without any)" if idle_exit else "") + "; Ctrl-C stops",
+                       err=True)
+            idle = 0.0
+            while True:
+                batches = await consumer.getmany(timeout_ms=200)
+                if not batches:
+                    idle += 0.2
+                    if idle_exit is not None and idle >= idle_exit:
+                        return
+                    continue
+                idle = 0.0
+                for tp, messages in batches.items():
+                    for message in messages:
+                        record = _decoded(codec, tp, message)
+                        if record is not None and wanted(record):
+                            show(record)
+        finally:
+            await consumer.stop()
 
     with contextlib.suppress(KeyboardInterrupt):
         _run(go())
+
+
+def _decoded(codec: Any, tp: TopicPartition, message: Any) -> Any:
+    """The record a message holds, or None after a line on stderr for one that does not decode."""
+    try:
+        return codec.decode(message.value)
+    except DecodeError as exc:
+        click.echo(f"# {tp.partition}:{message.offset} undecodable: {exc}", err=True)
+        return None
 
 
 @cli.group()
@@ -744,24 +855,34 @@ def schemas_register(ctx: click.Context) -> None:
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
 @click.pass_context
 def export(ctx: click.Context, file: Path) -> None:
-    """Append every execution result to FILE as JSON lines, through Kafka Connect, until Ctrl-C.
+    """Write every execution result to FILE as JSON lines, through Kafka Connect, then new ones until Ctrl-C.
 
-    Runs an Apache Kafka Connect standalone worker with connect/file-sink.properties (needs Java 17; its jars
-    are fetched once into ~/.cache/loopai/connect). Its consumer group remembers what it exported: a second
-    run appends only the results produced since."""
+    A new (or empty) FILE gets every result kept on the topic, from its start. An export to a FILE that
+    already has lines resumes: its own consumer group (one per file) remembers what FILE was given, and only
+    the results produced since are appended; to start over, remove FILE. Runs an Apache Kafka Connect
+    standalone worker with connect/file-sink.properties (needs Java 17; its jars are fetched once into
+    ~/.cache/loopai/connect)."""
     settings = _kafka_settings(ctx)
-    from devtools.connect import ConnectUnavailable, file_export
+    from devtools.connect import ConnectUnavailable, file_export, prepare_export
 
+    topic = topics_for(settings.topic_prefix).execution_results.name
     code = None
     with tempfile.TemporaryDirectory(prefix="loopai-connect-") as work, _interrupted_by(signal.SIGTERM, signal.SIGHUP):
         try:
             connect = file_export(settings, file, Path(work))
         except ConnectUnavailable as exc:
             raise click.ClickException(str(exc)) from exc
+        start = _run(prepare_export(settings, file))
+        lines_before = _count_lines(file)
         try:
             connect.start()
-            click.echo(f"exporting {topics_for(settings.topic_prefix).execution_results.name} to {file} "
-                       "(Kafka Connect FileStreamSink); Ctrl-C stops")
+            if start.fresh:
+                click.echo(f"exporting {topic} to {file} from the start of the topic: {start.kept} result(s) kept "
+                           "now, then new ones as they come; Ctrl-C stops")
+            else:
+                click.echo(f"resuming the export of {topic} to {file}, which holds {lines_before} line(s): "
+                           f"{start.pending} of the {start.kept} result(s) kept are not in it yet, then new ones "
+                           f"as they come (to start over, remove {file}); Ctrl-C stops")
             code = connect.wait(None)
         except KeyboardInterrupt:
             pass
@@ -772,7 +893,15 @@ def export(ctx: click.Context, file: Path) -> None:
             log_tail = connect.log()[-3000:]
     if code is not None:
         raise click.ClickException(f"Kafka Connect exited on its own (code {code}):\n{log_tail}")
-    click.echo("export stopped")
+    click.echo(f"export stopped: {_count_lines(file) - lines_before} result(s) written to {file}")
+
+
+def _count_lines(file: Path) -> int:
+    try:
+        with file.open("rb") as lines:
+            return sum(1 for _ in lines)
+    except FileNotFoundError:
+        return 0
 
 
 @cli.command("stats")
@@ -798,12 +927,40 @@ def stats(ctx: click.Context, task_id: str, day: str | None, version: int | None
     else:
         for line in window_table(shown):
             click.echo(line)
+        if shown.validated == 0:
+            click.echo(f"  (why none validated: {_why_not_validated(settings, task_id, shown.sampled)})")
     recent = [known[key] for key in (StatsKey(task_id, version, (window.day - timedelta(days=back)).isoformat())
                                      for back in range(days - 1, -1, -1)) if key in known]
     if recent:
         click.echo(f"\nlast {days} days, {which}:")
         for line in chart(recent):
             click.echo(line)
+
+
+def _why_not_validated(settings: Settings, task_id: str, sampled: int) -> str:
+    """What `stats` says under a window without validations: the task's oracle and sampling, as they are now."""
+
+    async def go() -> TaskSpec | None:
+        async with ControlPlane(settings) as control:
+            return control.tables.tasks.get(task_id)
+
+    spec = _run(go())
+    if spec is None:
+        return "there is no such task now"
+    if spec.oracle is None:
+        return (f"the task has no oracle, and its requests carried no expected_output, so nothing judges its "
+                f"sampled executions; give it one with `loopai task update {task_id} --oracle "
+                "label|shadow|external`")
+    if sampled == 0:
+        return (f"no execution was sampled (sampling_rate {spec.sampling_rate:g}; `loopai task update {task_id} "
+                "--sampling-rate R`, or force_validation on a request)")
+    kind = spec.oracle.kind.value
+    if kind == "external":
+        return ("its external oracle has not answered yet (is an oracle service, e.g. `loopai oracle serve`, "
+                "running?); unanswered requests expire")
+    if kind == "label":
+        return "the label oracle needs expected_output on the requests; these carried none"
+    return "the shadow oracle has not judged them yet (is a worker running?)"
 
 
 # Progress of `send` (issue 11): below this many requests a send takes about a second, not worth a bar.

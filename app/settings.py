@@ -5,9 +5,12 @@ The YAML file may use ${VAR} and ${VAR:-default}; environment variables override
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
@@ -20,6 +23,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from app.domain.anomaly import AnomalyThresholds
 from app.domain.daily_windows import DailyWindows
+from app.domain.task_budget import TimeoutBudget
+
+log = logging.getLogger(__name__)
+
+# LOOPAI_* variables that are not settings: the Kafka Connect files read them (connect/*.properties).
+_CONNECT_VARIABLES = ("LOOPAI_EXPORT_", "LOOPAI_CONNECT_REST_PORT", "LOOPAI_CONNECT_OFFSETS_FILE",
+                      "LOOPAI_SCHEMA_REGISTRY_URL")
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -73,7 +83,12 @@ class Settings(BaseSettings):
 
     # Executor
     executor_batch_size: int = Field(1000, ge=1, le=100_000)
+    # Requests in flight (fetched, not yet answered) are at most batch size x this, fetching pauses past it; and
+    # at most this many deliveries of results are on their way at once (the next gathers what comes meanwhile).
     executor_max_inflight_batches: int = Field(4, ge=1, le=64)
+    # Bytes of program outputs a worker holds until their results are acknowledged; fetching pauses past it, so
+    # a task of megabyte outputs costs its own throughput, not the worker's memory.
+    executor_max_output_bytes: int = Field(64 << 20, ge=1 << 20)
     # How long a fetch may wait for requests. Apache Kafka answers a fetch as soon as a record arrives, so this
     # only paces an idle poll; the embedded broker waits it out every time (EMBEDDED_TIMINGS sets it low).
     executor_fetch_max_wait_ms: int = Field(20, ge=0, le=1000)
@@ -81,10 +96,18 @@ class Settings(BaseSettings):
     # does the default here). On the embedded broker each hop of the validation loop and the analytics waited
     # that long (EMBEDDED_TIMINGS: 100).
     agent_fetch_max_wait_ms: int = Field(1500, ge=0, le=10_000)
-    # How often finished batches are committed, after their daily-stats partials are sent (one per
-    # task/version/day over all of them): a crash redoes at most this much work besides the batches in flight.
+    # How often answered requests are committed, after their daily-stats partials are sent (one per
+    # task/version/day over all of them): a crash redoes at most this much work besides the requests in flight.
     executor_commit_interval_ms: int = Field(100, ge=0, le=10_000)
     default_timeout_ms: int = Field(1000, ge=1, le=60_000)
+    # A task whose calls keep timing out is suspended: task_suspend_timeouts of them within task_suspend_window_s
+    # (0: never) and its requests are rejected at once for task_suspend_cooldown_s, or until `loopai task resume`.
+    # Each timeout holds a sandbox process for up to the task's max_timeout_ms while other tasks' calls wait:
+    # 10 in a minute is no passing glitch, and 5 minutes is long enough for an owner to notice (a signal names the
+    # task) yet short enough that a transient cause costs little.
+    task_suspend_timeouts: int = Field(10, ge=0, le=100_000, description="0: never suspend")
+    task_suspend_window_s: float = Field(60.0, gt=0)
+    task_suspend_cooldown_s: float = Field(300.0, gt=0)
 
     # Sandbox
     sandbox_isolation: Literal["strict", "weak"] = Field(
@@ -92,7 +115,7 @@ class Settings(BaseSettings):
     )
     # One program version per process: keep it at least the number of task versions a worker serves at once, or
     # they take turns (each turn a stopped process and a fresh one). Idle processes cost memory (~25 MB each), not CPU.
-    sandbox_processes: int = Field(16, ge=1, le=256)
+    sandbox_processes: int = Field(16, ge=1, le=4096)
     sandbox_spares: int = Field(1, ge=0, le=64, description="processes started ahead for tasks that need one")
     sandbox_memory_mb: int = Field(512, ge=64)
     sandbox_cpu_seconds: int = Field(3600, ge=1, description="CPU budget of one sandbox process's life")
@@ -194,6 +217,12 @@ class Settings(BaseSettings):
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {config_file} must hold a mapping of setting: value")
             file_values = loaded
+            for key in file_values:
+                if key not in cls.model_fields:
+                    raise ConfigError(f"invalid setting {key!r} in config file {config_file}: not a setting"
+                                      + _closest(str(key), list(cls.model_fields)))
+        for message in cls.unknown_environment(os.environ):
+            log.warning(message)
         env_set = {name for name in cls.model_fields if f"LOOPAI_{name.upper()}" in os.environ}
         values = {k: v for k, v in file_values.items() if k not in env_set}
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -201,6 +230,17 @@ class Settings(BaseSettings):
             return cls(**values)
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc, "setting")) from exc
+
+    @classmethod
+    def unknown_environment(cls, environ: Mapping[str, str]) -> list[str]:
+        """One message per LOOPAI_* variable that names no setting (it is ignored), with the closest name."""
+        fields = list(cls.model_fields)
+        return [f"unknown environment variable {variable} ignored: not a setting"
+                + _closest(variable.removeprefix("LOOPAI_").lower(), fields,
+                           lambda close: f"LOOPAI_{close.upper()} ({close})")
+                for variable in sorted(environ)
+                if variable.startswith("LOOPAI_") and variable.removeprefix("LOOPAI_").lower() not in fields
+                and not variable.startswith(_CONNECT_VARIABLES)]
 
     def to_env(self) -> dict[str, str]:
         """These settings as LOOPAI_* variables, to hand to a child process."""
@@ -230,6 +270,11 @@ class Settings(BaseSettings):
                 keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
             )
         return args
+
+    def timeout_budget(self) -> TimeoutBudget:
+        """The task_suspend_* settings as a worker's timeout budget."""
+        return TimeoutBudget(self.task_suspend_timeouts, self.task_suspend_window_s, self.task_suspend_cooldown_s,
+                             self.worker_id)
 
     def daily_windows(self) -> DailyWindows:
         """The analytics' days: in analytics_time_zone, open analytics_grace_s past their end."""
@@ -274,12 +319,29 @@ class Settings(BaseSettings):
         return AnomalyThresholds(**{f.name: getattr(self, f"anomaly_{f.name}") for f in fields(AnomalyThresholds)})
 
     # HTTP on the worker (app/web/): health, metrics, execute, tasks, the dashboard. Loopback by default, because
-    # POST /execute has no authentication: a container sets web_host 0.0.0.0 and keeps the
+    # POST /execute needs no token unless web_token is set: a container sets web_host 0.0.0.0 and keeps the
     # port on its own network. 8080 is on by default so every worker can be probed; web_port 0 turns it off.
     web_host: str = Field("127.0.0.1", min_length=1)
     web_port: int = Field(8080, ge=0, le=65535, description="0: no HTTP server")
     web_execute_timeout_s: float = Field(10.0, gt=0, description="how long POST /execute waits for the result")
     web_recent_items: int = Field(50, ge=1, le=10_000, description="anomaly signals and dead letters kept to show")
+    # When set, POST /execute, /tasks and the dashboard answer 401 without it (app/web/server.py,
+    # docs/production.md); /health and /metrics stay open for probes and Prometheus.
+    # An empty value is no token: docker-compose.yml passes LOOPAI_WEB_TOKEN through, empty when not set.
+    web_token: SecretStr | None = None
+
+    @field_validator("web_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, token: Any) -> Any:
+        return None if token == "" else token
+
+
+def _closest(name: str, candidates: list[str], shown: Callable[[str], str] = str) -> str:
+    """"; did you mean X?" for the candidate most like name (difflib), or a pointer to the list."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {shown(close[0])}?"
+    return " (the settings: README, Configuration; app/settings.py)"
 
 
 def describe_validation_error(exc: ValidationError, what: str) -> str:

@@ -37,11 +37,13 @@ from app.kafka.tables import TableReader
 from app.sandbox.boundary import Boundary
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
+from app.web.metrics import EventLoopLag
 from app.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
-_FORCED_EXIT_AFTER_S = 60.0  # a stop after a failure that takes longer is not going to finish
+_FORCED_EXIT_AFTER_S = 60.0
+_AGENT_MAX_POLL_RECORDS = 500  # a stop after a failure that takes longer is not going to finish
 
 
 class LoopWorker(Service):
@@ -61,11 +63,20 @@ class LoopWorker(Service):
         if settings.wire_format == "avro":
             # Before any codec is built: a schema the registry refuses stops the worker here, saying why.
             register_schemas(settings, topics)
-        self.executor = ExecuteRequests(settings, topics, self.tables, self.pool)
+        self.budget = settings.timeout_budget()
+        self.executor = ExecuteRequests(settings, topics, self.tables, self.pool, self.budget)
+        # The pool starts no call of a suspended task, charges each timeout to its task's budget, and starts no
+        # call while the outputs held are past their bound; the table brings other workers' suspensions and resumes.
+        self.pool.gate, self.pool.on_timeout = self.budget.refusal, self.executor.charge_timeout
+        self.pool.room = self.executor.wait_for_output_room
+        self.tables.on_suspension = self.budget.apply
         self.validator = ValidateExecutions(settings, topics, self.tables, self.pool)
         self.watch = BrokerWatch(settings)
         self.web = WebServer(settings, topics, self.tables, self.executor, self.pool, self.watch) \
             if settings.web_port else None
+        self.loop_lag = EventLoopLag()
+        if self.web is not None:
+            self.web.metrics.watch(self.loop_lag.metrics)
         self.failure: str | None = None
 
     def register_agents(self, app: faust.App) -> None:
@@ -95,6 +106,7 @@ class LoopWorker(Service):
         gc.freeze()
         gc.set_threshold(200_000, 20, 100)
         self.add_future(self._stop_on_failure())
+        self.add_future(self.loop_lag.run())
         log.info("worker %s serving: sandbox %s", self.settings.worker_id, self.pool.protections)
 
     async def on_stop(self) -> None:
@@ -105,7 +117,8 @@ class LoopWorker(Service):
         await self.pool.stop()
         await self.tables.stop()
         await self.watch.stop()
-        log.info("worker %s stopped after %d results", self.settings.worker_id, self.executor.executed)
+        log.info("worker %s stopped after %d results; the event loop ran at most %.0f ms late",
+                 self.settings.worker_id, self.executor.executed, self.loop_lag.worst_s * 1000)
 
     async def _stop_on_failure(self) -> None:
         waits = [asyncio.ensure_future(event.wait())
@@ -210,6 +223,9 @@ def build_app(settings: Settings) -> faust.App:
         # Every agent is at-least-once already (the analytics agent skips what it merged by offset): an event cut
         # short is delivered again to the partition's next owner.
         stream_wait_empty=False,
+        # A poll's records are handled without a pause of the event loop the executor shares: on Apache Kafka a
+        # table's recovery after a rebalance otherwise fetches (and applies) tens of thousands at a time.
+        broker_max_poll_records=_AGENT_MAX_POLL_RECORDS,
         # faust would name the election's topic after the app id, outside the prefix and the registry
         LeaderAssignor=leader_assignor_for(topics_for(settings.topic_prefix).leader_election),
     )

@@ -6,6 +6,7 @@ repository); produces: a running ConnectStandalone process with connect/worker.p
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -17,10 +18,17 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from aiokafka import TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
 from app.contract.topics import topics_for
+from app.kafka.clients import make_consumer
+from app.kafka.metadata import topic_partitions
+from app.kafka.tables import consume_to_end
 from app.settings import Settings
 from devtools.broker import free_port
 
@@ -53,6 +61,7 @@ SYSTEM_JAVA_DIR = Path("/usr/share/java")
 UNUSED_JARS = ("debezium-", "mongodb-", "bson-", "mysql-", "postgresql-", "antlr4-", "protobuf-java-")
 REPLACED_JARS = ("jetty-security-", "jetty-servlet-9")
 MAIN_CLASS = "org.apache.kafka.connect.cli.ConnectStandalone"
+CLASSPATH_DIR = "libs-3.9.0"  # under the cache; holds .complete once assembled
 # The JVM's exit status after SIGTERM once its shutdown hooks (Connect's clean stop) have run: 128 + 15.
 STOPPED_BY_SIGTERM = 143
 
@@ -106,7 +115,7 @@ def _jetty_jars(cache: Path) -> list[Path]:
 
 def assemble_classpath(cache: Path = DEFAULT_CACHE) -> Path:
     """A directory holding every jar the worker needs (built once, then reused); use it as `dir/*`."""
-    libs = cache / "libs-3.9.0"
+    libs = cache / CLASSPATH_DIR
     if (libs / ".complete").exists():
         return libs
     cache.mkdir(parents=True, exist_ok=True)
@@ -250,9 +259,55 @@ class ConnectStandalone:
 
 
 
+def export_connector_name(topic: str, file: Path) -> str:
+    """The file sink's connector name for one topic and one file, so each file has its own consumer group
+    (connect-<name>): what one file has been given says nothing about another."""
+    digest = hashlib.sha256(f"{topic}\0{file.resolve()}".encode()).hexdigest()[:12]
+    return f"loopai-export-{digest}"
+
+
+@dataclass(frozen=True)
+class ExportStart:
+    """Where an export to a file starts: the whole topic for a new file, else after what the file was given."""
+
+    group: str
+    fresh: bool  # the file is missing or empty: its group was set to the start of the topic
+    kept: int  # results on the topic now
+    pending: int  # of those, not yet exported to this file
+
+
+async def prepare_export(settings: Settings, file: Path) -> ExportStart:
+    """Set the file's sink group to the start of the results topic when the file is missing or empty (so a new
+    file gets every result kept, even at a path exported to before), and count what the export starts with."""
+    topic = topics_for(settings.topic_prefix).execution_results.name
+    group = "connect-" + export_connector_name(topic, file)
+    fresh = not file.exists() or file.stat().st_size == 0
+    consumer = make_consumer(settings, group_id=group)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in await topic_partitions(consumer, topic)]
+        consumer.assign(partitions)
+        starts = await consumer.beginning_offsets(partitions)
+        await consumer.seek_to_end(*partitions)
+        # The true ends are the high watermarks of a fetch: the embedded broker's end offsets fall short.
+        await asyncio.wait_for(consume_to_end(consumer, partitions, lambda tp, message: None), 30)
+        ends = {tp: consumer.highwater(tp) or 0 for tp in partitions}
+        if fresh:
+            # A commit outside the group's generation: accepted while no member is in the group (no export runs).
+            await consumer.commit({tp: OffsetAndMetadata(starts[tp], "") for tp in partitions})
+            done = starts
+        else:
+            done = {tp: max(starts[tp], await consumer.committed(tp) or 0) for tp in partitions}
+    finally:
+        await consumer.stop()
+    return ExportStart(group, fresh, sum(ends[tp] - starts[tp] for tp in partitions),
+                       sum(max(0, ends[tp] - done[tp]) for tp in partitions))
+
+
 def file_export(settings: Settings, file: Path, work_dir: Path) -> ConnectStandalone:
     """A Connect worker (not started) appending every execution result to `file` as JSON lines, with
-    connect/file-sink.properties. Its sink consumer uses the loopai workers' group timings."""
+    connect/file-sink.properties under a connector name of this file's own (export_connector_name). Its sink
+    consumer uses the loopai workers' group timings."""
     if settings.wire_format != "json":
         raise ConnectUnavailable(
             f"the file export writes JSON lines from the JSON wire format; wire_format is {settings.wire_format!r} "
@@ -263,12 +318,15 @@ def file_export(settings: Settings, file: Path, work_dir: Path) -> ConnectStanda
             f"the file export connects in PLAINTEXT only; for {settings.security_protocol} add the security "
             "settings to a copy of connect/worker.properties (and its consumer.* equivalents)"
         )
+    topic = topics_for(settings.topic_prefix).execution_results.name
+    work_dir.mkdir(parents=True, exist_ok=True)
+    connector = work_dir / "file-sink.properties"
+    lines = (CONNECT_DIR / "file-sink.properties").read_text().splitlines()
+    connector.write_text("\n".join(f"name={export_connector_name(topic, file)}" if line.startswith("name=")
+                                   else line for line in lines) + "\n")
     return ConnectStandalone(
-        settings.bootstrap_servers, [CONNECT_DIR / "file-sink.properties"], work_dir,
-        env={
-            "LOOPAI_EXPORT_TOPIC": topics_for(settings.topic_prefix).execution_results.name,
-            "LOOPAI_EXPORT_FILE": str(file.resolve()),
-        },
+        settings.bootstrap_servers, [connector], work_dir,
+        env={"LOOPAI_EXPORT_TOPIC": topic, "LOOPAI_EXPORT_FILE": str(file.resolve())},
         worker_overrides={
             "consumer.session.timeout.ms": str(int(settings.session_timeout_s * 1000)),
             "consumer.heartbeat.interval.ms": str(int(settings.heartbeat_interval_s * 1000)),

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 from aiokafka.conn import AIOKafkaConnection
 from aiokafka.protocol.metadata import MetadataRequest
@@ -28,6 +29,10 @@ from app.kafka.client import follow
 from app.kafka.clients import apply_topics
 from app.settings import Settings
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+
+# Hypothesis's per-example deadline (200 ms) measures the machine more than the code on a busy 2-core runner.
+hypothesis.settings.register_profile("busy-machine", deadline=None)
+hypothesis.settings.load_profile("busy-machine")
 
 _counter = itertools.count()
 _data_root: Path | None = None  # where the workers' faust data goes: pytest's temporary directory, not the checkout

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -205,8 +206,54 @@ def test_send_and_tail(env: dict[str, str], tmp_path: Path) -> None:
     records = [json.loads(line) for line in tailed.stdout.splitlines()]
     assert [r["request_id"] for r in records[:2]] == ["a", "b"] and len(records) == 3
     assert {r["task_id"] for r in records} == {"spam"}
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    as_inputs = loopai(env, "send", "spam", "--file", str(inputs), "--inputs")
+    assert as_inputs.returncode == 0 and "sent 2" in as_inputs.stdout, as_inputs.stderr
+    assert [json.loads(line)["input"] for line in loopai(env, "tail", "requests", "-n", "2").stdout.splitlines()] \
+        == [{"text": "one"}, {"text": "two"}]
+    no_task = loopai(env, "send", "--file", str(inputs), "--inputs")
+    assert no_task.returncode == 2 and "--inputs reads one input per line of --file for TASK_ID" in no_task.stderr
     bad = loopai(env, "send", "spam", "--input", '{"text": 1', )
     assert bad.returncode != 0 and "not JSON" in bad.stderr
+
+
+def test_tail_n_prints_the_last_records_and_exits_and_follow_waits(env: dict[str, str], tmp_path: Path) -> None:
+    assert loopai(env, "topics", "apply").returncode == 0
+    assert loopai(env, "task", "create", "spam").returncode == 0
+    none = loopai(env, "tail", "requests", "-n", "10", timeout=30)  # an empty topic: no hang, a note
+    assert none.returncode == 0 and none.stdout == "" and "# no records in" in none.stderr, none.stderr
+    for letter in "abcde":
+        assert loopai(env, "send", "spam", "--file", _one_request(tmp_path, letter)).returncode == 0
+    last = loopai(env, "tail", "requests", "-n", "2", timeout=30)
+    assert [json.loads(line)["request_id"] for line in last.stdout.splitlines()] == ["d", "e"], last.stderr
+    assert [json.loads(line)["request_id"] for line in loopai(env, "tail", "requests").stdout.splitlines()] == [
+        *"abcde"]  # 10 by default, as tail
+    everything = loopai(env, "tail", "requests", "--from-beginning", "-n", "1")
+    assert sorted(json.loads(line)["request_id"] for line in everything.stdout.splitlines()) == [*"abcde"]
+    filtered = loopai(env, "tail", "requests", "--task", "ghost", "-n", "3", timeout=30)
+    assert filtered.stdout == "" and "# no matching records in" in filtered.stderr
+
+    following = subprocess.Popen([sys.executable, "-m", "app.cli", "tail", "requests", "-n", "1", "-f"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env={**os.environ, **env})
+    try:
+        assert following.stdout is not None and following.stderr is not None
+        assert json.loads(following.stdout.readline())["request_id"] == "e"
+        assert "waiting for new records on" in following.stderr.readline()
+        assert loopai(env, "send", "spam", "--file", _one_request(tmp_path, "f")).returncode == 0
+        assert json.loads(following.stdout.readline())["request_id"] == "f"  # the pipe's read ends the wait
+        assert following.poll() is None
+    finally:
+        following.send_signal(signal.SIGINT)
+        following.wait(timeout=30)
+    assert following.returncode == 0
+
+
+def _one_request(tmp_path: Path, request_id: str) -> str:
+    path = tmp_path / f"{request_id}.jsonl"
+    path.write_text(json.dumps({"request_id": request_id, "input": {"text": request_id}}) + "\n")
+    return str(path)
 
 
 @pytest.mark.parametrize(
@@ -239,6 +286,8 @@ def test_send_refuses_requests_that_could_only_be_rejected(
         ('["not", "a", "request"]', "line 3: expected a JSON object, got list"),
         ('{"input": {}, "timeout_ms": 0}', "line 3: invalid request field 'timeout_ms'"),
         ('{"input": {}, "colour": "red"}', "line 3: invalid request field 'colour'"),
+        ('{"text": "an input, not a request"}',
+         'line 3: a request needs an "input" object; for a file of one input per line, add --inputs'),
     ],
 )
 def test_a_bad_jsonl_line_is_named_by_its_number(tmp_path: Path, line: str, message: str) -> None:

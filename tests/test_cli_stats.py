@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 from app.cli import cli
 from app.contract.codecs import codec_for
-from app.contract.records import DailyStats, utc_now
+from app.contract.records import DailyStats, OracleKind, OracleSpec, TaskSpec, utc_now
 from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
 from app.domain.daily_stats import StatsKey, WindowStats
 from app.domain.daily_windows import DailyWindows
 from app.domain.open_windows import OpenWindows
@@ -55,6 +56,11 @@ async def publish(settings: Settings, now: datetime) -> None:
         await producer.stop()
 
 
+async def _create_task(settings: Settings, oracle: OracleSpec | None) -> None:
+    async with ControlPlane(settings) as control:
+        await control.put_task(TaskSpec(name="spam", updated_at=utc_now(), oracle=oracle))
+
+
 def p99_of(chart_line: str) -> float:
     """The latency a chart line ends with: the sketch's, within 1% of the exact value."""
     found = re.search(r"([0-9.]+) ms$", chart_line.rstrip())
@@ -77,6 +83,13 @@ def test_stats_of_today_a_closed_day_and_a_version(broker: EmbeddedBroker, monke
     today = WINDOWS.today(now)
 
     running = stats(settings, "spam")
+    assert "(why none validated: there is no such task now)" in running  # no spec: only its analytics
+    asyncio.run(_create_task(settings, oracle=None))
+    assert ("(why none validated: the task has no oracle, and its requests carried no expected_output, so "
+            "nothing judges its sampled executions; give it one with `loopai task update spam --oracle"
+            ) in stats(settings, "spam")
+    asyncio.run(_create_task(settings, oracle=OracleSpec(kind=OracleKind.EXTERNAL)))
+    assert "(why none validated: no execution was sampled (sampling_rate 0.05;" in stats(settings, "spam")
     assert f"{today.date} (Europe/Paris), all versions, open (running totals)" in running
     assert "executions                       50" in running and "80.0%" in running
     assert "40 / 10 / 0 / 0" in running and "latency avg / p50                3.00 ms /" in running

@@ -1,14 +1,16 @@
 """The dashboard in a real headless browser (Debian's chromium driven by PyPI playwright): the page loads from
-the worker, shows a task with its versions, and its live figures move after requests are sent."""
+the worker, shows a task with its versions, its live figures move after requests are sent, and a suspended task
+is marked."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.test_web import Served, call, execute
+from tests.test_web import Served, call, execute, suspend_task
 from tests.test_web import served as served  # the module's own worker, with HTTP on
 
 CHROMIUM = "/usr/bin/chromium"
@@ -61,3 +63,22 @@ def test_the_page_shows_a_task_and_follows_new_requests(served: Served, chromium
         finally:
             browser.close()
     assert call(served.url + "/static/nothing.js")[0] == 404
+
+
+def test_a_suspended_task_is_marked_with_until_when_and_why(served: Served, chromium: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    suspension = asyncio.run(suspend_task(served.settings, "stuck"))
+    assert suspension.until is not None
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(served.url + "/")
+            badge = page.locator('tr.suspended[data-task="stuck"] .badge.suspended')
+            badge.wait_for(timeout=15_000)
+            assert badge.inner_text() == f"suspended until {suspension.until:%H:%M:%S} UTC"
+            assert badge.get_attribute("title") == suspension.reason
+            assert page.locator('tr[data-task="listed"]').get_attribute("class") in (None, "")
+        finally:
+            browser.close()

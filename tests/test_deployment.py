@@ -27,8 +27,14 @@ def _compose() -> dict[str, Any]:
 
 
 def _loopai_services() -> dict[str, dict[str, Any]]:
-    """The services built from the repository's Dockerfile: they run loopai and read LOOPAI_* as Settings."""
-    return {name: service for name, service in _compose()["services"].items() if service.get("build") == "."}
+    """The services running the loopai image (the repository's Dockerfile): they read LOOPAI_* as Settings."""
+    image = _compose()["x-loopai-image"]
+    return {name: service for name, service in _compose()["services"].items() if service.get("image") == image}
+
+
+def _defaults(value: Any) -> str:
+    """A value with each ${VAR:-default} as compose resolves it when VAR is not set."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
 
 
 def _compose_config(path: Path) -> subprocess.CompletedProcess[str]:
@@ -44,8 +50,58 @@ def test_compose_accepts_the_file() -> None:
     answer = _compose_config(COMPOSE_FILE)
     assert answer.returncode == 0, answer.stderr
     services = json.loads(answer.stdout)["services"]
-    assert set(services) == {"kafka", "schema-registry", "topics", "worker", "export", "prometheus"}
+    assert set(services) == {"kafka", "topics", "worker", "export", "prometheus"}  # no registry for JSON
     assert services["worker"]["deploy"]["replicas"] == 2
+    # Every published port is on the host's loopback unless the operator says otherwise.
+    published = [(name, port) for name, service in services.items() for port in service.get("ports", [])]
+    assert {name for name, _ in published} == {"kafka", "worker", "prometheus"}
+    assert all(port["host_ip"] == "127.0.0.1" for _, port in published), published
+    # One image, built once under one name, run by topics and the workers.
+    built = {name: service["image"] for name, service in services.items()
+             if Path(service.get("build", {}).get("context", "/")) == ROOT}
+    assert built == {"topics": "loopai-stream:local"} and services["worker"]["image"] == "loopai-stream:local"
+    assert "build" not in services["worker"]
+
+
+def test_the_schema_registry_runs_only_with_the_avro_profile() -> None:
+    try:
+        command = compose_command()
+    except ComposeUnavailable as exc:
+        pytest.skip(f"NO COMPOSE CLIENT: {exc}")
+    answer = subprocess.run([*command, "-f", str(COMPOSE_FILE), "--profile", "avro", "config", "--format", "json"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env={"PATH": "/usr/bin:/bin", "LOOPAI_WIRE_FORMAT": "avro"})
+    assert answer.returncode == 0, answer.stderr
+    services = json.loads(answer.stdout)["services"]
+    assert "schema-registry" in services and services["schema-registry"]["ports"][0]["host_ip"] == "127.0.0.1"
+    assert services["worker"]["environment"]["LOOPAI_WIRE_FORMAT"] == "avro"
+    Settings(**{key.removeprefix("LOOPAI_").lower(): value
+                for key, value in services["worker"]["environment"].items()})  # avro with its registry_url
+    for name in ("topics", "worker", "export"):  # they wait for it when it runs, and start without it otherwise
+        assert services[name]["depends_on"]["schema-registry"] == {"condition": "service_healthy",
+                                                                    "required": False}, name
+
+
+def test_every_long_running_service_has_a_health_check() -> None:
+    for name, service in _compose()["services"].items():
+        if service.get("restart") != "no":  # topics runs once
+            assert "healthcheck" in service, name
+    export = _compose()["services"]["export"]
+    # Its REST listener on every interface of its container: the health check and the network reach it.
+    assert "echo listeners=http://0.0.0.0:$$LOOPAI_CONNECT_REST_PORT >> /tmp/worker.properties" in export["command"][-1]
+    assert "http://localhost:$$LOOPAI_CONNECT_REST_PORT/connectors?expand=status" in export["healthcheck"]["test"][1]
+    assert "apk add --no-cache curl" in (ROOT / "deploy" / "connect" / "Dockerfile").read_text()
+
+
+def test_the_readme_paths_reach_the_container_where_commands_run() -> None:
+    topics = _compose()["services"]["topics"]
+    mounts = {target.removesuffix(":ro"): source for source, target in
+              (volume.split(":", 1) for volume in (_defaults(v) for v in topics["volumes"]))}
+    workdir = _dockerfile_instruction(ROOT / "Dockerfile", "WORKDIR")
+    assert mounts == {f"{workdir}/examples": "./examples"}
+    header = COMPOSE_FILE.read_text().split("services:", 1)[0]
+    suggested = re.findall(r"docker compose run --rm topics .*?(examples/\S+)", header)
+    assert suggested and all((ROOT / path).is_file() for path in suggested), suggested
 
 
 def test_compose_refuses_a_broken_file(tmp_path: Path) -> None:
@@ -64,7 +120,7 @@ def test_every_loopai_variable_is_a_setting_with_a_valid_value() -> None:
     assert set(services) == {"topics", "worker"}
     for name, service in services.items():
         env = service["environment"]
-        fields = {key.removeprefix("LOOPAI_").lower(): value for key, value in env.items()}
+        fields = {key.removeprefix("LOOPAI_").lower(): _defaults(value) for key, value in env.items()}
         assert all(key.startswith("LOOPAI_") for key in env), name
         assert set(fields) <= set(Settings.model_fields), (name, set(fields) - set(Settings.model_fields))
         Settings(**fields)  # raises if a value does not validate
@@ -116,7 +172,7 @@ def test_containers_and_the_host_each_reach_kafka_through_an_advertised_listener
     advertised = dict(item.split("://") for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
     bootstrap = _compose()["services"]["worker"]["environment"]["LOOPAI_BOOTSTRAP_SERVERS"]
     assert bootstrap in advertised.values()
-    published = {mapping.split(":")[0] for mapping in _compose()["services"]["kafka"]["ports"]}
+    published = {_defaults(mapping).split(":")[1] for mapping in _compose()["services"]["kafka"]["ports"]}
     assert {address.split(":")[1] for address in advertised.values() if address.startswith("localhost:")} == published
 
 

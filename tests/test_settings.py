@@ -1,3 +1,7 @@
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +98,55 @@ def test_anomaly_settings_are_the_detectors_thresholds() -> None:
 def test_anomaly_thresholds_that_make_no_sense_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"anomaly_\* settings: a re-arm threshold above its raise threshold"):
         Settings.load(None, anomaly_ewma_raise=2.0, anomaly_ewma_rearm=3.0)
+
+
+def test_task_suspend_settings_are_the_workers_timeout_budget() -> None:
+    defaults = Settings.load(None, worker_id="w7").timeout_budget()
+    assert (defaults.max_timeouts, defaults.window_s, defaults.cooldown_s) == (10, 60.0, 300.0)
+    off = Settings.load(None, task_suspend_timeouts=0, task_suspend_window_s=5, task_suspend_cooldown_s=30)
+    budget = off.timeout_budget()
+    assert (budget.max_timeouts, budget.window_s, budget.cooldown_s) == (0, 5.0, 30.0)
+    assert all(budget.charge("t") is None for _ in range(50))  # 0 turns suspension off
+    with pytest.raises(ConfigError, match="invalid setting 'task_suspend_cooldown_s'"):
+        Settings.load(None, task_suspend_cooldown_s=0)
+
+
+def test_an_unknown_yaml_key_is_an_error_naming_the_closest_setting(tmp_path: Path) -> None:
+    config = tmp_path / "loopai.yaml"
+    config.write_text("sandbox_procesess: 4\n")
+    with pytest.raises(ConfigError) as raised:
+        Settings.load(config)
+    assert str(raised.value) == (f"invalid setting 'sandbox_procesess' in config file {config}: not a setting; "
+                                 "did you mean sandbox_processes?")
+    config.write_text("colour: red\n")  # nothing close: where the settings are listed
+    with pytest.raises(ConfigError, match=r"'colour' .*not a setting \(the settings: README, Configuration"):
+        Settings.load(config)
+
+
+def test_an_unknown_environment_variable_is_a_warning_naming_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("LOOPAI_SANDBOX_PROCESES", "4")
+    monkeypatch.setenv("LOOPAI_EXPORT_FILE", "/tmp/x.jsonl")  # read by the Kafka Connect files, not a setting
+    monkeypatch.setenv("LOOPAI_WEB_PORT", "0")
+    with caplog.at_level(logging.WARNING, logger="app.settings"):
+        settings = Settings.load()
+    assert settings.sandbox_processes == 16 and settings.web_port == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "unknown environment variable LOOPAI_SANDBOX_PROCESES ignored: not a setting; did you mean "
+        "LOOPAI_SANDBOX_PROCESSES (sandbox_processes)?"]
+
+
+def test_the_cli_shows_both_on_stderr(tmp_path: Path) -> None:
+    config = tmp_path / "loopai.yaml"
+    config.write_text("bootstrap_server: x:1\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPAI_")}
+    done = subprocess.run([sys.executable, "-m", "app.cli", "--config", str(config), "task", "list"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 1 and done.stderr == (f"Error: invalid setting 'bootstrap_server' in config file "
+                                                    f"{config}: not a setting; did you mean bootstrap_servers?\n")
+    done = subprocess.run([sys.executable, "-m", "app.cli", "--bootstrap-servers", "127.0.0.1:1", "task", "list"],
+                          capture_output=True, text=True,
+                          timeout=60, env={**env, "LOOPAI_BOOTSTRAP_SERVER": "x:1", "LOOPAI_CONNECT_TIMEOUT_S": "0.5"})
+    assert done.stderr.splitlines()[0] == ("unknown environment variable LOOPAI_BOOTSTRAP_SERVER ignored: not a "
+                                           "setting; did you mean LOOPAI_BOOTSTRAP_SERVERS (bootstrap_servers)?")

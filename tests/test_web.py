@@ -12,15 +12,17 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from app.contract.records import OracleKind, OracleSpec, TaskSpec, utc_now
+from app.contract.codecs import codec_for
+from app.contract.records import OracleKind, OracleSpec, TaskSpec, TaskSuspension, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.domain.daily_windows import DailyWindows
-from app.kafka.clients import apply_topics, make_producer
+from app.kafka.clients import apply_topics, make_producer, partition_for
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker, free_port
 from devtools.samples import program_source
@@ -71,7 +73,7 @@ async def _prepare(settings: Settings) -> None:
         await control.publish("spam", program_source("spam_v2"))
         await control.publish("listed", program_source("spam_v2"))
         await control.start_canary("listed", 2, 25.0)
-        await control.put_task(TaskSpec(name="slow", updated_at=utc_now()))
+        await control.put_task(TaskSpec(name="slow", updated_at=utc_now(), max_timeout_ms=5000))
         await control.publish("slow", SLOW, activate=True)
 
 
@@ -179,10 +181,11 @@ def test_tasks_a_task_and_its_stats(served: Served) -> None:
     assert status == 200
     listed = next(t for t in tasks if t["task_id"] == "listed")
     assert listed == {"task_id": "listed", "active_version": 1, "canary_version": 2, "canary_percent": 25.0,
-                      "versions": [1, 2], "oracle": "label"}
+                      "versions": [1, 2], "oracle": "label", "suspended_until": None, "suspension_reason": None}
     status, task = call(served.url + "/tasks/listed")
     assert status == 200
     assert task["spec"]["name"] == "listed" and task["canary"] == {"version": 2, "percent": 25.0}
+    assert task["spec"]["max_timeout_ms"] == 1000 and task["suspended_until"] is None
     assert [v["version"] for v in task["versions"]] == [1, 2]
     assert all("source_code" not in v and v["lines"] > 1 for v in task["versions"])
     assert call(served.url + "/tasks/nope")[0] == 404
@@ -260,3 +263,50 @@ def test_unknown_task_or_version_is_404_and_a_slow_program_504(served: Served) -
     status, answer = execute(served, {"task_id": "slow", "input": {}, "timeout_ms": 3500})
     assert status == 504 and "web_execute_timeout_s" in answer["detail"]
     assert 3.0 <= time.monotonic() - started < 10
+
+
+async def suspend_task(settings: Settings, name: str) -> TaskSuspension:
+    """A new task, suspended as a worker suspends one whose calls keep timing out (the record it writes)."""
+    async with ControlPlane(settings) as control:
+        await control.put_task(TaskSpec(name=name, updated_at=utc_now()))
+    now = utc_now()
+    record = TaskSuspension(task_id=name, suspended=True, until=now + timedelta(minutes=5),
+                            reason="10 calls timed out within 60 s; suspended until then", timeouts=10,
+                            window_s=60.0, worker_id="w9", updated_at=now)
+    spec = topics_for(settings.topic_prefix).task_suspensions
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(spec.name, codec_for(TaskSuspension, settings, spec).encode(record),
+                                     key=name.encode(), partition=partition_for(name.encode(), spec.partitions))
+    finally:
+        await producer.stop()
+    return record
+
+
+def test_a_suspended_task_shows_until_when_and_why_until_resumed(served: Served) -> None:
+    """The suspension a worker writes reaches /tasks, /tasks/{id} and the dashboard's data through the worker's
+    table; an operator's resume clears it."""
+    async def resume() -> None:
+        async with ControlPlane(served.settings) as control:
+            assert await control.resume("paused") is not None
+
+    def summary() -> dict[str, Any] | None:
+        status, tasks = call(served.url + "/tasks")
+        assert status == 200
+        return next((t for t in tasks if t["task_id"] == "paused"), None)
+
+    suspension = asyncio.run(suspend_task(served.settings, "paused"))
+    assert suspension.until is not None
+    until = suspension.until.isoformat().replace("+00:00", "Z")
+    shown = eventually(lambda: (s := summary()) and s["suspended_until"] and s, what="paused shown suspended")
+    assert (shown["suspended_until"], shown["suspension_reason"]) == (until, suspension.reason)
+    status, task = call(served.url + "/tasks/paused")
+    assert status == 200 and (task["suspended_until"], task["suspension_reason"]) == (until, suspension.reason)
+    dashboard = call(served.url + "/api/dashboard")[1]
+    assert next(t for t in dashboard["tasks"] if t["task_id"] == "paused")["suspended_until"] == until
+
+    asyncio.run(resume())
+    eventually(lambda: (s := summary()) and s["suspended_until"] is None, what="paused running again")
+    status, task = call(served.url + "/tasks/paused")
+    assert (task["suspended_until"], task["suspension_reason"]) == (None, None)

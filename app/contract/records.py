@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 JsonValue = Any
 TaskName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
+IsoDate = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
+Count = Annotated[int, Field(ge=0)]
 
 EXECUTION_NAMESPACE = uuid.UUID("6f0d6a52-8d0b-4f57-9a55-1f0f5d6c2a11")
 _NAMESPACE_BYTES = EXECUTION_NAMESPACE.bytes
@@ -184,6 +186,22 @@ class TaskSpec(Record):
     oracle: OracleSpec | None = None
     canary_version: Annotated[int, Field(gt=0)] | None = None
     canary_percent: Annotated[float, Field(ge=0, le=100)] = 0.0
+    # An LLM's program that loops on one input holds a sandbox process for as long as its request asks: a task
+    # owner raises this deliberately (README: The program contract).
+    max_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 1000
+
+
+class TaskSuspension(Record):
+    """A task suspended because its calls kept timing out (suspended, until), or resumed (suspended False)."""
+
+    task_id: NonEmpty
+    suspended: bool
+    until: datetime | None = None
+    reason: str
+    timeouts: Count = 0
+    window_s: Annotated[float, Field(ge=0)] = 0.0
+    worker_id: str | None = None
+    updated_at: datetime
 
 
 class DeadLetter(Record):
@@ -258,10 +276,6 @@ class CanaryDecision(Record):
     decided_at: datetime
 
 
-IsoDate = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}$")]
-Count = Annotated[int, Field(ge=0)]
-
-
 def artifact_key(task_id: str, version: int) -> str:
     """The key of one artifact version on the artifacts topic."""
     return f"{task_id}/{version}"
@@ -270,11 +284,13 @@ def artifact_key(task_id: str, version: int) -> str:
 class AnomalyMetric(StrEnum):
     ERROR_RATE = "error_rate"
     P99_LATENCY = "p99_latency"
+    TIMEOUTS = "timeouts"
 
 
 class AnomalyMethod(StrEnum):
     ZSCORE = "zscore"
     EWMA = "ewma"
+    BUDGET = "budget"
 
 
 class DailyStats(Record):
@@ -326,7 +342,8 @@ class StatsPartial(Record):
 
 
 class AnomalySignal(Record):
-    """A task version's error rate or p99 latency left its normal range (one per incident)."""
+    """A task version's error rate or p99 latency left its normal range, or a task used up its timeout budget and
+    was suspended (one per incident)."""
 
     task_id: str
     version: int | None = None
@@ -354,5 +371,5 @@ RECORD_TYPES: dict[str, type[Record]] = {
     cls.__name__: cls
     for cls in (ExecutionRequest, ExecutionResult, ProgramArtifact, TaskSpec, DeadLetter, ValidationRequest,
                 OracleVerdict, Validation, CanaryDecision, DailyStats, StatsPartial, AnomalySignal,
-                RetentionEvent)
+                RetentionEvent, TaskSuspension)
 }

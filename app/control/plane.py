@@ -1,5 +1,6 @@
 """The control plane: creates and updates tasks, publishes/activates program artifacts, starts, promotes and
-aborts canaries (task-specs, program-artifacts and canary-decisions topics), and reads a task's decisions back.
+aborts canaries, resumes suspended tasks (task-specs, program-artifacts, canary-decisions and task-suspensions
+topics), and reads a task's decisions back.
 
 Reads the current tables first (to the true end), so versions and activations build on what is there.
 """
@@ -22,11 +23,13 @@ from app.contract.records import (
     ProgramStatus,
     SynthesisStrategy,
     TaskSpec,
+    TaskSuspension,
     utc_now,
 )
 from app.contract.topics import TopicSpec, topics_for
 from app.domain.programs import check_source, complexity_of
 from app.domain.resolution import SchemaError, schema_validator
+from app.domain.task_budget import in_force
 from app.kafka.clients import make_producer, partition_for
 from app.kafka.metadata import topic_partitions
 from app.kafka.tables import TableReader, artifact_key, read_to_end
@@ -53,6 +56,7 @@ class ControlPlane:
         self._tasks_codec = codec_for(TaskSpec, settings, self._topics.task_specs)
         self._artifacts_codec = codec_for(ProgramArtifact, settings, self._topics.program_artifacts)
         self._decisions_codec = codec_for(CanaryDecision, settings, self._topics.canary_decisions)
+        self._suspensions_codec = codec_for(TaskSuspension, settings, self._topics.task_suspensions)
         self._partitions: dict[str, int] = {}
 
     async def __aenter__(self) -> ControlPlane:
@@ -118,6 +122,26 @@ class ControlPlane:
         self._check_task(updated, shadow_published=True)
         await self._send_task(updated)
         return updated
+
+    def suspension(self, task_id: str) -> TaskSuspension | None:
+        """The task's suspension if one is in force (a worker suspended it for timing out), else None."""
+        return in_force(self.tables.suspensions.get(task_id), utc_now())
+
+    async def resume(self, task_id: str) -> TaskSuspension | None:
+        """Lift a task's suspension: a resume record on task-suspensions, on which every worker lifts the
+        suspensions that started no later and forgets the task's timeouts so far. Returns the suspension that was
+        in force, or None (the record is written all the same: a worker may have suspended the task a moment ago,
+        and its timeouts are forgotten too)."""
+        self.task(task_id)
+        lifted = self.suspension(task_id)
+        record = TaskSuspension(task_id=task_id, suspended=False, reason="resumed by an operator",
+                                updated_at=utc_now())
+        spec = self._topics.task_suspensions
+        key, value = task_id.encode(), self._suspensions_codec.encode(record)
+        await self._producer.send_and_wait(spec.name, value, key=key,
+                                           partition=partition_for(key, await self._partition_count(spec)))
+        self.tables.suspensions.apply(key, value, -1)
+        return lifted
 
     async def publish(
         self,

@@ -99,7 +99,8 @@ def resolve(
     default_timeout_ms: int,
 ) -> Runnable | Refused:
     """Decide which artifact version runs a request: the pinned one, else the canary for its share of request
-    ids (deterministic, so a redelivered request runs the same version), else the task's active one."""
+    ids (deterministic, so a redelivered request runs the same version), else the task's active one. A request may
+    ask for a timeout up to its task's max_timeout_ms; one that gives none gets min(default_timeout_ms, that)."""
     task = task_of(request.task_id)
     if task is None:
         return Refused(f"unknown task {request.task_id!r}")
@@ -114,10 +115,18 @@ def resolve(
         if request.version:
             return Refused(f"task {task.name!r} has no version {version}", version)
         return Refused(f"active version {version} of task {task.name!r} is not published", version)
+    if request.timeout_ms is not None and request.timeout_ms > task.max_timeout_ms:
+        return Refused(f"timeout_ms {request.timeout_ms} is above task {task.name!r}'s max_timeout_ms "
+                       f"{task.max_timeout_ms}", version)
     problem = validators.errors(task, request.input)
     if problem is not None:
         return Refused(problem, version)
-    return Runnable(artifact, request.timeout_ms or default_timeout_ms, task)
+    return Runnable(artifact, request.timeout_ms or unpinned_timeout_ms(task, default_timeout_ms), task)
+
+
+def unpinned_timeout_ms(task: TaskSpec, default_timeout_ms: int) -> int:
+    """The timeout of a call whose request gives none: the setting's default, within the task's bound."""
+    return min(default_timeout_ms, task.max_timeout_ms)
 
 
 class Resolver:
@@ -150,6 +159,6 @@ class Resolver:
             artifact = self._artifact_of(task.name, task.active_version)
             is_valid = self._validators.is_valid(task)
             if artifact is not None and is_valid is not None:
-                plan = (Runnable(artifact, self._default_timeout_ms, task), is_valid)
+                plan = (Runnable(artifact, unpinned_timeout_ms(task, self._default_timeout_ms), task), is_valid)
         self._plans[task_id] = plan
         return plan

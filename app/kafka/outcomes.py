@@ -25,7 +25,7 @@ from app.contract.records import (
 from app.contract.topics import Topics
 from app.domain.daily_stats import summarise_results, summarise_validations
 from app.domain.resolution import Runnable
-from app.domain.results import ResultAssembler
+from app.domain.results import ResultAssembler, rejected_fields
 from app.domain.validation import ValidationFields
 from app.kafka.clients import partition_for, stop_clients
 from app.kafka.delivery import Outbox, Outgoing, Undelivered, deliver
@@ -63,6 +63,10 @@ def executed_results(
         if isinstance(outcome, Exception):
             letters.append(dead_letter_for(message, f"the sandbox could not run it: {outcome}",
                                            type(outcome).__name__, worker_id))
+            continue
+        if outcome.status == "rejected":  # the pool's gate refused the call (its task was suspended): not sampled
+            results.append((rejected_fields(request.task_id, request.request_id, outcome.error or "rejected",
+                                            executed_at, worker_id, runnable.artifact.version), message))
             continue
         try:
             result, validation = assembler.executed(request, runnable, outcome, executed_at)

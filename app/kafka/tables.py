@@ -1,4 +1,4 @@
-"""Tables materialised from compacted topics (task specs, program artifacts), read by every worker.
+"""Tables materialised from compacted topics (task specs, program artifacts, task suspensions), read by every worker.
 
 Reads each topic from the beginning to its true end, then follows it live. The true end is the high
 watermark of a real fetch: the embedded broker's ListOffsets(latest) under-reports it (base offset of the
@@ -18,9 +18,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from app.contract.codecs import Codec, DecodeError, codec_for
-from app.contract.records import ProgramArtifact, Record, TaskSpec
+from app.contract.records import ProgramArtifact, Record, TaskSpec, TaskSuspension
 from app.contract.records import artifact_key as artifact_key  # its home is records; importers here keep working
-from app.contract.topics import TopicSpec
+from app.contract.topics import TopicSpec, topics_for
 from app.kafka.clients import make_consumer
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
@@ -38,6 +38,7 @@ class Table(Generic[R]):
         self._codec: Codec[R] = codec_for(spec.record, settings, spec)  # type: ignore[arg-type]
         self._rows: dict[str, R] = {}
         self.skipped = 0
+        self.on_record: Callable[[R], None] | None = None  # told of every record applied (not of tombstones)
 
     def apply(self, key: bytes | None, value: bytes | None, offset: int) -> None:
         if key is None:
@@ -56,6 +57,11 @@ class Table(Generic[R]):
             log.error("%s offset %d key %s cannot be decoded; skipped: %s", self.spec.name, offset, name, exc)
             return
         self._remember(name, record)
+        if self.on_record is not None:
+            try:
+                self.on_record(record)
+            except Exception:  # a listener's bug must not stop the table from following its topic
+                log.exception("%s offset %d key %s: the listener failed", self.spec.name, offset, name)
 
     def _remember(self, key: str, record: R) -> None:
         self._rows[key] = record
@@ -97,16 +103,37 @@ class ArtifactTable(Table[ProgramArtifact]):
         return dict(self._by_task.get(task_id, {}))
 
 
-class TableReader:
-    """One consumer (no group, every partition assigned) feeding the task and artifact tables."""
+class SuspensionTable(Table[TaskSuspension]):
+    """Task suspensions: the latest record per task by the time it was made (updated_at), not by its offset. A
+    worker's suspension may reach the topic after an operator's later resume; it must not suspend the task again
+    in the views, as it does not in the workers' budgets (app/domain/task_budget.py decides the same way)."""
 
-    def __init__(self, settings: Settings, tasks_spec: TopicSpec, artifacts_spec: TopicSpec) -> None:
+    def _remember(self, key: str, record: TaskSuspension) -> None:
+        current = self.get(key)
+        if current is None or record.updated_at >= current.updated_at:
+            super()._remember(key, record)
+
+
+class TableReader:
+    """One consumer (no group, every partition assigned) feeding the task, artifact and suspension tables.
+
+    `on_suspension` (settable until start()) is told of every TaskSuspension applied, in topic order: during the
+    catch-up too, so a worker's timeout budget learns the suspensions in force before it serves."""
+
+    def __init__(self, settings: Settings, tasks_spec: TopicSpec, artifacts_spec: TopicSpec,
+                 suspensions_spec: TopicSpec | None = None,
+                 on_suspension: Callable[[TaskSuspension], None] | None = None) -> None:
         self._settings = settings
         self.tasks: Table[TaskSpec] = Table(tasks_spec, settings)
         self.artifacts = ArtifactTable(artifacts_spec, settings)
-        self._tables: dict[str, Table[TaskSpec] | ArtifactTable] = {
+        if suspensions_spec is None:
+            suspensions_spec = topics_for(settings.topic_prefix).task_suspensions
+        self.suspensions = SuspensionTable(suspensions_spec, settings)
+        self.suspensions.on_record = on_suspension
+        self._tables: dict[str, Table[TaskSpec] | ArtifactTable | SuspensionTable] = {
             tasks_spec.name: self.tasks,
             artifacts_spec.name: self.artifacts,
+            suspensions_spec.name: self.suspensions,
         }
         self._consumer: AIOKafkaConsumer | None = None
         self._follower: asyncio.Task[None] | None = None
@@ -127,7 +154,16 @@ class TableReader:
             await self.stop()
             raise
         self.ready.set()
-        log.info("tables ready: %d tasks, %d artifacts", len(self.tasks), len(self.artifacts))
+        log.info("tables ready: %d tasks, %d artifacts, %d suspension records", len(self.tasks), len(self.artifacts),
+                 len(self.suspensions))
+
+    @property
+    def on_suspension(self) -> Callable[[TaskSuspension], None] | None:
+        return self.suspensions.on_record
+
+    @on_suspension.setter
+    def on_suspension(self, listener: Callable[[TaskSuspension], None] | None) -> None:
+        self.suspensions.on_record = listener
 
     def follow(self) -> None:
         """Keep applying new records in the background (a live artifact switch lands here)."""

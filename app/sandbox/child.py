@@ -49,6 +49,7 @@ _last_output_size = 0  # bytes of the last call's encoded output: answers are fl
 # re-arms it at its start. So a call is never interrupted before its own deadline, nor later than it.
 _deadline = 0.0
 _armed_at = float("inf")
+_timed_out = False  # the timer fired during the running call (even where the program swallowed it)
 # Freed memory is kept for the next batch (boundary.MALLOC_ENVIRONMENT), but not by a process left idle: this long
 # after its last batch, the timer fires once more and the heap's free pages go back to the system. Measured with
 # bench/zygote.py: an idle process after a batch of 1,000 spam_v1 calls kept 4.7 MB of its own, 2.5 MB trimmed;
@@ -71,7 +72,7 @@ def _disarm() -> None:
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
-    global _armed_at, _idle
+    global _armed_at, _timed_out, _idle
     _armed_at = float("inf")
     if not _in_call:
         if _idle:  # waiting for a batch since _IDLE_TRIM_S
@@ -82,6 +83,7 @@ def _on_alarm(signum: int, frame: Any) -> None:
     if now < _deadline:
         _arm(_deadline, now)
         return
+    _timed_out = True
     raise _CallTimeout()
 
 
@@ -105,21 +107,33 @@ def lock_down(memory_mb: int, cpu_s: int, open_files: int, seccomp_filter: bytes
     return {"uid": os.getuid(), "pid": os.getpid(), "seccomp": True, "memory_mb": memory_mb, "cpu_s": cpu_s}
 
 
-def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, value: Any,
+def _run_one(program: Callable[[dict[str, Any]], Any] | str, call: list[Any],
              max_output: int) -> tuple[list[Any], bool]:
-    """One call's answer, and whether the process should retire after this batch."""
-    global _in_call, _last_output_size, _deadline
+    """One call's answer, and whether the process should retire after it. The call's input (and its output, once
+    encoded) are freed while its timer still runs, so a finaliser the program hung on them is charged to it."""
+    global _in_call, _last_output_size, _deadline, _timed_out
     _last_output_size = 0
+    timeout_s, value = call
+    call[1] = None
     if isinstance(program, str):
         return ["error", None, program[:MAX_ERROR_CHARS], 0.0, None], False
-    status, output, error, retire = "ok", None, None, False
+    status, output, error, retire, encoded = "ok", None, None, False, b""
     started = time.perf_counter()
     _deadline = started + timeout_s
     if _deadline < _armed_at:
         _arm(_deadline, started)
+    _timed_out = False
     _in_call = True
     try:
         output = program(value)
+        value = None
+        try:
+            encoded = orjson.dumps(output)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            status, error = "error", f"output is not JSON-serialisable: {exc}"[:MAX_ERROR_CHARS]
+        except MemoryError:
+            status, error, retire = "error", "output too large to serialise", True
+        output = None
     except _CallTimeout:
         status, error, retire = "timeout", f"program exceeded its timeout of {timeout_s * 1000:.0f} ms", True
     except MemoryError:
@@ -129,17 +143,13 @@ def _run_one(program: Callable[[dict[str, Any]], Any] | str, timeout_s: float, v
     except BaseException as exc:  # the program's own failure, whatever it raised
         status, error = "error", f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
     finally:
+        value = output = None  # what the program left on them runs now, still under the call's timer
         _in_call = False  # the timer stays armed: the next call of the batch re-uses it
     latency_ms = (time.perf_counter() - started) * 1000
+    if _timed_out and status != "timeout":  # the timer fired where the program swallowed it (a finaliser)
+        status, error, retire = "timeout", f"program exceeded its timeout of {timeout_s * 1000:.0f} ms", True
     if status != "ok":
         return [status, None, error, latency_ms, None], retire
-    try:
-        encoded = orjson.dumps(output)
-    except (TypeError, orjson.JSONEncodeError) as exc:
-        return ["error", None, f"output is not JSON-serialisable: {exc}"[:MAX_ERROR_CHARS], latency_ms,
-                None], False
-    except MemoryError:
-        return ["error", None, "output too large to serialise", latency_ms, None], True
     if len(encoded) > max_output:
         return ["error", None, f"output is {len(encoded)} bytes; the limit is {max_output}", latency_ms, None], False
     _last_output_size = len(encoded)
@@ -208,22 +218,18 @@ def answer_batches(reader: Any, out_fd: int, progress: mmap.mmap, compiler: Prog
         answers: list[list[Any]] = []
         retire, pending, last = False, 0, len(calls) - 1
         flushed = perf()
-        for index, (timeout_s, value) in enumerate(calls):
+        for index, call in enumerate(calls):
             pack(progress, 0, number, index, now_ns())
-            answer, spent = _run_one(program, timeout_s, value, max_output)
+            answer, retire = _run_one(program, call, max_output)
             pack(progress, 0, number, index, 0)
             answers.append(answer)
-            retire = retire or spent
+            if retire:  # a timeout or out of memory: the rest of the batch runs again in a fresh process
+                break
             pending += _last_output_size + len(answer[2] or "")
             if index < last and (perf() - flushed > _FLUSH_S or pending > max_output):
                 _flush(out_fd, answers)
                 answers, flushed, pending = [], perf(), 0
-        if calls:
-            # The batch's inputs are freed now, and with them any finaliser a program hung on them: it runs
-            # as part of the last call (still unanswered, so the worker's watchdog holds it to that timeout).
-            pack(progress, 0, number, last, now_ns())
-            batch = calls = value = None  # type: ignore[assignment]
-            pack(progress, 0, number, last, 0)
+        batch = calls = call = None  # type: ignore[assignment]
         _flush(out_fd, answers)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         if retire or usage.ru_utime + usage.ru_stime > cpu_s * _RETIRE_CPU_SHARE:

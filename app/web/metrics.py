@@ -4,8 +4,9 @@ window (executions per second, error rate, latency percentiles over the last sec
 
 from __future__ import annotations
 
+import asyncio
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -187,3 +188,40 @@ def counter(name: str, documentation: str, labels: list[str], values: Iterable[t
 
 def _seconds_label(bound_ms: float) -> str:
     return "+Inf" if bound_ms == float("inf") else f"{bound_ms / 1000:g}"
+
+
+LAG_BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class EventLoopLag:
+    """How late the event loop runs a timer: what any step of the hot path waits for whatever else holds the
+    loop (an agent, table recovery, the HTTP server). run() samples every `interval_s`; metrics() is the
+    histogram /metrics shows, `worst_s` the largest lag seen."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self._interval_s = interval_s
+        self.buckets = [0] * (len(LAG_BOUNDS_S) + 1)
+        self.total_s = 0.0
+        self.worst_s = 0.0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time() + self._interval_s
+            await asyncio.sleep(self._interval_s)
+            self.observe(max(0.0, loop.time() - asked))
+
+    def observe(self, lag_s: float) -> None:
+        self.buckets[bisect_left(LAG_BOUNDS_S, lag_s)] += 1  # le: a lag equal to a bound counts in its bucket
+        self.total_s += lag_s
+        self.worst_s = max(self.worst_s, lag_s)
+
+    def metrics(self) -> Iterator[Metric]:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*LAG_BOUNDS_S, float("inf")), self.buckets, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else f"{bound:g}", cumulative))
+        family = HistogramMetricFamily("loopai_event_loop_lag_seconds",
+                                       "How late the worker's event loop ran a timer (the hot path's wait)")
+        family.add_metric([], buckets, sum_value=self.total_s)
+        yield family

@@ -37,6 +37,14 @@ _FIELD_ERRORS = _json("the body is not valid: one entry per field, with its loca
                                          "type": {"type": "string"}}}}}})
 
 
+# A task suspended because its calls kept timing out (app/domain/task_budget.py): both null while it runs.
+_SUSPENSION: dict[str, Any] = {
+    "suspended_until": {"type": ["string", "null"], "format": "date-time",
+                        "description": "when the suspension ends (`loopai task resume` ends it sooner)"},
+    "suspension_reason": {"type": ["string", "null"]},
+}
+
+
 def openapi_document() -> dict[str, Any]:
     """The API as served; paths in the order a reader meets them."""
     return {
@@ -61,13 +69,15 @@ def openapi_document() -> dict[str, Any]:
                               "422": _FIELD_ERRORS,
                               "502": _json("the request went to the dead letters", _ref("DeadLetter")),
                               "504": _json("no result within the timeout")}}},
-            "/tasks": {"get": {"summary": "Every task: active version, canary, published versions",
+            "/tasks": {"get": {"summary": "Every task: active version, canary, published versions, and whether it is "
+                                          "suspended (suspended_until, suspension_reason: null while it runs)",
                                "responses": {"200": _json("tasks", {"type": "array", "items": {"type": "object"}})}}},
             "/tasks/{task_id}": {"get": {
-                "summary": "One task: its spec, its versions (without source), its canary",
+                "summary": "One task: its spec, its versions (without source), its canary, its suspension",
                 "parameters": _TASK,
                 "responses": {"200": _json("the task", {"type": "object", "properties": {
-                    "spec": _ref("TaskSpec"), "versions": {"type": "array", "items": {"type": "object"}}}}),
+                    "spec": _ref("TaskSpec"), "versions": {"type": "array", "items": {"type": "object"}},
+                    **_SUSPENSION}}),
                     "404": _json("no such task")}}},
             "/tasks/{task_id}/stats": {"get": {
                 "summary": "Today's running window and the recent closed days (as `loopai stats` shows them)",

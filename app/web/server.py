@@ -1,11 +1,13 @@
 """The worker's HTTP server (aiohttp, on the worker's event loop): consumes requests on web_host:web_port and
 the worker's parts (tables, executor, sandbox pool, broker watch), produces /health, /metrics, /execute, /tasks,
-/tasks/{id}, /tasks/{id}/stats, /api/dashboard, /openapi.json and the dashboard page."""
+/tasks/{id}, /tasks/{id}/stats, /api/dashboard, /openapi.json and the dashboard page; with web_token set, only
+/health, /metrics and /openapi.json answer without it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import time
@@ -24,6 +26,7 @@ from app.agents.execute_requests import ExecuteRequests
 from app.contract.records import DailyStats, DeadLetter, Record, utc_now
 from app.contract.topics import Topics
 from app.domain.daily_stats import StatsKey
+from app.domain.task_budget import in_force
 from app.kafka.client import daily_stats
 from app.kafka.clients import BrokerWatch
 from app.kafka.tables import TableReader
@@ -68,15 +71,7 @@ class WebServer:
     async def start(self) -> None:
         await self.recent.start()
         await self._executions.start()
-        app = web.Application()
-        app.add_routes([
-            web.get("/", self._dashboard), web.get("/static/{name}", self._static),
-            web.get("/health", self._health), web.get("/metrics", self._metrics),
-            web.post("/execute", self._execute), web.get("/tasks", self._tasks),
-            web.get("/tasks/{task_id}", self._task), web.get("/tasks/{task_id}/stats", self._task_stats),
-            web.get("/api/dashboard", self._dashboard_data), web.get("/openapi.json", self._openapi),
-        ])
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(self.application(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._settings.web_host, self._settings.web_port)
         try:
@@ -85,8 +80,21 @@ class WebServer:
             raise RuntimeError(f"cannot serve HTTP on {self._settings.web_host}:{self._settings.web_port}: "
                                f"{exc.strerror} (settings web_host, web_port; web_port 0 turns HTTP off)") from exc
         self._sampler = asyncio.ensure_future(self._sample())
-        log.info("HTTP on http://%s:%d/ (dashboard), /health, /metrics", self._settings.web_host,
-                 self._settings.web_port)
+        log.info("HTTP on http://%s:%d/ (dashboard), /health, /metrics%s", self._settings.web_host,
+                 self._settings.web_port, "; web_token required" if self._settings.web_token else "")
+
+    def application(self) -> web.Application:
+        """The routes, behind the web_token check when one is set."""
+        token = self._settings.web_token
+        app = web.Application(middlewares=[] if token is None else [require_token(token.get_secret_value())])
+        app.add_routes([
+            web.get("/", self._dashboard), web.get("/static/{name}", self._static),
+            web.get("/health", self._health), web.get("/metrics", self._metrics),
+            web.post("/execute", self._execute), web.get("/tasks", self._tasks),
+            web.get("/tasks/{task_id}", self._task), web.get("/tasks/{task_id}/stats", self._task_stats),
+            web.get("/api/dashboard", self._dashboard_data), web.get("/openapi.json", self._openapi),
+        ])
+        return app
 
     async def stop(self) -> None:
         if self._sampler is not None:
@@ -183,7 +191,14 @@ class WebServer:
         return {"task_id": task_id, "active_version": spec.active_version, "canary_version": spec.canary_version,
                 "canary_percent": spec.canary_percent if spec.canary_version else 0.0,
                 "versions": sorted(self._tables.artifacts.versions_of(task_id)),
-                "oracle": None if spec.oracle is None else spec.oracle.kind.value}
+                "oracle": None if spec.oracle is None else spec.oracle.kind.value, **self._suspension(task_id)}
+
+    def _suspension(self, task_id: str) -> dict[str, Any]:
+        """suspended_until (null: until resumed) and suspension_reason of a suspended task; both null when it runs."""
+        suspension = in_force(self._tables.suspensions.get(task_id), utc_now())
+        if suspension is None:
+            return {"suspended_until": None, "suspension_reason": None}
+        return {"suspended_until": suspension.model_dump(mode="json")["until"], "suspension_reason": suspension.reason}
 
     async def _task(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
@@ -194,7 +209,7 @@ class WebServer:
                     for _, a in sorted(self._tables.artifacts.versions_of(task_id).items())]
         return web.json_response({"spec": spec.model_dump(mode="json"), "versions": versions,
                                   "canary": {"version": spec.canary_version, "percent": spec.canary_percent}
-                                  if spec.canary_version else None})
+                                  if spec.canary_version else None, **self._suspension(task_id)})
 
     async def _task_stats(self, request: web.Request) -> web.Response:
         task_id = request.match_info["task_id"]
@@ -262,6 +277,37 @@ class WebServer:
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
+
+
+# Probes and scrapers keep working without the token; everything else (execute, tasks, the dashboard) needs it.
+_OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+_TOKEN_COOKIE = "loopai_token"
+
+
+def require_token(token: str) -> Any:
+    """Middleware: 401 unless the request carries the token, as `Authorization: Bearer <token>`, or as the
+    cookie a browser gets by opening the dashboard once at /?token=<token> (its own calls then carry it)."""
+
+    def carries(given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+    @web.middleware
+    async def check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path in _OPEN_PATHS:
+            return await handler(request)
+        scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+        if (scheme.lower() == "bearer" and carries(credentials.strip())) or carries(request.cookies.get(_TOKEN_COOKIE)):
+            return await handler(request)
+        if request.path == "/" and carries(request.query.get("token")):
+            response = await handler(request)
+            response.set_cookie(_TOKEN_COOKIE, token, httponly=True, samesite="Strict")
+            return response
+        return web.json_response(
+            {"detail": "this worker requires its web_token: send `Authorization: Bearer <token>`, or open the "
+                       "dashboard at /?token=<token>"},
+            status=401, headers={"WWW-Authenticate": "Bearer"})
+
+    return check
 
 
 def _record(record: Record, status: int = 200) -> web.Response:

@@ -208,14 +208,14 @@ async def test_a_coordinator_move_during_a_commit_is_retried(echo: Settings, sta
 
 async def test_a_sandbox_pool_failing_a_whole_batch_runs_each_call_alone(echo: Settings, start_executor) -> None:
     running = await start_executor(echo)
-    real_run = running.pool.run
+    real_stream = running.pool.stream
 
-    async def run(calls):
+    async def stream(calls, emit):
         if len(calls) > 1 or calls[0].input.get("poison"):
             raise RuntimeError("the pool broke")
-        return await real_run(calls)
+        return await real_stream(calls, emit)
 
-    running.pool.run = run
+    running.pool.stream = stream
     requests = [request_from("echo", {"n": 3, "poison": i == 5}) for i in range(30)]
     await _send(echo, requests)
     fine = [r.request_id for i, r in enumerate(requests) if i != 5]

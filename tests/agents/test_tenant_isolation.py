@@ -53,7 +53,7 @@ def run(input):
 async def _provision(settings: Settings, with_attacker: bool) -> None:
     await apply_topics(settings, topics_for(settings.topic_prefix))
     async with ControlPlane(settings) as control:
-        await control.put_task(TaskSpec(name="victim", updated_at=utc_now()))
+        await control.put_task(TaskSpec(name="victim", updated_at=utc_now(), max_timeout_ms=2000))
         await control.publish("victim", VICTIM, activate=True)
         if with_attacker:
             await control.put_task(TaskSpec(name="attacker", updated_at=utc_now()))

@@ -35,6 +35,7 @@ from app.contract.records import (
     StatsPartial,
     TaskExample,
     TaskSpec,
+    TaskSuspension,
     Validation,
     ValidationRequest,
     ValidationStatus,
@@ -104,6 +105,10 @@ SAMPLES: list[Record] = [
                    date_to="2026-10-01", reason="older than 30 days", emitted_at=WHEN),
     RetentionEvent(topic="loopai.program-artifacts", key="spam/1", reason="inactive beyond 3 versions",
                    emitted_at=WHEN),
+    TaskSpec(name="patient", updated_at=WHEN, max_timeout_ms=20_000),
+    TaskSuspension(task_id="spam", suspended=True, until=WHEN, reason="10 calls timed out within 60 s", timeouts=10,
+                   window_s=60.0, worker_id="w1", updated_at=WHEN),
+    TaskSuspension(task_id="spam", suspended=False, reason="resumed by an operator", updated_at=WHEN),
 ]
 
 

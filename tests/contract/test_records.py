@@ -117,6 +117,11 @@ def test_request_edges_that_are_valid() -> None:
     assert ExecutionRequest.model_validate(_request(timeout_ms=60_000)).timeout_ms == 60_000
 
 
+def test_task_max_timeout_ms_defaults_to_a_second_and_goes_up_to_a_minute() -> None:
+    assert TaskSpec(name="t", updated_at=utc_now()).max_timeout_ms == 1000
+    assert TaskSpec(name="t", updated_at=utc_now(), max_timeout_ms=60_000).max_timeout_ms == 60_000
+
+
 @pytest.mark.parametrize(
     ("fields", "complaint"),
     [
@@ -127,6 +132,8 @@ def test_request_edges_that_are_valid() -> None:
         ({"sampling_rate": 1.5}, "sampling_rate"),
         ({"accuracy_target": -0.1}, "accuracy_target"),
         ({"latency_target_ms": 0}, "latency_target_ms"),
+        ({"max_timeout_ms": 0}, "max_timeout_ms"),
+        ({"max_timeout_ms": 60_001}, "max_timeout_ms"),
     ],
 )
 def test_task_validation_rules(fields: dict[str, Any], complaint: str) -> None:

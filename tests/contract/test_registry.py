@@ -2,10 +2,12 @@
 its AvroDeserializer, its AvroSerializer's bytes read by our codec, subjects and BACKWARD compatibility."""
 
 import copy
+import io
 import json
 from itertools import count
 from typing import Any
 
+import fastavro
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
@@ -13,7 +15,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from app.contract.codecs import DecodeError, RegistryAvroCodec, codec_for, load_schema
-from app.contract.records import ExecutionRequest, Record
+from app.contract.records import ExecutionRequest, Record, TaskSpec, utc_now
 from app.contract.registry import SchemaIncompatible, register_schemas, register_value_schema, registry_client
 from app.contract.topics import TopicSpec, topics_for
 from app.settings import Settings
@@ -101,6 +103,23 @@ def test_a_compatible_change_registers_and_both_versions_decode() -> None:
     assert encoded is not None and int.from_bytes(encoded[1:5], "big") == newer_id
     assert ours.decode(encoded) == request
     assert ours.decode(ours.encode(request)) == request
+
+
+def test_task_spec_with_max_timeout_ms_reads_the_specs_written_before_it() -> None:
+    """max_timeout_ms came later (issue 21): the subject takes the new schema, and a spec written without the field
+    reads as the default, 1000."""
+    settings = _avro_settings()
+    client, topic = registry_client(settings), topics_for(settings.topic_prefix).task_specs
+    older = copy.deepcopy(load_schema("TaskSpec"))
+    older["fields"] = [f for f in older["fields"] if f["name"] != "max_timeout_ms"]
+    old_id = register_value_schema(client, topic, older)
+    ours = codec_for(TaskSpec, settings, topic)
+    assert ours.schema_id != old_id  # type: ignore[attr-defined]
+    spec = TaskSpec(name="spam", active_version=2, updated_at=utc_now())
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(older), spec.model_dump(exclude={"max_timeout_ms"}))
+    written = b"\x00" + old_id.to_bytes(4, "big") + body.getvalue()  # what a producer of the old schema wrote
+    assert ours.decode(written) == spec and ours.decode(written).max_timeout_ms == 1000
 
 
 def test_the_registrys_own_refusal_is_a_schema_incompatible_error() -> None:

@@ -9,6 +9,7 @@ from app.contract.records import (
     RetentionEvent,
     StatsPartial,
     TaskSpec,
+    TaskSuspension,
 )
 from app.contract.topics import topics_for
 
@@ -21,7 +22,7 @@ def test_prefix_applies_to_every_topic() -> None:
         "acme.oracle-verdicts", "acme.validations", "acme.canary-decisions", "acme.oracle-pending-changelog",
         "acme.canary-accuracy-changelog", "acme.analytics", "acme.stats-partials", "acme.anomaly-signals",
         "acme.retention-events", "acme.canary-signals-changelog", "acme.daily-windows-changelog",
-        "acme.leader-election",
+        "acme.leader-election", "acme.task-suspensions",
     }
 
 
@@ -43,7 +44,7 @@ def test_a_topic_is_found_by_key_and_unknown_ones_are_named() -> None:
 
 def test_tables_are_compacted_and_streams_are_not() -> None:
     topics = topics_for("")
-    assert topics.program_artifacts.compacted and topics.task_specs.compacted
+    assert topics.program_artifacts.compacted and topics.task_specs.compacted and topics.task_suspensions.compacted
     assert not topics.execution_requests.compacted
     assert topics.execution_requests.config["retention.ms"] == "604800000"
 
@@ -58,6 +59,7 @@ def test_each_topic_carries_its_record_type() -> None:
     assert topics.stats_partials.record is StatsPartial
     assert topics.anomaly_signals.record is AnomalySignal
     assert topics.retention_events.record is RetentionEvent
+    assert topics.task_suspensions.record is TaskSuspension and topics.task_suspensions.name == "task-suspensions"
 
 
 def test_lookup_by_short_name() -> None:

@@ -1,11 +1,14 @@
 """The control plane on the real broker: tasks created and updated, canaries started, promoted and aborted by
-hand, each with its decision record, and a task's decisions read back in order."""
+hand, each with its decision record, a task's decisions read back in order, and suspended tasks resumed."""
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from app.contract.codecs import codec_for
 from app.contract.records import (
@@ -16,11 +19,14 @@ from app.contract.records import (
     OracleSpec,
     SamplingStrategy,
     TaskSpec,
+    TaskSuspension,
     utc_now,
 )
 from app.contract.topics import topics_for
 from app.control.plane import ControlError, ControlPlane
+from app.domain.task_budget import TimeoutBudget
 from app.kafka.clients import make_producer, partition_for
+from app.kafka.tables import TableReader
 from app.settings import Settings
 from tests.conftest import KafkaLikeMetadata
 
@@ -230,3 +236,85 @@ async def test_an_update_that_cannot_be_is_refused_and_writes_nothing(
         with pytest.raises(ControlError, match="unknown task 'ghost'"):
             await control.update_task("ghost", description="x")
     assert await _task(settings) == before
+
+
+async def test_max_timeout_ms_is_set_on_create_changed_by_update_and_bounded(settings: Settings) -> None:
+    async with ControlPlane(settings) as control:
+        await control.create_task(TaskSpec(name="spam", updated_at=utc_now()))
+    assert (await _task(settings)).max_timeout_ms == 1000
+    async with ControlPlane(settings) as control:
+        await control.update_task("spam", max_timeout_ms=20_000)
+    assert (await _task(settings)).max_timeout_ms == 20_000
+    async with ControlPlane(settings) as control:
+        for wrong in (0, 60_001):
+            with pytest.raises(ValidationError, match="max_timeout_ms"):
+                await control.update_task("spam", max_timeout_ms=wrong)
+    assert (await _task(settings)).max_timeout_ms == 20_000
+
+
+async def _suspend(settings: Settings, task: str, until_s: float = 300) -> TaskSuspension:
+    """What a worker's executor writes when the task's calls keep timing out."""
+    now = utc_now()
+    record = TaskSuspension(task_id=task, suspended=True, until=now + timedelta(seconds=until_s),
+                            reason="10 calls timed out within 60 s", timeouts=10, window_s=60.0, worker_id="w1",
+                            updated_at=now)
+    spec = topics_for(settings.topic_prefix).task_suspensions
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await producer.send_and_wait(spec.name, codec_for(TaskSuspension, settings, spec).encode(record),
+                                     key=task.encode(), partition=partition_for(task.encode(), spec.partitions))
+    finally:
+        await producer.stop()
+    return record
+
+
+async def _until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s")
+        await asyncio.sleep(0.05)
+
+
+async def test_resume_lifts_a_suspension_on_every_reader_of_the_table(settings: Settings) -> None:
+    """A worker's budget, fed by its table reader, adopts the suspension, then lifts it on the operator's resume."""
+    await _task_with_versions(settings, versions=1)
+    topics = topics_for(settings.topic_prefix)
+    budget = TimeoutBudget()
+    reader = TableReader(settings, topics.task_specs, topics.program_artifacts, on_suspension=budget.apply)
+    await reader.start()
+    reader.follow()
+    try:
+        suspension = await _suspend(settings, "spam")
+        await _until(lambda: budget.refusal("spam") is not None)
+        assert str(budget.refusal("spam")).startswith("task 'spam' is suspended until ")
+        async with ControlPlane(settings) as control:
+            assert control.suspension("spam") == suspension
+            lifted = await control.resume("spam")
+            assert lifted == suspension and control.suspension("spam") is None
+        await _until(lambda: budget.refusal("spam") is None)
+        resumed = reader.suspensions.get("spam")
+        assert resumed is not None and not resumed.suspended and resumed.reason == "resumed by an operator"
+        assert resumed.updated_at >= suspension.updated_at and resumed.until is None
+    finally:
+        await reader.stop()
+    async with ControlPlane(settings) as control:  # a fresh reader: the resume is the latest record
+        assert control.suspension("spam") is None
+        assert control.tables.suspensions.get("spam") == resumed
+
+
+async def test_resume_of_a_task_that_is_not_suspended_says_so_and_of_an_unknown_task_is_refused(
+    settings: Settings,
+) -> None:
+    await _task_with_versions(settings, versions=1)
+    await _suspend(settings, "spam", until_s=-1)  # a suspension that has ended
+    async with ControlPlane(settings) as control:
+        assert control.suspension("spam") is None
+        assert await control.resume("spam") is None
+        with pytest.raises(ControlError, match="unknown task 'ghost'"):
+            await control.resume("ghost")
+    async with ControlPlane(settings) as control:
+        assert control.tables.suspensions.get("ghost") is None
+        record = control.tables.suspensions.get("spam")
+        assert record is not None and not record.suspended

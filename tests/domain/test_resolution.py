@@ -54,6 +54,31 @@ def test_refusals(fields: dict[str, Any], message: str) -> None:
     assert message in decision.message
 
 
+def test_a_request_may_ask_for_a_timeout_up_to_its_tasks_max_timeout_ms() -> None:
+    decision = _resolve(timeout_ms=1000)  # the default bound, 1000, allows exactly it
+    assert isinstance(decision, Runnable) and decision.timeout_ms == 1000
+    assert _resolve(timeout_ms=1001) == Refused("timeout_ms 1001 is above task 'spam''s max_timeout_ms 1000", 2)
+    assert _resolve(timeout_ms=20_000, version=1) == \
+        Refused("timeout_ms 20000 is above task 'spam''s max_timeout_ms 1000", 1)
+    patient = {"spam": TASKS["spam"].model_copy(update={"max_timeout_ms": 30_000})}
+    request = ExecutionRequest(request_id="r", task_id="spam", input={"text": "x"}, timeout_ms=20_000)
+    decision = resolve(request, patient.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), 1000)
+    assert isinstance(decision, Runnable) and decision.timeout_ms == 20_000
+
+
+@pytest.mark.parametrize(("default_timeout_ms", "max_timeout_ms", "expected"),
+                         [(1000, 1000, 1000), (1000, 250, 250), (5000, 2000, 2000), (500, 60_000, 500)])
+def test_a_request_without_timeout_gets_the_default_within_the_tasks_bound(
+        default_timeout_ms: int, max_timeout_ms: int, expected: int) -> None:
+    tasks = {"spam": TASKS["spam"].model_copy(update={"max_timeout_ms": max_timeout_ms})}
+    request = ExecutionRequest(request_id="r", task_id="spam", input={"text": "x"})
+    for decide in (lambda r: resolve(r, tasks.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(),
+                                     default_timeout_ms),
+                   Resolver(tasks.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), default_timeout_ms)):
+        decision = decide(request)
+        assert isinstance(decision, Runnable) and decision.timeout_ms == expected
+
+
 def test_active_version_that_is_not_published() -> None:
     tasks = {"spam": TASKS["spam"].model_copy(update={"active_version": 5})}
     request = ExecutionRequest(request_id="r", task_id="spam", input={"text": "x"})
@@ -138,7 +163,8 @@ def test_a_batch_resolver_decides_as_resolve_does_for_every_kind_of_request_and_
              "canary": TASKS["spam"].model_copy(update={"name": "canary", "canary_version": 1, "canary_percent": 50}),
              "unpublished": TASKS["spam"].model_copy(update={"name": "unpublished", "active_version": 5}),
              "unchecked": TASKS["spam"].model_copy(update={"name": "unchecked", "input_schema": None}),
-             "broken": TASKS["spam"].model_copy(update={"name": "broken", "input_schema": broken})}
+             "broken": TASKS["spam"].model_copy(update={"name": "broken", "input_schema": broken}),
+             "bounded": TASKS["spam"].model_copy(update={"name": "bounded", "max_timeout_ms": 20})}
     artifacts = {(task, version): _artifact(version).model_copy(update={"task_id": task})
                  for task in tasks for version in (1, 2)}
 

@@ -1,11 +1,12 @@
 """Tables read from the compacted topics on the real broker: exact after catch-up, current while following."""
 
 import asyncio
+from datetime import timedelta
 
 from aiokafka import TopicPartition
 
 from app.contract.codecs import codec_for, json_codec
-from app.contract.records import ProgramArtifact, TaskSpec, utc_now
+from app.contract.records import ProgramArtifact, TaskSpec, TaskSuspension, utc_now
 from app.contract.topics import topics_for
 from app.kafka.clients import make_consumer, make_producer, partition_for
 from app.kafka.tables import TableReader, artifact_key
@@ -90,6 +91,78 @@ async def test_follow_applies_updates_and_tombstones(settings: Settings) -> None
     finally:
         await producer.stop()
         await reader.stop()
+
+
+async def test_suspensions_are_a_table_whose_listener_hears_every_record_in_order(settings: Settings) -> None:
+    """Read to the end at start (a worker learns the suspensions in force before serving), then followed; the
+    listener is told of each record, also of the ones the catch-up reads, and a failing listener stops nothing."""
+    topics = topics_for(settings.topic_prefix)
+    spec = topics.task_suspensions
+    codec = codec_for(TaskSuspension, settings, spec)
+    now = utc_now()
+    suspended = TaskSuspension(task_id="loopy", suspended=True, until=now, reason="10 calls timed out within 60 s",
+                               timeouts=10, window_s=60.0, worker_id="w1", updated_at=now)
+    resumed = TaskSuspension(task_id="loopy", suspended=False, reason="resumed by an operator", updated_at=now)
+    producer = make_producer(settings)
+    await producer.start()
+
+    async def send(record: TaskSuspension) -> None:
+        key = record.task_id.encode()
+        await producer.send_and_wait(spec.name, codec.encode(record), key=key,
+                                     partition=partition_for(key, spec.partitions))
+
+    heard: list[TaskSuspension] = []
+
+    def listen(record: TaskSuspension) -> None:
+        heard.append(record)
+        if record.task_id == "fragile":
+            raise RuntimeError("a listener's bug")
+
+    reader = TableReader(settings, topics.task_specs, topics.program_artifacts, on_suspension=listen)
+    try:
+        await send(suspended)
+        await reader.start()
+        assert heard == [suspended] and reader.suspensions.get("loopy") == suspended
+        reader.follow()
+        await send(suspended.model_copy(update={"task_id": "fragile"}))
+        await send(resumed)
+        await _eventually(lambda: reader.suspensions.get("loopy") == resumed)
+        assert [(r.task_id, r.suspended) for r in heard] == [("loopy", True), ("fragile", True), ("loopy", False)]
+        assert reader.suspensions.get("fragile") is not None and len(reader.suspensions) == 2
+    finally:
+        await producer.stop()
+        await reader.stop()
+
+
+def test_the_suspension_listener_can_be_set_after_construction(settings: Settings) -> None:
+    """How the executor hooks its budget in: the worker builds the reader first."""
+    topics = topics_for(settings.topic_prefix)
+    reader = TableReader(settings, topics.task_specs, topics.program_artifacts)
+    heard: list[TaskSuspension] = []
+    reader.on_suspension = heard.append
+    record = TaskSuspension(task_id="t", suspended=False, reason="resumed by an operator", updated_at=utc_now())
+    reader.suspensions.apply(b"t", json_codec(TaskSuspension).encode(record), 0)
+    assert heard == [record] and reader.on_suspension == heard.append
+
+
+def test_a_suspension_made_before_a_resume_does_not_replace_it(settings: Settings) -> None:
+    """Records of one task keep their topic order, not the order they were made in: a worker's suspension written
+    after an operator's later resume leaves the task resumed, as the workers' budgets leave it."""
+    topics = topics_for(settings.topic_prefix)
+    table = TableReader(settings, topics.task_specs, topics.program_artifacts).suspensions
+    codec = json_codec(TaskSuspension)
+    now = utc_now()
+    resumed = TaskSuspension(task_id="t", suspended=False, reason="resumed by an operator", updated_at=now)
+    late = TaskSuspension(task_id="t", suspended=True, until=now + timedelta(minutes=5), reason="timeouts",
+                          timeouts=10, window_s=60.0, updated_at=now - timedelta(seconds=1))
+    table.apply(b"t", codec.encode(resumed), 0)
+    table.apply(b"t", codec.encode(late), 1)
+    assert table.get("t") == resumed
+    later = late.model_copy(update={"updated_at": now + timedelta(seconds=1)})
+    table.apply(b"t", codec.encode(later), 2)
+    assert table.get("t") == later
+    table.apply(b"t", None, 3)
+    assert table.get("t") is None
 
 
 async def _eventually(condition, timeout_s: float = 10) -> None:

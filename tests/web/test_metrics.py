@@ -3,10 +3,13 @@ Prometheus text; the live window turns two samples into a rate, an error rate an
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from prometheus_client import generate_latest
 
-from app.web.metrics import LATENCY_BOUNDS_MS, WorkerMetrics, percentile
+from app.web.metrics import LATENCY_BOUNDS_MS, EventLoopLag, WorkerMetrics, percentile
 
 
 def result(task: str, status: str = "ok", latency_ms: float = 1.0, version: int | None = 1) -> dict[str, object]:
@@ -68,3 +71,25 @@ def test_percentile_interpolates_inside_its_bucket() -> None:
     assert percentile(buckets, 0.5) == 0.75
     buckets[-1] = 10  # ten past the last bound
     assert percentile(buckets, 0.99) == LATENCY_BOUNDS_MS[-1]
+
+
+def test_event_loop_lag_is_a_histogram_of_how_late_timers_ran() -> None:
+    lag = EventLoopLag()
+    for seconds in (0.0005, 0.005, 0.005, 0.3, 3.0):
+        lag.observe(seconds)
+    (family,) = lag.metrics()
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert buckets["0.001"] == 1 and buckets["0.005"] == 3 and buckets["0.25"] == 3 and buckets["0.5"] == 4
+    assert buckets["+Inf"] == 5 and lag.worst_s == 3.0
+
+
+async def test_event_loop_lag_sees_a_blocked_loop() -> None:
+    lag = EventLoopLag(interval_s=0.01)
+    running = asyncio.ensure_future(lag.run())
+    await asyncio.sleep(0.05)
+    time.sleep(0.2)  # the loop is held, as a stuck agent would hold it
+    deadline = time.monotonic() + 5
+    while lag.worst_s < 0.15:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    running.cancel()

@@ -14,6 +14,18 @@ function text(tag, content, cls) {
 function ms(value) { return value == null ? "–" : `${value.toFixed(value < 10 ? 2 : 0)} ms`; }
 function pct(value) { return value == null ? "–" : `${(value * 100).toFixed(1)}%`; }
 
+// A suspended task (its calls kept timing out): its name cell carries a badge until when, the reason as its title.
+function nameCell(task) {
+  const cell = text("td", task.task_id);
+  if (task.suspension_reason != null) {
+    const until = task.suspended_until == null ? "" : ` until ${task.suspended_until.slice(11, 19)} UTC`;
+    const badge = text("span", `suspended${until}`, "badge suspended");
+    badge.title = task.suspension_reason;
+    cell.append(" ", badge);
+  }
+  return cell;
+}
+
 function accuracyOf(task) {
   const parts = Object.entries(task.accuracy).filter(([, a]) => a.validated > 0)
     .map(([version, a]) => `v${version} ${pct(a.accuracy)} (${a.validated})`);
@@ -34,8 +46,9 @@ function renderTasks(tasks) {
     const live = task.live || {};
     const row = document.createElement("tr");
     row.dataset.task = task.task_id;
+    if (task.suspension_reason != null) row.className = "suspended";
     row.append(
-      text("td", task.task_id),
+      nameCell(task),
       text("td", task.active_version == null ? "–" : `v${task.active_version}`),
       text("td", task.canary_version ? `v${task.canary_version} @ ${task.canary_percent}%` : "–",
            task.canary_version ? "canary" : ""),

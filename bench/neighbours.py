@@ -1,0 +1,181 @@
+"""Tenants apart: a victim task's request->result latency with and without a hostile neighbour on the same worker.
+
+`python -m bench.neighbours [--seconds S] [--rate R]` starts the embedded broker and one `loopai worker`, then,
+for each scenario, sends the victim's requests at a steady rate (and the neighbour's beside them) and prints the
+victim's p50/p99 against its run alone, the worker's peak resident memory, and the neighbour's outcomes. The
+neighbours are an LLM's ordinary mistakes: a loop that swallows its timer, a spinning finaliser hung on the
+input, megabyte outputs. Ratios are within one run; nothing is asserted here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+from aiokafka import TopicPartition
+
+from app.contract.codecs import codec_for
+from app.contract.records import ExecutionRequest, TaskSpec, utc_now
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
+from app.kafka.client import request_from
+from app.kafka.clients import apply_topics, make_consumer, make_producer, partition_for
+from app.settings import Settings
+from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+from devtools.samples.neighbours import FINALISER, HUGE, SPIN, VICTIM
+
+SCENARIOS = {  # neighbour task -> its requests per second beside the victim
+    "alone": ("", 0),
+    "spinning (swallows its timer)": ("spin", 20),
+    "spinning finaliser": ("finaliser", 20),
+    "1 MB outputs": ("huge", 100),
+}
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def provision(settings: Settings) -> None:
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    async with ControlPlane(settings) as control:
+        for name, source in {"victim": VICTIM, "spin": SPIN, "finaliser": FINALISER, "huge": HUGE}.items():
+            await control.put_task(TaskSpec(name=name, updated_at=utc_now()))
+            await control.publish(name, source, activate=True)
+
+
+async def steady(settings: Settings, rate: int, neighbour: str, neighbour_rate: int,
+                 seconds: float) -> tuple[list[float], Counter[str]]:
+    """Victim requests at `rate`/s (and the neighbour's at its rate) for `seconds`: the victim's latencies in
+    ms (send to result seen), and the neighbour's result statuses."""
+    topics = topics_for(settings.topic_prefix)
+    encode = codec_for(ExecutionRequest, settings, topics.execution_requests).encode
+    results = topics.execution_results
+    consumer = make_consumer(settings, fetch_max_wait_ms=settings.executor_fetch_max_wait_ms)
+    await consumer.start()
+    tps = [TopicPartition(results.name, p) for p in range(results.partitions)]
+    consumer.assign(tps)
+    await consumer.seek_to_end(*tps)
+    for tp in tps:
+        await consumer.position(tp)
+    sent_at: dict[str, float] = {}
+    theirs: set[str] = set()
+    latencies: list[float] = []
+    statuses: Counter[str] = Counter()
+
+    async def receive() -> None:
+        while True:
+            for messages in (await consumer.getmany(timeout_ms=100)).values():
+                now = time.perf_counter()
+                for message in messages:
+                    result = orjson.loads(message.value)
+                    request_id = result["request_id"]
+                    if request_id in sent_at:
+                        latencies.append((now - sent_at.pop(request_id)) * 1000)
+                    elif request_id in theirs:
+                        theirs.discard(request_id)
+                        statuses[result["status"]] += 1
+
+    receiver = asyncio.ensure_future(receive())
+    producer = make_producer(settings)
+    await producer.start()
+    partitions = topics.execution_requests.partitions
+    try:
+        started = time.perf_counter()
+        ticks = int(seconds * 100)
+        for tick in range(ticks):
+            batch = [request_from("victim", {"n": tick * 1000 + i}) for i in range(max(1, rate // 100))]
+            if neighbour and tick % max(1, 100 // neighbour_rate) == 0:
+                mine = [request_from(neighbour, {"n": tick * 1000 + i}) for i in range(max(1, neighbour_rate // 100))]
+                theirs.update(r.request_id for r in mine)
+                batch += mine
+            now = time.perf_counter()
+            for request in batch:
+                if request.task_id == "victim":
+                    sent_at[request.request_id] = now
+                key = request.task_id.encode()
+                await producer.send(topics.execution_requests.name, encode(request), key=key,
+                                    partition=partition_for(key, partitions))
+            await asyncio.sleep(max(0.0, started + (tick + 1) * 0.01 - time.perf_counter()))
+        deadline = time.monotonic() + 120
+        while (sent_at or theirs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    finally:
+        await producer.stop()
+        receiver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await receiver
+        await consumer.stop()
+    if sent_at:
+        say(f"    {len(sent_at)} victim requests without a result after 120 s")
+    return latencies, statuses
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def run(seconds: float, rate: int) -> None:
+    with tempfile.TemporaryDirectory() as work, EmbeddedBroker(log_file=Path(work) / "broker.log") as broker:
+        settings = Settings(bootstrap_servers=broker.bootstrap_servers, topic_prefix="neighbours.",
+                            app_id="neighbours", data_dir=Path(work) / "data", web_port=0, **EMBEDDED_TIMINGS)
+        await provision(settings)
+        log_path = Path(work) / "worker.log"
+        env = {**settings.to_env(), "LOOPAI_WORKER_ID": "bench-neighbours", "PATH": "/usr/bin:/bin"}
+        with open(log_path, "wb") as log:
+            worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, cwd=work,
+                                      stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while "serving" not in log_path.read_text(errors="replace"):
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(log_path.read_text(errors="replace")[-3000:])
+                await asyncio.sleep(0.1)
+            await steady(settings, rate, "", 0, 1.0)  # warm: the victim's sandbox process is started
+            say(f"victim: {rate} req/s of a trivial program for {seconds:g} s per scenario, one worker "
+                "(embedded broker)")
+            say(f"{'neighbour':<32} {'p50 ms':>8} {'p99 ms':>8} {'p99 vs alone':>13} {'worker peak MB':>15}  "
+                "neighbour's results")
+            alone_p99 = None
+            for name, (task, task_rate) in SCENARIOS.items():
+                latencies, statuses = await steady(settings, rate, task, task_rate, seconds)
+                p50, p99 = quantile(latencies, 0.5), quantile(latencies, 0.99)
+                alone_p99 = alone_p99 or p99
+                what = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) or "-"
+                say(f"{name:<32} {p50:>8.1f} {p99:>8.1f} {p99 / alone_p99:>12.2f}x {peak_rss_mb(worker.pid):>15.0f}  "
+                    f"{what}")
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per scenario")
+    parser.add_argument("--rate", type=int, default=500, help="victim requests per second")
+    args = parser.parse_args()
+    asyncio.run(run(args.seconds, args.rate))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Many tenants per worker: throughput and memory of one worker as the same traffic is spread over more tasks.
+
+`python -m bench.tenants [--requests N] [--tasks 1,16,100,1000]` starts the embedded broker; for each count it
+publishes the same trivial program for that many tasks, starts one `loopai worker` (sandbox_processes: the count
+and some), sends N requests spread evenly over the tasks twice (the first run starts the tasks' sandbox
+processes, the second is the steady state), and prints requests/s of each run against one task's, with the
+worker's resident memory and its sandbox processes' own (USS: pages no other process shares) and PSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from app.contract.records import TaskSpec, utc_now
+from app.contract.topics import topics_for
+from app.control.plane import ControlPlane
+from app.kafka.client import request_from
+from app.kafka.clients import apply_topics
+from app.settings import Settings
+from bench.__main__ import encode_requests, send_encoded, wait_for_commits
+from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
+
+PROGRAM = "def run(input):\n    return input['n'] % 7\n"
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            kids = [int(k) for k in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """Rss, Pss, Private_Clean + Private_Dirty (USS) of one process, in kB (0 if it is gone)."""
+    values = {"Rss": 0, "Pss": 0, "Uss": 0}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name in ("Rss", "Pss"):
+                values[name] = int(rest.split()[0])
+            elif name in ("Private_Clean", "Private_Dirty"):
+                values["Uss"] += int(rest.split()[0])
+    except (OSError, ValueError):
+        pass
+    return values
+
+
+async def provision(settings: Settings, tasks: list[str]) -> None:
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    async with ControlPlane(settings) as control:
+        for name in tasks:
+            await control.put_task(TaskSpec(name=name, sampling_rate=0.0, updated_at=utc_now()))
+            await control.publish(name, PROGRAM, activate=True)
+
+
+async def one_count(broker: EmbeddedBroker, work: Path, count: int, requests: int) -> list[tuple[float, ...]]:
+    prefix = f"tenants{count}."
+    settings = Settings(bootstrap_servers=broker.bootstrap_servers, topic_prefix=prefix, app_id=f"tenants{count}",
+                        data_dir=work / f"data{count}", web_port=0, sandbox_processes=count + 16,
+                        **EMBEDDED_TIMINGS)
+    tasks = [f"task-{i}" for i in range(count)]
+    await provision(settings, tasks)
+    log_path = work / f"worker{count}.log"
+    env = {**settings.to_env(), "LOOPAI_WORKER_ID": f"tenants-{count}", "PATH": "/usr/bin:/bin"}
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, cwd=work, stdout=log,
+                                  stderr=subprocess.STDOUT)
+    runs = []
+    try:
+        deadline = time.monotonic() + 120
+        while "serving" not in log_path.read_text(errors="replace"):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(log_path.read_text(errors="replace")[-3000:])
+            await asyncio.sleep(0.1)
+        group, done = f"{settings.app_id}-executors", 0
+        for _ in range(2):
+            encoded = encode_requests(settings, [request_from(tasks[i % count], {"n": i}) for i in range(requests)])
+            started = time.monotonic()
+            await send_encoded(settings, encoded)
+            done += requests
+            await wait_for_commits(settings, group, done, 600)
+            seconds = time.monotonic() - started
+            sandboxes = [memory_kb(pid) for pid in descendants(worker.pid)]
+            worker_mb = memory_kb(worker.pid)["Rss"] / 1024
+            runs.append((requests / seconds, worker_mb, sum(m["Uss"] for m in sandboxes) / 1024,
+                         sum(m["Pss"] for m in sandboxes) / 1024, len(sandboxes)))
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    return runs
+
+
+async def run(requests: int, counts: list[int]) -> None:
+    with tempfile.TemporaryDirectory() as work, EmbeddedBroker(log_file=Path(work) / "broker.log") as broker:
+        say(f"{requests} requests spread evenly over N tasks, one worker (embedded broker); each count twice: "
+            "cold (its sandbox processes start), then warm")
+        say(f"{'tasks':>6} {'run':>5} {'req/s':>8} {'vs 1 task':>10} {'worker MB':>10} {'sandbox USS MB':>15} "
+            f"{'sandbox PSS MB':>15} {'processes':>10}")
+        base = None
+        for count in counts:
+            for label, (rate, worker_mb, uss, pss, processes) in zip(("cold", "warm"),
+                                                                       await one_count(broker, Path(work), count,
+                                                                                       requests), strict=True):
+                if label == "warm" and base is None:
+                    base = rate
+                ratio = f"{rate / base:.2f}" if base else "-"
+                say(f"{count:>6} {label:>5} {rate:>8.0f} {ratio:>10} {worker_mb:>10.0f} {uss:>15.1f} {pss:>15.1f} "
+                    f"{processes:>10}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--tasks", default="1,16,100,1000", help="task counts, comma-separated")
+    args = parser.parse_args()
+    asyncio.run(run(args.requests, [int(n) for n in args.tasks.split(",")]))
+
+
+if __name__ == "__main__":
+    main()
