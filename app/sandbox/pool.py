@@ -14,7 +14,7 @@ from operator import itemgetter
 from typing import Any
 
 from app.sandbox.boundary import Boundary, SandboxUnavailable
-from app.sandbox.process import Call, Outcome, SandboxDied, SandboxProcess
+from app.sandbox.process import Call, Outcome, SandboxDied, SandboxProcess, Zygote
 
 __all__ = ["Call", "Emit", "Outcome", "SandboxDied", "SandboxPool", "SandboxProcess", "run_once"]
 
@@ -70,6 +70,7 @@ class SandboxPool:
         self._background_work: set[asyncio.Task[None]] = set()
         self._starting = 0  # spares being started
         self._batches = itertools.count(1)
+        self._zygote = Zygote(boundary)  # forks every process of the pool (restarted if it dies)
         self.protections: dict[str, Any] = {}
         self.replaced = 0  # processes that died or were killed
         self.evicted = 0  # idle processes stopped to make room for another task
@@ -85,7 +86,7 @@ class SandboxPool:
 
     @property
     def pids(self) -> list[int]:
-        """Host pids of the live processes (bubblewrap's, whose death takes the sandbox process with it)."""
+        """Host pids of the live processes."""
         return [p.pid for p in self._all if p.alive and p.pid is not None]
 
     def pids_of(self, task_id: str) -> list[int]:
@@ -330,7 +331,7 @@ class SandboxPool:
         task.add_done_callback(self._background_work.discard)
 
     async def _spawn(self) -> SandboxProcess:
-        process = SandboxProcess(self._boundary)
+        process = SandboxProcess(self._boundary, self._zygote)
         await process.start()
         self._all.add(process)
         return process
@@ -344,6 +345,7 @@ class SandboxPool:
         self._lru.clear()
         self._bound.clear()
         self._bound_total = 0
+        await self._zygote.stop()
 
 
 async def run_once(boundary: Boundary, source: str, value: Any, timeout_s: float) -> Outcome:

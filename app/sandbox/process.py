@@ -1,14 +1,20 @@
-"""One sandbox process and its protocol: calls of one program version go in as a JSON line, answers come back
-in frames; a watchdog on the call's progress page kills it when a call overruns its timeout (exact blame).
+"""Sandbox processes from the worker's side: the zygote that forks them inside the boundary (Zygote), and one
+process and its protocol (SandboxProcess): calls of one program version go in as a JSON line, answers come back in
+frames; a watchdog on the call's progress page kills it when a call overruns its timeout (exact blame).
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
 import logging
 import mmap
 import os
-from collections.abc import Sequence
+import signal
+import socket
+from collections import deque
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -16,11 +22,13 @@ import orjson
 
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.child import MAX_ERROR_CHARS, PROGRESS
+from app.sandbox.zygote import MESSAGE
 
 log = logging.getLogger(__name__)
 
 _GRACE_S = 0.25  # beyond a call's own timeout, before the process is killed from outside
 _START_TIMEOUT_S = 30.0
+_STOP_GRACE_S = 1.0  # for a process to exit once its channel is closed, before it is killed
 _STATUSES = frozenset({"ok", "error", "timeout"})
 _NUMBER = (int, float)
 # A latency is 0 (a program that did not load) or a difference of two readings of a nanosecond clock. Anything
@@ -69,35 +77,278 @@ class SandboxDied(Exception):
         self.timed_out = timed_out  # killed by the watchdog for overrunning that call's timeout
 
 
-class _Protocol(asyncio.SubprocessProtocol):
-    def __init__(self, owner: SandboxProcess) -> None:
-        self._owner = owner
+class Memory(NamedTuple):
+    """A process's memory in bytes (/proc/PID/smaps_rollup): resident, proportional (shared pages divided among the
+    processes sharing them), and its own (unique: pages no other process maps, Private_Clean + Private_Dirty)."""
+
+    rss: int
+    pss: int
+    uss: int
+
+
+def measure_memory(pid: int) -> Memory | None:
+    """The memory of a host process, or None if it is gone (or /proc cannot be read)."""
+    fields: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+            for line in rollup:
+                name, _, rest = line.partition(":")
+                value = rest.split()
+                if len(value) == 2 and value[1] == "kB":
+                    fields[name] = int(value[0]) << 10
+    except (OSError, ValueError):
+        return None
+    if "Rss" not in fields:
+        return None
+    return Memory(fields["Rss"], fields.get("Pss", 0), fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0))
+
+
+def _host_pid(pidfd: int) -> int | None:
+    """The pid, in the worker's pid namespace, of the process a pidfd refers to (None once it has ended)."""
+    try:
+        with open(f"/proc/self/fdinfo/{pidfd}", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("Pid:"):
+                    pid = int(line.split()[1])
+                    return pid if pid > 0 else None
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+class _ZygoteProtocol(asyncio.SubprocessProtocol):
+    def __init__(self, zygote: Zygote) -> None:
+        self._zygote = zygote
+        self.exited = asyncio.get_running_loop().create_future()
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd == 1:
-            self._owner._on_data(data)
-        else:
-            self._owner._on_stderr(data)
+        if len(self._zygote.stderr) < _STDERR_KEPT:
+            self._zygote.stderr += data[: _STDERR_KEPT - len(self._zygote.stderr)]
 
-    def connection_lost(self, exc: Exception | None) -> None:  # process exited and its pipes are drained
-        self._owner._on_lost()
+    def process_exited(self) -> None:
+        self.exited.set_result(None)
+        if self._zygote._protocol is self:  # not a zygote already replaced
+            self._zygote._on_gone("the sandbox zygote exited")
 
 
-class SandboxProcess:
-    """One sandbox process, its pipes and its progress page."""
+class Zygote:
+    """The worker's end of a zygote (app/sandbox/zygote.py), one per pool: starts it inside the boundary, asks it
+    for sandbox processes, hears when they end, and starts it again if it died (its processes die with it)."""
 
     def __init__(self, boundary: Boundary) -> None:
         self._boundary = boundary
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._protocol: _ZygoteProtocol | None = None
+        self._control: socket.socket | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._pending: deque[tuple[asyncio.Future[tuple[int, int]], Callable[[int | None], None]]] = deque()
+        self._children: dict[int, Callable[[int | None], None]] = {}  # pid in the zygote's namespace -> on_exit
+        self._starting = asyncio.Lock()
+        self._pidfd: int | None = None
+        self.stderr = bytearray()
+        self.started = 0  # zygotes started, the first one included
+
+    @property
+    def alive(self) -> bool:
+        return self._control is not None and self._ready is not None and self._ready.done() \
+            and not self._ready.exception()
+
+    @property
+    def pid(self) -> int | None:
+        """The zygote's host pid (for measuring its memory)."""
+        return None if self._pidfd is None else _host_pid(self._pidfd)
+
+    async def start(self) -> None:
+        """Start the zygote unless it runs. Raises SandboxUnavailable (with what to do) if it cannot start."""
+        async with self._starting:
+            if self.alive:
+                return
+            await self._stop()
+            loop = asyncio.get_running_loop()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                argv = self._boundary.command(theirs.fileno())
+            except SandboxUnavailable:
+                ours.close()
+                theirs.close()
+                raise
+            self.stderr.clear()
+            self._ready = ready = loop.create_future()
+            try:
+                ours.setblocking(False)
+                self._control = ours
+                loop.add_reader(ours.fileno(), self._on_control)
+                self._transport, self._protocol = await loop.subprocess_exec(
+                    lambda: _ZygoteProtocol(self), *argv,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE, env=self._boundary.environment(), pass_fds=(theirs.fileno(),),
+                )
+                theirs.close()
+                self.started += 1
+                await asyncio.wait_for(asyncio.shield(ready), _START_TIMEOUT_S)
+            except (OSError, TimeoutError, SandboxUnavailable) as exc:  # it could not start, or died starting
+                theirs.close()
+                await self._stop()
+                detail = self.stderr.decode(errors="replace") or str(exc)
+                raise SandboxUnavailable(self._boundary.explain(detail)) from exc
+
+    async def spawn(self, channel_fd: int, page_fd: int, on_exit: Callable[[int | None], None]) -> tuple[int, int]:
+        """Fork a sandbox process holding `channel_fd` and `page_fd` (the caller closes its copies). Returns its
+        pid in the zygote's namespace and its pidfd (the caller's to close); on_exit(code) is called when it ends
+        (code None: its zygote died, and it with it)."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[tuple[int, int]] = loop.create_future()
+        request = [MESSAGE.pack(b"S", 0, 0)]
+        fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [channel_fd, page_fd]))]
+        while True:
+            control = self._control
+            if control is None:
+                raise SandboxUnavailable("the sandbox zygote exited")
+            try:
+                control.sendmsg(request, fds)
+                break
+            except BlockingIOError:  # the zygote is behind: wait until the control socket takes a message
+                writable = loop.create_future()
+                loop.add_writer(control.fileno(), writable.set_result, None)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(control.fileno())
+            except OSError as exc:
+                self._on_gone(f"the sandbox zygote's control socket failed: {exc}")
+        self._pending.append((answer, on_exit))
+        return await answer
+
+    def _on_control(self) -> None:
+        """Messages from the zygote: ready, a forked child's pid and pidfd (in request order), a child's end."""
+        while self._control is not None:
+            try:
+                message, ancillary, _, _ = self._control.recvmsg(MESSAGE.size, socket.CMSG_SPACE(4))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._on_gone(f"the sandbox zygote's control socket failed: {exc}")
+                return
+            fds = _fds_of(ancillary)
+            if len(message) != MESSAGE.size:
+                for fd in fds:
+                    os.close(fd)
+                self._on_gone("the sandbox zygote exited" if not message else "malformed message from the zygote")
+                return
+            tag, pid, value = MESSAGE.unpack(message)
+            if tag == b"X":
+                on_exit = self._children.pop(pid, None)
+                if on_exit is not None:
+                    on_exit(value)
+            elif tag == b"P" and len(fds) == 1 and self._pending:
+                answer, on_exit = self._pending.popleft()
+                self._children[pid] = on_exit
+                if answer.done():  # its spawn was cancelled: nobody will use it
+                    _pidfd_kill(fds[0])
+                    os.close(fds[0])
+                else:
+                    answer.set_result((pid, fds[0]))
+            elif tag == b"F" and not fds and self._pending:
+                answer, _ = self._pending.popleft()
+                if not answer.done():
+                    answer.set_exception(SandboxUnavailable(f"the sandbox zygote cannot fork: {os.strerror(value)}"))
+            elif tag == b"R" and len(fds) == 1 and self._ready is not None and not self._ready.done():
+                self._pidfd = fds[0]
+                self._ready.set_result(None)
+            else:
+                for fd in fds:
+                    os.close(fd)
+                self._on_gone(f"unexpected message from the zygote: {tag!r}")
+                return
+
+    def _on_gone(self, reason: str) -> None:
+        """The zygote died (or must be taken as dead): every process it forked goes with it."""
+        if self._control is not None:
+            asyncio.get_running_loop().remove_reader(self._control.fileno())
+            self._control.close()
+            self._control = None
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(SandboxUnavailable(reason))
+            self._ready.exception()  # retrieved: start() reports it
+        while self._pending:
+            answer, _ = self._pending.popleft()
+            if not answer.done():
+                answer.set_exception(SandboxUnavailable(reason))
+        children, self._children = self._children, {}
+        for on_exit in children.values():
+            on_exit(None)
+        # Killed through its pidfd: bubblewrap's init exits with it, and everything in its pid namespace. (Not
+        # through the transport: Popen.kill() polls, which can reap the process before asyncio's child watcher.)
+        if self._pidfd is not None:
+            _pidfd_kill(self._pidfd)
+        elif self._transport is not None and self._transport.get_returncode() is None:
+            self._transport.kill()  # it never said it was ready
+
+    async def _stop(self) -> None:
+        self._on_gone("the sandbox zygote was stopped")
+        if self._transport is not None and self._protocol is not None:
+            transport, self._transport = self._transport, None
+            with contextlib.suppress(TimeoutError):  # reaped by asyncio's child watcher, not by close()
+                await asyncio.wait_for(asyncio.shield(self._protocol.exited), _STOP_GRACE_S)
+            transport.close()
+            self._protocol = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def abandon(self) -> None:
+        """Kill the zygote, and with it every process it forked, without waiting (when nothing may be awaited)."""
+        self._on_gone("the sandbox zygote was abandoned")
+
+    async def stop(self) -> None:
+        """Stop the zygote and, with it, every process it forked."""
+        async with self._starting:
+            await self._stop()
+
+
+def _pidfd_kill(pidfd: int) -> None:
+    with contextlib.suppress(OSError):  # it has ended already
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+
+class _Channel(asyncio.Protocol):
+    def __init__(self, owner: SandboxProcess) -> None:
+        self._owner = owner
+
+    def data_received(self, data: bytes) -> None:
+        self._owner._on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:  # the process's end is closed (it exited) and drained
+        self._owner._on_closed()
+
+
+class SandboxProcess:
+    """One sandbox process, forked by a zygote for it alone: its channel, its pidfd and its progress page."""
+
+    def __init__(self, boundary: Boundary, zygote: Zygote | None = None) -> None:
+        self._boundary = boundary
+        # Without a zygote of the caller's, the process has a zygote of its own, stopped with it.
+        self._zygote = zygote if zygote is not None else Zygote(boundary)
+        self._own_zygote = zygote is None
         # Answers are flushed before a line holds more than max_output bytes of outputs and errors; the last one
         # added may bring up to max_output more.
         self._max_line = 2 * boundary.limits.max_output + (1 << 20)
-        self._transport: asyncio.SubprocessTransport | None = None
+        self._transport: asyncio.Transport | None = None
+        self._pidfd: int | None = None
+        self._host_pid: int | None = None
         self._buffer = bytearray()
-        self._stderr = bytearray()
-        self._page_fd = os.memfd_create("loopai-progress", os.MFD_CLOEXEC)
-        os.ftruncate(self._page_fd, PROGRESS.size)
-        self._page = mmap.mmap(self._page_fd, PROGRESS.size)
+        self._page: mmap.mmap | None = None
         self._hello: asyncio.Future[dict[str, Any]] | None = None
+        self._gone: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
         self._results: list[Outcome] = []
         self._expected = 0
@@ -109,6 +360,9 @@ class SandboxProcess:
         self._loading = False
         self._last_check = 0.0
         self._started: dict[int, float] = {}  # call index -> when it started, as far as the worker can tell
+        self._exited = False  # its zygote reaped it (or died, and it with it)
+        self._exit_code: int | None = None
+        self._closed = False  # its channel is closed and drained
         self._lost = False
         self.loaded: set[str] = set()
         self.owner: Owner | None = None  # the task and program version it serves, once taken from the spares
@@ -118,18 +372,39 @@ class SandboxProcess:
         self.protections: dict[str, Any] = {}
 
     async def start(self) -> None:
+        """Have the zygote fork the process, and wait for it to say it is locked down."""
         loop = asyncio.get_running_loop()
         self._hello = loop.create_future()
+        self._gone = loop.create_future()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._transport, _ = await loop.subprocess_exec(
-                lambda: _Protocol(self), *self._boundary.command(self._page_fd),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                env=self._boundary.environment(), pass_fds=(self._page_fd,),
-            )
+            page_fd = os.memfd_create("loopai-progress", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(page_fd, PROGRESS.size)
+                self._page = mmap.mmap(page_fd, PROGRESS.size)
+                _, self._pidfd = await self._zygote.spawn(theirs.fileno(), page_fd, self._on_exit)
+            finally:
+                os.close(page_fd)
+                theirs.close()  # the process holds the only other end now: its end closes when it exits
+            self._host_pid = _host_pid(self._pidfd)
+            self._transport, _ = await loop.create_unix_connection(lambda: _Channel(self), sock=ours)
             self.protections = await asyncio.wait_for(self._hello, _START_TIMEOUT_S)
-        except (SandboxDied, OSError, TimeoutError) as exc:
+        except (SandboxDied, OSError, TimeoutError, SandboxUnavailable) as exc:
+            if self._transport is None:
+                ours.close()
             await self.stop()
-            raise SandboxUnavailable(self._boundary.explain(self._stderr.decode(errors="replace") or str(exc))) from exc
+            if isinstance(exc, SandboxUnavailable):
+                raise
+            detail = self._zygote.stderr.decode(errors="replace") or str(exc)
+            raise SandboxUnavailable(self._boundary.explain(detail)) from exc
+        except BaseException:  # cancelled while starting: nothing may be left running or open
+            self.kill("start cancelled")
+            if self._transport is None:
+                ours.close()
+            self._close()
+            if self._own_zygote:
+                self._zygote.abandon()
+            raise
 
     @property
     def task(self) -> str | None:
@@ -137,11 +412,16 @@ class SandboxProcess:
 
     @property
     def alive(self) -> bool:
-        return self._transport is not None and not self._lost and self._transport.get_returncode() is None
+        return self._transport is not None and not self._lost and not self._exited
 
     @property
     def pid(self) -> int | None:
-        return self._transport.get_pid() if self._transport else None
+        """Its host pid (the process itself: it has no bubblewrap of its own)."""
+        return self._host_pid
+
+    def memory(self) -> Memory | None:
+        """Its memory now (None once it has ended)."""
+        return None if self._host_pid is None or not self.alive else measure_memory(self._host_pid)
 
     async def run(self, batch: int, calls: Sequence[Call]) -> list[Outcome]:
         """Run calls of one program version in order. Raises SandboxDied if the process ends before answering
@@ -171,9 +451,7 @@ class SandboxProcess:
         self._loading = bool(loads)
         self._due = self._progress_at + self._next_due()
         self._watchdog = loop.call_at(self._progress_at + _GRACE_S, self._watch)
-        stdin = self._transport.get_pipe_transport(0)
-        assert isinstance(stdin, asyncio.WriteTransport)
-        stdin.write(line)
+        self._transport.write(line)
         try:
             await self._done
         except SandboxDied as death:
@@ -189,6 +467,7 @@ class SandboxProcess:
         written by untrusted code's process: anything out of range reads as "no call running"."""
         if self._killed_running is not None:
             return self._killed_running
+        assert self._page is not None
         batch, index, started_ns = PROGRESS.unpack_from(self._page, 0)
         if batch != self._batch or not started_ns or not len(self._results) <= index < self._expected:
             return None
@@ -208,6 +487,7 @@ class SandboxProcess:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
+        assert self._page is not None
         page = PROGRESS.unpack_from(self._page, 0)
         index = self._running()
         check_at = min(self._due, now + _GRACE_S)
@@ -232,12 +512,8 @@ class SandboxProcess:
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
             self.kill_reason = reason
-        if self._transport is not None and self._transport.get_returncode() is None:
-            self._transport.kill()
-
-    def _on_stderr(self, data: bytes) -> None:
-        if len(self._stderr) < _STDERR_KEPT:
-            self._stderr += data[: _STDERR_KEPT - len(self._stderr)]
+        if self._pidfd is not None and not self._exited:
+            _pidfd_kill(self._pidfd)
 
     def _on_data(self, data: bytes) -> None:
         self._buffer += data
@@ -302,28 +578,53 @@ class SandboxProcess:
         if len(self._results) == self._expected:
             self._done.set_result(None)
 
+    def _on_exit(self, code: int | None) -> None:
+        """Its zygote reaped it (code None: the zygote died, which kills it too)."""
+        self._exited = True
+        self._exit_code = code
+        if code is None and self._pidfd is not None:
+            _pidfd_kill(self._pidfd)
+        if self._closed or self._transport is None:
+            self._on_lost()
+
+    def _on_closed(self) -> None:
+        """Its channel is closed and everything it wrote has been read."""
+        self._closed = True
+        if self._exited:
+            self._on_lost()
+        elif self._pidfd is not None:  # exiting, or it closed its end and runs on: it serves nobody any more
+            _pidfd_kill(self._pidfd)
+
     def _on_lost(self) -> None:
+        if self._lost:
+            return
         self._lost = True
         if self.kill_reason is None:
-            code = self._transport.get_returncode() if self._transport else None
-            self.kill_reason = f"sandbox process exited (code {code})"
+            code = "its zygote died" if self._exit_code is None else f"code {self._exit_code}"
+            self.kill_reason = f"sandbox process exited ({code})"
         if self._hello is not None and not self._hello.done():
             self._hello.set_exception(SandboxDied(self.kill_reason, [], None, False))
         if self._done is not None and not self._done.done():
             self._done.set_exception(SandboxDied(self.kill_reason, [], None, False))
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
 
     async def stop(self) -> None:
+        """End the process: its channel is closed for writing, and it exits; killed if it has not within 1 s."""
+        if self._transport is not None and self._gone is not None and self.alive:
+            self._transport.write_eof()  # EOF: the process leaves its loop and exits
+            with contextlib.suppress(TimeoutError):  # then it is killed
+                await asyncio.wait_for(asyncio.shield(self._gone), _STOP_GRACE_S)
+        self.kill("stopped")
+        self._close()
+        if self._own_zygote:
+            await self._zygote.stop()
+
+    def _close(self) -> None:
         if self._transport is not None:
-            if self.alive:
-                stdin = self._transport.get_pipe_transport(0)
-                if stdin is not None:
-                    stdin.close()  # EOF: the process leaves its loop and exits
-                for _ in range(50):
-                    if not self.alive:
-                        break
-                    await asyncio.sleep(0.02)
-                self.kill("stopped")
             self._transport.close()
-        if not self._page.closed:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self._page is not None and not self._page.closed:
             self._page.close()
-            os.close(self._page_fd)

@@ -1,19 +1,21 @@
-"""The OS boundary on its own: unrestricted Python, locked down exactly as a sandbox process is, tries what a
-program that got past the static check would try. Every attempt fails, and nothing outside changes. The weak
-(development) isolation is probed too: without namespaces, the rlimits and the seccomp filter alone still deny
-every attempt."""
+"""The OS boundary on its own: unrestricted Python, in a process forked by the zygote and locked down exactly as a
+sandbox process is, tries what a program that got past the static check would try. Every attempt fails, and
+nothing outside changes. The weak (development) isolation is probed too: without namespaces, the rlimits and the
+seccomp filter alone still deny every attempt."""
 
+import asyncio
 import json
 import os
 import resource
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from app.sandbox.boundary import MALLOC_ENVIRONMENT, Boundary, Limits, SandboxUnavailable
 from app.sandbox.pool import SandboxPool
+from app.sandbox.process import Zygote
+from tests.sandbox.probing import Probed, fork_child
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3cret-broker-password"
@@ -21,7 +23,7 @@ LIMITS = (resource.RLIMIT_AS, resource.RLIMIT_FSIZE, resource.RLIMIT_NOFILE, res
 
 PROBE = r"""
 import ctypes, errno, json, os, resource, signal, socket, sys
-marker, port, worker_pid = sys.argv[7], int(sys.argv[8]), int(sys.argv[9])
+marker, port, worker_pid, repo = json.loads(sys.stdin.buffer.readline())
 libc = ctypes.CDLL(None, use_errno=True)
 out = {}
 def attempt(name, fn):
@@ -68,24 +70,33 @@ out["environ"] = dict(os.environ)
 attempt("list a directory", lambda: os.listdir("/"))
 out["visible"] = [path for path in ("/etc/passwd", "/etc", "/tmp", "/home", "/var", "/root/.bashrc", "/run", "/sys")
                   if os.path.exists(path)]
-out["repo visible"] = os.path.exists(sys.argv[10])
+out["repo visible"] = os.path.exists(repo)
 out["proc visible"] = os.path.exists("/proc/1")
 out["compute"] = sum(range(1000))
 os.write(1, json.dumps(out).encode())
 """
 
 
-def run_probe(boundary: Boundary, *args: str) -> dict:
-    page = os.memfd_create("page")
-    os.ftruncate(page, 24)
-    try:
-        argv = boundary.command(page, probe=PROBE)
-        done = subprocess.run([*argv, *args], capture_output=True, timeout=60, pass_fds=(page,),
-                              env={**boundary.environment(), "LOOPAI_SASL_PASSWORD": SECRET})
-    finally:
-        os.close(page)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    return json.loads(done.stdout)
+def run_probe(boundary: Boundary, *args: str | int) -> dict:
+    """Run PROBE in a child of a zygote of `boundary`, given args on its channel; what it found."""
+    async def probe() -> dict:
+        zygote = Zygote(Probed(boundary.limits, boundary.isolation, probe=PROBE,
+                               secret={"LOOPAI_SASL_PASSWORD": SECRET}))
+        try:
+            child = await fork_child(zygote)
+            try:
+                await child.send(json.dumps(args).encode() + b"\n")
+                found = json.loads(await child.read_to_end())
+                assert await asyncio.wait_for(child.exit_code, 20) == 0, zygote.stderr.decode()[-2000:]
+            finally:
+                child.close()
+            assert zygote.pid is not None
+            found["zygote environ"] = Path(f"/proc/{zygote.pid}/environ").read_bytes().decode().split("\0")[:-1]
+            return found
+        finally:
+            await zygote.stop()
+
+    return asyncio.run(probe())
 
 
 def probe_outside(tmp_path_factory: pytest.TempPathFactory, isolation: str) -> dict:
@@ -96,8 +107,7 @@ def probe_outside(tmp_path_factory: pytest.TempPathFactory, isolation: str) -> d
         listener.listen()
         listener.setblocking(False)
         port = listener.getsockname()[1]
-        outcome = run_probe(Boundary(Limits(memory_mb=256), isolation), str(marker), str(port), str(os.getpid()),
-                            str(REPO))
+        outcome = run_probe(Boundary(Limits(memory_mb=256), isolation), str(marker), port, os.getpid(), str(REPO))
         with pytest.raises(BlockingIOError):
             listener.accept()  # nobody connected
     assert not marker.exists()
@@ -132,15 +142,22 @@ def test_escape_is_denied(probe: dict, attempt: str) -> None:
 def test_process_has_nothing_of_the_host(strict_probe: dict) -> None:
     probe = strict_probe
     assert probe["uid"] == 65534
-    # Nothing of the worker's environment (no credentials): only what bubblewrap and Python set themselves, and
-    # the allocator's tuning.
-    assert probe["environ"] == {"PWD": "/", "LC_CTYPE": "C.UTF-8", **MALLOC_ENVIRONMENT}
+    # The zygote, and so every process it forks, starts with nothing of the worker's environment: only what
+    # bubblewrap sets itself and the allocator's tuning (which a forked process then clears).
+    assert sorted(probe["zygote environ"]) == sorted(["PWD=/", *(f"{name}={value}" for name, value in
+                                                                 MALLOC_ENVIRONMENT.items())])
     assert SECRET not in json.dumps(probe)
     assert probe["visible"] == []  # no /etc, /tmp, /home, /sys, nothing of root's home but the Python install
     assert probe["repo visible"] is False
     assert probe["proc visible"] is False
     assert probe["compute"] == sum(range(1000))
     assert os.getpid() > 0 and not Path("/tmp/escape").exists()
+
+
+def test_process_has_no_environment(probe: dict) -> None:
+    """Nothing of the worker's environment (no credentials), in either isolation: bubblewrap clears the zygote's,
+    and a forked process clears what is left (the allocator's tuning, which the zygote's allocator has read)."""
+    assert probe["environ"] == {}
 
 
 def test_worker_keeps_its_limits(probe: dict) -> None:

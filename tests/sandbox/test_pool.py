@@ -165,8 +165,8 @@ async def test_large_outputs_in_one_batch_all_arrive(pool: SandboxPool) -> None:
 class Scripted(Boundary):
     script: str = ""
 
-    def command(self, progress_fd: int, probe: str | None = None) -> list[str]:
-        return super().command(progress_fd, probe=self.script)
+    def command(self, control_fd: int, probe: str | None = None) -> list[str]:
+        return super().command(control_fd, probe=self.script)
 
 
 HANDSHAKE = (
