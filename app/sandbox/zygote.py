@@ -30,6 +30,7 @@ MESSAGE = struct.Struct("=cii")  # tag, pid, value
 _PR_SET_PDEATHSIG = 1
 _FDS = struct.Struct("ii")  # the two fds a request carries
 _libc = ctypes.CDLL(None, use_errno=True)
+_NICENESS = 10
 
 
 def die_with_parent(parent: int) -> None:
@@ -54,6 +55,9 @@ def main(probe: str | None = None) -> None:
     wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # a handler, so that the wakeup fd is written
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    # Every child inherits this: under contention for the cores the worker (its hot path of every task) runs
+    # first, and a program that spins takes CPU from the other programs, not from the worker.
+    os.nice(_NICENESS)
     gc.collect()
     gc.freeze()  # what is loaded now stays out of the collector: children keep sharing its pages
     _send(control, MESSAGE.pack(b"R", zygote, 0), os.pidfd_open(zygote))  # its own pidfd: the worker measures it
