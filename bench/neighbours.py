@@ -1,10 +1,11 @@
 """Tenants apart: a victim task's request->result latency with and without a hostile neighbour on the same worker.
 
-`python -m bench.neighbours [--seconds S] [--rate R]` starts the embedded broker and one `loopai worker`, then,
-for each scenario, sends the victim's requests at a steady rate (and the neighbour's beside them) and prints the
-victim's p50/p99 against its run alone, the worker's peak resident memory, and the neighbour's outcomes. The
-neighbours are an LLM's ordinary mistakes: a loop that swallows its timer, a spinning finaliser hung on the
-input, megabyte outputs. Ratios are within one run; nothing is asserted here.
+`python -m bench.neighbours [--seconds S] [--rate R] [--rounds N]` starts the embedded broker and one `loopai
+worker`, then, round by round, for each scenario sends the victim's requests at a steady rate (and the neighbour's
+beside them) and prints the victim's p50/p99 against its runs alone (medians of the rounds), the worker's peak
+resident memory, and the neighbour's outcomes. The neighbours are an LLM's ordinary mistakes: a loop that swallows
+its timer, a spinning finaliser hung on the input, megabyte outputs. Ratios are within one run; nothing is
+asserted here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from app.contract.codecs import codec_for
 from app.contract.records import ExecutionRequest, TaskSpec, utc_now
@@ -36,8 +38,10 @@ SCENARIOS = {  # neighbour task -> its requests per second beside the victim
     "alone": ("", 0),
     "spinning (swallows its timer)": ("spin", 20),
     "spinning finaliser": ("finaliser", 20),
-    "1 MB outputs": ("huge", 20),
+    "1 MB outputs": ("huge-outputs", 20),
 }
+# Each neighbour hashes to a partition other than the victim's (5 of 6): tasks that share a partition share its log,
+# so a client reading the victim's results would read the neighbour's megabytes first, whatever the worker does.
 
 
 def say(text: str) -> None:
@@ -47,7 +51,7 @@ def say(text: str) -> None:
 async def provision(settings: Settings) -> None:
     await apply_topics(settings, topics_for(settings.topic_prefix))
     async with ControlPlane(settings) as control:
-        for name, source in {"victim": VICTIM, "spin": SPIN, "finaliser": FINALISER, "huge": HUGE}.items():
+        for name, source in {"victim": VICTIM, "spin": SPIN, "finaliser": FINALISER, "huge-outputs": HUGE}.items():
             await control.put_task(TaskSpec(name=name, updated_at=utc_now()))
             await control.publish(name, source, activate=True)
 
@@ -59,30 +63,21 @@ async def steady(settings: Settings, rate: int, neighbour: str, neighbour_rate: 
     topics = topics_for(settings.topic_prefix)
     encode = codec_for(ExecutionRequest, settings, topics.execution_requests).encode
     results = topics.execution_results
-    consumer = make_consumer(settings, fetch_max_wait_ms=settings.executor_fetch_max_wait_ms)
-    await consumer.start()
-    tps = [TopicPartition(results.name, p) for p in range(results.partitions)]
-    consumer.assign(tps)
-    await consumer.seek_to_end(*tps)
-    for tp in tps:
-        await consumer.position(tp)
+    # The victim's client reads the victim's partition only; the neighbour's results are counted afterwards, so
+    # that reading its megabytes costs this process nothing while the victim is timed.
+    consumer = await _reader(settings, partition_for(b"victim", results.partitions))
     sent_at: dict[str, float] = {}
     theirs: set[str] = set()
     latencies: list[float] = []
-    statuses: Counter[str] = Counter()
 
     async def receive() -> None:
         while True:
             for messages in (await consumer.getmany(timeout_ms=100)).values():
                 now = time.perf_counter()
                 for message in messages:
-                    result = orjson.loads(message.value)
-                    request_id = result["request_id"]
+                    request_id = orjson.loads(message.value)["request_id"]
                     if request_id in sent_at:
                         latencies.append((now - sent_at.pop(request_id)) * 1000)
-                    elif request_id in theirs:
-                        theirs.discard(request_id)
-                        statuses[result["status"]] += 1
 
     receiver = asyncio.ensure_future(receive())
     producer = make_producer(settings)
@@ -106,7 +101,7 @@ async def steady(settings: Settings, rate: int, neighbour: str, neighbour_rate: 
                                     partition=partition_for(key, partitions))
             await asyncio.sleep(max(0.0, started + (tick + 1) * 0.01 - time.perf_counter()))
         deadline = time.monotonic() + 120
-        while (sent_at or theirs) and time.monotonic() < deadline:
+        while sent_at and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
     finally:
         await producer.stop()
@@ -116,7 +111,35 @@ async def steady(settings: Settings, rate: int, neighbour: str, neighbour_rate: 
         await consumer.stop()
     if sent_at:
         say(f"    {len(sent_at)} victim requests without a result after 120 s")
+    statuses: Counter[str] = Counter()
+    if neighbour:
+        reader = await _reader(settings, partition_for(neighbour.encode(), results.partitions), from_start=True)
+        deadline = time.monotonic() + 120
+        try:
+            while theirs and time.monotonic() < deadline:
+                for messages in (await reader.getmany(timeout_ms=100)).values():
+                    for message in messages:
+                        result = orjson.loads(message.value)
+                        if result["request_id"] in theirs:
+                            theirs.discard(result["request_id"])
+                            statuses[result["status"]] += 1
+        finally:
+            await reader.stop()
     return latencies, statuses
+
+
+async def _reader(settings: Settings, partition: int, from_start: bool = False) -> AIOKafkaConsumer:
+    """A consumer of one partition of execution-results, at its end (or its start)."""
+    consumer = make_consumer(settings, fetch_max_wait_ms=settings.executor_fetch_max_wait_ms)
+    await consumer.start()
+    tp = TopicPartition(topics_for(settings.topic_prefix).execution_results.name, partition)
+    consumer.assign([tp])
+    if from_start:
+        await consumer.seek_to_beginning(tp)
+    else:
+        await consumer.seek_to_end(tp)
+    await consumer.position(tp)
+    return consumer
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -131,7 +154,7 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def run(seconds: float, rate: int) -> None:
+async def run(seconds: float, rate: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as work, EmbeddedBroker(log_file=Path(work) / "broker.log") as broker:
         settings = Settings(bootstrap_servers=broker.bootstrap_servers, topic_prefix="neighbours.",
                             app_id="neighbours", data_dir=Path(work) / "data", web_port=0, **EMBEDDED_TIMINGS)
@@ -149,17 +172,25 @@ async def run(seconds: float, rate: int) -> None:
                 await asyncio.sleep(0.1)
             await steady(settings, rate, "", 0, 1.0)  # warm: the victim's sandbox process is started
             say(f"victim: {rate} req/s of a trivial program for {seconds:g} s per scenario, one worker "
-                "(embedded broker)")
-            say(f"{'neighbour':<32} {'p50 ms':>8} {'p99 ms':>8} {'p99 vs alone':>13} {'worker peak MB':>15}  "
-                "neighbour's results")
-            alone_p99 = None
-            for name, (task, task_rate) in SCENARIOS.items():
-                latencies, statuses = await steady(settings, rate, task, task_rate, seconds)
-                p50, p99 = quantile(latencies, 0.5), quantile(latencies, 0.99)
-                alone_p99 = alone_p99 or p99
-                what = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) or "-"
-                say(f"{name:<32} {p50:>8.1f} {p99:>8.1f} {p99 / alone_p99:>12.2f}x {peak_rss_mb(worker.pid):>15.0f}  "
-                    f"{what}")
+                f"(embedded broker); {rounds} rounds, scenarios interleaved, medians of the rounds' figures")
+            figures: dict[str, list[tuple[float, float, Counter[str]]]] = {name: [] for name in SCENARIOS}
+            for _ in range(rounds):
+                for name, (task, task_rate) in SCENARIOS.items():
+                    latencies, statuses = await steady(settings, rate, task, task_rate, seconds)
+                    figures[name].append((quantile(latencies, 0.5), quantile(latencies, 0.99), statuses))
+                    if task:  # its budget starts afresh each round (a spinning task is suspended after 10)
+                        async with ControlPlane(settings) as control:
+                            await control.resume(task)
+            say(f"{'neighbour':<32} {'p50 ms':>8} {'p99 ms':>8} {'p99 vs alone':>13}  p99 of each round; "
+                "the neighbour's results (last round)")
+            alone_p99 = statistics.median(p99 for _, p99, _ in figures["alone"])
+            for name, runs in figures.items():
+                p50 = statistics.median(p50 for p50, _, _ in runs)
+                p99 = statistics.median(p99 for _, p99, _ in runs)
+                what = ", ".join(f"{count} {status}" for status, count in sorted(runs[-1][2].items())) or "-"
+                rounds_p99 = " ".join(f"{p99:.0f}" for _, p99, _ in runs)
+                say(f"{name:<32} {p50:>8.1f} {p99:>8.1f} {p99 / alone_p99:>12.2f}x  [{rounds_p99}]; {what}")
+            say(f"worker peak resident memory: {peak_rss_mb(worker.pid):.0f} MB")
         finally:
             worker.terminate()
             try:
@@ -167,14 +198,18 @@ async def run(seconds: float, rate: int) -> None:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+            late = [line for line in log_path.read_text(errors="replace").splitlines() if "ran at most" in line]
+            if late:
+                say("worker: " + late[-1].split("] ", 3)[-1].strip())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per scenario")
     parser.add_argument("--rate", type=int, default=500, help="victim requests per second")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    asyncio.run(run(args.seconds, args.rate))
+    asyncio.run(run(args.seconds, args.rate, args.rounds))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 # waits for this worker meanwhile. What is not done by then is redone by the next owner (duplicates, no loss).
 _REVOKE_WAIT_S = 3.0
 _STOP_WAIT_S = 30.0
+_BULK_BYTES = 256 << 10  # a chunk's outputs (counted twice) past this go out through the bulk lane
 Pending = tuple[ExecutionRequest, Runnable, Message]
 
 
@@ -66,6 +67,21 @@ class _Outgoing:
         self.marks: list[Mark] = []
         self.output_bytes = 0
         self.by_task: dict[str, int] = {}
+
+
+class _Lane:
+    """One way out for results: a producer (its own broker connections) and the deliveries on it. Chunks of large
+    outputs take the bulk lane, so a task's megabytes never queue ahead of another task's small results in the
+    one produce request a connection has in flight."""
+
+    __slots__ = ("delivering", "flush_due", "outgoing", "producer", "writer")
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+        self.writer: OutcomeWriter
+        self.outgoing = _Outgoing()
+        self.delivering = 0  # deliveries on their way
+        self.flush_due = False
 
 
 class _CommitOnRevoke(ConsumerRebalanceListener):
@@ -109,9 +125,8 @@ class ExecuteRequests:
         self._output_waiters: list[asyncio.Future[None]] = []  # chunks waiting for outputs to be delivered
         self._changed = asyncio.Condition()  # notified whenever answers are acknowledged
         self._answered = asyncio.Event()  # set whenever answers are acknowledged, cleared by the committer
-        self._outgoing = _Outgoing()
-        self._flush_due = False
-        self._delivering = 0  # deliveries on their way
+        self._lane: _Lane  # results, rejections, dead letters
+        self._bulk: _Lane  # results of chunks whose outputs pass _BULK_BYTES
         self._max_deliveries = settings.executor_max_inflight_batches
         self._delivered: list[dict[str, Any]] = []  # results acknowledged since the last commit: its partials
         self._commit_lock = asyncio.Lock()
@@ -137,8 +152,14 @@ class ExecuteRequests:
         self._producer = make_producer(settings)
         self._consumer = make_consumer(settings, group_id=f"{settings.app_id}-executors",
                                        fetch_max_wait_ms=settings.executor_fetch_max_wait_ms, **settings.group_args())
+        self._bulk = _Lane(make_producer(settings))
+        await self._bulk.producer.start()
+        self._bulk.writer = OutcomeWriter(settings, self._topics, self._bulk.producer)
+        await self._bulk.writer.start()
         self._writer = await start_answering(self._consumer, self._producer, settings, self._topics,
                                              self._topics.execution_requests.name, _CommitOnRevoke(self))
+        self._lane = _Lane(self._producer)
+        self._lane.writer = self._writer
         self._tasks = [asyncio.ensure_future(self._fetch()), asyncio.ensure_future(self._commit_often())]
 
     def fail(self, reason: str) -> None:
@@ -164,7 +185,9 @@ class ExecuteRequests:
             for task in [*self._tasks, *self._work]:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        await stop_clients(getattr(self, "_consumer", None), getattr(self, "_producer", None))
+        bulk = getattr(self, "_bulk", None)
+        await stop_clients(getattr(self, "_consumer", None), getattr(self, "_producer", None),
+                           bulk.producer if bulk is not None else None)
 
     async def drain(self) -> None:
         """Wait until every request fetched so far is answered and committed."""
@@ -214,7 +237,7 @@ class ExecuteRequests:
         """Decode and resolve a fetch's requests: refusals and dead letters go out at once, the rest to the
         sandbox pool, whose outcomes go out task by task as they come."""
         now = utc_now()
-        out = self._outgoing
+        out = self._lane.outgoing
         pending: list[Pending] = []
         marks: list[Mark] = []
         decode, worker_id = self._requests.decode, self._settings.worker_id
@@ -252,7 +275,7 @@ class ExecuteRequests:
                     log.exception("request at %s:%d failed", message.topic, message.offset)
                     out.letters.append(self._dead_letter(message, f"internal error: {exc}", type(exc).__name__))
                     out.marks.append(mark)
-        self._flush_soon()
+        self._flush_soon(self._lane)
         if pending:
             self._spawn(self._execute(pending, marks))
         self._update_room()
@@ -262,10 +285,10 @@ class ExecuteRequests:
         fields = self._requests.loose(message.value) or {}
         request_id, task_id = fields.get("request_id"), fields.get("task_id")
         if isinstance(request_id, str) and request_id and isinstance(task_id, str) and task_id:
-            self._outgoing.results.append((rejected_fields(task_id, request_id, str(error), now,
+            self._lane.outgoing.results.append((rejected_fields(task_id, request_id, str(error), now,
                                                            self._settings.worker_id), message))
         else:
-            self._outgoing.letters.append(self._dead_letter(message, str(error), "DecodeError"))
+            self._lane.outgoing.letters.append(self._dead_letter(message, str(error), "DecodeError"))
 
     async def _execute(self, pending: list[Pending], marks: list[Mark]) -> None:
         """Run a fetch's calls; each chunk's outcomes are answered as it ends. If the pool fails as a whole, the
@@ -295,40 +318,41 @@ class ExecuteRequests:
     def _answer(self, pending: Sequence[Pending], outcomes: Sequence[Outcome | Exception],
                 marks: list[Mark]) -> None:
         """Assemble results for outcomes just in from the sandbox and queue them to go out."""
-        out = self._outgoing
-        executed_results(pending, outcomes, utc_now(), self.assembler, out.results, out.letters, out.validations)
-        out.marks += marks
         # An output is held twice until acknowledged: as the sandbox wrote it, and encoded in its result.
         size = 2 * sum(len(o.output_json) for o in outcomes if type(o) is Outcome and o.output_json is not None)
+        lane = self._bulk if size > _BULK_BYTES else self._lane
+        out = lane.outgoing
+        executed_results(pending, outcomes, utc_now(), self.assembler, out.results, out.letters, out.validations)
+        out.marks += marks
         if size:
             task_id = pending[0][0].task_id  # a chunk is one task's
             out.output_bytes += size
             out.by_task[task_id] = out.by_task.get(task_id, 0) + size
             self._held_by_task[task_id] = self._held_by_task.get(task_id, 0) + size
             self._held_bytes += size
-        self._flush_soon()
+        self._flush_soon(lane)
         self._update_room()
 
-    def _flush_soon(self) -> None:
-        if not self._flush_due and self._outgoing.marks:
-            self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    def _flush_soon(self, lane: _Lane) -> None:
+        if not lane.flush_due and lane.outgoing.marks:
+            lane.flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush, lane)
 
-    def _flush(self) -> None:
+    def _flush(self, lane: _Lane) -> None:
         """Send what was gathered, as one delivery, unless executor_max_inflight_batches deliveries are on their
         way: then it goes with the next one that ends (aiokafka holds one batch per partition; hundreds of small
         deliveries would queue there one round trip each)."""
-        self._flush_due = False
-        if self._outgoing.marks and self._delivering < self._max_deliveries:
-            out, self._outgoing = self._outgoing, _Outgoing()
-            self._delivering += 1
-            self._spawn(self._deliver(out))
+        lane.flush_due = False
+        if lane.outgoing.marks and lane.delivering < self._max_deliveries:
+            out, lane.outgoing = lane.outgoing, _Outgoing()
+            lane.delivering += 1
+            self._spawn(self._deliver(lane, out))
 
-    async def _deliver(self, out: _Outgoing) -> None:
+    async def _deliver(self, lane: _Lane, out: _Outgoing) -> None:
         """Deliver answers (validation requests need not wait for the results' acks), then count them done."""
         try:
             (sent_results, sent_letters), _ = await asyncio.gather(
-                self._writer.write(out.results, out.letters), self._writer.write_validations(out.validations))
+                lane.writer.write(out.results, out.letters), lane.writer.write_validations(out.validations))
         except Undeliverable as exc:
             self.fail(str(exc))
             return
@@ -345,8 +369,8 @@ class ExecuteRequests:
                 else:
                     del self._held_by_task[task_id]
             self._in_flight -= len(out.marks)
-            self._delivering -= 1
-            self._flush_soon()
+            lane.delivering -= 1
+            self._flush_soon(lane)
             self._update_room()
         for segment, index in out.marks:
             segment.complete(index)
