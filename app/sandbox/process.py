@@ -152,6 +152,7 @@ class Zygote:
         self._pending: deque[tuple[asyncio.Future[tuple[int, int]], Callable[[int | None], None]]] = deque()
         self._children: dict[int, Callable[[int | None], None]] = {}  # pid in the zygote's namespace -> on_exit
         self._starting = asyncio.Lock()
+        self._sending = asyncio.Lock()
         self._pidfd: int | None = None
         self.stderr = bytearray()
         self.started = 0  # zygotes started, the first one included
@@ -209,23 +210,26 @@ class Zygote:
         answer: asyncio.Future[tuple[int, int]] = loop.create_future()
         request = [MESSAGE.pack(b"S", 0, 0)]
         fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [channel_fd, page_fd]))]
-        while True:
-            control = self._control
-            if control is None:
-                raise SandboxUnavailable("the sandbox zygote exited")
-            try:
-                control.sendmsg(request, fds)
-                break
-            except BlockingIOError:  # the zygote is behind: wait until the control socket takes a message
-                writable = loop.create_future()
-                loop.add_writer(control.fileno(), writable.set_result, None)
+        # One sender at a time: a socket has one writer callback in the event loop, so concurrent spawns waiting
+        # for it to take a message would replace each other's and wait for ever (seen with 300 at once).
+        async with self._sending:
+            while True:
+                control = self._control
+                if control is None:
+                    raise SandboxUnavailable("the sandbox zygote exited")
                 try:
-                    await writable
-                finally:
-                    loop.remove_writer(control.fileno())
-            except OSError as exc:
-                self._on_gone(f"the sandbox zygote's control socket failed: {exc}")
-        self._pending.append((answer, on_exit))
+                    control.sendmsg(request, fds)
+                    break
+                except BlockingIOError:  # the zygote is behind: wait until the control socket takes a message
+                    writable = loop.create_future()
+                    loop.add_writer(control.fileno(), writable.set_result, None)
+                    try:
+                        await writable
+                    finally:
+                        loop.remove_writer(control.fileno())
+                except OSError as exc:
+                    self._on_gone(f"the sandbox zygote's control socket failed: {exc}")
+            self._pending.append((answer, on_exit))
         return await answer
 
     def _on_control(self) -> None:

@@ -323,3 +323,17 @@ async def test_a_process_never_runs_a_second_version_of_its_task() -> None:
     finally:
         await pool.stop()
     assert (judged[0].output, judge.output, again.output) == (["t-v2"], ["t-v1"], ["t-v2"])
+
+
+async def test_hundreds_of_processes_start_at_once() -> None:
+    """Many tasks' first calls in one batch: their processes are forked by the zygote concurrently, each its own."""
+    tasks = 400
+    pool = SandboxPool(Boundary(Limits(memory_mb=256)), tasks + 8, spares=0)
+    await pool.start()
+    try:
+        calls = [Call(f"t{i}", "v1", "def run(input):\n    return input['i']\n", 1.0, {"i": i}) for i in range(tasks)]
+        outcomes = await asyncio.wait_for(pool.run(calls), 60)
+        assert [o.output for o in outcomes] == list(range(tasks))
+        assert len(set(pool.pids)) >= tasks
+    finally:
+        await pool.stop()
