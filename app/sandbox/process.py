@@ -151,8 +151,8 @@ class Zygote:
         self._ready: asyncio.Future[None] | None = None
         self._pending: deque[tuple[asyncio.Future[tuple[int, int]], Callable[[int | None], None]]] = deque()
         self._children: dict[int, Callable[[int | None], None]] = {}  # pid in the zygote's namespace -> on_exit
+        self._writable: asyncio.Future[None] | None = None
         self._starting = asyncio.Lock()
-        self._sending = asyncio.Lock()
         self._pidfd: int | None = None
         self.stderr = bytearray()
         self.started = 0  # zygotes started, the first one included
@@ -210,27 +210,34 @@ class Zygote:
         answer: asyncio.Future[tuple[int, int]] = loop.create_future()
         request = [MESSAGE.pack(b"S", 0, 0)]
         fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [channel_fd, page_fd]))]
-        # One sender at a time: a socket has one writer callback in the event loop, so concurrent spawns waiting
-        # for it to take a message would replace each other's and wait for ever (seen with 300 at once).
-        async with self._sending:
-            while True:
-                control = self._control
-                if control is None:
-                    raise SandboxUnavailable("the sandbox zygote exited")
-                try:
-                    control.sendmsg(request, fds)
-                    break
-                except BlockingIOError:  # the zygote is behind: wait until the control socket takes a message
-                    writable = loop.create_future()
-                    loop.add_writer(control.fileno(), writable.set_result, None)
-                    try:
-                        await writable
-                    finally:
-                        loop.remove_writer(control.fileno())
-                except OSError as exc:
-                    self._on_gone(f"the sandbox zygote's control socket failed: {exc}")
-            self._pending.append((answer, on_exit))
+        while True:
+            control = self._control
+            if control is None:
+                raise SandboxUnavailable("the sandbox zygote exited")
+            try:
+                control.sendmsg(request, fds)
+                break
+            except BlockingIOError:  # the zygote is behind (it queues 10 requests at most): wait for room
+                await asyncio.shield(self._room(control))
+            except OSError as exc:
+                self._on_gone(f"the sandbox zygote's control socket failed: {exc}")
+        self._pending.append((answer, on_exit))
         return await answer
+
+    def _room(self, control: socket.socket) -> asyncio.Future[None]:
+        """Done when the control socket takes a message again (or is gone). One future for every request that
+        waits: the loop keeps one writer callback per fd, so each waiter adding its own would drop the others'."""
+        if self._writable is None or self._writable.done():
+            loop = asyncio.get_running_loop()
+            self._writable = writable = loop.create_future()
+
+            def ready() -> None:
+                loop.remove_writer(control.fileno())
+                if not writable.done():
+                    writable.set_result(None)
+
+            loop.add_writer(control.fileno(), ready)
+        return self._writable
 
     def _on_control(self) -> None:
         """Messages from the zygote: ready, a forked child's pid and pidfd (in request order), a child's end."""
@@ -278,8 +285,11 @@ class Zygote:
         """The zygote died (or must be taken as dead): every process it forked goes with it."""
         if self._control is not None:
             asyncio.get_running_loop().remove_reader(self._control.fileno())
+            asyncio.get_running_loop().remove_writer(self._control.fileno())
             self._control.close()
             self._control = None
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)  # its waiters find the control socket gone
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(SandboxUnavailable(reason))
             self._ready.exception()  # retrieved: start() reports it

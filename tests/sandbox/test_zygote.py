@@ -355,3 +355,28 @@ async def test_a_start_cancelled_leaves_no_process_behind() -> None:
         assert process.kill_reason == "start cancelled" and not process.alive
     finally:
         await zygote.stop()
+
+
+async def test_starts_queued_behind_a_stalled_zygote_all_go_through() -> None:
+    """The zygote's control socket queues what its send buffer holds (278 requests by default; here a dozen or
+    so); with the zygote stopped, the rest wait for room. Every one of them must start once it reads again, not
+    only the last to wait."""
+    zygote = Zygote(Boundary(Limits(memory_mb=256)))
+    await zygote.start()
+    assert zygote._control is not None
+    zygote._control.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    processes = [SandboxProcess(zygote._boundary, zygote) for _ in range(40)]
+    assert zygote.pid is not None
+    os.kill(zygote.pid, signal.SIGSTOP)
+    try:
+        starting = asyncio.gather(*(p.start() for p in processes))
+        await wait_for(lambda: zygote._writable is not None and not zygote._writable.done(),
+                       what="requests waiting for room")
+    finally:
+        os.kill(zygote.pid, signal.SIGCONT)
+    try:
+        await asyncio.wait_for(starting, 30)
+        assert all(p.alive for p in processes) and len({p.pid for p in processes}) == 40
+    finally:
+        await asyncio.gather(*(p.stop() for p in processes))
+        await zygote.stop()
