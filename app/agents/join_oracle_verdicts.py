@@ -20,6 +20,7 @@ from app.contract.records import OracleVerdict, StatsPartial, Validation, Valida
 from app.contract.topics import Topics
 from app.domain.daily_stats import summarise_validations
 from app.domain.validation import ValidationFields, unvalidated, validated
+from app.kafka.clients import partition_for
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,11 @@ class JoinOracleVerdicts:
         self._verdicts = codec_for(OracleVerdict, settings, topics.oracle_verdicts)
         self._stored_verdicts = json_codec(OracleVerdict)
         self._validations = codec_for(Validation, settings, topics.validations)
+        self._app = app
         self._requests_topic = topics.oracle_requests.name
+        self._partitions = topics.oracle_requests.partitions
+        self._owned: set[int] = set()  # partitions of the source topics served here, as of rebalance _owned_at
+        self._owned_at = -1
         self._validations_topic = raw_topic(app, topics.validations)
         self._windows = settings.daily_windows()
         self._partials = codec_for(StatsPartial, settings, topics.stats_partials)
@@ -96,20 +101,44 @@ class JoinOracleVerdicts:
 
     async def _validate(self, key: bytes, request: ValidationRequest, verdict: OracleVerdict) -> None:
         await self._send(validated(request, verdict.output, utc_now()))
-        del self.pending[key]
+        self.pending.pop(key, None)  # a rebalance at the await may have taken the key away
 
     async def _expire(self) -> None:
+        """Expire what waited past its deadline, one key at a time: a key's failure is logged and the sweep goes
+        on (the next sweep tries it again). Partitions move at any await, so each key is checked afresh."""
         now = time.time()
         for key, waiting in list(self.pending.items()):
-            if waiting["deadline"] <= now:
-                if "request" in waiting:
-                    request = self._stored.decode(waiting["request"].encode())
-                    await self._send(unvalidated(request, ValidationStatus.EXPIRED,
-                                                 f"no verdict within {request.oracle.timeout_s:g} s", utc_now()))
-                else:
-                    log.warning("verdict for %s dropped: no request for it within %g s (answered already, or "
-                                "expired)", key.decode(errors="replace"), _EARLY_VERDICT_KEPT_S)
-                del self.pending[key]
+            if self._app.rebalancing:
+                return  # partitions are moving, or the table is being read back: the next sweep goes on
+            try:
+                await self._expire_one(key, waiting, now)
+            except Exception:
+                log.exception("expiry of %s failed; the next sweep tries again", key.decode(errors="replace"))
+
+    async def _expire_one(self, key: bytes, waiting: dict[str, Any], now: float) -> None:
+        if not self._owns(key):
+            # Left here by a partition that moved away: its new owner read the entry back from the changelog
+            # and decides it. Forgotten here only (no tombstone), or both owners would expire it.
+            self.pending.data.pop(key, None)
+            return
+        if waiting["deadline"] > now or self.pending.get(key) != waiting:
+            return  # not due; or answered at an await of this sweep
+        if "request" in waiting:
+            request = self._stored.decode(waiting["request"].encode())
+            await self._send(unvalidated(request, ValidationStatus.EXPIRED,
+                                         f"no verdict within {request.oracle.timeout_s:g} s", utc_now()))
+        else:
+            log.warning("verdict for %s dropped: no request for it within %g s (answered already, or "
+                        "expired)", key.decode(errors="replace"), _EARLY_VERDICT_KEPT_S)
+        self.pending.pop(key, None)
+
+    def _owns(self, key: bytes) -> bool:
+        """Whether this worker serves the key's partition now (the table is keyed like the source topics)."""
+        if self._owned_at != self._app.rebalancing_count:
+            self._owned = {tp.partition for tp in self._app.assignor.assigned_actives()
+                           if tp.topic == self._requests_topic}
+            self._owned_at = self._app.rebalancing_count
+        return partition_for(key, self._partitions) in self._owned
 
     async def _send(self, record: ValidationFields) -> None:
         """The validation, then its daily-stats partial (what the analytics and canary agents count)."""

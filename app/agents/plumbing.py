@@ -3,6 +3,7 @@ codec itself, so bad bytes become dead letters rather than a stopped stream) and
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import faust
@@ -11,6 +12,8 @@ from app.contract.codecs import codec_for
 from app.contract.records import DeadLetter, utc_now
 from app.contract.topics import Topics, TopicSpec
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def raw_topic(app: faust.App, *specs: TopicSpec) -> Any:
@@ -29,6 +32,16 @@ class EventDeadLetters:
         self._topic = raw_topic(app, topics.dead_letters)
 
     async def send(self, event: Any, reason: str, error_type: str) -> None:
+        """Send it; one that cannot be sent is logged with its source and the reason, and the stream goes on (a
+        faust agent that raises stops serving its partitions)."""
+        message = event.message
+        try:
+            await self._send(event, reason, error_type)
+        except Exception:
+            log.exception("dead letter of %s:%d:%d not sent (reason: %s)", message.topic, message.partition,
+                          message.offset, reason)
+
+    async def _send(self, event: Any, reason: str, error_type: str) -> None:
         message = event.message
         letter = DeadLetter(
             reason=reason, error_type=error_type, source_topic=message.topic, source_partition=message.partition,

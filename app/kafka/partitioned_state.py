@@ -28,6 +28,10 @@ V = TypeVar("V")
 Send: TypeAlias = Callable[[str, bytes, "bytes | None", int], Awaitable[Any]]
 
 
+class NotOwned(KeyError):
+    """The partition is not owned here (any more): another worker serves it."""
+
+
 class PartitionedState(Generic[V]):
     """Values by key for the partitions this process owns. A value lives in the changelog partition of the
     same number as the source partition it belongs to, so an owner reads back exactly its own."""
@@ -54,7 +58,7 @@ class PartitionedState(Generic[V]):
             recovery = self._recoveries.pop(partition, None)
             if recovery is not None:
                 recovery.cancel()
-            del self._ready[partition]
+            self._ready.pop(partition).set()  # wakes those waiting for it: values_of() tells them it is gone
             self._values.pop(partition, None)
         for partition in wanted - set(self._ready):
             self._ready[partition] = asyncio.Event()
@@ -65,9 +69,16 @@ class PartitionedState(Generic[V]):
         self.assign(set(self._ready) - set(partitions))
 
     async def values_of(self, partition: int) -> dict[bytes, V]:
-        """The values of an owned partition, once it has been read back. KeyError if it is not owned."""
-        await self._ready[partition].wait()
-        return self._values[partition]
+        """The values of an owned partition, once it has been read back. NotOwned if it is not owned, or stops
+        being owned while it is read back."""
+        ready = self._ready.get(partition)
+        if ready is None:
+            raise NotOwned(partition)
+        await ready.wait()
+        values = self._values.get(partition)
+        if values is None or self._ready.get(partition) is not ready:  # revoked meanwhile (maybe assigned again)
+            raise NotOwned(partition)
+        return values
 
     def owned(self) -> Iterator[tuple[int, dict[bytes, V]]]:
         """The partitions owned and read back, with their values."""
