@@ -4,6 +4,7 @@ kills under load, the broker going away for good or for a while, and a worker th
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import os
 import re
@@ -285,6 +286,44 @@ async def test_a_broker_back_within_the_limit_is_used_again(
         assert worker.stop() == 0
 
 
+async def test_a_lost_broker_is_retried_at_a_few_connections_a_second(tmp_path: Path) -> None:
+    """The broker gone under a backlog: every client of the worker (faust's too) backs off, so the worker makes
+    at most 10 connection attempts a second (without a backoff it made thousands), counted at the socket, and
+    says how many once per interval."""
+    attempts_file = tmp_path / "attempts"
+    with CuttableBroker(tmp_path / "broker.log") as cuttable:
+        settings = make_settings(cuttable, broker_lost_timeout_s=20)
+        await _provision(settings)
+        log = tmp_path / "counted.log"
+        process = subprocess.Popen(
+            [sys.executable, "-c", _COUNTING_WORKER, str(attempts_file), str(cuttable.port)],
+            env={**os.environ, **settings.to_env(), "LOOPAI_WORKER_ID": "counted"},
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while "worker counted serving" not in log.read_text(errors="replace"):  # faust's clients started first
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                await asyncio.sleep(0.1)
+            await _send(settings, 3000)  # a backlog in flight
+            cut_at = time.monotonic()
+            cuttable.cut()
+            code = await asyncio.to_thread(process.wait, 60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    times = [float(line) - cut_at for line in attempts_file.read_text().split()]
+    during = sorted(t for t in times if t >= 0)
+    busiest = max((bisect.bisect_left(during, t + 1) - i for i, t in enumerate(during)), default=0)
+    text = log.read_text(errors="replace")
+    print(f"\nbroker gone for {during[-1] if during else 0:.1f} s: {len(during)} connection attempts, at most "
+          f"{busiest} in one second; exit {code}")
+    assert code == 1  # still: the broker lost for broker_lost_timeout_s stops the worker
+    assert len(during) >= 5  # the clients did try again (the count is real)
+    assert busiest <= 10, during[:50]
+    assert re.search(r"cannot connect to 127\.0\.0\.1:\d+: \d+ attempts? failed in the last", text), text[-3000:]
+
+
 async def test_a_worker_that_cannot_even_dead_letter_exits_1_uncommitted(settings: Settings, tmp_path: Path) -> None:
     """Both output topics refuse every batch (as for a missing ACL): the worker says so in one line, exits 1,
     and leaves every offset uncommitted for a worker that can deliver."""
@@ -330,6 +369,26 @@ def refusing(*args, **kwargs):
     return producer
 
 execute_requests.make_producer = refusing
+run_worker(Settings())
+"""
+
+
+# `loopai worker`, except that each TCP connection attempt to the port given is written (its monotonic time) to
+# the file given: counted below aiokafka, so every client of the worker counts, faust's included.
+_COUNTING_WORKER = """
+import asyncio, sys, time
+from app.settings import Settings
+from app.worker import run_worker
+
+attempts, port = open(sys.argv[1], "a", buffering=1), int(sys.argv[2])
+create_connection = asyncio.BaseEventLoop.create_connection
+
+async def counted(self, factory, host=None, port_=None, *args, **kwargs):
+    if port_ == port:
+        attempts.write(f"{time.monotonic()}\\n")
+    return await create_connection(self, factory, host, port_, *args, **kwargs)
+
+asyncio.BaseEventLoop.create_connection = counted
 run_worker(Settings())
 """
 
