@@ -194,7 +194,8 @@ async def drain(observed: Observed, timeout_s: float = 180) -> None:
 
 
 def longest_gap(results: list[ExecutionResult], start: float, end: float) -> tuple[float, str]:
-    """The longest time a task went without a result, over the gaps that overlap [start, end) (wall clock)."""
+    """The longest time a task went without a result, over the gaps whose middle falls in [start, end) (wall
+    clock): a gap is counted once, with the stop or the restart it followed."""
     by_task: dict[str, list[float]] = defaultdict(list)
     for result in results:
         by_task[result.task_id].append(result.executed_at.timestamp())
@@ -202,7 +203,7 @@ def longest_gap(results: list[ExecutionResult], start: float, end: float) -> tup
     for task, times in by_task.items():
         times.sort()
         for before, after in itertools.pairwise(times):
-            if after > start and before < end and after - before > longest:
+            if start <= (before + after) / 2 < end and after - before > longest:
                 longest, of = after - before, task
     return longest, of
 
