@@ -35,11 +35,13 @@ from app.contract.records import (
     ExecutionResult,
     OracleKind,
     OracleSpec,
+    OracleVerdict,
     TaskSpec,
     Validation,
+    ValidationRequest,
     utc_now,
 )
-from app.contract.topics import topics_for
+from app.contract.topics import TopicSpec, topics_for
 from app.control.plane import ControlPlane
 from app.kafka.client import RequestSender, follow, request_from
 from app.kafka.clients import apply_topics
@@ -67,6 +69,8 @@ class Observed:
     sent: dict[str, ExecutionRequest] = field(default_factory=dict)
     results: list[ExecutionResult] = field(default_factory=list)
     validations: list[Validation] = field(default_factory=list)
+    asked: set[str] = field(default_factory=set)  # execution ids on oracle-requests
+    answered: set[str] = field(default_factory=set)  # execution ids on oracle-verdicts
 
 
 class Worker:
@@ -134,7 +138,13 @@ async def collect(settings: Settings, observed: Observed) -> None:
             if isinstance(record, Validation):
                 observed.validations.append(record)
 
-    await asyncio.gather(results(), validations())
+    async def oracle(spec: TopicSpec, seen: set[str]) -> None:
+        async for _, _, record in follow(settings, spec):
+            if isinstance(record, ValidationRequest | OracleVerdict):
+                seen.add(record.execution_id)
+
+    await asyncio.gather(results(), validations(), oracle(topics.oracle_requests, observed.asked),
+                         oracle(topics.oracle_verdicts, observed.answered))
 
 
 async def failover(settings: Settings, minutes: float, rate: int, every_s: float, log_dir: Path,
@@ -237,6 +247,10 @@ def report(stops: list[Stop], observed: Observed, broker: str, minutes: float, r
     print(f"sampled executions {len(sampled):,}; validations per execution: "
           + ", ".join(f"{count}: {n:,}" for count, n in sorted(spread.items()))
           + f" (statuses: {dict(statuses)})")
+    unjudged = sampled - per_execution.keys()
+    if unjudged:
+        print(f"NOT VALIDATED: {len(unjudged):,}, of which {len(unjudged & observed.asked):,} reached oracle-requests "
+              f"and {len(unjudged & observed.answered):,} have a verdict on oracle-verdicts")
     if lost:
         print(f"LOST: {lost[:10]}")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import faust
 
-from app.agents.plumbing import EventDeadLetters, raw_topic
+from app.agents.plumbing import EventDeadLetters, owned_values, raw_topic
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import DailyStats, StatsPartial, utc_now
 from app.contract.topics import Topics
@@ -81,10 +81,9 @@ class AggregateDailyStats:
                 await self._write(partition, key, opened)
 
     async def _write(self, partition: int, key: bytes, opened: OpenWindows) -> None:
-        """A task's windows to the changelog, unless the partition moved at an await (its new owner merges the
-        batch again from the source). A failed write is logged; the task's next write carries the whole state."""
-        if not self.state.owns(partition):
-            return
+        """A task's windows to the changelog, also when the partition moved at an await: read back by its next
+        owner (this worker again, or another), the windows' marks say which offsets they merged. A failed write
+        is logged; the task's next write carries the whole state."""
         try:
             await self.state.put(partition, key, opened)
         except Exception:
@@ -93,7 +92,7 @@ class AggregateDailyStats:
 
     async def _merge(self, partition: int, partial: StatsPartial, topic: str, offset: int,
                      touched: dict[tuple[int, bytes], OpenWindows]) -> None:
-        owned = await self.state.values_of(partition)
+        owned = await owned_values(self._app, self.state, partition)
         key = partial.task_id.encode()
         opened = touched.get((partition, key)) or owned.get(key) or OpenWindows(partial.task_id, self.windows)
         if opened.merged(topic, offset):  # redelivered after a crash: its changes are in the changelog already

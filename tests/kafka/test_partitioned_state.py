@@ -68,3 +68,21 @@ async def test_owned_partitions_are_read_back_to_the_true_end(settings: Settings
     assert sent == [(spec.name, b"task0", None, 2)] and b"task0" not in values
     state.revoke([2])
     assert not state.owns(2) and state.owns(5) and [p for p, _ in state.owned()] == [5]
+
+
+async def test_a_change_made_across_a_revoke_and_assign_is_not_lost(settings: Settings) -> None:
+    """A rebalance revokes every partition and may assign one back while a change to it is being sent: the
+    read-back may end before that change's record, so the change is applied on top of it."""
+    spec = topics_for(settings.topic_prefix).daily_windows
+    state: PartitionedState[int] = PartitionedState(settings, spec, lambda *_: asyncio.sleep(0), _decode,
+                                                    lambda count: str(count).encode() if count else None)
+
+    async def send_across_a_rebalance(topic: str, key: bytes, value: bytes | None, partition: int) -> None:
+        state.revoke([partition])
+        state.assign([partition])  # read back from a changelog the record has not reached
+
+    state.assign([1])
+    await asyncio.wait_for(state.values_of(1), 10)
+    state._send = send_across_a_rebalance
+    await state.put(1, b"task", 7)
+    assert await asyncio.wait_for(state.values_of(1), 10) == {b"task": 7}
