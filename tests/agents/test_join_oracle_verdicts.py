@@ -1,16 +1,17 @@
 """The external-oracle join: one validation per execution when its requests and verdicts are delivered again
-(on the embedded broker, through a worker), and its expiry sweep across a rebalance, simulated around its real
-state: faust moves partitions at any await, which no broker can be made to do at a chosen moment."""
+(on the embedded broker, through a worker), and its expiry sweep across a rebalance, simulated: faust moves
+partitions (and drops the keys its table read back for them) at any await, which no broker can be made to do at
+a chosen moment."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import faust
 import pytest
+from faust.types import TP
 
 from app.agents.join_oracle_verdicts import JoinOracleVerdicts
 from app.contract.codecs import codec_for, json_codec
@@ -30,6 +31,23 @@ from app.kafka.clients import apply_topics, make_producer, partition_for
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from tests.conftest import WorkerProcess, collect, make_settings
+
+
+class Rebalances:
+    """The faust app's view of its assignment, moved by the test."""
+
+    def __init__(self, app: faust.App, topic: str, owned: set[int]) -> None:
+        self._app, self._topic, self.owned = app, topic, owned
+
+    def assigned_actives(self) -> set[Any]:
+        return {TP(self._topic, p) for p in self.owned}
+
+    def revoke(self, partition: int, table: Any) -> None:
+        """As faust does: a rebalance starts, the partition goes, the keys its table read back for it go too."""
+        self._app.rebalancing, self._app.rebalancing_count = True, self._app.rebalancing_count + 1
+        self.owned.discard(partition)
+        for key in [k for k in table.data if partition_for(k, 6) == partition]:
+            table.data.pop(key)
 
 
 def _request(request_id: str, partition: int, timeout_s: float = 1) -> ValidationRequest:
@@ -108,39 +126,48 @@ async def test_requests_and_verdicts_delivered_again_after_the_decision_are_not_
     assert [v.status for v in found[last.request_id]] == [ValidationStatus.EXPIRED]
 
 
-async def test_a_rebalance_at_an_await_of_the_expiry_sweep_takes_nothing_down(
-    broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The partition goes while the sweep awaits the send of its first expiry: no KeyError (which crashed the
-    worker), the rest of that partition is its new owner's, the other partitions are swept as before."""
+@pytest.fixture
+def join(broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> tuple[faust.App, JoinOracleVerdicts, list[Any]]:
     settings = make_settings(broker)
     topics = topics_for(settings.topic_prefix)
-    await apply_topics(settings, topics)
     app = faust.App(settings.app_id, broker=f"kafka://{settings.bootstrap_servers}")
     joined = JoinOracleVerdicts(app, settings, topics)
-    changelog: list[tuple[bytes, Any]] = []
+    changelog: list[Any] = []
 
-    async def send_changelog(topic: str, key: bytes, value: bytes | None, partition: int) -> None:
-        changelog.append((key, json.loads(value) if value else None))
+    def send_changelog(partition: int | None, key: bytes, value: Any, *args: Any, **kwargs: Any) -> Any:
+        changelog.append((key, value))
+        return SimpleNamespace(message=SimpleNamespace(partition=partition_for(key, 6)))
 
-    monkeypatch.setattr(joined.pending, "_send", send_changelog)
+    monkeypatch.setattr(joined.pending, "send_changelog", send_changelog)
+    return app, joined, changelog
+
+
+async def test_a_rebalance_at_an_await_of_the_expiry_sweep_takes_nothing_down(
+    join: tuple[faust.App, JoinOracleVerdicts, list[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, joined, changelog = join
     revoked_first, kept = 0, 3
-    joined.pending.assign([revoked_first, kept])  # read back from the (empty) changelog
-    entries = [_waiting("a", revoked_first), _waiting("b", revoked_first), _waiting("c", kept)]
-    for (key, value), partition in zip(entries, (revoked_first, revoked_first, kept), strict=True):
-        (await asyncio.wait_for(joined.pending.values_of(partition), 30))[key] = value
+    entries = dict([_waiting("a", revoked_first), _waiting("b", revoked_first), _waiting("c", kept),
+                    _waiting("d", 5)])  # d was set here before partition 5 moved away: its new owner has it
+    for key, value in entries.items():
+        joined.pending.data[key] = value
+    rebalances = Rebalances(app, joined._requests_topic, {revoked_first, kept})
+    monkeypatch.setattr(app, "assignor", rebalances)
     sent: list[str] = []
 
     async def send(record: ValidationFields) -> None:
         sent.append(record["request_id"])
         if len(sent) == 1:  # the partition moves while the first expiry is being sent
-            joined.pending.revoke([revoked_first])
+            rebalances.revoke(revoked_first, joined.pending)
 
     monkeypatch.setattr(joined, "_send", send)
     await joined._expire()  # before: KeyError at `del self.pending[key]`, and the worker crashed
-    assert [r.split("-")[0] for r in sent] == ["a", "c"]  # b is its new owner's
-    (key_a, _), _, (key_c, _) = entries
-    # Each decision is remembered, a's too: its new owner may not have read the partition back yet.
+    assert [r.split("-")[0] for r in sent] == ["a"]  # the sweep stops while partitions move
+    app.rebalancing = False
+    await joined._expire()
+    assert [r.split("-")[0] for r in sent] == ["a", "c"]  # b went with its partition; d is its new owner's
+    key_a, _, key_c, _ = entries
+    # Each decision is remembered, a's too (its new owner may not have read its partition back yet); a is no
+    # longer kept here, nor is d.
     assert [(key, value["decided"]) for key, value in changelog] == [(key_a, "expired"), (key_c, "expired")]
-    assert not joined.pending.owns(revoked_first)
-    assert (await joined.pending.values_of(kept))[key_c]["decided"] == "expired"
+    assert list(joined.pending.data) == [key_c]
