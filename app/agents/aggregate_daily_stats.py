@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime
 from typing import Any
 
 import faust
 
-from app.agents.plumbing import EventDeadLetters, raw_topic
+from app.agents.plumbing import EventDeadLetters, owned_values, raw_topic
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import DailyStats, StatsPartial, utc_now
 from app.contract.topics import Topics
 from app.domain.daily_stats import StatsKey
 from app.domain.open_windows import OpenWindows
-from app.kafka.partitioned_state import PartitionedState
+from app.kafka.partitioned_state import NotOwned, PartitionedState
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,16 +68,31 @@ class AggregateDailyStats:
                 try:
                     partial = self._partials.decode(event.value)
                     await self._merge(message.partition, partial, message.topic, message.offset, touched)
+                except NotOwned:
+                    continue  # the partition moved: its new owner reads this event again
                 except DecodeError as exc:
                     await self._dead_letters.send(event, str(exc), "DecodeError")
                 except ValueError as exc:  # another zone, an impossible date, a corrupt sketch: this message only
                     await self._dead_letters.send(event, f"cannot be aggregated: {exc}", type(exc).__name__)
+                except Exception as exc:  # a bug: this message only, the stream goes on
+                    log.exception("daily stats failed at %s:%d:%d", message.topic, message.partition, message.offset)
+                    await self._dead_letters.send(event, f"daily stats failed: {exc}", type(exc).__name__)
             for (partition, key), opened in touched.items():
-                await self.state.put(partition, key, opened)
+                await self._write(partition, key, opened)
+
+    async def _write(self, partition: int, key: bytes, opened: OpenWindows) -> None:
+        """A task's windows to the changelog, also when the partition moved at an await: read back by its next
+        owner (this worker again, or another), the windows' marks say which offsets they merged. A failed write
+        is logged; the task's next write carries the whole state."""
+        try:
+            await self.state.put(partition, key, opened)
+        except Exception:
+            log.exception("daily windows of %s (partition %d) not written; the next change writes them",
+                          opened.task_id, partition)
 
     async def _merge(self, partition: int, partial: StatsPartial, topic: str, offset: int,
                      touched: dict[tuple[int, bytes], OpenWindows]) -> None:
-        owned = await self.state.values_of(partition)
+        owned = await owned_values(self._app, self.state, partition)
         key = partial.task_id.encode()
         opened = touched.get((partition, key)) or owned.get(key) or OpenWindows(partial.task_id, self.windows)
         if opened.merged(topic, offset):  # redelivered after a crash: its changes are in the changelog already
@@ -94,18 +110,32 @@ class AggregateDailyStats:
     async def _close(self) -> None:
         """Emit and forget every owned window that has closed: days close on time without new traffic."""
         now = utc_now()
-        for partition, owned in self.state.owned():
+        for partition, owned in list(self.state.owned()):
             for key, opened in list(owned.items()):
-                closed = opened.close(now)
-                if not closed:
-                    continue
-                for daily in closed:  # emitted before it is forgotten: a crash in between emits it again
-                    key_of = StatsKey(daily.task_id, daily.version, daily.date).encode().encode()
-                    await self._analytics.send(key=key_of, value=self._daily.encode(daily))
-                await self._app.producer.flush()
-                await self.state.put(partition, key, opened)
-                self.closed += len(closed)
-                log.info("closed %d daily window(s) of %s", len(closed), opened.task_id)
+                if not self.state.owns(partition):
+                    break  # moved at an await: its new owner closes the rest
+                try:
+                    await self._close_one(partition, key, opened, now)
+                except Exception:
+                    log.exception("closing the daily windows of %s failed; the next run tries again", opened.task_id)
+
+    async def _close_one(self, partition: int, key: bytes, opened: OpenWindows, now: datetime) -> None:
+        before = dict(opened.stats)
+        closed = opened.close(now)
+        if not closed:
+            return
+        try:
+            for daily in closed:  # emitted before it is forgotten: a crash in between emits it again
+                key_of = StatsKey(daily.task_id, daily.version, daily.date).encode().encode()
+                await self._analytics.send(key=key_of, value=self._daily.encode(daily))
+            await self._app.producer.flush()
+            await self.state.put(partition, key, opened)
+        except BaseException:
+            opened.stats.clear()  # not forgotten: the next run closes them again
+            opened.stats.update(before)
+            raise
+        self.closed += len(closed)
+        log.info("closed %d daily window(s) of %s", len(closed), opened.task_id)
 
     def _decode(self, key: bytes, value: bytes) -> OpenWindows:
         return OpenWindows.from_json(key.decode(), value, self.windows)

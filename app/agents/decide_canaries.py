@@ -82,19 +82,24 @@ class DecideCanaries:
             try:
                 if event.message.topic == self._signals_topic:
                     await self._take_signal(self._signals.decode(event.value))
-                    continue
-                partial = self._partials.decode(event.value)
+                else:
+                    await self._take_partial(self._partials.decode(event.value))
             except DecodeError as exc:
                 await self._dead_letters.send(event, str(exc), "DecodeError")
-                continue
-            if not partial.validated:  # an executor's partial: results, no validations
-                continue
-            if self._sampler is not None:
-                self._sampler.observe_validations(partial.task_id, partial.validated, partial.matched)
-            key = f"{partial.task_id}/{partial.version}".encode()
-            accuracy = self.accuracy_of(partial.task_id, partial.version).add(partial.validated, partial.matched)
-            self.accuracy[key] = accuracy.counts()
-            await self._maybe_decide(partial.task_id)
+            except Exception as exc:  # one message's failure must not stop the stream
+                log.exception("canary decision failed at %s:%d:%d", event.message.topic, event.message.partition,
+                              event.message.offset)
+                await self._dead_letters.send(event, f"canary decision failed: {exc}", type(exc).__name__)
+
+    async def _take_partial(self, partial: StatsPartial) -> None:
+        if not partial.validated:  # an executor's partial: results, no validations
+            return
+        if self._sampler is not None:
+            self._sampler.observe_validations(partial.task_id, partial.validated, partial.matched)
+        key = f"{partial.task_id}/{partial.version}".encode()
+        accuracy = self.accuracy_of(partial.task_id, partial.version).add(partial.validated, partial.matched)
+        self.accuracy[key] = accuracy.counts()
+        await self._maybe_decide(partial.task_id)
 
     async def _take_signal(self, signal: AnomalySignal) -> None:
         if signal.version is None:
@@ -121,7 +126,6 @@ class DecideCanaries:
                           self._settings.canary_margin, signals)
         if decision.action == "wait":
             return
-        self._decided.add(canary)
         promoted = decision.action == "promote"
         spec = task.model_copy(update={
             "active_version": task.canary_version if promoted else task.active_version,
@@ -135,4 +139,5 @@ class DecideCanaries:
         )
         await self._specs_topic.send(key=task_id.encode(), value=self._specs.encode(spec))
         await self._decisions_topic.send(key=task_id.encode(), value=self._decisions.encode(record))
+        self._decided.add(canary)  # once sent: a send that failed is tried again at the next partial
         log.info("canary of %s v%d %s: %s", task_id, task.canary_version, record.action.value, decision.reason)

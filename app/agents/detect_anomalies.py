@@ -61,7 +61,12 @@ class DetectAnomalies:
             await self._send(signals)
 
     async def _tick(self) -> None:
-        await self._send(self.watch.tick(utc_now()))
+        try:
+            signals = self.watch.tick(utc_now())
+        except Exception:  # a timer that raises takes the worker down; the next tick judges again
+            log.exception("anomaly tick failed")
+            return
+        await self._send(signals)
         if self.watch.dropped_late > self._dropped_reported:
             log.warning("%d partial(s) came after their minute was judged (anomaly_lateness_s is %g s)",
                         self.watch.dropped_late - self._dropped_reported, self.watch.lateness.total_seconds())
@@ -75,6 +80,10 @@ class DetectAnomalies:
                 self.watch.forget(self._tasks_by_partition.pop(tp.partition, set()))
 
     async def _send(self, signals: list[AnomalySignal]) -> None:
+        """Each signal on its own: one that cannot be sent is logged with what it said, and the others go."""
         for signal in signals:
             log.info("anomaly in %s v%s: %s", signal.task_id, signal.version, signal.hint)
-            await self._signals_topic.send(key=signal.task_id.encode(), value=self._signals.encode(signal))
+            try:
+                await self._signals_topic.send(key=signal.task_id.encode(), value=self._signals.encode(signal))
+            except Exception:
+                log.exception("anomaly signal of %s v%s not sent (%s)", signal.task_id, signal.version, signal.hint)

@@ -28,15 +28,21 @@ V = TypeVar("V")
 Send: TypeAlias = Callable[[str, bytes, "bytes | None", int], Awaitable[Any]]
 
 
+class NotOwned(KeyError):
+    """The partition is not owned here (any more): another worker serves it."""
+
+
 class PartitionedState(Generic[V]):
     """Values by key for the partitions this process owns. A value lives in the changelog partition of the
     same number as the source partition it belongs to, so an owner reads back exactly its own."""
 
     def __init__(self, settings: Settings, spec: TopicSpec, send: Send, decode: Callable[[bytes, bytes], V],
-                 encode: Callable[[V], bytes | None]) -> None:
-        """`send(topic, key, value, partition)` produces a record and waits for its acknowledgement (the faust
-        app's producer, which lives as long as the agents); `decode(key, value)` raises ValueError for bytes it
-        cannot read (logged and skipped); `encode` returns None for a value that is no more (a tombstone)."""
+                 encode: Callable[[V], bytes | None], flush: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """`send(topic, key, value, partition)` produces a record (the faust app's producer, which lives as long
+        as the agents) and waits for its acknowledgement, or, given `flush`, at least hands it to the producer;
+        `flush()` then waits for every record handed over, and runs before a partition is read back.
+        `decode(key, value)` raises ValueError for bytes it cannot read (logged and skipped); `encode` returns
+        None for a value that is no more (a tombstone)."""
         self._settings = settings
         self.spec = spec
         self._decode = decode
@@ -45,6 +51,10 @@ class PartitionedState(Generic[V]):
         self._ready: dict[int, asyncio.Event] = {}
         self._recoveries: dict[int, asyncio.Task[None]] = {}
         self._send = send
+        self._flush = flush
+        # Changes whose send returned while their partition was being read back (revoked and assigned again
+        # meanwhile): the read-back may have ended before them, so they are applied on top of it.
+        self._late: dict[int, dict[bytes, V | None]] = {}
         self.skipped = 0
 
     def assign(self, partitions: Iterable[int]) -> None:
@@ -54,8 +64,9 @@ class PartitionedState(Generic[V]):
             recovery = self._recoveries.pop(partition, None)
             if recovery is not None:
                 recovery.cancel()
-            del self._ready[partition]
+            self._ready.pop(partition).set()  # wakes those waiting for it: values_of() tells them it is gone
             self._values.pop(partition, None)
+            self._late.pop(partition, None)
         for partition in wanted - set(self._ready):
             self._ready[partition] = asyncio.Event()
             self._recoveries[partition] = asyncio.ensure_future(self._recover(partition))
@@ -65,9 +76,16 @@ class PartitionedState(Generic[V]):
         self.assign(set(self._ready) - set(partitions))
 
     async def values_of(self, partition: int) -> dict[bytes, V]:
-        """The values of an owned partition, once it has been read back. KeyError if it is not owned."""
-        await self._ready[partition].wait()
-        return self._values[partition]
+        """The values of an owned partition, once it has been read back. NotOwned if it is not owned, or stops
+        being owned while it is read back."""
+        ready = self._ready.get(partition)
+        if ready is None:
+            raise NotOwned(partition)
+        await ready.wait()
+        values = self._values.get(partition)
+        if values is None or self._ready.get(partition) is not ready:  # revoked meanwhile (maybe assigned again)
+            raise NotOwned(partition)
+        return values
 
     def owned(self) -> Iterator[tuple[int, dict[bytes, V]]]:
         """The partitions owned and read back, with their values."""
@@ -83,8 +101,10 @@ class PartitionedState(Generic[V]):
         encoded = self._encode(value)
         await self._send(self.spec.name, key, encoded, partition)
         values = self._values.get(partition)
-        if values is None:  # revoked meanwhile: the new owner reads the record back
-            return
+        if values is None:
+            if partition in self._ready:  # assigned again, and being read back: maybe to before this record
+                self._late.setdefault(partition, {})[key] = None if encoded is None else value
+            return  # else revoked meanwhile: the new owner reads the record back
         if encoded is None:
             values.pop(key, None)
         else:
@@ -100,6 +120,8 @@ class PartitionedState(Generic[V]):
         apply = _applier(values, self._decode, skipped)
         consumer = make_consumer(self._settings, fetch_max_wait_ms=100)
         try:
+            if self._flush is not None:
+                await self._flush()  # changes handed to the producer before now are in the log, to be read back
             await consumer.start()
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
@@ -115,6 +137,11 @@ class PartitionedState(Generic[V]):
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
+        for key, late in self._late.pop(partition, {}).items():
+            if late is None:
+                values.pop(key, None)
+            else:
+                values[key] = late
         self._values[partition] = values
         self._ready[partition].set()
         log.info("%s read back: %d keys", tp, len(values))

@@ -1,11 +1,22 @@
 """Kafka plumbing on the real broker: batched sends (including full batches), partitioning, topic apply."""
 
 import asyncio
+import contextlib
+import itertools
+import time
 
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from app.contract.topics import topics_for
-from app.kafka.clients import BatchSender, apply_topics, make_consumer, make_producer, partition_for
+from app.kafka.clients import (
+    BatchSender,
+    ConnectBackoff,
+    apply_topics,
+    make_consumer,
+    make_producer,
+    partition_for,
+)
 from app.settings import Settings
 
 # murmur2 test vectors from Kafka's Java client (UtilsTest.testMurmur2), as signed 32-bit ints.
@@ -45,3 +56,33 @@ async def test_batch_sender_ships_full_batches_in_order(settings: Settings) -> N
 async def test_apply_topics_reports_what_it_did(settings: Settings) -> None:
     again = await apply_topics(settings, topics_for(settings.topic_prefix))  # the fixture applied them once
     assert [o.created for o in again] == [False] * len(topics_for("").all())
+
+
+async def test_connection_attempts_to_an_address_that_refuses_them_back_off() -> None:
+    """Callers retrying in a tight loop (as aiokafka's do) make a few attempts, then one per backoff; the first
+    success ends the backoff. Broker-free: the connection is a function that refuses, then accepts."""
+    backoff = ConnectBackoff(initial_s=0.05, max_s=0.2)
+    attempts: list[float] = []
+    refusing = True
+
+    async def create(host: str, port: int, **kwargs: object) -> str:
+        attempts.append(time.monotonic())
+        if refusing:
+            raise ConnectionRefusedError(f"{host}:{port}")
+        return "connection"
+
+    async def retry_for(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, KafkaConnectionError):
+                await backoff.connect(create, "broker", 9092)
+
+    await asyncio.gather(*(retry_for(1.0) for _ in range(3)))
+    later = attempts[3:]  # after the three callers' first attempts, made at once
+    assert 3 <= len(later) <= 8, attempts  # without a backoff: tens of thousands
+    assert all(b - a > 0.15 for a, b in itertools.pairwise(later)), later
+    refusing = False
+    assert await asyncio.wait_for(backoff.connect(create, "broker", 9092), 1) == "connection"
+    started = time.monotonic()
+    assert await backoff.connect(create, "broker", 9092) == "connection"
+    assert time.monotonic() - started < 0.05  # no backoff once it connects

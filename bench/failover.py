@@ -1,0 +1,284 @@
+"""Failover under steady load: two `loopai worker`s serve a steady stream of requests while one of them is stopped
+every --every seconds, by SIGKILL and SIGTERM in turn, and started again halfway to the next stop. Tasks are
+sampled for validation by an external oracle (a reference oracle service in this process answers every
+sample), so the oracle join is failed over too. Prints, for each stop, the longest time a task went without a
+result after it and after the restart; then the requests, lost ones (must be 0), duplicates (each must carry its
+original's execution id and output), and validations per sampled execution (must be exactly 1). Not a test:
+run it by hand,
+
+    python -m bench.failover [--minutes N] [--rate R] [--every S] [--config FILE] [--embedded]
+
+The broker is the one the usual settings name (LOOPAI_* variables or --config), so an operator can run it against
+Apache Kafka; --embedded starts Tansu instead, which holds every JoinGroup for half the session timeout (3 s with
+the defaults, docs/delivery.md). The group timings are the settings' own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.contract.records import (
+    ExecutionRequest,
+    ExecutionResult,
+    OracleKind,
+    OracleSpec,
+    OracleVerdict,
+    TaskSpec,
+    Validation,
+    ValidationRequest,
+    utc_now,
+)
+from app.contract.topics import TopicSpec, topics_for
+from app.control.plane import ControlPlane
+from app.kafka.client import RequestSender, follow, request_from
+from app.kafka.clients import apply_topics
+from app.settings import Settings
+from devtools.broker import EmbeddedBroker
+from devtools.oracle import canonical, serve_oracle
+
+TASKS = [f"failover-{i}" for i in range(12)]  # their keys spread over the request partitions
+INPUTS = 1000  # inputs cycle through {"i": 0..999}: the oracle knows each one's answer
+PROGRAM = "def run(input):\n    return input['i'] * 3\n"
+SAMPLING_RATE = 0.1
+ORACLE_TIMEOUT_S = 20.0  # a sample the oracle answers is never near it; a false expiry shows after it
+
+
+@dataclass
+class Stop:
+    at: float  # wall clock
+    signal: str
+    victim: str
+    restarted_at: float = 0.0
+
+
+@dataclass
+class Observed:
+    sent: dict[str, ExecutionRequest] = field(default_factory=dict)
+    results: list[ExecutionResult] = field(default_factory=list)
+    validations: list[Validation] = field(default_factory=list)
+    asked: set[str] = field(default_factory=set)  # execution ids on oracle-requests
+    answered: set[str] = field(default_factory=set)  # execution ids on oracle-verdicts
+
+
+class Worker:
+    """`loopai worker` in a subprocess, its output in a log file."""
+
+    def __init__(self, settings: Settings, log_dir: Path, worker_id: str) -> None:
+        self._env = {**os.environ, **settings.to_env(), "LOOPAI_WORKER_ID": worker_id}
+        self.log_path = log_dir / f"{worker_id}.log"
+        self.worker_id = worker_id
+        self.process: subprocess.Popen[bytes] | None = None
+
+    async def start(self, timeout_s: float = 120) -> None:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=self._env, stdout=log,
+                                            stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while f"worker {self.worker_id} serving".encode() not in self.log_path.read_bytes()[offset:]:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"worker {self.worker_id} did not start; see {self.log_path}")
+            await asyncio.sleep(0.2)
+
+    async def stop(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        code = await asyncio.to_thread(self.process.wait, 60)
+        if sig == signal.SIGTERM and code != 0:
+            print(f"  {self.worker_id} exited {code} after SIGTERM; see {self.log_path}", flush=True)
+
+
+async def provision(settings: Settings) -> None:
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    oracle = OracleSpec(kind=OracleKind.EXTERNAL, timeout_s=ORACLE_TIMEOUT_S)
+    async with ControlPlane(settings) as control:
+        for task in TASKS:
+            await control.put_task(TaskSpec(name=task, sampling_rate=SAMPLING_RATE, oracle=oracle,
+                                            updated_at=utc_now()))
+            await control.publish(task, PROGRAM, activate=True)
+
+
+async def produce(settings: Settings, rate: int, until: float, observed: Observed) -> None:
+    """`rate` requests a second, in 20 waves a second, until the monotonic time `until`."""
+    per_wave, interval = max(1, rate // 20), 0.05
+    async with RequestSender(settings) as sender:
+        n, next_at = 0, time.monotonic()
+        while next_at < until:
+            wave = [request_from(TASKS[(n + k) % len(TASKS)], {"i": (n + k) % INPUTS}) for k in range(per_wave)]
+            await sender.send(wave)
+            observed.sent.update((r.request_id, r) for r in wave)
+            n += per_wave
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+
+async def collect(settings: Settings, observed: Observed) -> None:
+    topics = topics_for(settings.topic_prefix)
+
+    async def results() -> None:
+        async for _, _, record in follow(settings, topics.execution_results):
+            if isinstance(record, ExecutionResult):
+                observed.results.append(record)
+
+    async def validations() -> None:
+        async for _, _, record in follow(settings, topics.validations):
+            if isinstance(record, Validation):
+                observed.validations.append(record)
+
+    async def oracle(spec: TopicSpec, seen: set[str]) -> None:
+        async for _, _, record in follow(settings, spec):
+            if isinstance(record, ValidationRequest | OracleVerdict):
+                seen.add(record.execution_id)
+
+    await asyncio.gather(results(), validations(), oracle(topics.oracle_requests, observed.asked),
+                         oracle(topics.oracle_verdicts, observed.answered))
+
+
+async def failover(settings: Settings, minutes: float, rate: int, every_s: float, log_dir: Path,
+                   ) -> tuple[list[Stop], Observed]:
+    await provision(settings)
+    workers = {name: Worker(settings, log_dir, name) for name in ("worker-a", "worker-b")}
+    await asyncio.gather(*(w.start() for w in workers.values()))
+    observed, stops = Observed(), []
+    stop_oracle = asyncio.Event()
+    labels = {canonical({"i": i}): i * 3 for i in range(INPUTS)}
+    background = [asyncio.ensure_future(serve_oracle(settings, labels, "bench-failover", stop_oracle)),
+                  asyncio.ensure_future(collect(settings, observed))]
+    end = time.monotonic() + minutes * 60
+    producer = asyncio.ensure_future(produce(settings, rate, end, observed))
+    try:
+        await asyncio.sleep(every_s)
+        round_ = 0
+        while time.monotonic() + every_s / 2 < end:
+            victim = workers[("worker-a", "worker-b")[round_ % 2]]
+            sig = (signal.SIGKILL, signal.SIGTERM)[round_ % 2]
+            stop = Stop(time.time(), sig.name, victim.worker_id)
+            stops.append(stop)
+            await victim.stop(sig)
+            await asyncio.sleep(max(0.0, stop.at + every_s / 2 - time.time()))
+            stop.restarted_at = time.time()
+            await victim.start()
+            print(f"  {len(stops)}: {sig.name} {victim.worker_id} at {stop.at - stops[0].at:5.1f} s, started again "
+                  f"after {stop.restarted_at - stop.at:.1f} s", flush=True)
+            await asyncio.sleep(max(0.0, stop.at + every_s - time.time()))
+            round_ += 1
+        await producer
+        await drain(observed)
+    finally:
+        producer.cancel()
+        stop_oracle.set()
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for worker in workers.values():
+            if worker.process is not None and worker.process.poll() is None:
+                await worker.stop(signal.SIGTERM)
+    return stops, observed
+
+
+async def drain(observed: Observed, timeout_s: float = 180) -> None:
+    """Until every request has a result and every sampled execution a validation, then the oracle timeout and
+    a little more: an execution validated twice or expired after its answer would show by then."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        answered = {r.request_id for r in observed.results}
+        sampled = {r.execution_id for r in observed.results if r.sampled_for_validation}
+        if observed.sent.keys() <= answered and sampled <= {v.execution_id for v in observed.validations}:
+            break
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(ORACLE_TIMEOUT_S + 5)
+
+
+def longest_gap(results: list[ExecutionResult], start: float, end: float) -> tuple[float, str]:
+    """The longest time a task went without a result, over the gaps whose middle falls in [start, end) (wall
+    clock): a gap is counted once, with the stop or the restart it followed."""
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for result in results:
+        by_task[result.task_id].append(result.executed_at.timestamp())
+    longest, of = 0.0, ""
+    for task, times in by_task.items():
+        times.sort()
+        for before, after in itertools.pairwise(times):
+            if start <= (before + after) / 2 < end and after - before > longest:
+                longest, of = after - before, task
+    return longest, of
+
+
+def report(stops: list[Stop], observed: Observed, broker: str, minutes: float, rate: int) -> None:
+    print(f"\nbroker {broker}; 2 workers, {rate} requests/s for {minutes:g} min, {len(stops)} stops")
+    print(f"{'#':>3} {'signal':8} {'victim':9} {'longest gap after the stop':>28} {'after the restart':>19}")
+    gaps: dict[str, list[float]] = defaultdict(list)
+    for n, stop in enumerate(stops, 1):
+        end = stops[n].at if n < len(stops) else float("inf")
+        after_stop, task = longest_gap(observed.results, stop.at, stop.restarted_at)
+        after_restart, _ = longest_gap(observed.results, stop.restarted_at, end)
+        gaps[stop.signal].append(after_stop)
+        print(f"{n:>3} {stop.signal:8} {stop.victim:9} {after_stop:>22.2f} s ({task}) {after_restart:>17.2f} s")
+    for name, values in gaps.items():
+        print(f"{name}: longest gap median {statistics.median(values):.2f} s, max {max(values):.2f} s "
+              f"over {len(values)} stops")
+    variants: dict[str, set[tuple[str, object]]] = defaultdict(set)
+    for result in observed.results:
+        variants[result.request_id].add((result.execution_id, result.output))
+    lost = [rid for rid in observed.sent if rid not in variants]
+    wanted = observed.sent.keys()
+    duplicates = sum(r.request_id in wanted for r in observed.results) - (len(wanted) - len(lost))
+    disagreeing = sum(len(variants[rid]) > 1 for rid in wanted if rid in variants)
+    print(f"requests {len(wanted):,}; lost {len(lost):,}; duplicates {duplicates:,} "
+          f"({'all with equal ids and outputs' if not disagreeing else f'{disagreeing} DISAGREEING'})")
+    sampled = {r.execution_id for r in observed.results if r.sampled_for_validation}
+    per_execution = Counter(v.execution_id for v in observed.validations if v.execution_id in sampled)
+    spread = Counter(per_execution.get(e, 0) for e in sampled)
+    statuses = Counter(v.status.value for v in observed.validations if v.execution_id in sampled)
+    print(f"sampled executions {len(sampled):,}; validations per execution: "
+          + ", ".join(f"{count}: {n:,}" for count, n in sorted(spread.items()))
+          + f" (statuses: {dict(statuses)})")
+    unjudged = sampled - per_execution.keys()
+    if unjudged:
+        print(f"NOT VALIDATED: {len(unjudged):,}, of which {len(unjudged & observed.asked):,} reached oracle-requests "
+              f"and {len(unjudged & observed.answered):,} have a verdict on oracle-verdicts")
+    if lost:
+        print(f"LOST: {lost[:10]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.failover", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--rate", type=int, default=200, help="requests a second")
+    parser.add_argument("--every", type=float, default=30.0, help="seconds between two stops")
+    parser.add_argument("--config", type=Path, help="settings file (else the LOOPAI_* variables)")
+    parser.add_argument("--embedded", action="store_true", help="start the embedded broker (Tansu) for the run")
+    args = parser.parse_args()
+    log_dir = Path(tempfile.mkdtemp(prefix="loopai-failover-"))
+    prefix = f"failover-{os.getpid()}-{int(time.time())}."
+    with contextlib.ExitStack() as stack:
+        overrides: dict[str, object] = {"topic_prefix": prefix, "app_id": prefix.rstrip("."), "web_port": 0,
+                                        "data_dir": log_dir / "data"}
+        name = "as set"
+        if args.embedded:
+            broker = stack.enter_context(EmbeddedBroker(log_file=log_dir / "broker.log"))
+            overrides["bootstrap_servers"], name = broker.bootstrap_servers, "embedded Tansu"
+        settings = Settings.load(args.config, **overrides)
+        print(f"logs in {log_dir}; broker {settings.bootstrap_servers} ({name}), session "
+              f"{settings.session_timeout_s:g} s, heartbeat {settings.heartbeat_interval_s:g} s", flush=True)
+        stops, observed = asyncio.run(failover(settings, args.minutes, args.rate, args.every, log_dir))
+        report(stops, observed, f"{settings.bootstrap_servers} ({name})", args.minutes, args.rate)
+
+
+if __name__ == "__main__":
+    main()
