@@ -30,6 +30,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import OracleKind, Validation, ValidationRequest, ValidationStatus, utc_now
 from app.contract.topics import Topics
+from app.domain.resolution import unpinned_timeout_ms
 from app.domain.validation import ValidationFields, shadow_version_for, unvalidated, validated
 from app.kafka.clients import make_consumer, make_producer, partition_for, stop_clients
 from app.kafka.delivery import Outbox, describe_error
@@ -85,7 +86,7 @@ class ValidateExecutions:
         self._writer: OutcomeWriter
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.busy = asyncio.Lock()  # held from a batch's fetch until its commit
+        self.busy = asyncio.Lock()  # held while a fetched batch is validated and committed
         self.failed = asyncio.Event()
         self.failure: str | None = None
         self.validated = 0  # validations produced
@@ -126,9 +127,11 @@ class ValidateExecutions:
         await self._tables.ready.wait()  # a shadow oracle needs the artifacts
         try:
             while not self._stopping:
-                async with self.busy:
-                    fetched = await self._consumer.getmany(timeout_ms=100, max_records=_BATCH)
-                    if fetched:
+                # Not held across getmany: during a rebalance aiokafka's fetch waits for the new assignment,
+                # which waits for on_partitions_revoked, which waits for this lock (the group hung until stop).
+                fetched = await self._consumer.getmany(timeout_ms=100, max_records=_BATCH)
+                if fetched:
+                    async with self.busy:
                         await self._validate(fetched)
         except Undeliverable as exc:
             self.fail(str(exc))
@@ -183,15 +186,16 @@ class ValidateExecutions:
 
     def _queue_shadow(self, request: ValidationRequest, message: Message, batch: _Batch) -> None:
         """The shadow version runs on the request's input, in the sandbox like any program."""
-        version = shadow_version_for(request, self._tables.tasks.get(request.task_id))
+        task = self._tables.tasks.get(request.task_id)
+        version = shadow_version_for(request, task)
         artifact = self._tables.artifacts.version(request.task_id, version) if version is not None else None
-        if version is None or artifact is None:
+        if task is None or version is None or artifact is None:
             self._send(batch, unvalidated(request, ValidationStatus.FAILED,
                                           f"no shadow version to compare with (wanted {version})", utc_now()),
                        message)
             return
         call = Call(request.task_id, artifact.program_id, artifact.source_code,
-                    self._settings.default_timeout_ms / 1000, request.input)
+                    unpinned_timeout_ms(task, self._settings.default_timeout_ms) / 1000, request.input)
         batch.shadows.append((request, version, call, message))
 
     async def _run_shadows(self, batch: _Batch) -> None:
