@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # waits for this worker meanwhile. What is not done by then is redone by the next owner (duplicates, no loss).
 _REVOKE_WAIT_S = 3.0
 _STOP_WAIT_S = 30.0
-_BULK_BYTES = 256 << 10  # a chunk's outputs (counted twice) past this go out through the bulk lane
+_BULK_BYTES = 256 << 10  # a chunk's outputs (counted three times) past this go out through the bulk lane
 Pending = tuple[ExecutionRequest, Runnable, Message]
 
 
@@ -318,8 +318,9 @@ class ExecuteRequests:
     def _answer(self, pending: Sequence[Pending], outcomes: Sequence[Outcome | Exception],
                 marks: list[Mark]) -> None:
         """Assemble results for outcomes just in from the sandbox and queue them to go out."""
-        # An output is held twice until acknowledged: as the sandbox wrote it, and encoded in its result.
-        size = 2 * sum(len(o.output_json) for o in outcomes if type(o) is Outcome and o.output_json is not None)
+        # An output is held three times until acknowledged: as the sandbox wrote it, encoded in its result, and
+        # in the producer's record batch.
+        size = 3 * sum(len(o.output_json) for o in outcomes if type(o) is Outcome and o.output_json is not None)
         lane = self._bulk if size > _BULK_BYTES else self._lane
         out = lane.outgoing
         executed_results(pending, outcomes, utc_now(), self.assembler, out.results, out.letters, out.validations)
