@@ -198,9 +198,12 @@ async def run(seconds: float, rate: int, rounds: int) -> None:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
-            late = [line for line in log_path.read_text(errors="replace").splitlines() if "ran at most" in line]
+            lines = log_path.read_text(errors="replace").splitlines()
+            late = [line for line in lines if "ran at most" in line]
             if late:
                 say("worker: " + late[-1].split("] ", 3)[-1].strip())
+            for line in [line for line in lines if "ERROR" in line or "CRITICAL" in line][-10:]:
+                say(f"worker: {line[:300]}")
 
 
 def main() -> None:
