@@ -129,16 +129,16 @@ async def steady(settings: Settings, rate: int, neighbour: str, neighbour_rate: 
 
 
 async def _reader(settings: Settings, partition: int, from_start: bool = False) -> AIOKafkaConsumer:
-    """A consumer of one partition of execution-results, at its end (or its start)."""
+    """A consumer of one partition of execution-results, at its start, or at its true end: read to it, since the
+    embedded broker's ListOffsets(latest) under-reports the end (a reader seeked there stalled)."""
     consumer = make_consumer(settings, fetch_max_wait_ms=settings.executor_fetch_max_wait_ms)
     await consumer.start()
     tp = TopicPartition(topics_for(settings.topic_prefix).execution_results.name, partition)
     consumer.assign([tp])
-    if from_start:
-        await consumer.seek_to_beginning(tp)
-    else:
-        await consumer.seek_to_end(tp)
-    await consumer.position(tp)
+    await consumer.seek_to_beginning(tp)
+    if not from_start:
+        while await consumer.getmany(timeout_ms=300):
+            pass
     return consumer
 
 
