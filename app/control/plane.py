@@ -304,10 +304,17 @@ class ControlPlane:
         if version is not None:
             self._check_published(task_id, version)
 
-    def _check_published(self, task_id: str, version: int) -> None:
-        if self.tables.artifacts.version(task_id, version) is None:
+    def artifact(self, task_id: str, version: int) -> ProgramArtifact:
+        """One published version of a task's program; ControlError naming the published ones if it is not."""
+        self.task(task_id)
+        found = self.tables.artifacts.version(task_id, version)
+        if found is None:
             published = sorted(self.tables.artifacts.versions_of(task_id))
             raise ControlError(f"task {task_id!r} has no version {version}; published: {published or 'none'}")
+        return found
+
+    def _check_published(self, task_id: str, version: int) -> None:
+        self.artifact(task_id, version)
 
     async def _send_task(self, task: TaskSpec) -> None:
         spec = self._topics.task_specs

@@ -1,8 +1,10 @@
-"""`loopai task` and a task's budget, as a user runs it (a subprocess) on the embedded broker: --max-timeout-ms on
-create and update, a suspended task in `task list`, and `task resume`."""
+"""`loopai task`: create and update set sampling, the oracle and --max-timeout-ms; a suspended task in
+`task list`, and `task resume`."""
 
 import asyncio
+import json
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -12,8 +14,32 @@ from app.contract.topics import topics_for
 from app.kafka.clients import make_producer, partition_for
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
+from tests.cli.conftest import loopai
 from tests.conftest import make_settings
-from tests.test_cli import loopai
+
+
+def test_task_create_and_update_set_sampling_and_oracle(env: dict[str, str], tmp_path: Path) -> None:
+    assert loopai(env, "topics", "apply").returncode == 0
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object"}))
+    created = loopai(env, "task", "create", "spam", "--input-schema", str(schema), "--sampling-strategy",
+                     "stratified", "--oracle", "external", "--comparison", "numeric", "--tolerance", "0.5",
+                     "--oracle-timeout-s", "5")
+    assert created.returncode == 0 and "task spam created" in created.stdout, created.stderr
+    shown = json.loads(loopai(env, "task", "show", "spam").stdout)
+    assert shown["sampling_strategy"] == "stratified" and shown["input_schema"] == {"type": "object"}
+    assert shown["oracle"] == {"kind": "external", "comparison": "numeric", "tolerance": 0.5, "shadow_version": None,
+                               "timeout_s": 5.0}
+
+    updated = loopai(env, "task", "update", "spam", "--sampling-rate", "0.2", "--comparison", "exact")
+    assert updated.returncode == 0 and "task spam updated: oracle, sampling_rate" in updated.stdout, updated.stderr
+    shown = json.loads(loopai(env, "task", "show", "spam").stdout)
+    assert shown["sampling_rate"] == 0.2 and shown["sampling_strategy"] == "stratified"
+    assert shown["input_schema"] == {"type": "object"}  # issue 11: a second create used to wipe it
+    assert shown["oracle"]["comparison"] == "exact" and shown["oracle"]["timeout_s"] == 5.0
+
+    assert loopai(env, "task", "update", "spam", "--oracle", "none").returncode == 0
+    assert json.loads(loopai(env, "task", "show", "spam").stdout)["oracle"] is None
 
 
 @pytest.fixture

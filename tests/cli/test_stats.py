@@ -78,7 +78,7 @@ def test_stats_of_today_a_closed_day_and_a_version(broker: EmbeddedBroker, monke
     settings = make_settings(broker, analytics_time_zone=ZONE, analytics_grace_s=3600)
     # One instant for the data and the CLI's "today": run at midnight in Paris, they would name different days.
     now = utc_now()
-    monkeypatch.setattr("app.cli.utc_now", lambda: now)
+    monkeypatch.setattr("app.cli.stats.utc_now", lambda: now)
     asyncio.run(publish(settings, now))
     today = WINDOWS.today(now)
 
