@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         "strict", description="weak: no namespaces (development on hosts without user namespaces only)"
     )
     # One program version per process: keep it at least the number of task versions a worker serves at once, or
-    # they take turns (each turn a stopped process and a fresh one). Idle processes cost memory (~25 MB each), not CPU.
+    # they take turns (each turn a stopped process and a fresh one). Idle processes cost memory, not CPU.
     sandbox_processes: int = Field(16, ge=1, le=4096)
     sandbox_spares: int = Field(1, ge=0, le=64, description="processes started ahead for tasks that need one")
     sandbox_memory_mb: int = Field(512, ge=64)
@@ -288,7 +288,7 @@ class Settings(BaseSettings):
             "rebalance_timeout_ms": int(self.rebalance_timeout_s * 1000),
         }
 
-    # Anomaly signals (issue 10): the fields of app/domain/anomaly.py AnomalyThresholds, prefixed anomaly_, and
+    # Anomaly signals: the fields of app/domain/anomaly.py AnomalyThresholds, prefixed anomaly_, and
     # when a task's minute is judged: `lateness_s` after its end on the task's event-time clock, which follows
     # the wall clock once the task's partials have stopped for `idle_s` (app/domain/anomaly_watch.py).
     anomaly_baseline_minutes: int = Field(60, ge=2)

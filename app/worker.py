@@ -102,9 +102,8 @@ class LoopWorker(Service):
             await self.web.start()
         # Everything alive now (faust, aiokafka, tables) lives as long as the process: keep the collector
         # from scanning it again and again. A young collection runs once more objects are alive than the
-        # threshold since the last one; at full load the batches in flight are ~60,000, all freed by reference
-        # counting, so a lower threshold (50,000: 8 % of the worker, pauses to 18 ms) walked them for nothing
-        # (every one collected nothing). At 200,000 none ran in a million requests, resident memory alike.
+        # threshold since the last one; the batches in flight at full load are tens of thousands of objects,
+        # all freed by reference counting, so a lower threshold walks them for nothing (docs/performance.md).
         gc.freeze()
         gc.set_threshold(200_000, 20, 100)
         self.add_future(self._stop_on_failure())

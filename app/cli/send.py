@@ -90,7 +90,7 @@ def _request(where: str, task_id: Any, value: Any, fields: dict[str, Any]) -> Ex
         raise click.ClickException(f"{where}: {describe_validation_error(exc, 'request field')}") from exc
 
 
-# Progress of `send` (issue 11): below this many requests a send takes about a second, not worth a bar.
+# Progress of `send`: below this many requests a send takes about a second, not worth a bar.
 _PROGRESS_FROM = 5_000
 _PROGRESS_CHUNK = 2_000
 

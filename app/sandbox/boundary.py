@@ -30,9 +30,8 @@ _GUEST_MODULES = ("__init__.py", "sandbox/__init__.py", "sandbox/zygote.py", "sa
 _ROOT = "/sandbox"
 # glibc's allocator, told to keep freed memory (up to 32 MiB above the heap's top, and blocks up to 4 MiB on the
 # heap rather than mapped one by one). A sandbox process frees its batch's outputs after each answer frame;
-# by default glibc handed that memory back to the system every time and the next batch paid page faults for
-# it: a strict sandbox process spent 4.7-6.5 µs of CPU per spam_v1 call in batches of 170, with 142 page
-# faults a batch; 2.2 µs and none with these. Within the process's own address-space limit either way.
+# by default glibc hands that memory back to the system every time and the next batch pays page faults for it
+# (docs/performance.md has the figures). Within the process's own address-space limit either way.
 MALLOC_ENVIRONMENT = {"MALLOC_TRIM_THRESHOLD_": str(32 << 20), "MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
 
 

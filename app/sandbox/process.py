@@ -32,8 +32,8 @@ _STOP_GRACE_S = 1.0  # for a process to exit once its channel is closed, before 
 _STATUSES = frozenset({"ok", "error", "timeout"})
 _NUMBER = (int, float)
 # A latency is 0 (a program that did not load) or a difference of two readings of a nanosecond clock. Anything
-# smaller than this would open buckets of its own in the task's latency sketch, one per 2 % down to 1e-308:
-# daily-stats partials of 285 kB instead of a few, 80 ms of the aggregator's time each.
+# smaller than this would open buckets of its own in the task's latency sketch, one per 2 % down to 1e-308,
+# and every daily-stats partial would carry them all.
 _MIN_LATENCY_MS = 1e-7
 _STDERR_KEPT = 4096
 Owner = tuple[str, str]  # what a process is bound to: (task_id, program key)
