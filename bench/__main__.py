@@ -50,8 +50,8 @@ from app.control.plane import ControlPlane
 from app.domain.daily_windows import DailyWindows
 from app.domain.open_windows import OpenWindows
 from app.domain.sampling import is_sampled
-from app.kafka.client import RequestSender, request_from, send_requests
 from app.kafka.clients import BatchSender, apply_topics, make_consumer, make_producer, partition_for
+from app.kafka.loop_client import RequestSender, request_from, send_requests
 from app.kafka.partitioned_state import read_state
 from app.settings import Settings
 from bench.cpu import TreeSampler

@@ -31,7 +31,7 @@ from app.contract.topics import topics_for
 from app.domain.daily_stats import summarise_results
 from app.domain.daily_windows import DailyWindows
 from app.domain.results import ResultAssembler
-from app.kafka.client import request_from
+from app.kafka.loop_client import request_from
 from app.kafka.outcomes import executed_results
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.process import SandboxProcess

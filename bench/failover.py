@@ -43,8 +43,8 @@ from app.contract.records import (
 )
 from app.contract.topics import TopicSpec, topics_for
 from app.control.plane import ControlPlane
-from app.kafka.client import RequestSender, follow, request_from
 from app.kafka.clients import apply_topics
+from app.kafka.loop_client import RequestSender, follow, request_from
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from devtools.oracle import canonical, serve_oracle

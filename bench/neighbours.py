@@ -28,8 +28,8 @@ from app.contract.codecs import codec_for
 from app.contract.records import ExecutionRequest, TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
-from app.kafka.client import request_from
 from app.kafka.clients import apply_topics, make_consumer, make_producer, partition_for
+from app.kafka.loop_client import request_from
 from app.settings import Settings
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from devtools.samples.neighbours import FINALISER, HUGE, SPIN, VICTIM

@@ -21,8 +21,8 @@ from pathlib import Path
 from aiokafka import TopicPartition
 
 from app.contract.topics import topics_for
-from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import make_consumer
+from app.kafka.loop_client import RequestSender, request_from
 from app.settings import Settings
 from bench.__main__ import provision
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker

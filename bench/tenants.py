@@ -20,8 +20,8 @@ from pathlib import Path
 from app.contract.records import TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
-from app.kafka.client import request_from
 from app.kafka.clients import apply_topics
+from app.kafka.loop_client import request_from
 from app.settings import Settings
 from bench.__main__ import encode_requests, send_encoded, wait_for_commits
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker

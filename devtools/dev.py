@@ -36,8 +36,8 @@ from app.contract.records import (
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.domain.daily_windows import DailyWindows
-from app.kafka.client import RequestSender, daily_stats, follow, request_from
 from app.kafka.clients import apply_topics
+from app.kafka.loop_client import RequestSender, daily_stats, follow, request_from
 from app.settings import Settings
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker, free_port, listening
 from devtools.oracle import canonical, serve_oracle

@@ -25,8 +25,8 @@ from aiokafka.protocol.metadata import MetadataRequest
 
 from app.contract.records import DeadLetter, ExecutionResult
 from app.contract.topics import topics_for
-from app.kafka.client import follow
 from app.kafka.clients import apply_topics
+from app.kafka.loop_client import follow
 from app.settings import Settings
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 

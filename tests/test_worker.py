@@ -16,8 +16,8 @@ from app.contract.files import contract_dir
 from app.contract.records import ExecutionRequest, TaskSpec, execution_id_for, utc_now
 from app.contract.topics import TopicSpec, topics_for
 from app.control.plane import ControlPlane
-from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import apply_topics, make_consumer, make_producer
+from app.kafka.loop_client import RequestSender, request_from
 from app.settings import Settings
 from app.worker import RepeatsHeldBack, build_app
 from devtools.registry import LocalRegistry

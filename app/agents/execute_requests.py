@@ -27,14 +27,14 @@ from aiokafka.errors import (
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import AnomalySignal, DeadLetter, ExecutionRequest, TaskSuspension, utc_now
 from app.contract.topics import Topics
-from app.domain.resolution import Refused, Resolver, Runnable, SchemaValidators
+from app.domain.resolution import ExecutionPlan, Refused, Resolver, SchemaValidators
 from app.domain.results import ResultAssembler, rejected_fields
 from app.domain.task_budget import TimeoutBudget, signal_of
 from app.kafka.clients import make_consumer, make_producer, stop_clients
 from app.kafka.delivery import describe_error
 from app.kafka.outcomes import (
     Message,
-    OutcomeWriter,
+    ResultWriter,
     Undeliverable,
     dead_letter_for,
     executed_results,
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 _REVOKE_WAIT_S = 3.0
 _STOP_WAIT_S = 30.0
 _BULK_BYTES = 256 << 10  # a chunk's outputs (counted three times) past this go out through the bulk lane
-Pending = tuple[ExecutionRequest, Runnable, Message]
+Pending = tuple[ExecutionRequest, ExecutionPlan, Message]
 
 
 class _Outgoing:
@@ -78,7 +78,7 @@ class _Lane:
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self.producer = producer
-        self.writer: OutcomeWriter
+        self.writer: ResultWriter
         self.outgoing = _Outgoing()
         self.delivering = 0  # deliveries on their way
         self.flush_due = False
@@ -113,7 +113,7 @@ class ExecuteRequests:
         self.assembler = ResultAssembler(settings.worker_id)
         self._producer: AIOKafkaProducer
         self._consumer: AIOKafkaConsumer
-        self._writer: OutcomeWriter
+        self._writer: ResultWriter
         self._progress = PartitionProgress()
         self._max_requests = settings.executor_batch_size * settings.executor_max_inflight_batches
         self._max_output_bytes = settings.executor_max_output_bytes
@@ -154,7 +154,7 @@ class ExecuteRequests:
                                        fetch_max_wait_ms=settings.executor_fetch_max_wait_ms, **settings.group_args())
         self._bulk = _Lane(make_producer(settings))
         await self._bulk.producer.start()
-        self._bulk.writer = OutcomeWriter(settings, self._topics, self._bulk.producer)
+        self._bulk.writer = ResultWriter(settings, self._topics, self._bulk.producer)
         await self._bulk.writer.start()
         self._writer = await start_answering(self._consumer, self._producer, settings, self._topics,
                                              self._topics.execution_requests.name, _CommitOnRevoke(self))
@@ -263,7 +263,7 @@ class ExecuteRequests:
                         continue
                     why = refusal(request.task_id) if refusal is not None else None
                     decision = resolve(request) if why is None else Refused(why, request.version)
-                    if type(decision) is Runnable:
+                    if type(decision) is ExecutionPlan:
                         pending.append((request, decision, message))
                         marks.append(mark)
                     else:
@@ -495,8 +495,8 @@ class ExecuteRequests:
 
 
 def _calls(pending: list[Pending]) -> list[Call]:
-    """The sandbox calls of a batch. A batch's Runnables are mostly one shared object (app/domain/resolution's
-    Resolver), so its program and timeout are read once per Runnable; each Call is made as the tuple it is (a
+    """The sandbox calls of a batch. A batch's plans are mostly one shared object (app/domain/resolution's
+    Resolver), so its program and timeout are read once per plan; each Call is made as the tuple it is (a
     NamedTuple's own constructor costs twice as much)."""
     calls: list[Call] = []
     runs: dict[int, tuple[str, str, float]] = {}

@@ -34,7 +34,7 @@ from app.domain.validation import ValidationFields, shadow_version_for, unvalida
 from app.kafka.clients import make_consumer, make_producer, partition_for, stop_clients
 from app.kafka.delivery import Outbox, describe_error
 from app.kafka.metadata import topic_partitions
-from app.kafka.outcomes import Message, OutcomeWriter, Tag, Undeliverable, dead_letter_for, start_answering
+from app.kafka.outcomes import Message, ResultWriter, Tag, Undeliverable, dead_letter_for, start_answering
 from app.kafka.tables import TableReader
 from app.sandbox.pool import Call, SandboxPool
 from app.settings import Settings
@@ -82,7 +82,7 @@ class ValidateExecutions:
         self._partitions: dict[str, int] = {}
         self._producer: AIOKafkaProducer
         self._consumer: AIOKafkaConsumer
-        self._writer: OutcomeWriter
+        self._writer: ResultWriter
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.busy = asyncio.Lock()  # held while a fetched batch is validated and committed

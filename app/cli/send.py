@@ -13,7 +13,7 @@ from app.contract.records import (
     ExecutionRequest,
 )
 from app.control.plane import ControlPlane
-from app.kafka.client import RequestSender, request_from, send_and_wait, send_requests
+from app.kafka.loop_client import RequestSender, request_from, send_and_wait, send_requests
 from app.settings import Settings, describe_validation_error
 
 

@@ -10,7 +10,7 @@ from app.contract.records import (
 )
 from app.domain.daily_stats import StatsKey
 from app.domain.stats_report import chart, window_table
-from app.kafka.client import daily_stats
+from app.kafka.loop_client import daily_stats
 
 
 @click.command("stats")

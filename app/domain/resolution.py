@@ -12,7 +12,7 @@ from app.contract.records import ExecutionRequest, ProgramArtifact, TaskSpec
 from app.domain.canary import runs_canary
 
 
-class Runnable(NamedTuple):
+class ExecutionPlan(NamedTuple):
     """The request can run: this artifact of this task, with this timeout. (A tuple: one per request.)"""
 
     artifact: ProgramArtifact
@@ -97,7 +97,7 @@ def resolve(
     artifact_of: Callable[[str, int], ProgramArtifact | None],
     validators: SchemaValidators,
     default_timeout_ms: int,
-) -> Runnable | Refused:
+) -> ExecutionPlan | Refused:
     """Decide which artifact version runs a request: the pinned one, else the canary for its share of request
     ids (deterministic, so a redelivered request runs the same version), else the task's active one. A request may
     ask for a timeout up to its task's max_timeout_ms; one that gives none gets min(default_timeout_ms, that)."""
@@ -121,7 +121,7 @@ def resolve(
     problem = validators.errors(task, request.input)
     if problem is not None:
         return Refused(problem, version)
-    return Runnable(artifact, request.timeout_ms or unpinned_timeout_ms(task, default_timeout_ms), task)
+    return ExecutionPlan(artifact, request.timeout_ms or unpinned_timeout_ms(task, default_timeout_ms), task)
 
 
 def unpinned_timeout_ms(task: TaskSpec, default_timeout_ms: int) -> int:
@@ -132,7 +132,7 @@ def unpinned_timeout_ms(task: TaskSpec, default_timeout_ms: int) -> int:
 class Resolver:
     """resolve() over a batch of requests, the same decisions at a fraction of the cost: a request that pins
     neither a version nor a timeout, for a task without a canary, runs the task's active version, so the task,
-    its artifact and its input validator are looked up once per task, and the request's Runnable is shared.
+    its artifact and its input validator are looked up once per task, and the request's ExecutionPlan is shared.
     Everything else (and every refusal, for its message) goes through resolve(). Holds the tables as they are
     when it is made: make one per batch."""
 
@@ -141,9 +141,9 @@ class Resolver:
                  default_timeout_ms: int) -> None:
         self._task_of, self._artifact_of = task_of, artifact_of
         self._validators, self._default_timeout_ms = validators, default_timeout_ms
-        self._plans: dict[str, tuple[Runnable, Callable[[Any], bool]] | None] = {}
+        self._plans: dict[str, tuple[ExecutionPlan, Callable[[Any], bool]] | None] = {}
 
-    def __call__(self, request: ExecutionRequest) -> Runnable | Refused:
+    def __call__(self, request: ExecutionRequest) -> ExecutionPlan | Refused:
         if request.version is None and request.timeout_ms is None:
             task_id = request.task_id
             plan = self._plans[task_id] if task_id in self._plans else self._plan(task_id)
@@ -151,7 +151,7 @@ class Resolver:
                 return plan[0]
         return resolve(request, self._task_of, self._artifact_of, self._validators, self._default_timeout_ms)
 
-    def _plan(self, task_id: str) -> tuple[Runnable, Callable[[Any], bool]] | None:
+    def _plan(self, task_id: str) -> tuple[ExecutionPlan, Callable[[Any], bool]] | None:
         """What an unpinned request of the task runs, and the test of its input; None when resolve() decides."""
         plan = None
         task = self._task_of(task_id)
@@ -159,6 +159,6 @@ class Resolver:
             artifact = self._artifact_of(task.name, task.active_version)
             is_valid = self._validators.is_valid(task)
             if artifact is not None and is_valid is not None:
-                plan = (Runnable(artifact, unpinned_timeout_ms(task, self._default_timeout_ms), task), is_valid)
+                plan = (ExecutionPlan(artifact, unpinned_timeout_ms(task, self._default_timeout_ms), task), is_valid)
         self._plans[task_id] = plan
         return plan

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from app.contract.records import ExecutionRequest, ExecutionResult, ExecutionStatus, SamplingStrategy, execution_id_for
-from app.domain.resolution import Runnable, SchemaValidators
+from app.domain.resolution import ExecutionPlan, SchemaValidators
 from app.domain.sampling import Sampler, fraction_of
 from app.domain.validation import oracle_for
 from app.sandbox.pool import Outcome
@@ -51,11 +51,11 @@ class ResultAssembler:
         self.sampler = sampler or Sampler()
         self._outputs = SchemaValidators("output_schema")
 
-    def executed(self, request: ExecutionRequest, runnable: Runnable, outcome: Outcome,
+    def executed(self, request: ExecutionRequest, plan: ExecutionPlan, outcome: Outcome,
                  executed_at: datetime) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The result's fields, and the validation request's fields if the execution was sampled and an oracle
         can judge it (else None)."""
-        task, artifact = runnable.task, runnable.artifact
+        task, artifact = plan.task, plan.artifact
         status, output_json, error, latency_ms, memory_mb = outcome
         strategy = task.sampling_strategy
         value: Any = None

@@ -118,14 +118,14 @@ class BatchSender:
 
 
 @dataclass(frozen=True)
-class TopicOutcome:
+class TopicApplied:
     name: str
     created: bool
     detail: str
     altered: bool = False
 
 
-async def apply_topics(settings: Settings, topics: Topics) -> list[TopicOutcome]:
+async def apply_topics(settings: Settings, topics: Topics) -> list[TopicApplied]:
     """Create every registered topic that is missing, and set the configs topics.yaml names (cleanup.policy,
     retention.ms) on those that exist. A broker that cannot alter configs gets the difference reported."""
     admin = AIOKafkaAdminClient(**settings.kafka_client_args())
@@ -145,20 +145,20 @@ async def apply_topics(settings: Settings, topics: Topics) -> list[TopicOutcome]
                 if code not in (0, TopicAlreadyExistsError.errno):
                     raise RuntimeError(f"cannot create topic {name}: error {code}: {message}")
             for s in missing:
-                outcomes.append(TopicOutcome(s.name, True, f"{s.partitions} partitions, {_configs(s)}"))
+                outcomes.append(TopicApplied(s.name, True, f"{s.partitions} partitions, {_configs(s)}"))
         order = {s.name: i for i, s in enumerate(topics.all())}
         return sorted(outcomes, key=lambda o: order[o.name])
     finally:
         await admin.close()
 
 
-async def _align_configs(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[TopicOutcome]:
+async def _align_configs(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> list[TopicApplied]:
     """Existing topics get topics.yaml's configs; on a broker that cannot, each outcome says what to set."""
     wanted = {s.name: s.config for s in specs if s.config}
     try:
         changes = {c.topic: c for c in differences(wanted, await configs_of(admin, wanted))} if wanted else {}
     except ConfigsNotAltered as exc:
-        return [TopicOutcome(s.name, False, f"configs not checked ({exc}); should be {_configs(s)}") for s in specs]
+        return [TopicApplied(s.name, False, f"configs not checked ({exc}); should be {_configs(s)}") for s in specs]
     not_altered = ""
     try:
         await set_configs(admin, list(changes.values()))
@@ -168,11 +168,11 @@ async def _align_configs(admin: AIOKafkaAdminClient, specs: list[TopicSpec]) -> 
     for s in specs:
         change = changes.get(s.name)
         if change is None:
-            outcomes.append(TopicOutcome(s.name, False, "configs as in topics.yaml"))
+            outcomes.append(TopicApplied(s.name, False, "configs as in topics.yaml"))
         elif not_altered:
-            outcomes.append(TopicOutcome(s.name, False, f"NOT altered, {not_altered}: {change.describe()}"))
+            outcomes.append(TopicApplied(s.name, False, f"NOT altered, {not_altered}: {change.describe()}"))
         else:
-            outcomes.append(TopicOutcome(s.name, False, f"altered: {change.describe()}", altered=True))
+            outcomes.append(TopicApplied(s.name, False, f"altered: {change.describe()}", altered=True))
     return outcomes
 
 

@@ -24,7 +24,7 @@ from app.contract.records import (
 )
 from app.contract.topics import Topics
 from app.domain.daily_stats import summarise_results, summarise_validations
-from app.domain.resolution import Runnable
+from app.domain.resolution import ExecutionPlan
 from app.domain.results import ResultAssembler, rejected_fields
 from app.domain.validation import ValidationFields
 from app.kafka.clients import partition_for, stop_clients
@@ -52,24 +52,24 @@ def dead_letter_for(message: Message, reason: str, error_type: str, worker_id: s
 
 
 def executed_results(
-    pending: Sequence[tuple[ExecutionRequest, Runnable, Message]], outcomes: Sequence[Outcome | Exception],
+    pending: Sequence[tuple[ExecutionRequest, ExecutionPlan, Message]], outcomes: Sequence[Outcome | Exception],
     executed_at: datetime, assembler: ResultAssembler, results: list[tuple[dict[str, Any], Message]],
     letters: list[DeadLetter], validations: list[dict[str, Any]],
 ) -> None:
     """Append a result per sandbox outcome (and a validation request per sampled one an oracle can judge), or a
     dead letter where the sandbox could not run the call."""
     worker_id = assembler.worker_id
-    for (request, runnable, message), outcome in zip(pending, outcomes, strict=True):
+    for (request, plan, message), outcome in zip(pending, outcomes, strict=True):
         if isinstance(outcome, Exception):
             letters.append(dead_letter_for(message, f"the sandbox could not run it: {outcome}",
                                            type(outcome).__name__, worker_id))
             continue
         if outcome.status == "rejected":  # the pool's gate refused the call (its task was suspended): not sampled
             results.append((rejected_fields(request.task_id, request.request_id, outcome.error or "rejected",
-                                            executed_at, worker_id, runnable.artifact.version), message))
+                                            executed_at, worker_id, plan.artifact.version), message))
             continue
         try:
-            result, validation = assembler.executed(request, runnable, outcome, executed_at)
+            result, validation = assembler.executed(request, plan, outcome, executed_at)
         except Exception as exc:  # a bug must not cost the request: it goes to the dead letters
             letters.append(dead_letter_for(message, f"internal error: {exc}", type(exc).__name__, worker_id))
             continue
@@ -79,13 +79,13 @@ def executed_results(
 
 
 async def start_answering(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, settings: Settings, topics: Topics,
-                          source: str, listener: ConsumerRebalanceListener) -> OutcomeWriter:
+                          source: str, listener: ConsumerRebalanceListener) -> ResultWriter:
     """Start the clients of a service that answers a topic's records in batches (the executor, the validators):
-    the producer, its OutcomeWriter (returned), then the consumer of `source`. If one fails to start, both
+    the producer, its ResultWriter (returned), then the consumer of `source`. If one fails to start, both
     clients are stopped."""
     try:
         await producer.start()
-        writer = OutcomeWriter(settings, topics, producer)
+        writer = ResultWriter(settings, topics, producer)
         await writer.start()
         consumer.subscribe([source], listener=listener)
         await consumer.start()
@@ -95,7 +95,7 @@ async def start_answering(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
     return writer
 
 
-class OutcomeWriter:
+class ResultWriter:
     """Sends results and dead letters, then the validation requests of sampled executions; start() learns the
     partition counts of the topics."""
 

@@ -21,12 +21,12 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 from app.contract.codecs import codec_for
 from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult
 from app.contract.topics import Topics
-from app.kafka.client import (
+from app.kafka.clients import make_consumer, partition_for
+from app.kafka.loop_client import (
     RequestSender,
     ending_of,  # the same test send --wait uses
     request_from,
 )
-from app.kafka.clients import make_consumer, partition_for
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
 

@@ -27,8 +27,8 @@ from app.contract.records import DailyStats, DeadLetter, Record, utc_now
 from app.contract.topics import Topics
 from app.domain.daily_stats import StatsKey
 from app.domain.task_budget import in_force
-from app.kafka.client import daily_stats
 from app.kafka.clients import BrokerWatch
+from app.kafka.loop_client import daily_stats
 from app.kafka.tables import TableReader
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings

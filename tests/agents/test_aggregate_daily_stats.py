@@ -15,8 +15,8 @@ from app.control.plane import ControlPlane
 from app.domain.daily_stats import StatsKey, WindowStats
 from app.domain.daily_windows import DailyWindow, DailyWindows
 from app.domain.open_windows import OpenWindows
-from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import apply_topics, make_producer, partition_for
+from app.kafka.loop_client import RequestSender, request_from
 from app.kafka.partitioned_state import read_state
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker

@@ -12,8 +12,8 @@ from app.contract.records import ExecutionStatus, TaskSpec, execution_id_for, ut
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.domain.sampling import is_sampled
-from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import apply_topics, make_producer
+from app.kafka.loop_client import RequestSender, request_from
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from devtools.samples import TEXT_INPUT_SCHEMA, program_source

@@ -22,8 +22,8 @@ from app.agents.execute_requests import ExecuteRequests
 from app.contract.records import ExecutionRequest, ExecutionStatus, TaskSpec, execution_id_for, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
-from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import make_consumer, make_producer
+from app.kafka.loop_client import RequestSender, request_from
 from app.kafka.tables import TableReader
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.pool import SandboxPool

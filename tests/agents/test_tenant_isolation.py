@@ -7,8 +7,8 @@ from app.contract.records import TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.domain.programs import check_source
-from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import apply_topics
+from app.kafka.loop_client import RequestSender, request_from
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from tests.conftest import WorkerProcess, make_settings, results_for

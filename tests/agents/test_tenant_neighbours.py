@@ -12,8 +12,8 @@ import pytest
 from app.contract.records import ExecutionRequest, ExecutionResult, TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
-from app.kafka.client import RequestSender, follow, request_from
 from app.kafka.clients import apply_topics
+from app.kafka.loop_client import RequestSender, follow, request_from
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from devtools.samples.neighbours import FINALISER, HUGE, SPIN, VICTIM

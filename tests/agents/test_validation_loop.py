@@ -28,8 +28,8 @@ from app.contract.records import (
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.domain.sampling import fraction_of
-from app.kafka.client import RequestSender, daily_stats, request_from
 from app.kafka.clients import apply_topics, make_producer
+from app.kafka.loop_client import RequestSender, daily_stats, request_from
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from devtools.oracle import canonical, serve_oracle

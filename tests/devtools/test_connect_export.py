@@ -21,8 +21,8 @@ from app.contract.codecs import json_codec
 from app.contract.records import ExecutionResult, ExecutionStatus, TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
-from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import make_consumer, make_producer
+from app.kafka.loop_client import RequestSender, request_from
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
 from devtools.connect import (

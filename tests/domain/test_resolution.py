@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from app.contract.records import ExecutionRequest, ProgramArtifact, TaskSpec, utc_now
-from app.domain.resolution import Refused, Resolver, Runnable, SchemaValidators, resolve
+from app.domain.resolution import ExecutionPlan, Refused, Resolver, SchemaValidators, resolve
 
 SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 
@@ -21,20 +21,20 @@ TASKS = {"spam": TaskSpec(name="spam", input_schema=SCHEMA, active_version=2, sa
 ARTIFACTS = {("spam", 1): _artifact(1), ("spam", 2): _artifact(2)}
 
 
-def _resolve(**fields: Any) -> Runnable | Refused:
+def _resolve(**fields: Any) -> ExecutionPlan | Refused:
     request = ExecutionRequest(**{"request_id": "r", "task_id": "spam", "input": {"text": "x"}, **fields})
     return resolve(request, TASKS.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), 1000)
 
 
 def test_active_version_runs() -> None:
     decision = _resolve()
-    assert isinstance(decision, Runnable)
+    assert isinstance(decision, ExecutionPlan)
     assert (decision.artifact.version, decision.timeout_ms, decision.task.sampling_rate) == (2, 1000, 0.3)
 
 
 def test_pinned_version_and_timeout() -> None:
     decision = _resolve(version=1, timeout_ms=25)
-    assert isinstance(decision, Runnable)
+    assert isinstance(decision, ExecutionPlan)
     assert (decision.artifact.version, decision.timeout_ms) == (1, 25)
 
 
@@ -56,14 +56,14 @@ def test_refusals(fields: dict[str, Any], message: str) -> None:
 
 def test_a_request_may_ask_for_a_timeout_up_to_its_tasks_max_timeout_ms() -> None:
     decision = _resolve(timeout_ms=1000)  # the default bound, 1000, allows exactly it
-    assert isinstance(decision, Runnable) and decision.timeout_ms == 1000
+    assert isinstance(decision, ExecutionPlan) and decision.timeout_ms == 1000
     assert _resolve(timeout_ms=1001) == Refused("timeout_ms 1001 is above task 'spam''s max_timeout_ms 1000", 2)
     assert _resolve(timeout_ms=20_000, version=1) == \
         Refused("timeout_ms 20000 is above task 'spam''s max_timeout_ms 1000", 1)
     patient = {"spam": TASKS["spam"].model_copy(update={"max_timeout_ms": 30_000})}
     request = ExecutionRequest(request_id="r", task_id="spam", input={"text": "x"}, timeout_ms=20_000)
     decision = resolve(request, patient.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), 1000)
-    assert isinstance(decision, Runnable) and decision.timeout_ms == 20_000
+    assert isinstance(decision, ExecutionPlan) and decision.timeout_ms == 20_000
 
 
 @pytest.mark.parametrize(("default_timeout_ms", "max_timeout_ms", "expected"),
@@ -76,7 +76,7 @@ def test_a_request_without_timeout_gets_the_default_within_the_tasks_bound(
                                      default_timeout_ms),
                    Resolver(tasks.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), default_timeout_ms)):
         decision = decide(request)
-        assert isinstance(decision, Runnable) and decision.timeout_ms == expected
+        assert isinstance(decision, ExecutionPlan) and decision.timeout_ms == expected
 
 
 def test_active_version_that_is_not_published() -> None:
@@ -149,12 +149,12 @@ def test_a_canary_runs_its_share_of_requests_and_pins_win() -> None:
     for i in range(2000):
         request = ExecutionRequest(request_id=f"r{i}", task_id="spam", input={"text": "x"})
         decision = resolve(request, canary.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), 1000)
-        assert isinstance(decision, Runnable)
+        assert isinstance(decision, ExecutionPlan)
         versions.append(decision.artifact.version)
     assert 0.26 < versions.count(1) / len(versions) < 0.34
     pinned = ExecutionRequest(request_id="r1", task_id="spam", version=2, input={"text": "x"})
     decision = resolve(pinned, canary.get, lambda t, v: ARTIFACTS.get((t, v)), SchemaValidators(), 1000)
-    assert isinstance(decision, Runnable) and decision.artifact.version == 2
+    assert isinstance(decision, ExecutionPlan) and decision.artifact.version == 2
 
 
 def test_a_batch_resolver_decides_as_resolve_does_for_every_kind_of_request_and_table() -> None:
@@ -179,5 +179,5 @@ def test_a_batch_resolver_decides_as_resolve_does_for_every_kind_of_request_and_
     batch = Resolver(tasks.get, artifact_of, SchemaValidators(), 1000)
     for request in requests:
         assert batch(request) == resolve(request, tasks.get, artifact_of, SchemaValidators(), 1000), request
-    shared = {id(batch(request)) for request in requests[:4]}  # one task, unpinned, valid: one Runnable
+    shared = {id(batch(request)) for request in requests[:4]}  # one task, unpinned, valid: one ExecutionPlan
     assert len(shared) == 1

@@ -8,8 +8,8 @@ import pytest
 from app.contract.records import TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
-from app.kafka.client import follow, request_from, send_requests
 from app.kafka.clients import make_consumer
+from app.kafka.loop_client import follow, request_from, send_requests
 from app.kafka.metadata import BrokerUnreachable, TopicUnavailable, check_broker, topic_partitions
 from app.kafka.tables import TableReader
 from app.settings import Settings

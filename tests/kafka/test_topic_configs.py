@@ -11,7 +11,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import AIOKafkaConnection
 
 from app.contract.topics import topics_for
-from app.kafka.clients import TopicOutcome, apply_topics
+from app.kafka.clients import TopicApplied, apply_topics
 from app.kafka.topic_configs import configs_of
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
@@ -40,7 +40,7 @@ async def current(settings: Settings, *keys: str) -> dict[str, dict[str, str | N
         await admin.close()
 
 
-def outcome(outcomes: list[TopicOutcome], name: str) -> TopicOutcome:
+def outcome(outcomes: list[TopicApplied], name: str) -> TopicApplied:
     return next(o for o in outcomes if o.name == name)
 
 
@@ -52,7 +52,7 @@ async def test_existing_topics_get_the_configs_of_topics_yaml(broker: EmbeddedBr
 
     first = await apply_topics(settings, topics)
 
-    assert outcome(first, topics.analytics.name) == TopicOutcome(
+    assert outcome(first, topics.analytics.name) == TopicApplied(
         topics.analytics.name, False, "altered: cleanup.policy delete -> compact", altered=True)
     assert outcome(first, topics.validations.name).detail == "altered: retention.ms 1000 -> 2592000000"
     assert await current(settings, "analytics", "validations") == {
