@@ -17,8 +17,10 @@ import statistics
 import time
 
 from app.sandbox.boundary import Boundary, Limits
-from app.sandbox.pool import Call, SandboxPool, SandboxProcess
-from app.sandbox.process import Zygote
+from app.sandbox.calls import Call
+from app.sandbox.pool import SandboxPool
+from app.sandbox.process import SandboxProcess
+from app.sandbox.zygote_host import Zygote
 from devtools.samples import program_source
 
 SPAM = program_source("spam_v1")

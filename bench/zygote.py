@@ -20,8 +20,10 @@ import statistics
 import time
 
 from app.sandbox.boundary import Boundary, Limits
+from app.sandbox.calls import Call
 from app.sandbox.child import _IDLE_TRIM_S
-from app.sandbox.process import Call, Memory, SandboxProcess, Zygote, measure_memory
+from app.sandbox.process import Memory, SandboxProcess, measure_memory
+from app.sandbox.zygote_host import Zygote
 from devtools.samples import program_source
 
 SPAM = program_source("spam_v1")

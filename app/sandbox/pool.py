@@ -14,7 +14,9 @@ from operator import itemgetter
 from typing import Any
 
 from app.sandbox.boundary import Boundary, SandboxUnavailable
-from app.sandbox.process import Call, Outcome, SandboxDied, SandboxProcess, Zygote
+from app.sandbox.calls import Call, Outcome
+from app.sandbox.process import SandboxDied, SandboxProcess
+from app.sandbox.zygote_host import Zygote
 
 __all__ = ["Call", "Emit", "Outcome", "SandboxDied", "SandboxPool", "SandboxProcess", "run_once"]
 

@@ -10,7 +10,7 @@ import socket
 from dataclasses import dataclass, field
 
 from app.sandbox.boundary import Boundary
-from app.sandbox.process import Zygote
+from app.sandbox.zygote_host import Zygote
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import pytest
 
 from app.sandbox.boundary import MALLOC_ENVIRONMENT, Boundary, Limits, SandboxUnavailable
 from app.sandbox.pool import SandboxPool
-from app.sandbox.process import Zygote
+from app.sandbox.zygote_host import Zygote
 from tests.sandbox.probing import Probed, fork_child
 
 REPO = Path(__file__).resolve().parents[2]

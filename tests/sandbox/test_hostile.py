@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from app.sandbox.pool import Call, SandboxPool
+from app.sandbox.calls import Call
+from app.sandbox.pool import SandboxPool
 
 GOOD_SOURCE = "def run(input):\n    return input['n'] * 2\n"
 CANARY = Path("/tmp/loopai-hostile-canary")

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import pytest
 
 from app.sandbox.boundary import Boundary, Limits
+from app.sandbox.calls import Call
 from app.sandbox.child import MAX_ERROR_CHARS
-from app.sandbox.pool import Call, SandboxDied, SandboxPool, SandboxProcess
+from app.sandbox.pool import SandboxPool
+from app.sandbox.process import SandboxDied, SandboxProcess
 from devtools.samples import program_source
 
 SPAM = program_source("spam_v1")

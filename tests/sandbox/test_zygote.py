@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from app.sandbox.boundary import Boundary, Limits
-from app.sandbox.pool import Call, SandboxPool
-from app.sandbox.process import SandboxDied, SandboxProcess, Zygote
+from app.sandbox.calls import Call
+from app.sandbox.pool import SandboxPool
+from app.sandbox.process import SandboxDied, SandboxProcess
+from app.sandbox.zygote_host import Zygote
 from tests.sandbox.probing import Child, Probed, fork_child
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="the probe calls syscalls by x86-64 number")
