@@ -31,8 +31,8 @@ from app.contract.topics import topics_for
 from app.domain.daily_stats import summarise_results
 from app.domain.daily_windows import DailyWindows
 from app.domain.results import ResultAssembler
+from app.kafka.lanes import Answers
 from app.kafka.loop_client import request_from
-from app.kafka.outcomes import executed_results
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.process import SandboxProcess
 from app.settings import Settings
@@ -69,9 +69,10 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
                                        source_code=program_source("spam_v1"), created_at=utc_now())
                  for name in TASKS}
     tables = SimpleNamespace(tasks=tasks, artifacts=SimpleNamespace(version=lambda t, v: artifacts.get(t)))
-    executor = ExecuteRequests(settings, topics, tables, None)  # type: ignore[arg-type]  # _prepare needs no more
+    executor = ExecuteRequests(settings, topics, tables, None)  # type: ignore[arg-type]  # _triage needs no more
+    executor._lanes = SimpleNamespace(main=Answers())  # type: ignore[assignment]  # where refusals would go
     by_partition = messages(batch_size)
-    pending = executor._prepare(by_partition).pending
+    pending = executor._triage(by_partition)[0]
     process = SandboxProcess(Boundary(Limits()))
     frame = answers_frame(batch_size)
     loop = asyncio.get_running_loop()
@@ -80,8 +81,7 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
     executed_at = utc_now()
 
     def decode_and_resolve() -> None:
-        prepared = executor._prepare(by_partition)
-        assert len(prepared.pending) == batch_size
+        assert len(executor._triage(by_partition)[0]) == batch_size
 
     def batch_lines() -> list[bytes]:  # one per version, as the pool writes them (app/sandbox/pool.py)
         return [orjson.dumps({"batch": 1, "load": [], "key": key, "run": [(c.timeout_s, c.input) for c in calls]},
@@ -101,8 +101,7 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
     made: list[tuple[dict[str, Any], Any]] = []
 
     def assemble() -> None:
-        made.clear()
-        executed_results(pending, outcomes, executed_at, assembler, made, [], [])
+        made[:] = assembler.assemble(pending, outcomes, executed_at)[0]
 
     assemble()
 

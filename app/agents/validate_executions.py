@@ -36,7 +36,8 @@ from app.kafka.delivery import Outbox, describe_error
 from app.kafka.metadata import topic_partitions
 from app.kafka.outcomes import Message, ResultWriter, Tag, Undeliverable, dead_letter_for, start_answering
 from app.kafka.tables import TableReader
-from app.sandbox.pool import Call, SandboxPool
+from app.sandbox.calls import Call
+from app.sandbox.pool import SandboxPool
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

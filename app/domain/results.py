@@ -9,8 +9,9 @@ strategy needs to look inside it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -18,8 +19,9 @@ from app.contract.records import ExecutionRequest, ExecutionResult, ExecutionSta
 from app.domain.resolution import ExecutionPlan, SchemaValidators
 from app.domain.sampling import Sampler, fraction_of
 from app.domain.validation import oracle_for
-from app.sandbox.pool import Outcome
+from app.sandbox.calls import Outcome
 
+Origin = TypeVar("Origin")  # where a request came from (its message): carried through, never looked at
 RESULT_DEFAULTS: dict[str, Any] = {
     name: info.default for name, info in ExecutionResult.model_fields.items() if not info.is_required()
 }
@@ -50,6 +52,34 @@ class ResultAssembler:
         self.worker_id = worker_id
         self.sampler = sampler or Sampler()
         self._outputs = SchemaValidators("output_schema")
+
+    def assemble(
+        self, pending: Sequence[tuple[ExecutionRequest, ExecutionPlan, Origin]],
+        outcomes: Sequence[Outcome | Exception], executed_at: datetime,
+    ) -> tuple[list[tuple[dict[str, Any], Origin]], list[dict[str, Any]], list[tuple[Origin, str, str]]]:
+        """For each request (with its origin, e.g. its message) and what the sandbox made of it: its result, or
+        a failure (origin, reason, error type) where the sandbox could not run the call; and the validation
+        requests of the sampled executions an oracle can judge. Returns (results, validations, failures)."""
+        results: list[tuple[dict[str, Any], Origin]] = []
+        validations: list[dict[str, Any]] = []
+        failures: list[tuple[Origin, str, str]] = []
+        for (request, plan, origin), outcome in zip(pending, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                failures.append((origin, f"the sandbox could not run it: {outcome}", type(outcome).__name__))
+                continue
+            if outcome.status == "rejected":  # the pool's gate refused the call (its task was suspended): not sampled
+                results.append((rejected_fields(request.task_id, request.request_id, outcome.error or "rejected",
+                                                executed_at, self.worker_id, plan.artifact.version), origin))
+                continue
+            try:
+                result, validation = self.executed(request, plan, outcome, executed_at)
+            except Exception as exc:  # a bug must not cost the request: it goes to the dead letters
+                failures.append((origin, f"internal error: {exc}", type(exc).__name__))
+                continue
+            results.append((result, origin))
+            if validation is not None:
+                validations.append(validation)
+        return results, validations, failures
 
     def executed(self, request: ExecutionRequest, plan: ExecutionPlan, outcome: Outcome,
                  executed_at: datetime) -> tuple[dict[str, Any], dict[str, Any] | None]:

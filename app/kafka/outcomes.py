@@ -6,8 +6,6 @@ cluster refuses for good falls back to a dead letter; when not even that can be 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from datetime import datetime
 from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
@@ -16,7 +14,6 @@ from aiokafka.abc import ConsumerRebalanceListener
 from app.contract.codecs import codec_for
 from app.contract.records import (
     DeadLetter,
-    ExecutionRequest,
     ExecutionResult,
     StatsPartial,
     ValidationRequest,
@@ -24,13 +21,10 @@ from app.contract.records import (
 )
 from app.contract.topics import Topics
 from app.domain.daily_stats import summarise_results, summarise_validations
-from app.domain.resolution import ExecutionPlan
-from app.domain.results import ResultAssembler, rejected_fields
 from app.domain.validation import ValidationFields
 from app.kafka.clients import partition_for, stop_clients
 from app.kafka.delivery import Outbox, Outgoing, Undelivered, deliver
 from app.kafka.metadata import topic_partitions
-from app.sandbox.pool import Outcome
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,33 +43,6 @@ def dead_letter_for(message: Message, reason: str, error_type: str, worker_id: s
         source_partition=message.partition, source_offset=message.offset,
         key=message.key, value=message.value, worker_id=worker_id, dead_lettered_at=utc_now(),
     )
-
-
-def executed_results(
-    pending: Sequence[tuple[ExecutionRequest, ExecutionPlan, Message]], outcomes: Sequence[Outcome | Exception],
-    executed_at: datetime, assembler: ResultAssembler, results: list[tuple[dict[str, Any], Message]],
-    letters: list[DeadLetter], validations: list[dict[str, Any]],
-) -> None:
-    """Append a result per sandbox outcome (and a validation request per sampled one an oracle can judge), or a
-    dead letter where the sandbox could not run the call."""
-    worker_id = assembler.worker_id
-    for (request, plan, message), outcome in zip(pending, outcomes, strict=True):
-        if isinstance(outcome, Exception):
-            letters.append(dead_letter_for(message, f"the sandbox could not run it: {outcome}",
-                                           type(outcome).__name__, worker_id))
-            continue
-        if outcome.status == "rejected":  # the pool's gate refused the call (its task was suspended): not sampled
-            results.append((rejected_fields(request.task_id, request.request_id, outcome.error or "rejected",
-                                            executed_at, worker_id, plan.artifact.version), message))
-            continue
-        try:
-            result, validation = assembler.executed(request, plan, outcome, executed_at)
-        except Exception as exc:  # a bug must not cost the request: it goes to the dead letters
-            letters.append(dead_letter_for(message, f"internal error: {exc}", type(exc).__name__, worker_id))
-            continue
-        results.append((result, message))
-        if validation is not None:
-            validations.append(validation)
 
 
 async def start_answering(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer, settings: Settings, topics: Topics,
