@@ -1,30 +1,14 @@
-"""Validates sampled executions: consumes validation-requests (key task_id) in Kafka batches and produces
-validations. A label oracle compares with the expected output the request carried; a shadow oracle runs another
-version of the task's program on the same input in the sandbox pool (a batch's shadow runs go as one pool
-batch); an external oracle forwards the request to oracle-requests (key execution_id), where an oracle service
-answers (see join_oracle_verdicts).
-
-Every request ends as its validation, its forwarded oracle request, or a dead letter saying why, all
-acknowledged before the batch's offsets are committed (at-least-once, like the executor). Like the executor, it
-then sends the daily-stats partials of the batch's validations (validated and matched counts per
-task/version/day) to stats-partials: the analytics and canary agents count validations from those, a few
-records a second, not one faust event per validation.
-
-It reads with aiokafka in batches, not as a faust agent: at full speed thousands of executions a second are
-sampled per worker, more than faust's per-event path (a stream event, an ack and a produce request per record)
-keeps up with (docs/performance.md).
-"""
+"""Validates sampled executions: consumes validation-requests in batches, produces one validation per request (a
+label oracle compares with the expected output, a shadow oracle runs another version in the sandbox), or forwards
+it to oracle-requests for an external oracle, or a dead letter saying why (docs/validation.md)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import OracleKind, Validation, ValidationRequest, ValidationStatus, utc_now
@@ -35,6 +19,8 @@ from app.kafka.clients import make_consumer, make_producer, partition_for, stop_
 from app.kafka.delivery import Outbox, describe_error
 from app.kafka.metadata import topic_partitions
 from app.kafka.outcomes import Message, ResultWriter, Tag, Undeliverable, dead_letter_for, start_answering
+from app.kafka.pipeline import Pipeline
+from app.kafka.progress import Mark
 from app.kafka.tables import TableReader
 from app.sandbox.calls import Call
 from app.sandbox.pool import SandboxPool
@@ -46,30 +32,18 @@ _BATCH = 1000  # validation requests fetched at most per batch
 
 @dataclass(slots=True)
 class _Batch:
-    """One batch's answers: validations and oracle requests (tagged with their request message) and letters."""
+    """One fetch's answers: validations and oracle requests (tagged with their request message) and letters."""
 
+    marks: list[Mark]  # the request records it answers
     outbox: Outbox[Tag] = field(default_factory=Outbox)
     shadows: list[tuple[ValidationRequest, int, Call, Message]] = field(default_factory=list)  # (.., version, ..)
     validations: list[tuple[int, ValidationFields]] = field(default_factory=list)  # (id() of its message, ..)
     forwarded: list[int] = field(default_factory=list)  # id() of those forwarded to an external oracle
-
-
-class _FinishOnRevoke(ConsumerRebalanceListener):
-    """Before partitions move to another worker, finish (and commit) the batch in hand."""
-
-    def __init__(self, service: ValidateExecutions) -> None:
-        self._service = service
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        async with self._service.busy:
-            pass
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        log.info("validator assigned %s", sorted(tp.partition for tp in assigned))
+    letters: int = 0
 
 
 class ValidateExecutions:
-    """The validation service of a worker. start() joins the validators' group; stop() finishes the batch in
+    """The validation service of a worker. start() joins the validators' group; stop() finishes the batches in
     hand. `failed` is set, with `failure` saying why, when it had to stop without committing."""
 
     def __init__(self, settings: Settings, topics: Topics, tables: TableReader, pool: SandboxPool) -> None:
@@ -82,83 +56,79 @@ class ValidateExecutions:
         self._validations = codec_for(Validation, settings, topics.validations)
         self._partitions: dict[str, int] = {}
         self._producer: AIOKafkaProducer
-        self._consumer: AIOKafkaConsumer
         self._writer: ResultWriter
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
-        self.busy = asyncio.Lock()  # held while a fetched batch is validated and committed
-        self.failed = asyncio.Event()
-        self.failure: str | None = None
+        self.pipeline = Pipeline(
+            "validator", "validation requests", batch_size=_BATCH, max_in_flight=2 * _BATCH,
+            commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._send_partials,
+            failure_of=lambda exc: f"consuming {topics.validation_requests.name} failed: {describe_error(exc)}")
+        self._delivered: list[ValidationFields] = []  # validations acknowledged since the last commit
         self.validated = 0  # validations produced
         self.forwarded = 0  # requests forwarded to an external oracle
         self.dead_lettered = 0
 
+    @property
+    def failed(self) -> asyncio.Event:
+        return self.pipeline.failed
+
+    @property
+    def failure(self) -> str | None:
+        return self.pipeline.failure
+
     async def start(self) -> None:
         settings = self._settings
         self._producer = make_producer(settings)
-        self._consumer = make_consumer(settings, group_id=f"{settings.app_id}-validators",
-                                       fetch_max_wait_ms=settings.agent_fetch_max_wait_ms, **settings.group_args())
-        self._writer = await start_answering(self._consumer, self._producer, settings, self._topics,
-                                             self._topics.validation_requests.name, _FinishOnRevoke(self))
+        self.pipeline.consumer = make_consumer(settings, group_id=f"{settings.app_id}-validators",
+                                               fetch_max_wait_ms=settings.agent_fetch_max_wait_ms,
+                                               **settings.group_args())
+        self._writer = await start_answering(self.pipeline.consumer, self._producer, settings, self._topics,
+                                             self._topics.validation_requests.name, self.pipeline.listener)
         for spec in (self._topics.validations, self._topics.oracle_requests):  # before the first batch is read
             self._partitions[spec.name] = len(await topic_partitions(self._producer, spec.name))
-        self._task = asyncio.ensure_future(self._run())
+        self.pipeline.start(self._take, self._tables.ready.wait())  # a shadow oracle needs the artifacts
 
     def fail(self, reason: str) -> None:
-        if self.failure is None:
-            self.failure = reason
-            self._stopping = True
-            self.failed.set()
+        self.pipeline.fail(reason)
 
     async def stop(self) -> None:
-        """Finish and commit the batch in hand (unless failed), then leave the group."""
-        self._stopping = True
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=30)
-            except TimeoutError:
-                log.warning("the validation batch in hand did not finish in 30 s; it will be redelivered")
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await stop_clients(getattr(self, "_consumer", None), getattr(self, "_producer", None))
+        """Finish and commit the batches in hand (unless failed), then leave the group."""
+        await self.pipeline.stop()
+        await stop_clients(getattr(self.pipeline, "consumer", None), getattr(self, "_producer", None))
 
-    async def _run(self) -> None:
-        await self._tables.ready.wait()  # a shadow oracle needs the artifacts
+    def _take(self, fetched: dict[TopicPartition, list[Message]]) -> None:
+        batch = _Batch(marks=[])
+        for tp, messages in fetched.items():
+            segment = self.pipeline.track(tp, messages)
+            batch.marks += [(segment, index) for index in range(len(messages))]
+            for message in messages:
+                self._answer(message, batch)
+        self.pipeline.spawn(self._finish(batch))
+
+    async def _finish(self, batch: _Batch) -> None:
+        """Run the batch's shadow versions, deliver its answers, then count its requests done."""
         try:
-            while not self._stopping:
-                # Not held across getmany: during a rebalance aiokafka's fetch waits for the new assignment,
-                # which waits for on_partitions_revoked, which waits for this lock (the group hung until stop).
-                fetched = await self._consumer.getmany(timeout_ms=100, max_records=_BATCH)
-                if fetched:
-                    async with self.busy:
-                        await self._validate(fetched)
+            if batch.shadows:
+                await self._run_shadows(batch)
+            fallen_back = await self._writer.deliver(batch.outbox)  # those answers went as dead letters instead
         except Undeliverable as exc:
             self.fail(str(exc))
-        except KafkaError as exc:
-            self.fail(f"consuming {self._topics.validation_requests.name} failed: {describe_error(exc)}")
+            self.pipeline.let_go(len(batch.marks))
+            return
         except Exception as exc:  # a bug: stop rather than commit past requests without an answer
             log.exception("validating a batch failed")
             self.fail(f"validating a batch failed ({describe_error(exc)}); it stays uncommitted")
-
-    async def _validate(self, fetched: dict[TopicPartition, list[Message]]) -> None:
-        batch = _Batch()
-        for messages in fetched.values():
-            for message in messages:
-                self._answer(message, batch)
-        if batch.shadows:
-            await self._run_shadows(batch)
-        fallen_back = await self._writer.deliver(batch.outbox)  # those answers went as dead letters instead
+            self.pipeline.let_go(len(batch.marks))
+            return
         delivered = [record for key, record in batch.validations if key not in fallen_back]
-        await self._writer.write_validation_stats(delivered)  # before the commit, as the executor's partials
+        self._delivered += delivered
         self.validated += len(delivered)
         self.forwarded += sum(1 for key in batch.forwarded if key not in fallen_back)
-        self.dead_lettered += len(fallen_back)
-        try:
-            await self._consumer.commit({tp: messages[-1].offset + 1 for tp, messages in fetched.items()})
-        except (CommitFailedError, IllegalStateError) as exc:
-            # The partitions moved to another worker, which validates the batch again: duplicates, never losses.
-            log.warning("validation commit failed after a rebalance: %s", exc)
+        self.dead_lettered += batch.letters + len(fallen_back)
+        await self.pipeline.done(batch.marks)
+
+    async def _send_partials(self) -> None:
+        """Before a commit: the daily-stats partials of the validations acknowledged since the last one."""
+        delivered, self._delivered = self._delivered, []
+        await self._writer.write_validation_stats(delivered)
 
     def _answer(self, message: Message, batch: _Batch) -> None:
         """Adds a message's answer to the batch (a shadow run is only queued, see _run_shadows)."""
@@ -225,4 +195,4 @@ class ValidateExecutions:
 
     def _letter(self, batch: _Batch, message: Message, reason: str, error_type: str) -> None:
         self._writer.add_letter(batch.outbox, dead_letter_for(message, reason, error_type, self._settings.worker_id))
-        self.dead_lettered += 1
+        batch.letters += 1
