@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.contract.records import TaskSpec, utc_now
+from app.contract.registry import register_schemas
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.kafka.clients import apply_topics
@@ -33,6 +34,8 @@ async def _run_the_example(broker: EmbeddedBroker, start_worker: Callable[..., W
     avro = {"wire_format": "avro", "registry_url": registry_url} if wire_format == "avro" else {}
     settings = make_settings(broker, **avro)
     await apply_topics(settings, topics_for(settings.topic_prefix))
+    if avro:
+        register_schemas(settings, topics_for(settings.topic_prefix))  # as `loopai topics apply` does
     async with ControlPlane(settings) as control:
         await control.put_task(TaskSpec(name="shout", updated_at=utc_now()))
         await control.publish("shout", "def run(input):\n    return input['text'].upper()\n", activate=True)

@@ -14,6 +14,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from app.contract.files import contract_dir
 from app.contract.records import ExecutionRequest, TaskSpec, execution_id_for, utc_now
+from app.contract.registry import register_schemas
 from app.contract.topics import TopicSpec, topics_for
 from app.control.plane import ControlPlane
 from app.kafka.clients import apply_topics, make_consumer, make_producer
@@ -76,6 +77,7 @@ async def test_avro_wire_format_end_to_end(broker, start_worker: Callable[..., W
         settings = make_settings(broker, wire_format="avro", registry_url=registry.url)
         topics = topics_for(settings.topic_prefix)
         await apply_topics(settings, topics)
+        register_schemas(settings, topics)  # as `loopai topics apply` does with the Avro wire format
         async with ControlPlane(settings) as control:
             await control.put_task(TaskSpec(name="spam", updated_at=utc_now()))
             await control.publish("spam", program_source("spam_v2"), activate=True)

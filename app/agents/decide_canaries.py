@@ -11,7 +11,7 @@ from typing import Any
 
 import faust
 
-from app.agents.plumbing import EventDeadLetters, raw_topic
+from app.agents.plumbing import EventDeadLetters, changelog_table, raw_topic
 from app.contract.codecs import DecodeError, codec_for, json_codec
 from app.contract.records import (
     AnomalySignal,
@@ -52,19 +52,9 @@ class DecideCanaries:
         # come back through the task table, and the same version may go on canary again later.
         self._decided: set[tuple[str, int, object]] = set()
         # b"task/version" -> [validated, matched]
-        self.accuracy = app.Table(
-            "canary_accuracy", key_type=bytes, partitions=topics.canary_accuracy.partitions,
-            changelog_topic=app.topic(topics.canary_accuracy.name, key_type=bytes, key_serializer="raw",
-                                      value_serializer="json", partitions=topics.canary_accuracy.partitions,
-                                      compacting=True),
-        )
+        self.accuracy = changelog_table(app, topics.canary_accuracy)
         # b"task/version" -> the latest signals against that version, as JSON texts, oldest first
-        self.signals = app.Table(
-            "canary_signals", key_type=bytes, partitions=topics.canary_signals.partitions,
-            changelog_topic=app.topic(topics.canary_signals.name, key_type=bytes, key_serializer="raw",
-                                      value_serializer="json", partitions=topics.canary_signals.partitions,
-                                      compacting=True),
-        )
+        self.signals = changelog_table(app, topics.canary_signals)
         app.agent(raw_topic(app, topics.stats_partials, topics.anomaly_signals), name="decide_canaries")(
             self._consume)
 

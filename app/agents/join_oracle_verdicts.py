@@ -15,7 +15,7 @@ from typing import Any
 
 import faust
 
-from app.agents.plumbing import EventDeadLetters, raw_topic
+from app.agents.plumbing import EventDeadLetters, changelog_table, raw_topic
 from app.contract.codecs import DecodeError, codec_for, json_codec
 from app.contract.records import OracleVerdict, StatsPartial, Validation, ValidationRequest, ValidationStatus, utc_now
 from app.contract.topics import Topics
@@ -56,12 +56,7 @@ class JoinOracleVerdicts:
         #   its request, {"verdict": OracleVerdict as JSON text, "deadline": unix seconds}, or, once decided,
         #   {"decided": "validated" or "expired", "deadline": when it is forgotten}.
         # use_partitioner: the expiry timer changes it outside a stream, keyed like the source topics.
-        self.pending = app.Table(
-            "oracle_pending", key_type=bytes, use_partitioner=True, partitions=topics.oracle_pending.partitions,
-            changelog_topic=app.topic(topics.oracle_pending.name, key_type=bytes, key_serializer="raw",
-                                      value_serializer="json", partitions=topics.oracle_pending.partitions,
-                                      compacting=True),
-        )
+        self.pending = changelog_table(app, topics.oracle_pending, use_partitioner=True)
         app.agent(raw_topic(app, topics.oracle_requests, topics.oracle_verdicts), name="join_oracle_verdicts")(
             self._consume)
         app.timer(_EXPIRY_CHECK_S, name="expire_oracle_requests")(self._expire)

@@ -26,6 +26,17 @@ def raw_topic(app: faust.App, *specs: TopicSpec) -> Any:
                      value_serializer="raw", partitions=specs[0].partitions)
 
 
+def changelog_table(app: faust.App, spec: TopicSpec, **options: Any) -> Any:
+    """A faust table of JSON values by bytes keys, named by its changelog topic's key in the registry and kept
+    in that (compacted) topic."""
+    return app.Table(
+        spec.key, key_type=bytes, partitions=spec.partitions,
+        changelog_topic=app.topic(spec.name, key_type=bytes, key_serializer="raw", value_serializer="json",
+                                  partitions=spec.partitions, compacting=True),
+        **options,
+    )
+
+
 class EventDeadLetters:
     """Sends the dead letter of a faust event that could not be processed: the reason and the original bytes,
     topic, partition and offset. One per agent."""

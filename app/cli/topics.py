@@ -8,6 +8,7 @@ from app.cli.common import (
     kafka_settings,
     run,
 )
+from app.contract.registry import register_schemas
 from app.contract.topics import topics_for
 from app.kafka.clients import apply_topics, make_consumer
 from app.kafka.metadata import TopicUnavailable, topic_partitions
@@ -56,8 +57,12 @@ def topics_list(ctx: click.Context) -> None:
 @click.pass_context
 def topics_apply(ctx: click.Context) -> None:
     """Create the topics of topics/topics.yaml that are missing, and set its configs (cleanup.policy,
-    retention.ms) on those that exist (idempotent)."""
+    retention.ms) on those that exist; with the Avro wire format, register their schemas too (idempotent)."""
     settings = kafka_settings(ctx)
-    for outcome in run(apply_topics(settings, topics_for(settings.topic_prefix))):
+    registry = topics_for(settings.topic_prefix)
+    for outcome in run(apply_topics(settings, registry)):
         state = "created" if outcome.created else "altered" if outcome.altered else "exists "
         click.echo(f"{state} {outcome.name} ({outcome.detail})")
+    if settings.wire_format == "avro":
+        for subject, schema_id in run(asyncio.to_thread(register_schemas, settings, registry)).items():
+            click.echo(f"registered {subject} (schema id {schema_id})")

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from app.contract.files import contract_dir
 from app.contract.records import RECORD_TYPES, Record
-from app.contract.registry import RegistryError, register_value_schema, registry_client
+from app.contract.registry import RegistryError, registered_id, registry_client
 from app.contract.topics import TopicSpec
 from app.settings import Settings
 
@@ -43,8 +43,11 @@ def _text_to_json(text: str, _writer: Any, _reader: Any) -> Any:
     return orjson.loads(text)
 
 
-fastavro.write.LOGICAL_WRITERS["string-json"] = _json_to_text
-fastavro.read.LOGICAL_READERS["string-json"] = _text_to_json
+def _install_json_type() -> None:
+    """Teach fastavro our `json` logical type (a string holding any JSON value). fastavro keeps logical types
+    in module globals: they are set when the first of our schemas is parsed, not when this module is imported."""
+    fastavro.write.LOGICAL_WRITERS["string-json"] = _json_to_text
+    fastavro.read.LOGICAL_READERS["string-json"] = _text_to_json
 
 
 @cache
@@ -57,7 +60,8 @@ def load_schema(record_name: str) -> dict[str, Any]:
 
 @cache
 def parsed_schema(record_name: str) -> Any:
-    """The fastavro-parsed schema of a record (parsed once)."""
+    """The fastavro-parsed schema of a record (parsed once), our `json` logical type installed."""
+    _install_json_type()
     return fastavro.parse_schema(load_schema(record_name))
 
 
@@ -118,7 +122,7 @@ class RegistryAvroCodec(Generic[R]):
         self.model = model
         self._client = client
         self._schema = parsed_schema(model.__name__)
-        self.schema_id = register_value_schema(client, topic, load_schema(model.__name__))
+        self.schema_id = registered_id(client, topic, load_schema(model.__name__))
         self._header = _MAGIC + self.schema_id.to_bytes(4, "big")
         # schema id -> the parsed writer schema, or None when it is ours (read without resolution)
         self._writers: dict[int, Any] = {self.schema_id: None}

@@ -82,6 +82,22 @@ def register_value_schema(client: SchemaRegistryClient, topic: TopicSpec, schema
         raise RegistryError(f"subject {subject}: cannot reach the registry: {exc}") from exc
 
 
+def registered_id(client: SchemaRegistryClient, topic: TopicSpec, schema: dict[str, Any]) -> int:
+    """The id our schema has under the topic's subject; RegistryError if it is not registered there (registering
+    is a step of its own: register_schemas)."""
+    subject = subject_for(topic)
+    try:
+        return int(client.lookup_schema(subject, avro_schema(schema)).schema_id)
+    except SchemaRegistryError as exc:
+        if exc.http_status_code == 404:
+            raise RegistryError(f"subject {subject} has no schema like schemas/{schema.get('name')}.avsc: register "
+                                "them with `loopai topics apply` or `loopai schemas register` (a worker registers "
+                                "them when it starts)") from exc
+        raise RegistryError(f"subject {subject}: the registry answered {exc}") from exc
+    except (OSError, ValueError) as exc:  # connection refused, bad URL, unreadable answer
+        raise RegistryError(f"subject {subject}: cannot reach the registry: {exc}") from exc
+
+
 def register_schemas(settings: Settings, topics: Topics) -> dict[str, int]:
     """Register the value schema of every topic that carries records; subject -> schema id."""
     from app.contract.codecs import load_schema  # codecs builds on this module

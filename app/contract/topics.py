@@ -38,18 +38,41 @@ class TopicSpec:
 
 
 class Topics:
-    """All topics of one deployment (one prefix), as attributes named by their keys in topics/topics.yaml
-    (`topics.execution_results`). A topic added there is here too; nothing else lists them."""
+    """All topics of one deployment (one prefix), as typed attributes named by their keys in topics/topics.yaml
+    (`topics.execution_results`): a mistyped topic fails in mypy. topics.yaml and these attributes must name the
+    same topics; building a registry checks it."""
+
+    execution_requests: TopicSpec
+    execution_results: TopicSpec
+    program_artifacts: TopicSpec
+    task_specs: TopicSpec
+    dead_letters: TopicSpec
+    validation_requests: TopicSpec
+    oracle_requests: TopicSpec
+    oracle_verdicts: TopicSpec
+    validations: TopicSpec
+    canary_decisions: TopicSpec
+    oracle_pending: TopicSpec  # the changelogs of faust tables, named by these keys
+    canary_accuracy: TopicSpec
+    canary_signals: TopicSpec
+    daily_windows: TopicSpec
+    analytics: TopicSpec
+    stats_partials: TopicSpec
+    anomaly_signals: TopicSpec
+    retention_events: TopicSpec
+    leader_election: TopicSpec
+    task_suspensions: TopicSpec
 
     def __init__(self, specs: dict[str, TopicSpec], prefix: str = "") -> None:
+        declared = set(Topics.__annotations__)
+        if set(specs) != declared:
+            raise KeyError(f"topics/topics.yaml and app/contract/topics.py Topics differ: only in topics.yaml: "
+                           f"{sorted(set(specs) - declared) or 'none'}; only in Topics: "
+                           f"{sorted(declared - set(specs)) or 'none'}")
         self._specs = specs
         self.prefix = prefix
-
-    def __getattr__(self, key: str) -> TopicSpec:
-        try:
-            return self.__dict__["_specs"][key]  # type: ignore[no-any-return]
-        except KeyError:
-            raise AttributeError(f"no topic {key!r} in topics/topics.yaml") from None
+        for key, spec in specs.items():
+            setattr(self, key, spec)
 
     def all(self) -> list[TopicSpec]:
         return list(self._specs.values())

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from app.contract.codecs import codec_for, json_codec
 from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult, ExecutionStatus, TaskSpec, utc_now
+from app.contract.registry import register_schemas
 from app.contract.topics import TopicSpec, topics_for
 from app.control.plane import ControlPlane
 from app.kafka.clients import apply_topics, make_consumer, make_producer
@@ -71,6 +72,7 @@ def _avro_request(n: int) -> bytes:
     """A valid request, but in the other wire format."""
     request = ExecutionRequest(request_id=str(uuid.uuid4()), task_id="echo", input={"n": n}, requested_at=utc_now())
     avro = Settings(wire_format="avro", registry_url="mock://fuzz", topic_prefix="fuzz.")
+    register_schemas(avro, topics_for(avro.topic_prefix))  # idempotent
     return codec_for(ExecutionRequest, avro, topics_for(avro.topic_prefix).execution_requests).encode(request)
 
 

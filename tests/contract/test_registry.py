@@ -28,7 +28,9 @@ _mocks = count()
 def _avro_settings(url: str | None = None) -> Settings:
     """A registry of its own (a mock:// one unless given) and a topic prefix of its own."""
     n = next(_mocks)
-    return Settings(wire_format="avro", registry_url=url or f"mock://registry-{n}", topic_prefix=f"reg{n}.")
+    settings = Settings(wire_format="avro", registry_url=url or f"mock://registry-{n}", topic_prefix=f"reg{n}.")
+    register_schemas(settings, topics_for(settings.topic_prefix))  # a step of its own: codecs look the ids up
+    return settings
 
 
 def _topic_of(settings: Settings, record: Record) -> TopicSpec:
@@ -142,8 +144,9 @@ def test_an_unknown_schema_id_is_asked_of_the_registry_once() -> None:
             asked.append(schema_id)
             return super().get_schema(schema_id, *args, **kwargs)
 
-    codec = RegistryAvroCodec(ExecutionRequest, Counting({"url": "mock://counting"}),
-                              topics_for("counting.").execution_requests)
+    counting = Counting({"url": "mock://counting"})
+    register_value_schema(counting, topics_for("counting.").execution_requests, load_schema("ExecutionRequest"))
+    codec = RegistryAvroCodec(ExecutionRequest, counting, topics_for("counting.").execution_requests)
     bogus = b"\x00\x00\x00\x30\x39" + codec.encode(SAMPLES[1])[5:]
     for _ in range(100):
         with pytest.raises(DecodeError, match="schema id 12345 is unknown to the schema registry"):

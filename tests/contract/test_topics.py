@@ -11,7 +11,7 @@ from app.contract.records import (
     TaskSpec,
     TaskSuspension,
 )
-from app.contract.topics import topics_for
+from app.contract.topics import Topics, TopicSpec, topics_for
 
 
 def test_prefix_applies_to_every_topic() -> None:
@@ -35,11 +35,16 @@ def test_the_canary_agents_topics_are_co_partitioned() -> None:
     assert len(counts) == 1, counts
 
 
-def test_a_topic_is_found_by_key_and_unknown_ones_are_named() -> None:
+def test_a_topic_is_found_by_key_and_the_yaml_and_the_typed_registry_must_agree() -> None:
     topics = topics_for("acme.")
     assert topics.oracle_verdicts.name == "acme.oracle-verdicts"
-    with pytest.raises(AttributeError, match=r"no topic 'nope' in topics/topics\.yaml"):
-        _ = topics.nope
+    specs = {spec.key: spec for spec in topics.all()}
+    extra = TopicSpec("brand_new", "acme.brand-new", 1, None)
+    with pytest.raises(KeyError, match=r"only in topics\.yaml: \['brand_new'\]; only in Topics: none"):
+        Topics({**specs, "brand_new": extra})
+    del specs["validations"]
+    with pytest.raises(KeyError, match=r"only in topics\.yaml: none; only in Topics: \['validations'\]"):
+        Topics(specs)
 
 
 def test_tables_are_compacted_and_streams_are_not() -> None:
