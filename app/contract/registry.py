@@ -87,7 +87,7 @@ def registered_id(client: SchemaRegistryClient, topic: TopicSpec, schema: dict[s
     is a step of its own: register_schemas)."""
     subject = subject_for(topic)
     try:
-        return int(client.lookup_schema(subject, avro_schema(schema)).schema_id)
+        found = client.lookup_schema(subject, avro_schema(schema)).schema_id
     except SchemaRegistryError as exc:
         if exc.http_status_code == 404:
             raise RegistryError(f"subject {subject} has no schema like schemas/{schema.get('name')}.avsc: register "
@@ -96,6 +96,9 @@ def registered_id(client: SchemaRegistryClient, topic: TopicSpec, schema: dict[s
         raise RegistryError(f"subject {subject}: the registry answered {exc}") from exc
     except (OSError, ValueError) as exc:  # connection refused, bad URL, unreadable answer
         raise RegistryError(f"subject {subject}: cannot reach the registry: {exc}") from exc
+    if found is None:
+        raise RegistryError(f"subject {subject}: the registry's answer carries no schema id")
+    return found
 
 
 def register_schemas(settings: Settings, topics: Topics) -> dict[str, int]:
