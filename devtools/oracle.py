@@ -18,7 +18,8 @@ import orjson
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import OracleVerdict, ValidationRequest, utc_now
 from app.contract.topics import topics_for
-from app.kafka.clients import BatchSender, make_consumer, make_producer, partition_for
+from app.kafka.clients import make_consumer, make_producer, partition_for
+from app.kafka.delivery import Outbox, deliver_all
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
 
@@ -77,7 +78,7 @@ async def serve_oracle(settings: Settings, labels: dict[bytes, Any], oracle_id: 
             on_ready()
         while not stop.is_set():
             batches = await consumer.getmany(timeout_ms=200)
-            sender = BatchSender(producer)
+            outbox: Outbox[None] = Outbox()
             for messages in batches.values():
                 for message in messages:
                     try:
@@ -91,10 +92,9 @@ async def serve_oracle(settings: Settings, labels: dict[bytes, Any], oracle_id: 
                     verdict = OracleVerdict(execution_id=request.execution_id, task_id=request.task_id,
                                             output=labels[key], oracle_id=oracle_id, answered_at=utc_now())
                     eid = request.execution_id.encode()
-                    await sender.add(topics.oracle_verdicts.name, partition_for(eid, partitions), eid,
-                                     verdicts.encode(verdict))
-                    answered += 1
-            await asyncio.gather(*await sender.flush())
+                    outbox.add(topics.oracle_verdicts.name, partition_for(eid, partitions), eid,
+                               verdicts.encode(verdict), None)
+            answered += await deliver_all(producer, outbox, settings.delivery_timeout_s)
             if batches:
                 await consumer.commit()
     finally:

@@ -140,6 +140,20 @@ async def _ship(producer: AIOKafkaProducer, slot: Slot, batch: Any) -> asyncio.F
     return ack
 
 
+class DeliveryFailed(KafkaError):
+    """Records a producer with no dead letters to fall back on could not deliver."""
+
+
+async def deliver_all(producer: AIOKafkaProducer, outbox: Outbox[T], timeout_s: float) -> int:
+    """Produce every record of the outbox, or raise DeliveryFailed naming the first refusal; how many."""
+    undelivered = await deliver(producer, outbox, timeout_s)
+    if undelivered:
+        first = undelivered[0]
+        raise DeliveryFailed(f"{len(undelivered)} of {len(outbox)} record(s) not delivered; {first.topic} "
+                             f"partition {first.partition}: {first.reason}")
+    return len(outbox)
+
+
 def _refused(slot: Slot, records: list[Outgoing[T]], reason: str, error_type: str) -> list[Undelivered[T]]:
     return [Undelivered(slot[0], slot[1], tag, reason, error_type) for _, _, tag in records]
 

@@ -3,7 +3,6 @@ each ended as (its result, or the dead letter carrying it), and read a task's da
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -17,7 +16,8 @@ from app.contract.topics import TopicSpec, topics_for
 from app.domain.daily_stats import StatsKey
 from app.domain.open_windows import OpenWindows
 from app.domain.stats_report import by_key
-from app.kafka.clients import BatchSender, make_consumer, make_producer, partition_for
+from app.kafka.clients import make_consumer, make_producer, partition_for
+from app.kafka.delivery import Outbox, deliver_all
 from app.kafka.metadata import topic_partitions
 from app.kafka.partitioned_state import read_state
 from app.kafka.tables import read_table
@@ -49,15 +49,11 @@ class RequestSender:
 
     async def send(self, requests: Iterable[ExecutionRequest]) -> int:
         """Send requests and wait for the broker's acknowledgement; returns how many."""
-        sender = BatchSender(self._producer)
-        count = 0
+        outbox: Outbox[None] = Outbox()
         for request in requests:
             key = request.task_id.encode()
-            await sender.add(self._spec.name, partition_for(key, self._partitions), key,
-                             self._codec.encode(request))
-            count += 1
-        await asyncio.gather(*await sender.flush())
-        return count
+            outbox.add(self._spec.name, partition_for(key, self._partitions), key, self._codec.encode(request), None)
+        return await deliver_all(self._producer, outbox, self._settings.delivery_timeout_s)
 
 
 async def send_requests(settings: Settings, requests: Iterable[ExecutionRequest]) -> int:

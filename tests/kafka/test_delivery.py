@@ -8,7 +8,7 @@ from aiokafka.errors import NotLeaderForPartitionError, TopicAuthorizationFailed
 
 from app.contract.topics import topics_for
 from app.kafka.clients import make_producer
-from app.kafka.delivery import Outbox, deliver
+from app.kafka.delivery import DeliveryFailed, Outbox, deliver, deliver_all
 from app.settings import Settings
 from tests.faults import RefusingProducer, read_values
 
@@ -89,3 +89,12 @@ async def test_a_refusal_of_the_whole_topic_fails_its_records_without_splitting(
     assert len(undelivered) == 100
     assert undelivered[0].error_type == "TopicAuthorizationFailedError"
     assert producer.batches[topic] == 1
+
+
+async def test_deliver_all_raises_naming_the_first_refusal(settings: Settings, producer: RefusingProducer) -> None:
+    topic = topics_for(settings.topic_prefix).execution_results.name
+    assert await deliver_all(producer, _outbox(topic, [b"a", b"b"]), timeout_s=10) == 2
+    producer.max_batch_bytes[topic] = 4000
+    with pytest.raises(DeliveryFailed, match=rf"1 of 3 record\(s\) not delivered; {topic} partition 1: "
+                                             "MessageSizeTooLargeError"):
+        await deliver_all(producer, _outbox(topic, [b"ok", b"x" * 5000, b"fine"]), timeout_s=10)
