@@ -1,7 +1,4 @@
-"""The `loopai` command: one module per command group, each adding its commands here.
-
-Every command that talks to Kafka first checks that the broker answers, so a wrong address is one line of
-error within connect_timeout_s rather than a traceback or a long hang."""
+"""The `loopai` command: one module per command group, each adding its commands here."""
 
 from __future__ import annotations
 
@@ -24,6 +21,9 @@ from app.cli import (
     topics,
     worker,
 )
+
+# Every command that talks to Kafka first checks that the broker answers, so a wrong address is one line of
+# error within connect_timeout_s rather than a traceback or a long hang.
 
 
 @click.group()

@@ -1,9 +1,4 @@
-"""Codecs: record models <-> bytes, one per wire format ("json" and "avro"), built on schemas/*.avsc.
-
-JSON: the record's fields as a JSON object (snake_case), validated by the pydantic mirror of the .avsc.
-Avro: the Confluent wire format (magic byte, schema id, Avro binary via fastavro) with a schema registry;
-`logicalType: json` strings carry nested JSON values. docs/wire-formats.md describes both.
-"""
+"""Codecs: record models <-> bytes, one per wire format ("json" and "avro"), built on schemas/*.avsc."""
 
 from __future__ import annotations
 
@@ -27,6 +22,10 @@ from app.contract.records import RECORD_TYPES, Record
 from app.contract.registry import RegistryError, registered_id, registry_client
 from app.contract.topics import TopicSpec
 from app.settings import Settings
+
+# JSON: the record's fields as a JSON object (snake_case), validated by the pydantic mirror of the .avsc.
+# Avro: the Confluent wire format (magic byte, schema id, Avro binary via fastavro) with a schema registry;
+# `logicalType: json` strings carry nested JSON values. docs/wire-formats.md describes both.
 
 R = TypeVar("R", bound=Record)
 

@@ -1,8 +1,5 @@
 """The schema registry side of the Avro wire format: reads schemas/*.avsc and the topic registry, produces
-registered subjects (<topic>-value, TopicNameStrategy) under BACKWARD compatibility and their schema ids.
-
-Built on confluent-kafka's SchemaRegistryClient (a `mock://` URL gives its in-process mock).
-"""
+registered subjects (<topic>-value, TopicNameStrategy) under BACKWARD compatibility and their schema ids."""
 
 from __future__ import annotations
 
@@ -19,6 +16,8 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from app.contract.topics import Topics, TopicSpec
 from app.settings import Settings
+
+# Built on confluent-kafka's SchemaRegistryClient (a `mock://` URL gives its in-process mock).
 
 COMPATIBILITY = ConfigCompatibilityLevel.BACKWARD
 

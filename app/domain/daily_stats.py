@@ -1,10 +1,5 @@
 """Daily statistics per task and per task version: consumes results, validations or StatsPartials, produces
-StatsPartials (per batch, for the executor) and DailyStats (per closed or running day).
-
-WindowStats is the accumulator of one task/version/day. Merging is associative and commutative, so partials
-can be folded in any order and grouping. Latency figures cover the results whose program ran (ok, error,
-timeout); a rejected request never ran, is never sampled, and counts only in executions and rejected.
-"""
+StatsPartials (per batch, for the executor) and DailyStats (per closed or running day)."""
 
 from __future__ import annotations
 
@@ -17,6 +12,10 @@ from app.contract.records import DailyStats, ExecutionResult, StatsPartial, Vali
 from app.domain.daily_windows import DailyWindow, DailyWindows
 from app.domain.latency_sketch import LatencySketch
 from app.domain.validation import ValidationFields
+
+# WindowStats is the accumulator of one task/version/day. Merging is associative and commutative, so partials
+# can be folded in any order and grouping. Latency figures cover the results whose program ran (ok, error,
+# timeout); a rejected request never ran, is never sampled, and counts only in executions and rejected.
 
 ALL_VERSIONS = "all"
 _STATUSES = ("ok", "error", "timeout", "rejected")

@@ -1,15 +1,14 @@
-"""Tumbling one-day windows in event time, in a time zone, with a grace period for late events.
-
-Consumes instants (a result's executed_at, aware datetimes) and produces the local day they fall in, that
-day's [start, end) in UTC, and when it closes: end + grace. A day is local midnight to the next local
-midnight, so it lasts 23 or 25 hours when the clocks change (the model is Kafka Streams' DailyTimeWindows).
-"""
+"""Tumbling one-day windows in event time, in a time zone, with a grace period for late events."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+# Consumes instants (a result's executed_at, aware datetimes) and produces the local day they fall in, that
+# day's [start, end) in UTC, and when it closes: end + grace. A day is local midnight to the next local
+# midnight, so it lasts 23 or 25 hours when the clocks change (the model is Kafka Streams' DailyTimeWindows).
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,4 @@
-"""Latency percentiles that merge: consumes latencies in ms (or serialised sketches), produces quantiles and bytes.
-
-A DDSketch (Datadog's `ddsketch`) with relative accuracy RELATIVE_ACCURACY: every quantile it returns is within
-1% of the exact order statistic, the value of rank floor(q * (n - 1)) in sorted order, whatever the
-distribution. Merging two sketches gives the sketch of the union. The bytes are the DDSketch protobuf
-(`ddsketch.proto`, shared with the Go and Java libraries); it does not carry min, max or sum, which callers keep
-themselves when they need them.
-"""
+"""Latency percentiles that merge: consumes latencies in ms (or serialised sketches), produces quantiles and bytes."""
 
 from __future__ import annotations
 
@@ -19,6 +12,12 @@ from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.mapping import LogarithmicMapping
 from ddsketch.pb.proto import DDSketchProto, KeyMappingProto, pb
 from google.protobuf.message import DecodeError as ProtobufDecodeError
+
+# A DDSketch (Datadog's `ddsketch`) with relative accuracy RELATIVE_ACCURACY: every quantile it returns is within
+# 1% of the exact order statistic, the value of rank floor(q * (n - 1)) in sorted order, whatever the
+# distribution. Merging two sketches gives the sketch of the union. The bytes are the DDSketch protobuf
+# (`ddsketch.proto`, shared with the Go and Java libraries); it does not carry min, max or sum, which callers keep
+# themselves when they need them.
 
 RELATIVE_ACCURACY = 0.01
 

@@ -1,9 +1,5 @@
 """One-minute buckets per task version: consumes StatsPartials (or results), produces each closed minute's error
-rate and p99 latency, in time order, for anomaly detection.
-
-A partial lands in the minute of its event_at. A minute closes once `now` (a watermark or the wall clock) is
-past its end plus `lateness`; what arrives for a closed minute is dropped and counted.
-"""
+rate and p99 latency, in time order, for anomaly detection."""
 
 from __future__ import annotations
 
@@ -15,6 +11,9 @@ from typing import Any
 from app.contract.records import StatsPartial
 from app.domain.daily_stats import WindowStats
 from app.domain.latency_sketch import LatencySketch
+
+# A partial lands in the minute of its event_at. A minute closes once `now` (a watermark or the wall clock) is
+# past its end plus `lateness`; what arrives for a closed minute is dropped and counted.
 
 MINUTE = timedelta(minutes=1)
 

@@ -1,11 +1,5 @@
 """The open daily windows of one task: consumes StatsPartials (and the clock), produces the DailyStats of
-windows that have closed, and the open ones as JSON, the state an aggregator keeps in its changelog.
-
-A partial whose day has closed already (now >= day end + grace) is late: it is refused, never merged, so a
-window emitted as closed never changes afterwards. The windows also remember the offset of the last message
-merged from each source topic (a task's messages all come from one partition), so a message redelivered after
-a crash is recognised and not counted twice.
-"""
+windows that have closed, and the open ones as JSON, the state an aggregator keeps in its changelog."""
 
 from __future__ import annotations
 
@@ -19,6 +13,11 @@ from app.contract.records import DailyStats, StatsPartial
 from app.domain.daily_stats import StatsKey, WindowStats, stats_keys_of
 from app.domain.daily_windows import DailyWindows
 from app.domain.latency_sketch import LatencySketch
+
+# A partial whose day has closed already (now >= day end + grace) is late: it is refused, never merged, so a
+# window emitted as closed never changes afterwards. The windows also remember the offset of the last message
+# merged from each source topic (a task's messages all come from one partition), so a message redelivered after
+# a crash is recognised and not counted twice.
 
 _COUNTS = ("ok", "error", "timeout", "rejected", "sampled", "validated", "matched")
 _THROUGH = "_through"  # the JSON entry of the offsets merged; never a window key (those hold two slashes)

@@ -1,10 +1,4 @@
-"""The program contract and its static checks: what an artifact's source may contain and how it is compiled.
-
-A program is Python source defining `run(input: dict) -> object`; the return value must be JSON-serialisable.
-It may import only ALLOWED_MODULES and sees a reduced set of builtins. These checks are the inner layer of
-the sandbox; the outer layer (a separate process with OS limits, see app/sandbox) is what contains a program
-that gets past them.
-"""
+"""The program contract and its static checks: what an artifact's source may contain and how it is compiled."""
 
 from __future__ import annotations
 
@@ -15,6 +9,11 @@ import re
 import types
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+# A program is Python source defining `run(input: dict) -> object`; the return value must be JSON-serialisable.
+# It may import only ALLOWED_MODULES and sees a reduced set of builtins. These checks are the inner layer of
+# the sandbox; the outer layer (a separate process with OS limits, see app/sandbox) is what contains a program
+# that gets past them.
 
 if TYPE_CHECKING:
     from app.contract.records import ComplexityMetrics

@@ -1,11 +1,6 @@
 """The records an executed request ends as, assembled from its request, the program version that ran it and the
 sandbox's outcome: its result (status, output checked against the task's output schema, the sampling
-decision) and, when sampled and an oracle can judge it, its validation request. Pure: no Kafka.
-
-Results are built as field dicts in .avsc order (the codecs encode them without a model: the hot path), and
-the program's output stays the JSON bytes the sandbox wrote, unless the task's output schema or sampling
-strategy needs to look inside it.
-"""
+decision) and, when sampled and an oracle can judge it, its validation request. Pure: no Kafka."""
 
 from __future__ import annotations
 
@@ -20,6 +15,10 @@ from app.domain.resolution import ExecutionPlan, SchemaValidators
 from app.domain.sampling import Sampler, fraction_of
 from app.domain.validation import oracle_for
 from app.sandbox.calls import Outcome
+
+# Results are built as field dicts in .avsc order (the codecs encode them without a model: the hot path), and
+# the program's output stays the JSON bytes the sandbox wrote, unless the task's output schema or sampling
+# strategy needs to look inside it.
 
 Origin = TypeVar("Origin")  # where a request came from (its message): carried through, never looked at
 RESULT_DEFAULTS: dict[str, Any] = {

@@ -1,14 +1,5 @@
 """Retention rules: consumes what the compacted topics hold (analytics keys, artifact versions, task specs) and
-the settings, produces the tombstones to write and the RetentionEvents that say what expired and why.
-
-- Analytics days: a day expires once it is more than `retention_days` days before today (local, in the
-  analytics time zone): with 30, on the 30th of November the 31st of October is kept and the 30th goes.
-- Program versions: per task, the `keep_versions` newest versions that serve no purpose now are kept; older
-  ones are tombstoned. A version that serves one is never tombstoned: the active version, the canary, and the
-  shadow version an oracle runs. A task without a spec gets nothing tombstoned: what it runs is unknown.
-- Deleting topics (cleanup.policy delete): the broker drops records by retention.ms; one event per run names
-  the days that went, from the day after the previous run's last one.
-"""
+the settings, produces the tombstones to write and the RetentionEvents that say what expired and why."""
 
 from __future__ import annotations
 
@@ -20,6 +11,14 @@ from app.contract.records import RetentionEvent, TaskSpec, artifact_key
 from app.contract.topics import TopicSpec
 from app.domain.daily_stats import StatsKey
 from app.domain.daily_windows import DailyWindows
+
+# - Analytics days: a day expires once it is more than `retention_days` days before today (local, in the
+#   analytics time zone): with 30, on the 30th of November the 31st of October is kept and the 30th goes.
+# - Program versions: per task, the `keep_versions` newest versions that serve no purpose now are kept; older
+#   ones are tombstoned. A version that serves one is never tombstoned: the active version, the canary, and the
+#   shadow version an oracle runs. A task without a spec gets nothing tombstoned: what it runs is unknown.
+# - Deleting topics (cleanup.policy delete): the broker drops records by retention.ms; one event per run names
+#   the days that went, from the day after the previous run's last one.
 
 
 @dataclass(frozen=True, slots=True)

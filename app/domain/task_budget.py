@@ -1,8 +1,5 @@
 """A task's timeout budget: consumes the timeouts of a worker's calls and the records of the task-suspensions table,
-produces suspensions (a task whose calls keep timing out is refused for a cool-down) and the refusals they cause.
-
-Pure: no Kafka, no event loop; the clock (epoch seconds) is injected.
-"""
+produces suspensions (a task whose calls keep timing out is refused for a cool-down) and the refusals they cause."""
 
 from __future__ import annotations
 
@@ -14,6 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from app.contract.records import AnomalyMethod, AnomalyMetric, AnomalySignal, TaskSuspension
+
+# Pure: no Kafka, no event loop; the clock (epoch seconds) is injected.
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,10 +1,5 @@
 """Delivery of one batch's records: consumes records grouped by partition, each with a tag, and produces them
-as record batches, awaiting every acknowledgement. Returns the records the cluster would not take, with why.
-
-Retriable errors are retried with backoff until a deadline. A batch refused for a reason that may concern
-one record (too large, invalid) is split in halves until the records at fault stand alone; a refusal that
-concerns the whole topic (authorization) fails every record of the batch at once.
-"""
+as record batches, awaiting every acknowledgement. Returns the records the cluster would not take, with why."""
 
 from __future__ import annotations
 
@@ -24,6 +19,10 @@ from aiokafka.errors import (
     RecordTooLargeError,
     UnknownError,
 )
+
+# Retriable errors are retried with backoff until a deadline. A batch refused for a reason that may concern
+# one record (too large, invalid) is split in halves until the records at fault stand alone; a refusal that
+# concerns the whole topic (authorization) fails every record of the batch at once.
 
 log = logging.getLogger(__name__)
 

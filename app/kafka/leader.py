@@ -1,8 +1,4 @@
-"""The faust leader election, on a topic of the registry.
-
-Consumes the registry's `leader_election` topic; produces the faust LeaderAssignor class a worker's app elects
-its leader with (faust's own names the topic after the app id, outside the topic prefix and the registry).
-"""
+"""The faust leader election, on a topic of the registry."""
 
 from __future__ import annotations
 
@@ -10,6 +6,9 @@ from faust.assignor import LeaderAssignor
 from mode.utils.objects import cached_property
 
 from app.contract.topics import TopicSpec
+
+# Consumes the registry's `leader_election` topic; produces the faust LeaderAssignor class a worker's app elects
+# its leader with (faust's own names the topic after the app id, outside the topic prefix and the registry).
 
 
 def leader_assignor_for(topic: TopicSpec) -> type[LeaderAssignor]:

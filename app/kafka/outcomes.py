@@ -1,7 +1,6 @@
-"""The records a request ends as, on their way out: gathers a batch's results (assembled by
-app/domain/results.py) and produces them and its dead letters (each with the request message it answers) to
-execution-results and dead-letters, then its validation requests and its daily-stats partials. Whatever the
-cluster refuses for good falls back to a dead letter; when not even that can be sent, Undeliverable is raised."""
+"""The records a request ends as, on their way out (ResultWriter): its result or dead letter, its validation
+request and the daily-stats partials. Whatever the cluster refuses for good falls back to a dead letter; when not
+even that can be sent, Undeliverable is raised."""
 
 from __future__ import annotations
 

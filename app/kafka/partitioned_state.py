@@ -1,12 +1,6 @@
 """State kept per owned partition in a compacted changelog: consumes the changelog's partitions when they are
 assigned (from the beginning to their true end), produces one changelog record per change, acknowledged
-before the change counts as made.
-
-It stands in for a faust Table where recovery must be exact: faust reads a changelog up to ListOffsets(latest)
-- 1, and the embedded broker answers ListOffsets with the base offset of the last record batch + 1, so faust
-stops before the last batch's later records (app/kafka/tables.py). This reads to the high watermark of a real
-fetch instead (consume_to_end), right on both brokers.
-"""
+before the change counts as made."""
 
 from __future__ import annotations
 
@@ -22,6 +16,11 @@ from app.contract.topics import TopicSpec
 from app.kafka.clients import make_consumer
 from app.kafka.tables import consume_to_end, read_topic
 from app.settings import Settings
+
+# It stands in for a faust Table where recovery must be exact: faust reads a changelog up to ListOffsets(latest)
+# - 1, and the embedded broker answers ListOffsets with the base offset of the last record batch + 1, so faust
+# stops before the last batch's later records (app/kafka/tables.py). This reads to the high watermark of a real
+# fetch instead (consume_to_end), right on both brokers.
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")

@@ -1,10 +1,5 @@
 """Per-record completion of consumed partitions: consumes the offsets of fetched records and their completions
-(in any order), produces what may be committed: per partition, the offset of the first record not yet done.
-
-Records complete out of order (each task's calls finish on their own time), so a partition's committed offset
-is its low-water mark, as in Confluent's Parallel Consumer: a crash re-runs every record from there on, so
-nothing is skipped; records after it that were done already are redone (duplicates with equal execution ids).
-"""
+(in any order), produces what may be committed: per partition, the offset of the first record not yet done."""
 
 from __future__ import annotations
 
@@ -12,6 +7,10 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from aiokafka import TopicPartition
+
+# Records complete out of order (each task's calls finish on their own time), so a partition's committed offset
+# is its low-water mark, as in Confluent's Parallel Consumer: a crash re-runs every record from there on, so
+# nothing is skipped; records after it that were done already are redone (duplicates with equal execution ids).
 
 
 class Segment:

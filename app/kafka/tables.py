@@ -1,9 +1,4 @@
-"""Tables materialised from compacted topics (task specs, program artifacts, task suspensions), read by every worker.
-
-Reads each topic from the beginning to its true end, then follows it live. The true end is the high
-watermark of a real fetch: the embedded broker's ListOffsets(latest) under-reports it (base offset of the
-last record batch + 1), which is also why faust table recovery comes back stale on it.
-"""
+"""Tables materialised from compacted topics (task specs, program artifacts, task suspensions), read by every worker."""
 
 from __future__ import annotations
 
@@ -24,6 +19,10 @@ from app.contract.topics import TopicSpec, topics_for
 from app.kafka.clients import make_consumer
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
+
+# Reads each topic from the beginning to its true end, then follows it live. The true end is the high
+# watermark of a real fetch: the embedded broker's ListOffsets(latest) under-reports it (base offset of the
+# last record batch + 1), which is also why faust table recovery comes back stale on it.
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)

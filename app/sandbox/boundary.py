@@ -1,13 +1,6 @@
 """The operating-system boundary around sandbox processes: the bubblewrap command line that starts their zygote
 (app/sandbox/zygote.py) and the seccomp filter each of them loads. Every path that runs a program (the worker's
-pool, `loopai run`) starts its processes from one Boundary, so all of them get the same layers and limits.
-
-Layers (docs/security.md): bubblewrap gives the zygote, and so every process it forks, its own user (uid 65534,
-no capabilities, no_new_privs), pid, ipc, uts, mount, network (no interfaces) and cgroup namespaces, an empty
-environment and a read-only filesystem holding only the Python install, the sandbox's own modules and orjson.
-Each forked process then sets rlimits and loads the libseccomp allow-list (app/sandbox/seccomp.py) before it
-reads any program.
-"""
+pool, `loopai run`) starts its processes from one Boundary, so all of them get the same layers and limits."""
 
 from __future__ import annotations
 
@@ -19,6 +12,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+# Layers (docs/security.md): bubblewrap gives the zygote, and so every process it forks, its own user (uid 65534,
+# no capabilities, no_new_privs), pid, ipc, uts, mount, network (no interfaces) and cgroup namespaces, an empty
+# environment and a read-only filesystem holding only the Python install, the sandbox's own modules and orjson.
+# Each forked process then sets rlimits and loads the libseccomp allow-list (app/sandbox/seccomp.py) before it
+# reads any program.
 
 if TYPE_CHECKING:
     from app.settings import Settings

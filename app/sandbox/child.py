@@ -1,17 +1,5 @@
 """A sandbox process: forked by the zygote (app/sandbox/zygote.py) for one task, it reads batches of calls on its
-channel, runs them one by one, and writes their answers on the same channel.
-
-It holds two fds of its own (the channel, a stream socket, and its progress page, a memfd) and locks down before
-it reads anything. Protocol. In, JSON lines, each the calls of one program version:
-{"batch": n, "load": [[key, source], ...], "key": key, "run": [[timeout_s, input], ...]}.
-Out: first {"hello": {...protections}}, then frames of answers, one per call in order, flushed every few
-milliseconds: a JSON line [[status, output_length, error, latency_ms, memory_mb], ...] followed by the
-outputs' JSON bytes (output_length -1: no output).
-Before and after each call it writes (batch, call index, start time or 0) to the shared progress page, so the
-pool knows which call was running if it has to kill the process. It serves one program version only (the pool's rule)
-and exits after a batch in which a call timed out or ran out of memory, or when its CPU budget runs low.
-Each call is held to its timeout by SIGALRM from one interval timer kept armed across a batch's calls.
-"""
+channel, runs them one by one, and writes their answers on the same channel."""
 
 from __future__ import annotations
 
@@ -29,6 +17,17 @@ import orjson
 
 from app.domain.programs import ProgramCompiler, ProgramRejected
 from app.sandbox.seccomp import load_filter
+
+# It holds two fds of its own (the channel, a stream socket, and its progress page, a memfd) and locks down before
+# it reads anything. Protocol. In, JSON lines, each the calls of one program version:
+# {"batch": n, "load": [[key, source], ...], "key": key, "run": [[timeout_s, input], ...]}.
+# Out: first {"hello": {...protections}}, then frames of answers, one per call in order, flushed every few
+# milliseconds: a JSON line [[status, output_length, error, latency_ms, memory_mb], ...] followed by the
+# outputs' JSON bytes (output_length -1: no output).
+# Before and after each call it writes (batch, call index, start time or 0) to the shared progress page, so the
+# pool knows which call was running if it has to kill the process. It serves one program version only (the pool's rule)
+# and exits after a batch in which a call timed out or ran out of memory, or when its CPU budget runs low.
+# Each call is held to its timeout by SIGALRM from one interval timer kept armed across a batch's calls.
 
 PROGRESS = struct.Struct("qqq")  # batch, call index, start (monotonic ns; 0 when no call is running)
 _FLUSH_S = 0.002

@@ -1,17 +1,5 @@
 """The seccomp allow-list of a sandbox process: built by libseccomp (through pyseccomp) in the worker, loaded by
-the sandbox process itself once its interpreter has started and before it reads any program.
-
-Default deny (EPERM). Allowed: what a running CPython needs to compute, allocate memory, read and write the
-fds it already holds, keep time and take its own timer signal. Not allowed, among everything else: process
-creation and exec, ptrace and process_vm_*, pidfd_*, signals to any process, sockets, mount/unshare/setns,
-prlimit, keyctl, bpf, perf_event_open, userfaultfd, io_uring, and any open for writing.
-
-Sandbox processes forked by one zygote share a pid namespace and a uid, so no allowed syscall may take another
-process as its argument: sched_getaffinity only of itself, clocks only the fixed ones (a negative clock id is
-another process's CPU clock, which would tell the process exists and how much CPU its task uses), and fcntl only
-the commands that concern the fd itself (F_SETOWN/F_SETSIG would have the kernel send any signal, SIGKILL
-included, to any process of the uid whenever the worker writes to the channel).
-"""
+the sandbox process itself once its interpreter has started and before it reads any program."""
 
 from __future__ import annotations
 
@@ -19,6 +7,17 @@ import ctypes
 import errno
 import os
 import tempfile
+
+# Default deny (EPERM). Allowed: what a running CPython needs to compute, allocate memory, read and write the
+# fds it already holds, keep time and take its own timer signal. Not allowed, among everything else: process
+# creation and exec, ptrace and process_vm_*, pidfd_*, signals to any process, sockets, mount/unshare/setns,
+# prlimit, keyctl, bpf, perf_event_open, userfaultfd, io_uring, and any open for writing.
+#
+# Sandbox processes forked by one zygote share a pid namespace and a uid, so no allowed syscall may take another
+# process as its argument: sched_getaffinity only of itself, clocks only the fixed ones (a negative clock id is
+# another process's CPU clock, which would tell the process exists and how much CPU its task uses), and fcntl only
+# the commands that concern the fd itself (F_SETOWN/F_SETSIG would have the kernel send any signal, SIGKILL
+# included, to any process of the uid whenever the worker writes to the channel).
 
 # Syscalls a running interpreter uses (found by running every allowed module under this filter: the tests in
 # tests/sandbox exercise them). Lookups of names unknown on an architecture are skipped.

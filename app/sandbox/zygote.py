@@ -1,14 +1,6 @@
 """The zygote: one process per pool, started inside the boundary with the interpreter and every module a program
 may import already loaded. On the worker's request it forks a child, which locks itself down and serves one
-sandbox process's protocol (app/sandbox/child.py). The zygote runs no program code and never sees task data.
-
-Started with argv: memory_mb cpu_s max_output open_files control_fd seccomp_hex. Control protocol, on a
-SOCK_SEQPACKET socket, every message MESSAGE (tag, pid, value): the zygote says b"R" once ready; the worker asks
-b"S" with two fds attached (SCM_RIGHTS): the child's channel (a stream socket) and its progress page (a memfd);
-the zygote answers b"P" (pid: the child's, in the zygote's pid namespace) with the child's pidfd attached, or b"F"
-(value: errno) if it could not fork. When a child ends, the zygote reaps it and says b"X" (pid, exit code). Its
-b"R" carries its own pidfd.
-"""
+sandbox process's protocol (app/sandbox/child.py). The zygote runs no program code and never sees task data."""
 
 from __future__ import annotations
 
@@ -25,6 +17,13 @@ import sys
 
 from app.domain.programs import ProgramCompiler
 from app.sandbox import child
+
+# Started with argv: memory_mb cpu_s max_output open_files control_fd seccomp_hex. Control protocol, on a
+# SOCK_SEQPACKET socket, every message MESSAGE (tag, pid, value): the zygote says b"R" once ready; the worker asks
+# b"S" with two fds attached (SCM_RIGHTS): the child's channel (a stream socket) and its progress page (a memfd);
+# the zygote answers b"P" (pid: the child's, in the zygote's pid namespace) with the child's pidfd attached, or b"F"
+# (value: errno) if it could not fork. When a child ends, the zygote reaps it and says b"X" (pid, exit code). Its
+# b"R" carries its own pidfd.
 
 MESSAGE = struct.Struct("=cii")  # tag, pid, value
 _PR_SET_PDEATHSIG = 1
