@@ -64,11 +64,12 @@ class ExecuteRequests:
         self._bulk_producer: AIOKafkaProducer
         self._writer: ResultWriter
         self._lanes: Lanes
-        self.pipeline = Pipeline(
+        self.pipeline = pipeline = Pipeline(
             "executor", "requests", batch_size=settings.executor_batch_size,
             max_in_flight=settings.executor_batch_size * settings.executor_max_inflight_batches,
             commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._send_partials,
             blocked=lambda: self._lanes.full(), failure_of=self._consumer_failure)
+        self.failed = pipeline.failed  # set, with `failure` saying why, when it had to stop without committing
         self._delivered: list[dict[str, Any]] = []  # results acknowledged since the last commit: its partials
         self.executed = 0
         self.dead_lettered = 0
@@ -79,10 +80,6 @@ class ExecuteRequests:
         self.refusal: Callable[[str], str | None] | None = budget.refusal if budget is not None else None
         self._suspensions = codec_for(TaskSuspension, settings, topics.task_suspensions)
         self._signals = codec_for(AnomalySignal, settings, topics.anomaly_signals)
-
-    @property
-    def failed(self) -> asyncio.Event:
-        return self.pipeline.failed
 
     @property
     def failure(self) -> str | None:

@@ -4,7 +4,6 @@ it to oracle-requests for an external oracle, or a dead letter saying why (docs/
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -57,18 +56,15 @@ class ValidateExecutions:
         self._partitions: dict[str, int] = {}
         self._producer: AIOKafkaProducer
         self._writer: ResultWriter
-        self.pipeline = Pipeline(
+        self.pipeline = pipeline = Pipeline(
             "validator", "validation requests", batch_size=_BATCH, max_in_flight=2 * _BATCH,
             commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._send_partials,
             failure_of=lambda exc: f"consuming {topics.validation_requests.name} failed: {describe_error(exc)}")
+        self.failed = pipeline.failed  # set, with `failure` saying why, when it had to stop without committing
         self._delivered: list[ValidationFields] = []  # validations acknowledged since the last commit
         self.validated = 0  # validations produced
         self.forwarded = 0  # requests forwarded to an external oracle
         self.dead_lettered = 0
-
-    @property
-    def failed(self) -> asyncio.Event:
-        return self.pipeline.failed
 
     @property
     def failure(self) -> str | None:
