@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,7 +47,7 @@ class Canaries:
     topics: Topics
     tasks: dict[str, TaskSpec]
     sampler: Sampler
-    sent: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
+    sent: list[tuple[str, bytes | None, bytes]]
     offset: int = 0
 
     async def put(self, topic: str, key: str, value: bytes) -> None:
@@ -111,9 +111,7 @@ async def canaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIter
 
     monkeypatch.setattr(faust.topics.Topic, "send", send)  # decisions, specs and dead letters: recorded
     async with app.agents["decide_canaries"].test_context() as tested:
-        made = Canaries(agent, tested, topics, tasks, sampler)
-        made.sent = sent
-        yield made
+        yield Canaries(agent, tested, topics, tasks, sampler, sent)
 
 
 async def test_validations_count_per_task_version_and_executor_partials_do_not(canaries: Canaries) -> None:

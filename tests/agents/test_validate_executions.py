@@ -69,7 +69,7 @@ class Pool:
                 else Outcome("ok", orjson.dumps(c.input["text"].lower()), None, 1.0, 10.0) for c in calls]
 
 
-def request(request_id: str, task: str, oracle: OracleSpec, output: Any, version: int = 2,
+def validation_request(request_id: str, task: str, oracle: OracleSpec, output: Any, version: int = 2,
             **fields: Any) -> ValidationRequest:
     return ValidationRequest(execution_id=f"e-{request_id}", request_id=request_id, task_id=task, version=version,
                              input=fields.pop("input", {"text": "FREE money"}), output=output, status="ok",
@@ -93,10 +93,13 @@ async def produce(settings: Settings, records: list[ValidationRequest | bytes | 
 
 
 @pytest.fixture
-async def started(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[ValidateExecutions]:
-    pool = Pool(broken=getattr(request, "param", False))
+def pool(request: pytest.FixtureRequest) -> Pool:
+    return Pool(broken=getattr(request, "param", False))
+
+
+@pytest.fixture
+async def started(settings: Settings, pool: Pool) -> AsyncIterator[ValidateExecutions]:
     service = ValidateExecutions(settings, topics_for(settings.topic_prefix), Tables(), pool)  # type: ignore[arg-type]
-    service.pool = pool  # type: ignore[attr-defined]
     await service.start()
     try:
         yield service
@@ -111,16 +114,16 @@ async def records_of(settings: Settings, topic: str, model: type, count: int) ->
 
 
 async def test_every_request_ends_as_a_validation_an_oracle_request_or_a_dead_letter(
-        settings: Settings, started: ValidateExecutions) -> None:
+        settings: Settings, pool: Pool, started: ValidateExecutions) -> None:
     external = OracleSpec(kind=OracleKind.EXTERNAL)
     await produce(settings, [
-        request("matched", "labelled", OracleSpec(kind=OracleKind.LABEL), "spam", expected_output="spam"),
-        request("mismatched", "labelled", OracleSpec(kind=OracleKind.LABEL), "ham", expected_output="spam"),
-        request("asked", "asked", external, "spam"),
-        request("shadowed", "shadowed", SHADOW, "free money"),
-        request("own-version", "shadowed", SHADOW, "x", version=1),  # the shadow would judge itself
-        request("no-artifact", "shadowed", OracleSpec(kind=OracleKind.SHADOW, shadow_version=7), "x"),
-        request("shadow-fails", "shadowed", SHADOW, "x", input={"fail": "boom"}),
+        validation_request("matched", "labelled", OracleSpec(kind=OracleKind.LABEL), "spam", expected_output="spam"),
+        validation_request("mismatched", "labelled", OracleSpec(kind=OracleKind.LABEL), "ham", expected_output="spam"),
+        validation_request("asked", "asked", external, "spam"),
+        validation_request("shadowed", "shadowed", SHADOW, "free money"),
+        validation_request("own-version", "shadowed", SHADOW, "x", version=1),  # the shadow would judge itself
+        validation_request("no-artifact", "shadowed", OracleSpec(kind=OracleKind.SHADOW, shadow_version=7), "x"),
+        validation_request("shadow-fails", "shadowed", SHADOW, "x", input={"fail": "boom"}),
         b"\xff not a validation request",
         None,
     ])
@@ -134,8 +137,7 @@ async def test_every_request_ends_as_a_validation_an_oracle_request_or_a_dead_le
     assert found["no-artifact"].details == "no shadow version to compare with (wanted 7)"
     assert found["shadow-fails"].details == "shadow version 1 ended as error: boom"
     # The shadow ran version 1's program, with the task's timeout for a request that pins none.
-    calls = started.pool.calls  # type: ignore[attr-defined]
-    assert {(c.task_id, c.key, c.source, c.timeout_s) for c in calls} == {("shadowed", "shadowed-v1", "# v1", 0.3)}
+    assert {(c.task_id, c.key, c.source, c.timeout_s) for c in pool.calls} == {("shadowed", "shadowed-v1", "# v1", 0.3)}
 
     [forwarded] = await records_of(settings, "oracle_requests", ValidationRequest, 1)
     assert forwarded.request_id == "asked" and forwarded.oracle == external
@@ -156,12 +158,12 @@ async def test_every_request_ends_as_a_validation_an_oracle_request_or_a_dead_le
     assert (started.validated, started.forwarded, started.dead_lettered) == (6, 1, 2)
 
 
-@pytest.mark.parametrize("started", [True], indirect=True, ids=["the pool fails"])
+@pytest.mark.parametrize("pool", [True], indirect=True, ids=["the pool fails"])
 async def test_shadow_runs_the_pool_cannot_do_are_dead_letters(settings: Settings,
                                                                started: ValidateExecutions) -> None:
-    await produce(settings, [request("shadowed", "shadowed", SHADOW, "free money"),
-                             request("labelled", "labelled", OracleSpec(kind=OracleKind.LABEL), "spam",
-                                     expected_output="spam")])
+    await produce(settings, [validation_request("shadowed", "shadowed", SHADOW, "free money"),
+                             validation_request("labelled", "labelled", OracleSpec(kind=OracleKind.LABEL), "spam",
+                                                expected_output="spam")])
     [letter] = await records_of(settings, "dead_letters", DeadLetter, 1)
     assert (letter.error_type, letter.reason) == ("RuntimeError", "validation failed: RuntimeError: the pool is gone")
     assert codec_for(ValidationRequest, settings, topics_for(settings.topic_prefix).validation_requests).decode(
