@@ -1,13 +1,6 @@
-"""The executor's per-request CPU on the worker side, step by step, without broker or sandbox: a batch of spam_v1
-requests as Kafka messages, spread over the bench's tasks (one per partition) as a fetch returns them ->
-decode and resolve -> the sandbox batch lines -> the answers frame parsed -> results assembled -> results
-encoded -> daily-stats partials. Prints µs per request per step (the minimum of --repeat runs, which drifts
-little on a busy machine) and their sum. What a step makes is kept alive while it runs, as in the worker;
-run it with MALLOC_TRIM_THRESHOLD_ raised (e.g. 268435456), or glibc hands each run's memory back to the
-system and the next run pays page faults for it.
-
-    python -m bench.executor_path [--batch N] [--repeat N]
-"""
+"""The executor's per-request CPU on the worker side, step by step, without broker or sandbox: in, a fetch's batch
+of spam_v1 requests spread over the bench's tasks; out, µs per request of each step (decode and resolve, batch
+lines, answers, results, encoding, partials) and their sum. `--help` says how to run it."""
 
 from __future__ import annotations
 
@@ -36,7 +29,7 @@ from app.kafka.loop_client import request_from
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.process import SandboxProcess
 from app.settings import Settings
-from bench.__main__ import TASKS
+from bench.workload import TASKS
 from devtools.samples import SPAM_TEXTS, TEXT_INPUT_SCHEMA, program_source
 
 
@@ -132,8 +125,21 @@ async def measure(batch_size: int, repeat: int) -> None:
     print(f"  {'sum':<24}{total:8.2f}")
 
 
+_HELP = """\
+The executor's per-request CPU on the worker side, step by step, without broker or sandbox: a batch of spam_v1
+requests as Kafka messages, spread over the bench's tasks (one per partition) as a fetch returns them ->
+decode and resolve -> the sandbox batch lines -> the answers frame parsed -> results assembled -> results
+encoded -> daily-stats partials. Prints µs per request per step (the minimum of --repeat runs, which drifts
+little on a busy machine) and their sum. What a step makes is kept alive while it runs, as in the worker;
+run it with MALLOC_TRIM_THRESHOLD_ raised (e.g. 268435456), or glibc hands each run's memory back to the
+system and the next run pays page faults for it.
+
+    python -m bench.executor_path [--batch N] [--repeat N]
+"""  # what --help prints
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args()

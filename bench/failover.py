@@ -1,17 +1,6 @@
-"""Failover under steady load: two `loopai worker`s serve a steady stream of requests while one of them is stopped
-every --every seconds, by SIGKILL and SIGTERM in turn, and started again halfway to the next stop. Tasks are
-sampled for validation by an external oracle (a reference oracle service in this process answers every
-sample), so the oracle join is failed over too. Prints, for each stop, the longest time a task went without a
-result after it and after the restart; then the requests, lost ones (must be 0), duplicates (each must carry its
-original's execution id and output), and validations per sampled execution (must be exactly 1). Not a test:
-run it by hand,
-
-    python -m bench.failover [--minutes N] [--rate R] [--every S] [--config FILE] [--embedded]
-
-The broker is the one the usual settings name (LOOPAI_* variables or --config), so an operator can run it against
-Apache Kafka; --embedded starts Tansu instead, which holds every JoinGroup for half the session timeout (3 s with
-the defaults, docs/delivery.md). The group timings are the settings' own.
-"""
+"""Failover under steady load: two workers serve a steady stream while one is stopped and restarted, in turn by
+SIGKILL and SIGTERM; out, each stop's longest gap without a result, and the requests lost (must be 0), duplicated
+and validated. `--help` says how to run it, on any broker."""
 
 from __future__ import annotations
 
@@ -255,8 +244,25 @@ def report(stops: list[Stop], observed: Observed, broker: str, minutes: float, r
         print(f"LOST: {lost[:10]}")
 
 
+_HELP = """\
+Failover under steady load: two `loopai worker`s serve a steady stream of requests while one of them is stopped
+every --every seconds, by SIGKILL and SIGTERM in turn, and started again halfway to the next stop. Tasks are
+sampled for validation by an external oracle (a reference oracle service in this process answers every
+sample), so the oracle join is failed over too. Prints, for each stop, the longest time a task went without a
+result after it and after the restart; then the requests, lost ones (must be 0), duplicates (each must carry its
+original's execution id and output), and validations per sampled execution (must be exactly 1). Not a test:
+run it by hand,
+
+    python -m bench.failover [--minutes N] [--rate R] [--every S] [--config FILE] [--embedded]
+
+The broker is the one the usual settings name (LOOPAI_* variables or --config), so an operator can run it against
+Apache Kafka; --embedded starts Tansu instead, which holds every JoinGroup for half the session timeout (3 s with
+the defaults, docs/delivery.md). The group timings are the settings' own.
+"""  # what --help prints
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.failover", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.failover", description=_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--rate", type=int, default=200, help="requests a second")

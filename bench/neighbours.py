@@ -1,12 +1,6 @@
 """Tenants apart: a victim task's request->result latency with and without a hostile neighbour on the same worker.
-
-`python -m bench.neighbours [--seconds S] [--rate R] [--rounds N]` starts the embedded broker and one `loopai
-worker`, then, round by round, for each scenario sends the victim's requests at a steady rate (and the neighbour's
-beside them) and prints the victim's p50/p99 against its runs alone (medians of the rounds), the worker's peak
-resident memory, and the neighbour's outcomes. The neighbours are an LLM's ordinary mistakes: a loop that swallows
-its timer, a spinning finaliser hung on the input, megabyte outputs. Ratios are within one run; nothing is
-asserted here.
-"""
+In: --seconds, --rate, --rounds; out: the victim's p50/p99 beside each neighbour (a loop that swallows its timer, a
+spinning finaliser, megabyte outputs) against its runs alone, and the worker's peak resident memory."""
 
 from __future__ import annotations
 
@@ -31,6 +25,7 @@ from app.control.plane import ControlPlane
 from app.kafka.clients import apply_topics, make_consumer, make_producer, partition_for
 from app.kafka.loop_client import request_from
 from app.settings import Settings
+from bench import say
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from devtools.samples.neighbours import FINALISER, HUGE, SPIN, VICTIM
 
@@ -42,10 +37,6 @@ SCENARIOS = {  # neighbour task -> its requests per second beside the victim
 }
 # Each neighbour hashes to a partition other than the victim's (5 of 6): tasks that share a partition share its log,
 # so a client reading the victim's results would read the neighbour's megabytes first, whatever the worker does.
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 async def provision(settings: Settings) -> None:

@@ -1,12 +1,6 @@
-"""Profiles for `python -m bench --profile`: writes a cProfile listing, sorted by own time, of
-
-    python -m bench.profiled worker OUT            a `loopai worker` (LOOPAI_* from the environment) until SIGTERM
-    python -m bench.profiled sandbox OUT CALLS     a sandbox process's batch loop answering CALLS spam_v1 calls
-
-A sandbox process cannot write files (seccomp, RLIMIT_FSIZE 0), so its loop (app/sandbox/child.answer_batches,
-the code that runs after lock-down) is profiled here on the same batch lines the pool sends, without the
-boundary; the system calls' cost under seccomp is not in it.
-"""
+"""Profiles for `python -m bench --profile`: in, a `loopai worker` until SIGTERM, or a sandbox process's batch loop
+(child.answer_batches, without the boundary: seccomp's cost is not in it) on CALLS spam_v1 calls; out, a cProfile
+listing sorted by own time. `python -m bench.profiled worker OUT` or `sandbox OUT CALLS`."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""The sandbox on its own: calls per second through the pool, one call at a time and in batches, with spam_v1.
-
-    python -m bench.sandbox [--rounds N] [--processes P]
-
-Prints, per isolation mode (strict: bubblewrap + rlimits + seccomp; weak: rlimits + seccomp only), the median
-over rounds of: µs for a single call round trip, µs per call in batches of 100 and 1,000, the cold start of one
-sandbox process (with a zygote of its own, started for it) and the start of one forked by a running zygote
-(median of 20; bench/zygote.py has more). Rounds are interleaved between modes so that drift of the machine
-hits both alike.
-"""
+"""The sandbox pool on its own, per isolation mode: in, spam_v1 calls one at a time and in batches; out, µs per call
+round trip and per call in batches of 100 and 1,000, and a process's cold and forked start (medians of rounds)."""
 
 from __future__ import annotations
 
@@ -88,8 +80,21 @@ async def bench(rounds: int, processes: int) -> None:
     print(f"batched calls per second, strict: {1e6 / strict:,.0f}")
 
 
+_HELP = """\
+The sandbox on its own: calls per second through the pool, one call at a time and in batches, with spam_v1.
+
+    python -m bench.sandbox [--rounds N] [--processes P]
+
+Prints, per isolation mode (strict: bubblewrap + rlimits + seccomp; weak: rlimits + seccomp only), the median
+over rounds of: µs for a single call round trip, µs per call in batches of 100 and 1,000, the cold start of one
+sandbox process (with a zygote of its own, started for it) and the start of one forked by a running zygote
+(median of 20; bench/zygote.py has more). Rounds are interleaved between modes so that drift of the machine
+hits both alike.
+"""  # what --help prints
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args()

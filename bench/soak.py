@@ -1,9 +1,5 @@
-"""Soak: a million requests (--requests) through one `loopai worker` on the embedded broker, produced a
-backlog ahead of it, while the resident memory (RSS) of the worker and of its sandbox processes is sampled.
-Prints the samples as a table with a curve; both should stay flat once warm. Not a test: run it by hand,
-
-    python -m bench.soak [--requests N] [--interval SECONDS] [--backlog N]
-"""
+"""Soak: a million requests through one worker on the embedded broker, produced a backlog ahead of it; out, the
+resident memory of the worker and of its sandbox processes, sampled as it goes, as a table with a curve."""
 
 from __future__ import annotations
 
@@ -24,7 +20,7 @@ from app.contract.topics import topics_for
 from app.kafka.clients import make_consumer
 from app.kafka.loop_client import RequestSender, request_from
 from app.settings import Settings
-from bench.__main__ import provision
+from bench.workload import provision
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 from devtools.samples import SPAM_TEXTS
 
@@ -137,8 +133,17 @@ def curve(values: list[float]) -> str:
     return "".join(bars[round((v - low) / span * (len(bars) - 1))] for v in values)
 
 
+_HELP = """\
+Soak: a million requests (--requests) through one `loopai worker` on the embedded broker, produced a
+backlog ahead of it, while the resident memory (RSS) of the worker and of its sandbox processes is sampled.
+Prints the samples as a table with a curve; both should stay flat once warm. Not a test: run it by hand,
+
+    python -m bench.soak [--requests N] [--interval SECONDS] [--backlog N]
+"""  # what --help prints
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.soak", description=_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1_000_000)
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between samples")

@@ -1,11 +1,6 @@
 """Many tenants per worker: throughput and memory of one worker as the same traffic is spread over more tasks.
-
-`python -m bench.tenants [--requests N] [--tasks 1,16,100,1000]` starts the embedded broker; for each count it
-publishes the same trivial program for that many tasks, starts one `loopai worker` (sandbox_processes: the count
-and some), sends N requests spread evenly over the tasks twice (the first run starts the tasks' sandbox
-processes, the second is the steady state), and prints requests/s of each run against one task's, with the
-worker's resident memory and its sandbox processes' own (USS: pages no other process shares) and PSS.
-"""
+In: --requests, --tasks counts; out: for each count, requests/s cold and warm (against one task's), the worker's
+RSS and its sandbox processes' own memory (USS) and PSS."""
 
 from __future__ import annotations
 
@@ -22,15 +17,16 @@ from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.kafka.clients import apply_topics
 from app.kafka.loop_client import request_from
+from app.sandbox.process import Memory, measure_memory
 from app.settings import Settings
-from bench.__main__ import encode_requests, send_encoded, wait_for_commits
+from bench import say
+from bench.probes import wait_for_commits
+from bench.workload import encode_requests, send_encoded
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
 
 PROGRAM = "def run(input):\n    return input['n'] % 7\n"
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
+GONE = Memory(0, 0, 0)  # a process that ended before it was measured
+MB = 1 << 20
 
 
 def descendants(pid: int) -> list[int]:
@@ -44,21 +40,6 @@ def descendants(pid: int) -> list[int]:
         found += kids
         todo += kids
     return found
-
-
-def memory_kb(pid: int) -> dict[str, int]:
-    """Rss, Pss, Private_Clean + Private_Dirty (USS) of one process, in kB (0 if it is gone)."""
-    values = {"Rss": 0, "Pss": 0, "Uss": 0}
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            name, _, rest = line.partition(":")
-            if name in ("Rss", "Pss"):
-                values[name] = int(rest.split()[0])
-            elif name in ("Private_Clean", "Private_Dirty"):
-                values["Uss"] += int(rest.split()[0])
-    except (OSError, ValueError):
-        pass
-    return values
 
 
 async def provision(settings: Settings, tasks: list[str]) -> None:
@@ -96,10 +77,9 @@ async def one_count(broker: EmbeddedBroker, work: Path, count: int, requests: in
             done += requests
             await wait_for_commits(settings, group, done, 600)
             seconds = time.monotonic() - started
-            sandboxes = [memory_kb(pid) for pid in descendants(worker.pid)]
-            worker_mb = memory_kb(worker.pid)["Rss"] / 1024
-            runs.append((requests / seconds, worker_mb, sum(m["Uss"] for m in sandboxes) / 1024,
-                         sum(m["Pss"] for m in sandboxes) / 1024, len(sandboxes)))
+            sandboxes = [measure_memory(pid) or GONE for pid in descendants(worker.pid)]
+            runs.append((requests / seconds, (measure_memory(worker.pid) or GONE).rss / MB,
+                         sum(m.uss for m in sandboxes) / MB, sum(m.pss for m in sandboxes) / MB, len(sandboxes)))
     finally:
         worker.terminate()
         try:

@@ -1,16 +1,5 @@
-"""Starting sandbox processes from a zygote: how long a start takes and how much memory an idle one costs.
-
-    python -m bench.zygote [--children N] [--isolation strict|weak]
-
-Prints, in one run: the zygote's own start (bubblewrap, an interpreter, the imports of every allowed module: what
-every sandbox process paid before the zygote) and the start of a process with a zygote of its own (that, plus
-a fork); then, for N processes forked one after another from one zygote, the median and p90 of the time from
-asking for a process to its hello (fork, lock-down) and to its first answer (plus loading spam_v1 and one
-call), and the CPU time one start to first answer costs the worker, the zygote and the new process together
-(wall times swell on a loaded machine; CPU time much less); then the memory of the N processes kept idle (its
-own: USS, pages no other process maps; PSS; RSS) after one call, right after a batch of 1,000 more, and once
-idle long enough to have trimmed their heaps (app/sandbox/child.py), and the zygote's.
-"""
+"""Starting sandbox processes from a zygote: in, N processes forked one after another; out, the time to each one's
+hello and first answer, the CPU a start costs, and the memory of the processes kept idle (USS, PSS, RSS)."""
 
 from __future__ import annotations
 
@@ -110,8 +99,24 @@ async def bench(children: int, isolation: str) -> None:
         await zygote.stop()
 
 
+_HELP = """\
+Starting sandbox processes from a zygote: how long a start takes and how much memory an idle one costs.
+
+    python -m bench.zygote [--children N] [--isolation strict|weak]
+
+Prints, in one run: the zygote's own start (bubblewrap, an interpreter, the imports of every allowed module: what
+every sandbox process paid before the zygote) and the start of a process with a zygote of its own (that, plus
+a fork); then, for N processes forked one after another from one zygote, the median and p90 of the time from
+asking for a process to its hello (fork, lock-down) and to its first answer (plus loading spam_v1 and one
+call), and the CPU time one start to first answer costs the worker, the zygote and the new process together
+(wall times swell on a loaded machine; CPU time much less); then the memory of the N processes kept idle (its
+own: USS, pages no other process maps; PSS; RSS) after one call, right after a batch of 1,000 more, and once
+idle long enough to have trimmed their heaps (app/sandbox/child.py), and the zygote's.
+"""  # what --help prints
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--children", type=int, default=200)
     parser.add_argument("--isolation", choices=("strict", "weak"), default="strict")
     args = parser.parse_args()

@@ -74,49 +74,6 @@ async def stop_clients(*clients: AIOKafkaConsumer | AIOKafkaProducer | None, tim
                 log.warning("%s did not stop cleanly: %s", type(client).__name__, describe_error(exc))
 
 
-class BatchSender:
-    """Accumulates records per partition and sends them as record batches (send_batch), which costs far
-    less per record than send(). flush() returns the futures of the broker's acknowledgements."""
-
-    def __init__(self, producer: AIOKafkaProducer) -> None:
-        self._producer = producer
-        self._batches: dict[tuple[str, int], Any] = {}
-        self._futures: list[asyncio.Future[Any]] = []
-
-    async def add(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
-        if not self.try_add(topic, partition, key, value):
-            await self.add_after_full(topic, partition, key, value)
-
-    def try_add(self, topic: str, partition: int, key: bytes | None, value: bytes) -> bool:
-        """Append without awaiting (the hot path); False when the partition's batch is full, and then
-        add_after_full() ships it and appends to a new one."""
-        slot = (topic, partition)
-        batch = self._batches.get(slot)
-        if batch is None:
-            batch = self._batches[slot] = self._producer.create_batch()
-        return batch.append(key=key, value=value, timestamp=None) is not None
-
-    async def add_after_full(self, topic: str, partition: int, key: bytes | None, value: bytes) -> None:
-        slot = (topic, partition)
-        await self._ship(slot, self._batches[slot])
-        batch = self._batches[slot] = self._producer.create_batch()
-        if batch.append(key=key, value=value, timestamp=None) is None:
-            raise ValueError(f"record of {len(value)} bytes does not fit a batch for {topic}")
-
-    async def _ship(self, slot: tuple[str, int], batch: Any) -> None:
-        batch.close()
-        self._futures.append(await self._producer.send_batch(batch, slot[0], partition=slot[1]))
-
-    async def flush(self) -> list[asyncio.Future[Any]]:
-        """Send every open batch; the returned futures resolve when the broker has acknowledged them."""
-        for slot, batch in self._batches.items():
-            if batch.record_count():
-                await self._ship(slot, batch)
-        self._batches.clear()
-        futures, self._futures = self._futures, []
-        return futures
-
-
 @dataclass(frozen=True)
 class TopicApplied:
     name: str

@@ -5,16 +5,12 @@ import contextlib
 import itertools
 import time
 
-from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from app.contract.topics import topics_for
 from app.kafka.clients import (
-    BatchSender,
     ConnectBackoff,
     apply_topics,
-    make_consumer,
-    make_producer,
     partition_for,
 )
 from app.settings import Settings
@@ -29,28 +25,6 @@ def test_partition_for_matches_kafkas_default_partitioner() -> None:
     for key, java_hash in JAVA_MURMUR2.items():
         for partitions in (1, 3, 6, 7):
             assert partition_for(key, partitions) == (java_hash & 0x7FFFFFFF) % partitions, (key, partitions)
-
-
-async def test_batch_sender_ships_full_batches_in_order(settings: Settings) -> None:
-    topic = topics_for(settings.topic_prefix).dead_letters.name
-    producer = make_producer(settings, max_batch_size=2048)  # a few records per batch
-    await producer.start()
-    sender = BatchSender(producer)
-    for i in range(500):
-        await sender.add(topic, 0, None, f"record-{i:04d}".encode() * 10)
-    await asyncio.gather(*await sender.flush())
-    await producer.stop()
-    consumer = make_consumer(settings)
-    await consumer.start()
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    values: list[bytes] = []
-    while len(values) < 500:
-        batches = await consumer.getmany(timeout_ms=2000)
-        assert batches, f"only {len(values)} records arrived"
-        values += [m.value for m in batches[tp]]
-    await consumer.stop()
-    assert values == [f"record-{i:04d}".encode() * 10 for i in range(500)]
 
 
 async def test_apply_topics_reports_what_it_did(settings: Settings) -> None:

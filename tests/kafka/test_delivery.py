@@ -4,10 +4,11 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from aiokafka import TopicPartition
 from aiokafka.errors import NotLeaderForPartitionError, TopicAuthorizationFailedError
 
 from app.contract.topics import topics_for
-from app.kafka.clients import make_producer
+from app.kafka.clients import make_consumer, make_producer
 from app.kafka.delivery import DeliveryFailed, Outbox, deliver, deliver_all
 from app.settings import Settings
 from tests.faults import RefusingProducer, read_values
@@ -98,3 +99,25 @@ async def test_deliver_all_raises_naming_the_first_refusal(settings: Settings, p
     with pytest.raises(DeliveryFailed, match=rf"1 of 3 record\(s\) not delivered; {topic} partition 1: "
                                              "MessageSizeTooLargeError"):
         await deliver_all(producer, _outbox(topic, [b"ok", b"x" * 5000, b"fine"]), timeout_s=10)
+
+
+async def test_a_partitions_records_arrive_in_order_over_many_batches(settings: Settings) -> None:
+    topic = topics_for(settings.topic_prefix).dead_letters.name
+    producer = make_producer(settings, max_batch_size=2048)  # a few records per batch
+    await producer.start()
+    outbox: Outbox[int] = Outbox()
+    for i in range(500):
+        outbox.add(topic, 0, None, f"record-{i:04d}".encode() * 10, i)
+    assert await deliver(producer, outbox, timeout_s=10) == []
+    await producer.stop()
+    consumer = make_consumer(settings)
+    await consumer.start()
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    values: list[bytes] = []
+    while len(values) < 500:
+        batches = await consumer.getmany(timeout_ms=2000)
+        assert batches, f"only {len(values)} records arrived"
+        values += [m.value for m in batches[tp]]
+    await consumer.stop()
+    assert values == [f"record-{i:04d}".encode() * 10 for i in range(500)]

@@ -1,6 +1,7 @@
 """Unrestricted Python in zygote children, locked down exactly as sandbox processes are, as a program that got
 past the static check would run: the isolation tests' way in. Every child of a Probed boundary's zygote runs its
-probe with its channel as stdin and stdout and its progress page's fd in sys.argv[5]."""
+probe with its channel as stdin and stdout and its progress page's fd in sys.argv[5]. A Scripted boundary's
+sandbox processes run a script in place of the protocol's honest side."""
 
 from __future__ import annotations
 
@@ -26,6 +27,27 @@ class Probed(Boundary):
 
     def environment(self) -> dict[str, str]:
         return {**super().environment(), **self.secret}
+
+
+@dataclass(frozen=True)
+class Scripted(Boundary):
+    """A boundary whose sandbox processes run `script` instead of serving: processes that speak the protocol
+    dishonestly, as a program that got past the static check could make its process do. Each runs after the same
+    lock-down as a real sandbox process."""
+
+    script: str = ""
+
+    def command(self, control_fd: int, probe: str | None = None) -> list[str]:
+        return super().command(control_fd, probe=self.script)
+
+
+# A scripted process's start: the hello a sandbox process writes, then the number of the first batch it is sent.
+HANDSHAKE = (
+    "import json, mmap, os, struct, sys, time\n"
+    "page = mmap.mmap(int(sys.argv[5]), 24)\n"
+    "os.write(1, b'{\"hello\": {\"seccomp\": true}}\\n')\n"
+    "number = json.loads(sys.stdin.buffer.readline())['batch']\n"
+)
 
 
 @dataclass
