@@ -17,7 +17,7 @@ Hysteresis, as the baseline detectors (app/domain/anomaly.py): a target that rai
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from statistics import NormalDist
@@ -131,10 +131,11 @@ class TargetDetector:
                                             minute_start(clock) + MINUTE))
         return signals
 
-    def tick(self, task_id: str, targets: Targets | None, clock: datetime) -> None:
-        """Judge the minutes a quiet task's clock has closed since its last partial, for re-arming."""
-        for key in [k for k in self._minutes if k[0] == task_id]:
-            if targets is not None:
+    def tick(self, clocks: Mapping[str, datetime], targets_of: Callable[[str], Targets | None]) -> None:
+        """Judge the minutes the tasks' clocks have closed since their last partials, for re-arming."""
+        for key in list(self._minutes):
+            clock, targets = clocks.get(key[0]), targets_of(key[0])
+            if clock is not None and targets is not None:
                 self._rearm(key, targets, clock)
 
     def forget(self, task_ids: Iterable[str]) -> None:

@@ -69,8 +69,8 @@ class AnomalyWatch:
 
     def tick(self, now: datetime) -> list[AnomalySignal]:
         """The signals of the minutes that idle tasks' clocks close by wall-clock `now`."""
-        for task_id, task in self._tasks.items():
-            self._targets.tick(task_id, self.targets_of(task_id), self._clock(task, now))
+        self._targets.tick({task_id: self._clock(task, now) for task_id, task in self._tasks.items()},
+                           self.targets_of)
         return [signal for task in self._tasks.values() for signal in self._close(task, now)]
 
     def forget(self, task_ids: set[str]) -> None:

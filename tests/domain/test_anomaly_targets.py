@@ -95,12 +95,13 @@ def test_a_quiet_task_rearms_on_the_clock() -> None:
     detector = TargetDetector(TargetLimits(rearm_minutes=3, window_minutes=2))
     assert len(run(detector, traffic(60, 0.5, seed=9))) == 1
     assert run(detector, traffic(60, 0.0, seed=10, start=T0 + timedelta(minutes=1))) == []
-    detector.tick("new", ERRORS, T0 + timedelta(minutes=10))  # no traffic since: its windows hold nothing
+    # No traffic since: its windows hold nothing, which is no calm minute.
+    detector.tick({"new": T0 + timedelta(minutes=10)}, lambda task_id: ERRORS)
     assert run(detector, traffic(60, 0.5, seed=11, start=T0 + timedelta(minutes=10))) == []  # not calm long enough
-    detector.tick("new", ERRORS, T0 + timedelta(minutes=11))
+    detector.tick({"new": T0 + timedelta(minutes=11)}, lambda task_id: ERRORS)
     calm = traffic(300, 0.0, seed=12, start=T0 + timedelta(minutes=11))
     assert run(detector, calm) == []
-    detector.tick("new", ERRORS, T0 + timedelta(minutes=20))
+    detector.tick({"new": T0 + timedelta(minutes=20)}, lambda task_id: ERRORS)
     assert len(run(detector, traffic(60, 0.5, seed=13, start=T0 + timedelta(minutes=20)))) == 1
 
 
