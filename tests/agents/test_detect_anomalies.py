@@ -24,8 +24,8 @@ from app.contract.records import (
 )
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
-from app.kafka.client import RequestSender, request_from
 from app.kafka.clients import apply_topics, make_producer
+from app.kafka.loop_client import RequestSender, request_from
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from tests.conftest import WorkerProcess, collect, make_settings, results_for
