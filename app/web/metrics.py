@@ -88,7 +88,7 @@ class WorkerMetrics(Collector):
         tenth of a core): the counts in one C-level pass, the latencies of each task version sorted and cut at
         the bucket bounds, the request timestamps of each task too (one sort, no per-result subtraction)."""
         counted = Counter(map(_task_version_status, results))  # one key tuple per result
-        if answered:
+        if answered and results:
             first = next(iter(counted))[0]
             one_task = first if len(counted) == 1 or all(key[0] == first for key in counted) else None
             self._count_waits(results, answered, time.time() * 1000 if now_ms is None else now_ms, one_task)

@@ -123,6 +123,8 @@ def test_a_result_that_went_out_as_a_dead_letter_waits_for_nothing() -> None:
     sent, refused = result("a"), result("a")
     metrics.count_results([sent], answered([sent, refused], [999_990, 999_000]), now_ms=1_000_000.0)
     assert sum(metrics.waits["a"]) == 1
+    metrics.count_results([], answered([refused], [999_000]), now_ms=1_000_000.0)  # every one refused
+    assert sum(metrics.waits["a"]) == 1
 
 
 def test_the_live_window_and_the_chart_show_request_to_result_beside_execution_time() -> None:
