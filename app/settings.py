@@ -22,6 +22,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.domain.anomaly import AnomalyThresholds
+from app.domain.anomaly_targets import TargetLimits
 from app.domain.daily_windows import DailyWindows
 from app.domain.task_budget import TimeoutBudget
 
@@ -305,6 +306,12 @@ class Settings(BaseSettings):
     anomaly_lateness_s: float = Field(5.0, ge=0)
     anomaly_idle_s: float = Field(10.0, ge=0)
     anomaly_tick_s: float = Field(1.0, gt=0, description="how often idle tasks' minutes are checked")
+    # A task's targets (max_error_rate, latency_target_ms, accuracy_target) are judged from its first minute, with
+    # no baseline: over the last `window_minutes`, once `min_executions` results (or validations) say at
+    # `confidence` that the target is breached (app/domain/anomaly_targets.py). anomaly_rearm_minutes ends an incident.
+    anomaly_target_min_executions: int = Field(20, ge=1)
+    anomaly_target_confidence: float = Field(0.999, gt=0.5, lt=1)
+    anomaly_target_window_minutes: int = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _anomaly_thresholds_make_sense(self) -> Settings:
@@ -317,6 +324,13 @@ class Settings(BaseSettings):
     def anomaly_thresholds(self) -> AnomalyThresholds:
         """The anomaly_* settings as the detector takes them."""
         return AnomalyThresholds(**{f.name: getattr(self, f"anomaly_{f.name}") for f in fields(AnomalyThresholds)})
+
+    def target_limits(self) -> TargetLimits:
+        """The anomaly_target_* settings as the target detector takes them."""
+        return TargetLimits(min_executions=self.anomaly_target_min_executions,
+                            confidence=self.anomaly_target_confidence,
+                            window_minutes=self.anomaly_target_window_minutes,
+                            rearm_minutes=self.anomaly_rearm_minutes)
 
     # HTTP on the worker (app/web/): health, metrics, execute, tasks, the dashboard. Loopback by default, because
     # POST /execute needs no token unless web_token is set: a container sets web_host 0.0.0.0 and keeps the

@@ -86,7 +86,7 @@ class LoopWorker(Service):
         JoinOracleVerdicts(app, self.settings, self.topics)
         DecideCanaries(app, self.settings, self.topics, self.tables, self.executor.assembler.sampler)
         self.daily_stats = AggregateDailyStats(app, self.settings, self.topics)
-        DetectAnomalies(app, self.settings, self.topics)
+        DetectAnomalies(app, self.settings, self.topics, self.tables)
         EmitRetentionEvents(app, self.settings, self.topics)
 
     async def on_start(self) -> None:

@@ -1,6 +1,7 @@
 """The dashboard in a real headless browser (Debian's chromium driven by PyPI playwright): the page loads from
-the worker, shows a task with its versions, its live figures move after requests are sent, and a suspended task
-is marked."""
+the worker with no failed request and no console error, shows a task with its versions, its live figures (execution
+time and request -> result) and its last 15 minutes move after requests are sent, a task without an oracle says so,
+and a suspended task is marked, in the table and on its chart."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def test_the_page_shows_a_task_and_follows_new_requests(served: Served, chromium
         browser = playwright.chromium.launch(executable_path=chromium, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
+            failed: list[str] = []  # requests answered 4xx/5xx, console errors, uncaught exceptions
+            page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+            page.on("console", lambda m: failed.append(f"console: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: failed.append(f"page error: {e}"))
             page.goto(served.url + "/")
             row = page.locator('tr[data-task="listed"]')
             row.wait_for(timeout=15_000)
@@ -54,12 +59,27 @@ def test_the_page_shows_a_task_and_follows_new_requests(served: Served, chromium
                 "Number(document.querySelector('tr[data-task=\"metered\"] td.rate')?.textContent) > 0",
                 timeout=15_000)
 
+            # Beside the execution time, what a client waited: request -> result, milliseconds at least.
+            waits = page.locator('tr[data-task="metered"] td.wait').all_inner_texts()
+            assert len(waits) == 3 and all(w.endswith(" ms") for w in waits), waits
+            assert float(waits[2].split()[0]) >= float(waits[0].split()[0]) > 0, waits
+            assert page.locator('tr[data-task="slow"] td').last.inner_text() == "no oracle"
+
             page.select_option("#chart-task", "metered")
             page.wait_for_function("Number(document.getElementById('chart').dataset.days || 0) >= 1",
                                    timeout=30_000)
+            page.wait_for_function("Number(document.getElementById('live-chart').dataset.points || 0) >= 1",
+                                   timeout=30_000)
+            assert page.locator("#live-note").inner_text().startswith("metered: this worker's results")
+            assert page.locator("#chart-name").inner_text() == "metered"
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
+            # The icon a browser asks for whatever the page says: served, no 404 on any page load.
+            icon = page.request.get(served.url + "/favicon.ico")
+            assert icon.status == 200 and icon.headers["content-type"] == "image/x-icon"
+            assert icon.body()[:4] == b"\x00\x00\x01\x00"
+            assert failed == [], failed
         finally:
             browser.close()
     assert call(served.url + "/static/nothing.js")[0] == 404
@@ -80,5 +100,9 @@ def test_a_suspended_task_is_marked_with_until_when_and_why(served: Served, chro
             assert badge.inner_text() == f"suspended until {suspension.until:%H:%M:%S} UTC"
             assert badge.get_attribute("title") == suspension.reason
             assert page.locator('tr[data-task="listed"]').get_attribute("class") in (None, "")
+            page.select_option("#chart-task", "stuck")  # its chart says so too
+            chart_badge = page.locator("#live-suspended")
+            chart_badge.wait_for(state="visible", timeout=15_000)
+            assert chart_badge.inner_text() == f"suspended until {suspension.until:%H:%M:%S} UTC"
         finally:
             browser.close()

@@ -1,6 +1,7 @@
-"""Detects anomalies: consumes stats-partials (key task_id, so each task has one owner) and produces one
-AnomalySignal per incident in a task version's error rate or p99 latency to anomaly-signals, keyed by task_id.
-A timer closes the minutes of tasks that went quiet (docs/anomalies.md)."""
+"""Detects anomalies: consumes stats-partials (key task_id, so each task has one owner) and the task table (for
+each task's targets), produces one AnomalySignal per incident in a task version's error rate, p99 latency or
+accuracy to anomaly-signals, keyed by task_id. A timer closes the minutes of tasks that went quiet
+(docs/anomalies.md)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from app.agents.plumbing import EventDeadLetters, raw_topic
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import AnomalySignal, StatsPartial, utc_now
 from app.contract.topics import Topics
+from app.domain.anomaly_targets import Targets
 from app.domain.anomaly_watch import AnomalyWatch
+from app.kafka.tables import TableReader
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,9 +34,11 @@ class DetectAnomalies:
     on the embedded broker comes back stale (app/kafka/tables.py), so no test could show it right.
     """
 
-    def __init__(self, app: faust.App, settings: Settings, topics: Topics) -> None:
+    def __init__(self, app: faust.App, settings: Settings, topics: Topics, tables: TableReader) -> None:
+        self._tables = tables
         self.watch = AnomalyWatch(settings.anomaly_thresholds(), timedelta(seconds=settings.anomaly_lateness_s),
-                                  timedelta(seconds=settings.anomaly_idle_s))
+                                  timedelta(seconds=settings.anomaly_idle_s), settings.target_limits(),
+                                  self._targets_of)
         self._partials = codec_for(StatsPartial, settings, topics.stats_partials)
         self._signals = codec_for(AnomalySignal, settings, topics.anomaly_signals)
         self._partials_topic = topics.stats_partials.name
@@ -45,7 +50,12 @@ class DetectAnomalies:
         app.timer(settings.anomaly_tick_s, name="close_idle_minutes")(self._tick)
         app.on_partitions_revoked.connect(self._forget_revoked)
 
+    def _targets_of(self, task_id: str) -> Targets | None:
+        spec = self._tables.tasks.get(task_id)
+        return None if spec is None else Targets.of(spec)
+
     async def _consume(self, stream: Any) -> None:
+        await self._tables.ready.wait()  # a task's first partials must not pass before its targets are known
         async for event in stream.events():
             try:
                 partial = self._partials.decode(event.value)

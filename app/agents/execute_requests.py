@@ -73,8 +73,9 @@ class ExecuteRequests:
         self._delivered: list[dict[str, Any]] = []  # results acknowledged since the last commit: its partials
         self.executed = 0
         self.dead_lettered = 0
-        # Called with each acknowledged group of results' fields (app/web/metrics.py counts them).
-        self.on_results: Callable[[list[dict[str, Any]]], None] | None = None
+        # Called with each acknowledged group of results' fields, and each with its request's message (for its
+        # timestamp: app/web/metrics.py counts both).
+        self.on_results: Callable[[list[dict[str, Any]], list[tuple[dict[str, Any], Message]]], None] | None = None
         # The tasks' timeout budget: a suspended task's requests get a rejected result at once.
         self.budget = budget
         self.refusal: Callable[[str], str | None] | None = budget.refusal if budget is not None else None
@@ -246,7 +247,7 @@ class ExecuteRequests:
         self.dead_lettered += sent_letters
         self._delivered += sent_results
         if self.on_results is not None:
-            self.on_results(sent_results)
+            self.on_results(sent_results, answers.results)
         await self.pipeline.done(answers.marks)
 
     def _undelivered(self, reason: str, answers: Answers) -> None:

@@ -189,6 +189,9 @@ class TaskSpec(Record):
     # An LLM's program that loops on one input holds a sandbox process for as long as its request asks: a task
     # owner raises this deliberately (README: The program contract).
     max_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 1000
+    # A new task has no baseline for the anomaly detectors to judge it by: its targets are judged from its first
+    # minute instead (app/domain/anomaly_targets.py). None: the error rate is not watched against a bound.
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] | None = 0.05
 
 
 class TaskSuspension(Record):
@@ -285,12 +288,14 @@ class AnomalyMetric(StrEnum):
     ERROR_RATE = "error_rate"
     P99_LATENCY = "p99_latency"
     TIMEOUTS = "timeouts"
+    ACCURACY = "accuracy"
 
 
 class AnomalyMethod(StrEnum):
     ZSCORE = "zscore"
     EWMA = "ewma"
     BUDGET = "budget"
+    TARGET = "target"
 
 
 class DailyStats(Record):
@@ -342,8 +347,8 @@ class StatsPartial(Record):
 
 
 class AnomalySignal(Record):
-    """A task version's error rate or p99 latency left its normal range, or a task used up its timeout budget and
-    was suspended (one per incident)."""
+    """A task version's error rate or p99 latency left its normal range, or broke one of its task's targets
+    (error rate, latency, accuracy), or a task used up its timeout budget and was suspended (one per incident)."""
 
     task_id: str
     version: int | None = None

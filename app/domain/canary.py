@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from app.contract.records import AnomalySignal
+from app.contract.records import AnomalyMetric, AnomalySignal
 
 
 def runs_canary(request_id: str, percent: float) -> bool:
@@ -53,9 +53,11 @@ class Decision:
 def signals_against(signals: Iterable[AnomalySignal], candidate_version: int,
                     canary_started: datetime) -> list[AnomalySignal]:
     """The signals that count against a canary: on its candidate version, for a minute that ended after the
-    canary started (the same version may have run, and misbehaved, in an earlier canary)."""
+    canary started (the same version may have run, and misbehaved, in an earlier canary). Not its accuracy
+    against the task's target: decide() judges the candidate's accuracy, against the active version's too."""
     return [signal for signal in signals
-            if signal.version == candidate_version and signal.detected_at > canary_started]
+            if signal.version == candidate_version and signal.detected_at > canary_started
+            and signal.metric is not AnomalyMetric.ACCURACY]
 
 
 def decide(candidate: Accuracy, active: Accuracy, accuracy_target: float, min_validations: int,

@@ -80,6 +80,18 @@ class LatencySketch:
         """How many latencies were recorded (over all merged sketches)."""
         return round(self._sketch.count)
 
+    def count_above(self, threshold_ms: float) -> int:
+        """How many recorded latencies surely exceed `threshold_ms`: those in buckets wholly above it (a bucket
+        holding the threshold is not counted, so the answer errs low by at most that bucket)."""
+        sketch = self._sketch
+        store = sketch._store
+        if not store.count:
+            return 0
+        if threshold_ms <= 0:
+            return round(store.count)
+        first = max(sketch._mapping.key(threshold_ms) + 1 - store.offset, 0)
+        return round(sum(store.bins[first:]))
+
     def quantile(self, q: float) -> float | None:
         """The q-quantile (0 <= q <= 1) within RELATIVE_ACCURACY, or None for an empty sketch."""
         if not 0.0 <= q <= 1.0:

@@ -56,8 +56,9 @@ def openapi_document() -> dict[str, Any]:
             "/health": {"get": {"summary": "Ready to serve: the broker answers, tables are recovered, the executor "
                                            "has joined its group and has not failed",
                                 "responses": {"200": _json("ready"), "503": _json("not ready; `reasons` says why")}}},
-            "/metrics": {"get": {"summary": "Prometheus text format (executions, latency, sandbox replacements, "
-                                            "dead letters, validations and accuracy, consumer lag)",
+            "/metrics": {"get": {"summary": "Prometheus text format (executions, execution time, request -> "
+                                            "result latency, sandbox replacements, dead letters, validations and "
+                                            "accuracy, consumer lag)",
                                  "responses": {"200": {"description": "metrics",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/execute": {"post": {
@@ -86,8 +87,15 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": _json("days, oldest first", {"type": "object", "properties": {
                     "today": _ref("DailyStats"), "days": {"type": "array", "items": _ref("DailyStats")}}}),
                     "404": _json("no such task"), "422": _FIELD_ERRORS}}},
-            "/api/dashboard": {"get": {"summary": "What the dashboard page shows, refreshed by its polling",
-                                       "responses": {"200": _json("tasks with live figures, signals, dead letters")}}},
+            "/api/dashboard": {"get": {
+                "summary": "What the dashboard page shows, refreshed by its polling: every task with its live window "
+                           "(executions/s, error rate, execution time and request -> result p50/p95/p99), signals, "
+                           "dead letters; with `chart`, that task's last 15 minutes",
+                "parameters": [{"name": "chart", "in": "query", "required": False, "schema": {"type": "string"},
+                                "description": "a task id: `chart.points` is its last 15 minutes, a point every "
+                                               "`chart.step_s` s: [unix s, executions/s, error rate, request -> "
+                                               "result p99 ms, execution p99 ms]"}],
+                "responses": {"200": _json("tasks with live figures, signals, dead letters, the chart")}}},
             "/": {"get": {"summary": "The dashboard page",
                           "responses": {"200": {"description": "HTML",
                                                 "content": {"text/html": {"schema": {"type": "string"}}}}}}},

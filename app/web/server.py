@@ -1,7 +1,7 @@
 """The worker's HTTP server (aiohttp, on the worker's event loop): consumes requests on web_host:web_port and
 the worker's parts (tables, executor, sandbox pool, broker watch), produces /health, /metrics, /execute, /tasks,
-/tasks/{id}, /tasks/{id}/stats, /api/dashboard, /openapi.json and the dashboard page; with web_token set, only
-/health, /metrics and /openapi.json answer without it."""
+/tasks/{id}, /tasks/{id}/stats, /api/dashboard, /openapi.json, the dashboard page and its icon; with web_token
+set, only /health, /metrics, /openapi.json and /favicon.ico answer without it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import contextlib
 import hmac
 import json
 import logging
+import struct
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict
 from datetime import timedelta
@@ -33,7 +35,7 @@ from app.kafka.tables import TableReader
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
 from app.web.execute import ExecuteBody, Executions
-from app.web.metrics import WorkerMetrics, counter, gauge
+from app.web.metrics import SERIES_STEP_S, WorkerMetrics, counter, gauge
 from app.web.openapi import openapi_document
 from app.web.recent import RecentEvents
 
@@ -93,6 +95,7 @@ class WebServer:
             web.post("/execute", self._execute), web.get("/tasks", self._tasks),
             web.get("/tasks/{task_id}", self._task), web.get("/tasks/{task_id}/stats", self._task_stats),
             web.get("/api/dashboard", self._dashboard_data), web.get("/openapi.json", self._openapi),
+            web.get("/favicon.ico", self._favicon),
         ])
         return app
 
@@ -253,7 +256,14 @@ class WebServer:
             raise web.HTTPNotFound()
         return web.Response(text=_asset(name), content_type=_STATIC[name])
 
+    async def _favicon(self, request: web.Request) -> web.Response:
+        return web.Response(body=FAVICON, content_type="image/x-icon",
+                            headers={"Cache-Control": "public, max-age=86400"})
+
     async def _dashboard_data(self, request: web.Request) -> web.Response:
+        """Every task's summary and live window, the recent signals and dead letters; with ?chart=TASK, that
+        task's last 15 minutes too (points of [unix seconds, executions/s, error rate, request -> result p99 ms,
+        execution p99 ms], every metrics.SERIES_STEP_S, the last one now)."""
         live = self.metrics.live()
         accuracy = self.recent.accuracy()
         tasks = []
@@ -268,19 +278,23 @@ class WebServer:
                                    if task == task_id}
             tasks.append(summary)
         ready, health = self.health()
+        chart = request.query.get("chart")
         return web.json_response({
             "worker_id": self._settings.worker_id, "ready": ready, "reasons": health["reasons"],
             "partitions": health["partitions"], "executed": self._executor.executed, "tasks": tasks,
             "signals": [s.model_dump(mode="json") for s in reversed(self.recent.signals)],
             "dead_letters": [_letter_summary(letter) for letter in reversed(self.recent.dead_letters)],
+            "chart": None if chart is None else {"task_id": chart, "step_s": SERIES_STEP_S,
+                                                 "points": self.metrics.history(chart)},
         })
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
 
 
-# Probes and scrapers keep working without the token; everything else (execute, tasks, the dashboard) needs it.
-_OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json"})
+# Probes and scrapers keep working without the token, and a browser's icon request (it tells nothing); everything
+# else (execute, tasks, the dashboard) needs it.
+_OPEN_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/favicon.ico"})
 _TOKEN_COOKIE = "loopai_token"
 
 
@@ -334,3 +348,28 @@ def _letter_summary(letter: DeadLetter) -> dict[str, Any]:
 
 def _asset(name: str) -> str:
     return resources.files("app.web").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def _icon(size: int = 16) -> bytes:
+    """The dashboard's icon, drawn here rather than shipped as a binary: a .ico holding one PNG, a dark square
+    with a rising line (browsers ask for /favicon.ico whatever the page says; a 404 would be an error logged
+    on every page load)."""
+    dark, light, empty = b"\x1d\x24\x30\xff", b"\x7c\xc4\xff\xff", b"\x00\x00\x00\x00"
+    rows = []
+    for y in range(size):
+        row = bytearray(b"\x00")  # PNG filter: none
+        for x in range(size):
+            inside = 1 <= x < size - 1 and 1 <= y < size - 1
+            on_line = inside and abs((size - 1 - y) - (x * 3 // 4 + 2)) <= 1
+            row += light if on_line else dark if inside else empty
+        rows.append(bytes(row))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", size, size, 8, 6, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", size, size, 0, 0, 1, 32, len(png), 22) + png
+
+
+FAVICON = _icon()

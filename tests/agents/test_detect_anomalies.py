@@ -1,8 +1,10 @@
 """Anomaly signals end to end on the embedded broker: StatsPartials of synthetic minutes (hours in the past, as a
 replay) go to stats-partials, a worker's agent judges them, signals come out on anomaly-signals, and a canary
-with a signal against it is rolled back."""
+with a signal against it is rolled back; a new task's real traffic breaking its error-rate bound is signalled
+within its first minute."""
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -16,15 +18,17 @@ from app.contract.records import (
     CanaryAction,
     CanaryDecision,
     DeadLetter,
+    ExecutionStatus,
     StatsPartial,
     TaskSpec,
 )
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.kafka.clients import apply_topics, make_producer
+from app.kafka.loop_client import RequestSender, request_from
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
-from tests.conftest import WorkerProcess, collect, make_settings
+from tests.conftest import WorkerProcess, collect, make_settings, results_for
 from tests.synthetic_partials import partials
 
 # Synthetic time starts five hours ago, on a minute: every minute is over before the test starts.
@@ -112,7 +116,8 @@ def interleaved(*streams: Iterator[StatsPartial]) -> Iterator[StatsPartial]:
 
 async def test_a_canary_with_a_latency_signal_is_rolled_back(served: Settings) -> None:
     async with ControlPlane(served) as control:
-        await control.put_task(TaskSpec(name="canaried", updated_at=T0))
+        # Its synthetic p99 of 50 ms is its normal: the latency target must not be what rolls the canary back.
+        await control.put_task(TaskSpec(name="canaried", latency_target_ms=1000, updated_at=T0))
         await control.publish("canaried", PROGRAM, activate=True)
         await control.publish("canaried", PROGRAM)
         # The canary started 90 synthetic minutes in, when the task had a baseline.
@@ -151,3 +156,28 @@ async def test_undecodable_partials_become_dead_letters(served: Settings) -> Non
                             lambda rs: any(isinstance(r, DeadLetter) and r.source_topic == name for r in rs))
     [letter] = [r for r in letters if isinstance(r, DeadLetter) and r.source_topic == name]
     assert letter.error_type == "DecodeError" and letter.value == b"\xff not a partial"
+
+
+async def test_a_new_task_breaking_its_error_bound_is_signalled_within_its_first_minute(served: Settings) -> None:
+    """No baseline yet: the task's max_error_rate (5 % by default) is what judges it, as soon as enough results
+    say so. Half its inputs make the program raise."""
+    async with ControlPlane(served) as control:
+        await control.put_task(TaskSpec(name="half-broken", updated_at=datetime.now(UTC)))
+        await control.publish("half-broken", "def run(input):\n    return 1 // (input['n'] % 2)\n", activate=True)
+    async with RequestSender(served) as sender:
+        # The worker follows the task table live: its first request is the one answered by v1.
+        deadline = time.monotonic() + 30
+        while True:
+            probe = request_from("half-broken", {"n": 1})
+            await sender.send([probe])
+            if (await results_for(served, [probe.request_id]))[probe.request_id].status is ExecutionStatus.OK:
+                break
+            assert time.monotonic() < deadline, "the worker never ran the task's v1"
+        started = time.monotonic()
+        first_sent = datetime.now(UTC)
+        await sender.send([request_from("half-broken", {"n": n}) for n in range(60)])
+    [signal] = await signals_of(served, "half-broken", bool, timeout_s=60)
+    waited = time.monotonic() - started
+    assert (signal.metric, signal.method, signal.version) == (AnomalyMetric.ERROR_RATE, AnomalyMethod.TARGET, 1)
+    assert 0.3 < signal.value < 0.7 and signal.baseline == 0.05, signal
+    assert signal.detected_at - first_sent < timedelta(seconds=60) and waited < 60, (signal, waited)

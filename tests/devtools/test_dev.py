@@ -30,8 +30,11 @@ def test_dev_runs_the_whole_loop_and_leaves_nothing_behind(tmp_path: Path) -> No
     spam_results = sum(int(n) for n in re.findall(r"^  spam-filter v\d+ \w+ +(\d+)$", summary, re.MULTILINE))
     daily = re.search(r"^  spam-filter +(\d+) executions, success (\d+)%", summary, re.MULTILINE)
     assert daily and int(daily.group(1)) == spam_results > 0, summary
-    # A minute of traffic has no baseline yet: the summary's last line says no signal was seen.
-    assert done.stdout.rstrip().endswith("anomaly signals: none"), done.stdout[-3000:]
+    # A minute of traffic teaches no baseline: the one signal it can raise is a target's, spam_v1's accuracy (about
+    # 67 %) below spam-filter's accuracy_target (80 %), once enough of its validations are in to be sure.
+    signals = done.stdout[done.stdout.rindex("anomaly signals:"):].splitlines()
+    assert signals[0] == "anomaly signals: none" or all(
+        line.startswith("  spam-filter v1 accuracy by target") for line in signals[1:]), done.stdout[-3000:]
     # Neither its temporary directory (logs, the worker's faust data) nor anything in the working directory.
     assert not list(tmp_path.iterdir()) and "logs in" not in done.stdout
 

@@ -1,4 +1,5 @@
-// The dashboard: polls /api/dashboard every second and /tasks/{id}/stats every 10 s; draws by hand (no CDN).
+// The dashboard: polls /api/dashboard every second (with the chosen task's last 15 minutes) and
+// /tasks/{id}/stats every 10 s; draws its charts by hand on canvases (no CDN, no library).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -26,10 +27,16 @@ function nameCell(task) {
   return cell;
 }
 
-function accuracyOf(task) {
+// Accuracy per version; a task without validations says why when it has no oracle.
+function accuracyCell(task) {
   const parts = Object.entries(task.accuracy).filter(([, a]) => a.validated > 0)
     .map(([version, a]) => `v${version} ${pct(a.accuracy)} (${a.validated})`);
-  return parts.length ? parts.join(", ") : "–";
+  if (parts.length) return text("td", parts.join(", "));
+  if (task.oracle != null) return text("td", "–");
+  const cell = text("td", "no oracle", "muted");
+  cell.title = "Only requests carrying expected_output are validated; to validate the others, give the task an "
+    + "oracle: loopai task update NAME --oracle label|shadow|external";
+  return cell;
 }
 
 function renderTasks(tasks) {
@@ -38,7 +45,7 @@ function renderTasks(tasks) {
   if (!tasks.length) {
     const row = document.createElement("tr");
     const cell = text("td", "no tasks yet", "empty");
-    cell.colSpan = 10;
+    cell.colSpan = 13;
     row.append(cell);
     body.append(row);
   }
@@ -56,7 +63,9 @@ function renderTasks(tasks) {
       text("td", live.per_second == null ? "–" : live.per_second.toFixed(1), "rate"),
       text("td", pct(live.error_rate), live.error_rate > 0.05 ? "bad" : ""),
       text("td", ms(live.p50_ms)), text("td", ms(live.p95_ms)), text("td", ms(live.p99_ms)),
-      text("td", accuracyOf(task)),
+      text("td", ms(live.request_result_p50_ms), "wait"), text("td", ms(live.request_result_p95_ms), "wait"),
+      text("td", ms(live.request_result_p99_ms), "wait"),
+      accuracyCell(task),
     );
     body.append(row);
   }
@@ -83,7 +92,8 @@ function renderEvents(id, items, describe) {
 
 async function poll() {
   try {
-    const response = await fetch("/api/dashboard", { cache: "no-store" });
+    const query = chartTask ? `?chart=${encodeURIComponent(chartTask)}` : "";
+    const response = await fetch(`/api/dashboard${query}`, { cache: "no-store" });
     const data = await response.json();
     $("worker").textContent = `worker ${data.worker_id} · partitions ${data.partitions.join(",") || "none"}`
       + ` · ${data.executed} executed`;
@@ -92,6 +102,7 @@ async function poll() {
     health.title = data.reasons.join("\n");
     health.className = `badge ${data.ready ? "ready" : "not-ready"}`;
     renderTasks(data.tasks);
+    if (data.chart) drawLive(data.chart, data.tasks.find((t) => t.task_id === data.chart.task_id));
     renderEvents("signals", data.signals, (s) => [s.detected_at,
       `${s.task_id} v${s.version ?? "all"}: ${s.metric} ${s.value.toFixed(3)} (baseline ${s.baseline.toFixed(3)}, `
       + `${s.method} score ${s.score.toFixed(1)}) ${s.hint}`]);
@@ -112,7 +123,79 @@ async function loadChart() {
   } catch (error) { /* the next poll tries again */ }
 }
 
+// The last 15 minutes of one task, three panels sharing a time axis: executions/s, error rate, p99 latency
+// (request -> result solid, execution time dashed). A gap in a line: no results then.
+const LIVE_SPAN_S = 900;
+const PANELS = [
+  { title: "executions/s", color: "#4c6ef5", values: [1], format: (v) => v.toFixed(v < 10 ? 1 : 0) },
+  { title: "error rate", color: "#e03131", values: [2], format: (v) => `${(v * 100).toFixed(v < 0.1 ? 1 : 0)}%`,
+    least: 0.05 },
+  { title: "p99 ms", color: "#e8590c", values: [3, 4], format: (v) => v.toFixed(v < 10 ? 2 : 0) },
+];
+
+function drawLive(chart, task) {
+  const canvas = $("live-chart");
+  const g = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height, left = 58, right = 10, axis = 22;
+  const points = chart.points;
+  canvas.dataset.points = String(points.length);
+  g.clearRect(0, 0, w, h);
+  g.font = "12px system-ui, sans-serif";
+  const now = points.length ? points[points.length - 1][0] : Date.now() / 1000;
+  const x = (t) => left + (w - left - right) * (1 - (now - t) / LIVE_SPAN_S);
+  const panelHeight = (h - axis) / PANELS.length;
+  PANELS.forEach((panel, i) => {
+    const top = i * panelHeight + 16, bottom = (i + 1) * panelHeight - 4;
+    const seen = points.flatMap((p) => panel.values.map((k) => p[k])).filter((v) => v != null);
+    const most = Math.max(...seen, panel.least ?? 0, 1e-9);
+    const y = (v) => bottom - (bottom - top) * v / most;
+    g.strokeStyle = "#eef0f3";
+    g.beginPath(); g.moveTo(left, bottom); g.lineTo(w - right, bottom); g.moveTo(left, top); g.lineTo(w - right, top);
+    g.stroke();
+    g.fillStyle = "#667";
+    g.fillText(panel.title, left, top - 4);
+    g.fillText(panel.format(most), 4, top + 8);
+    g.fillText("0", 4, bottom);
+    panel.values.forEach((k, j) => {
+      g.strokeStyle = panel.color;
+      g.lineWidth = j ? 1 : 2;
+      g.setLineDash(j ? [4, 3] : []);
+      g.beginPath();
+      let drawing = false;
+      for (const p of points) {
+        if (p[k] == null || now - p[0] > LIVE_SPAN_S) { drawing = false; continue; }
+        if (drawing) g.lineTo(x(p[0]), y(p[k])); else g.moveTo(x(p[0]), y(p[k]));
+        drawing = true;
+      }
+      g.stroke();
+      const last = points.length ? points[points.length - 1][k] : null;  // a dot on the newest value
+      if (last != null) {
+        g.fillStyle = panel.color;
+        g.beginPath(); g.arc(x(now), y(last), 2.5, 0, 2 * Math.PI); g.fill();
+      }
+    });
+    g.setLineDash([]);
+    g.lineWidth = 1;
+  });
+  g.fillStyle = "#667";
+  for (const back of [900, 600, 300, 0]) {
+    g.fillText(back ? `-${back / 60} min` : "now", Math.min(x(now - back), w - right - 24), h - 6);
+  }
+  const latest = points.length ? points[points.length - 1] : null;
+  const suspended = $("live-suspended");
+  suspended.hidden = !(task && task.suspension_reason != null);
+  if (!suspended.hidden) {
+    suspended.textContent = task.suspended_until ? `suspended until ${task.suspended_until.slice(11, 19)} UTC`
+      : "suspended";
+    suspended.title = task.suspension_reason;
+  }
+  $("live-note").textContent = `${chart.task_id}: this worker's results, a point every ${chart.step_s} s (the last:`
+    + ` the last 10 s, now)` + (latest ? `: ${latest[1].toFixed(1)}/s, error rate ${pct(latest[2])},`
+    + ` p99 request → result ${ms(latest[3])} (solid), execution ${ms(latest[4])} (dashed).` : ": no results yet.");
+}
+
 function drawChart(stats) {
+  $("chart-name").textContent = stats.task_id;
   const canvas = $("chart");
   const g = canvas.getContext("2d");
   const w = canvas.width, h = canvas.height, left = 50, bottom = 30, top = 10;
@@ -158,7 +241,7 @@ function drawChart(stats) {
     + `, line: success rate. Today: ${days[days.length - 1].executions} executions.`;
 }
 
-$("chart-task").addEventListener("change", (event) => { chartTask = event.target.value; loadChart(); });
+$("chart-task").addEventListener("change", (event) => { chartTask = event.target.value; loadChart(); poll(); });
 poll();
 setInterval(poll, 1000);
 setInterval(loadChart, 10000);
