@@ -20,7 +20,7 @@ from app.contract.records import (
     ValidationRequest,
     execution_id_for,
 )
-from app.domain.resolution import Runnable
+from app.domain.resolution import ExecutionPlan
 from app.domain.results import ResultAssembler, rejected_fields, result_fields
 from app.domain.sampling import fraction_of
 from app.sandbox.pool import Outcome
@@ -30,11 +30,11 @@ RESULTS = json_codec(ExecutionResult)
 VALIDATION_REQUESTS = json_codec(ValidationRequest)
 
 
-def runnable(**task_fields: object) -> Runnable:
+def plan(**task_fields: object) -> ExecutionPlan:
     task = TaskSpec(name="spam", updated_at=NOW, active_version=3, **task_fields)
     artifact = ProgramArtifact(task_id="spam", version=3, program_id="spam-v3", source_code="def run(i): ...",
                                created_at=NOW)
-    return Runnable(artifact, 1000, task)
+    return ExecutionPlan(artifact, 1000, task)
 
 
 def request(request_id: str = "r1", **fields: object) -> ExecutionRequest:
@@ -52,7 +52,7 @@ def request_ids(sampled: bool, count: int = 200, rate: float = 0.5) -> list[str]
 
 
 def test_an_executed_result_has_every_field_and_decodes_as_the_record() -> None:
-    result, validation = ResultAssembler("w1").executed(request(), runnable(sampling_rate=0.0), ok("spam"), NOW)
+    result, validation = ResultAssembler("w1").executed(request(), plan(sampling_rate=0.0), ok("spam"), NOW)
     assert list(result) == list(ExecutionResult.model_fields)  # .avsc order, every field
     decoded = RESULTS.decode(RESULTS.encode_fields(result))
     assert decoded == ExecutionResult(
@@ -64,13 +64,13 @@ def test_an_executed_result_has_every_field_and_decodes_as_the_record() -> None:
 
 def test_the_output_stays_the_sandbox_bytes_unless_something_must_look_inside() -> None:
     outcome = ok({"label": "spam", "score": 0.25})
-    result, _ = ResultAssembler("w").executed(request(), runnable(sampling_rate=0.0), outcome, NOW)
+    result, _ = ResultAssembler("w").executed(request(), plan(sampling_rate=0.0), outcome, NOW)
     assert isinstance(result["output"], orjson.Fragment)
     assert orjson.dumps(result["output"]) == outcome.output_json
 
 
 def test_an_output_that_breaks_the_output_schema_is_an_error_naming_where() -> None:
-    task = runnable(output_schema={"type": "object", "properties": {"label": {"type": "string"}}}, sampling_rate=0.0)
+    task = plan(output_schema={"type": "object", "properties": {"label": {"type": "string"}}}, sampling_rate=0.0)
     result, _ = ResultAssembler("w").executed(request(), task, ok({"label": 7}), NOW)
     assert result["status"] == "error" and result["output"] is None
     assert result["error_message"].startswith("output does not match the task's output_schema at label")
@@ -80,7 +80,7 @@ def test_an_output_that_breaks_the_output_schema_is_an_error_naming_where() -> N
 
 
 def test_failed_outcomes_keep_their_status_and_error() -> None:
-    task = runnable(output_schema={"type": "string"}, sampling_rate=0.0)
+    task = plan(output_schema={"type": "string"}, sampling_rate=0.0)
     for status in ("error", "timeout"):
         result, _ = ResultAssembler("w").executed(request(), task, Outcome(status, None, "it broke", 3.0, None), NOW)
         assert (result["status"], result["output"], result["error_message"]) == (status, None, "it broke")
@@ -88,7 +88,7 @@ def test_failed_outcomes_keep_their_status_and_error() -> None:
 
 def test_random_sampling_follows_the_execution_id_and_forced_requests_are_always_sampled() -> None:
     assembler = ResultAssembler("w")
-    task = runnable(sampling_rate=0.5)
+    task = plan(sampling_rate=0.5)
     for request_id in request_ids(sampled=True)[:5]:
         assert assembler.executed(request(request_id), task, ok("ham"), NOW)[0]["sampled_for_validation"] is True
     unsampled = request_ids(sampled=False)[:5]
@@ -99,7 +99,7 @@ def test_random_sampling_follows_the_execution_id_and_forced_requests_are_always
 
 
 def test_edge_case_sampling_sees_the_status_of_the_outcome() -> None:
-    task = runnable(sampling_strategy=SamplingStrategy.EDGE_CASES, sampling_rate=0.0)
+    task = plan(sampling_strategy=SamplingStrategy.EDGE_CASES, sampling_rate=0.0)
     assembler = ResultAssembler("w")
     failed, _ = assembler.executed(request(), task, Outcome("error", None, "boom", 1.0, None), NOW)
     fine, _ = assembler.executed(request(), task, ok("ham"), NOW)
@@ -109,7 +109,7 @@ def test_edge_case_sampling_sees_the_status_of_the_outcome() -> None:
 def test_a_sampled_execution_with_a_label_gets_a_validation_request() -> None:
     request_id = request_ids(sampled=True)[0]
     result, validation = ResultAssembler("w").executed(request(request_id, expected_output="spam"),
-                                                       runnable(sampling_rate=0.5), ok("ham"), NOW)
+                                                       plan(sampling_rate=0.5), ok("ham"), NOW)
     assert result["sampled_for_validation"] is True and validation is not None
     assert list(validation) == list(ValidationRequest.model_fields)
     decoded = VALIDATION_REQUESTS.decode(VALIDATION_REQUESTS.encode_fields(validation))
@@ -128,10 +128,10 @@ def test_a_validation_request_only_where_an_oracle_can_judge(oracle: OracleSpec 
                                                              asks: bool) -> None:
     request_id = request_ids(sampled=True)[0]
     _, validation = ResultAssembler("w").executed(request(request_id, expected_output=expected_output),
-                                                  runnable(sampling_rate=0.5, oracle=oracle), ok("ham"), NOW)
+                                                  plan(sampling_rate=0.5, oracle=oracle), ok("ham"), NOW)
     assert (validation is not None) is asks
     _, unsampled = ResultAssembler("w").executed(request(request_ids(sampled=False)[0], expected_output="spam"),
-                                                 runnable(sampling_rate=0.5, oracle=oracle), ok("ham"), NOW)
+                                                 plan(sampling_rate=0.5, oracle=oracle), ok("ham"), NOW)
     assert unsampled is None
 
 
