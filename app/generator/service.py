@@ -187,6 +187,10 @@ class GeneratorService:
         await self._pool.stop()
         await self._control.__aexit__(None, None, None)
 
+    def task(self, task_id: str) -> TaskSpec:
+        """A task as the service's control plane knows it (ControlError if there is none)."""
+        return self._control.task(task_id)
+
     async def send(self, outcome: ImprovementRequest) -> None:
         """Put a request or its outcome on improvement-requests (key task_id)."""
         assert self._producer is not None
@@ -237,3 +241,24 @@ class GeneratorService:
                 log.exception("improvement %s failed", request.improvement_id)
                 await self.send(self.answerer.outcome(request, ImprovementStatus.FAILED,
                                                        f"the generator failed: {exc}"))
+
+
+def first_version_request(task: TaskSpec) -> ImprovementRequest:
+    """A request for a task's first version, from its description, schemas and examples."""
+    now = utc_now()
+    return ImprovementRequest(
+        improvement_id=f"{task.name}-first-{now:%Y%m%dT%H%M%S}", task_id=task.name,
+        status=ImprovementStatus.REQUESTED, trigger=ImprovementTrigger.FIRST_VERSION,
+        reason="the task has no program yet", description=task.description, input_schema=task.input_schema,
+        output_schema=task.output_schema, examples=task.examples, accuracy_target=task.accuracy_target,
+        requested_at=now, updated_at=now)
+
+
+async def generate_first_version(settings: Settings, provider: Provider, task_id: str) -> ImprovementRequest:
+    """Ask for, check, score on the task's examples and publish (active) a task's first version; the request and
+    its outcome go on improvement-requests."""
+    async with GeneratorService(settings, provider) as service:
+        task = service.task(task_id)
+        request = first_version_request(task)
+        await service.send(request)
+        return await service.answer(request)
