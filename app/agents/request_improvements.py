@@ -56,7 +56,7 @@ class RequestImprovements:
 
     async def _consume(self, stream: Any) -> None:
         await self._tables.ready.wait()  # the app may start before the worker's tables are read
-        await self._recall_incidents()
+        await self.recall_incidents()
         async for events in stream.take_events(_BATCH, within=_BATCH_WITHIN_S):
             for index, event in enumerate(events):
                 if index % _YIELD_EVERY == _YIELD_EVERY - 1:
@@ -70,7 +70,7 @@ class RequestImprovements:
                                   event.message.partition, event.message.offset)
                     await self._dead_letters.send(event, f"improvement watch failed: {exc}", type(exc).__name__)
 
-    async def _recall_incidents(self) -> None:
+    async def recall_incidents(self) -> None:
         """Open the incidents of requests made before this worker started, for versions still active."""
         try:
             latest = await read_table(self._settings, self._requests_spec)
