@@ -209,9 +209,14 @@ class GeneratorService:
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None] | None = None) -> None:
         """Answer requests as they come (and those not answered before), committing each, until `stop`."""
-        consumer = make_consumer(self._settings, self._spec.name, group_id=f"{self._settings.app_id}-generators",
-                                 fetch_max_wait_ms=self._settings.agent_fetch_max_wait_ms,
-                                 **self._settings.group_args())
+        settings = self._settings
+        # One request may take every attempt's timeout and backoff between two polls: the group must not take its
+        # partitions away meanwhile (and hand the request to another generator, which would answer it again).
+        busy_s = settings.generator_attempts * settings.generator_timeout_s \
+            + settings.generator_retry_backoff_s * 2 ** settings.generator_attempts + 300
+        consumer = make_consumer(settings, self._spec.name, group_id=f"{settings.app_id}-generators",
+                                 fetch_max_wait_ms=settings.agent_fetch_max_wait_ms,
+                                 max_poll_interval_ms=int(busy_s * 1000), **settings.group_args())
         await consumer.start()
         try:
             if on_ready is not None:
