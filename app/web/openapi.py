@@ -87,7 +87,8 @@ def openapi_document() -> dict[str, Any]:
                     "today": _ref("DailyStats"), "days": {"type": "array", "items": _ref("DailyStats")}}}),
                     "404": _json("no such task"), "422": _FIELD_ERRORS}}},
             "/api/dashboard": {"get": {"summary": "What the dashboard page shows, refreshed by its polling",
-                                       "responses": {"200": _json("tasks, live figures, signals, dead letters, improvements")}}},
+                                       "responses": {"200": _json(
+                                           "tasks with live figures, signals, dead letters, improvements")}}},
             "/": {"get": {"summary": "The dashboard page",
                           "responses": {"200": {"description": "HTML",
                                                 "content": {"text/html": {"schema": {"type": "string"}}}}}}},
