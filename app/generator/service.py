@@ -100,20 +100,18 @@ class Answerer:
         if not is_better(candidate, active):
             return self.outcome(request, ImprovementStatus.REFUSED, f"{scored}: not better", **figures)
         try:
-            version = await self._publish(request, task, source, candidate)
+            version, started = await self._publish(request, task, source, candidate)
         except ControlError as exc:  # the task changed meanwhile (a canary started, the task deleted)
             return self.outcome(request, ImprovementStatus.REFUSED, f"{scored}, but not published: {exc}", **figures)
-        started = ("active" if request.trigger is ImprovementTrigger.FIRST_VERSION
-                   else f"a canary on {self._settings.generator_canary_percent:g}% of requests")
         return self.outcome(request, ImprovementStatus.PUBLISHED, f"{scored}: published as v{version}, {started}",
                              candidate_version=version, **figures)
 
     def _why_not(self, request: ImprovementRequest, task: TaskSpec | None) -> str | None:
         if task is None:
             return "the task is gone"
-        if not task.auto_improve:
-            return "auto_improve is off for this task"
-        if request.trigger is not ImprovementTrigger.FIRST_VERSION:
+        if request.trigger is not ImprovementTrigger.FIRST_VERSION:  # a first version is asked for by hand
+            if not task.auto_improve:
+                return "auto_improve is off for this task"
             if task.active_version != request.active_version:
                 return f"stale: v{task.active_version} is active now, the request was about v{request.active_version}"
             if task.canary_version is not None:
@@ -141,15 +139,20 @@ class Answerer:
         return None, self._settings.generator_attempts, \
             f"no candidate after {self._settings.generator_attempts} attempt(s); the last: {failure}"
 
-    async def _publish(self, request: ImprovementRequest, task: TaskSpec, source: str, candidate: Score) -> int:
-        first = request.trigger is ImprovementTrigger.FIRST_VERSION or task.active_version is None
+    async def _publish(self, request: ImprovementRequest, task: TaskSpec, source: str,
+                       candidate: Score) -> tuple[int, str]:
+        """Publish the candidate: active at once for a task without a version, else as a canary (also a "first"
+        version asked for by hand for a task that has one). Returns its version and how it started."""
+        first = task.active_version is None
         artifact = await self._control.publish(
             task.name, source, activate=first, synthesis_strategy="rule", confidence=candidate.share,
             llm_provider=self.provider.name, llm_model=self.provider.model,
-            parent_version=None if first else request.active_version, improvement_id=request.improvement_id)
-        if not first:
-            await self._control.start_canary(task.name, artifact.version, self._settings.generator_canary_percent)
-        return artifact.version
+            parent_version=task.active_version, improvement_id=request.improvement_id)
+        if first:
+            return artifact.version, "active"
+        percent = self._settings.generator_canary_percent
+        await self._control.start_canary(task.name, artifact.version, percent)
+        return artifact.version, f"a canary on {percent:g}% of requests"
 
     def outcome(self, request: ImprovementRequest, status: ImprovementStatus, reason: str,
                 **fields: Any) -> ImprovementRequest:

@@ -10,8 +10,8 @@ from tests.cli.conftest import loopai
 PROGRAM = "def run(input):\n    return 'spam' if 'free' in input['text'].lower() else 'ham'\n"
 
 
-def write_generator(tmp_path: Path, body: str) -> str:
-    script = tmp_path / "write_program.py"
+def write_generator(tmp_path: Path, body: str, name: str = "write_program.py") -> str:
+    script = tmp_path / name
     script.write_text(body)
     return f"{sys.executable} {script}"
 
@@ -31,12 +31,16 @@ def test_task_create_generate_publishes_a_first_version(env: dict[str, str], tmp
     assert shown["llm_provider"] == "command" and shown["synthesis_strategy"] == "rule" and shown["confidence"] == 1
     assert json.loads(loopai(env, "task", "show", "spam").stdout)["active_version"] == 1
 
-    broken = write_generator(tmp_path, "print('def run(input):\\n    return open(\"/etc/passwd\").read()')\n")
+    broken = write_generator(tmp_path, "print('def run(input):\\n    return open(\"/etc/passwd\").read()')\n",
+                             "write_broken.py")
     refused = loopai(env, "artifact", "generate", "spam", "--command", broken)
     assert refused.returncode == 1 and "refused: the candidate fails the static check" in refused.stdout
 
     assert loopai(env, "task", "update", "spam", "--auto-improve", "off").returncode == 0
     assert json.loads(loopai(env, "task", "show", "spam").stdout)["auto_improve"] is False
+    # Off is for automatic requests; a version asked for by hand for a task that has one starts as a canary.
+    by_hand = loopai(env, "artifact", "generate", "spam", "--command", command)
+    assert by_hand.returncode == 0 and "published as v2, a canary on 10%" in by_hand.stdout, by_hand.stdout
 
 
 def test_no_generator_is_a_usage_error_before_anything_is_made(env: dict[str, str]) -> None:
