@@ -332,6 +332,38 @@ class Settings(BaseSettings):
                             window_minutes=self.anomaly_target_window_minutes,
                             rearm_minutes=self.anomaly_rearm_minutes)
 
+    # Closing the loop (docs/improvement.md). The watcher (app/agents/request_improvements.py): a task falls short
+    # when over its active version's last improvement_window validations (at least improvement_min_validations) an
+    # exact one-sided binomial test rejects "accuracy >= accuracy_target" at improvement_alpha; a request carries up
+    # to improvement_failing_examples of its failures, chosen to be diverse.
+    improvement_min_validations: int = Field(50, ge=1)
+    improvement_window: int = Field(200, ge=1, le=100_000)
+    improvement_alpha: float = Field(0.01, gt=0, lt=1)
+    improvement_failing_examples: int = Field(8, ge=0, le=100)
+    # The generator (`loopai generator serve`): an OpenAI-compatible chat-completions endpoint (generator_base_url,
+    # generator_model, generator_api_key), or generator_command, a program reading the request as JSON on stdin and
+    # printing a program. generator_send_inputs false: requests' inputs stay in the cluster, only the task's own
+    # examples are sent. A task gets at most one candidate per generator_min_interval_s; a request is tried
+    # generator_attempts times (endpoint down, malformed answer) before it is recorded as failed.
+    generator_base_url: str | None = None
+    generator_model: str | None = None
+    generator_api_key: SecretStr | None = None
+    generator_command: str | None = None
+    generator_timeout_s: float = Field(120.0, gt=0, description="one call to the generator")
+    generator_attempts: int = Field(3, ge=1, le=20, description="calls per request before it fails")
+    generator_retry_backoff_s: float = Field(2.0, ge=0, description="first wait between calls; doubles each time")
+    generator_min_interval_s: float = Field(3600.0, ge=0, description="between two candidates of one task")
+    generator_canary_percent: float = Field(10.0, gt=0, le=100, description="share a published candidate starts on")
+    generator_send_inputs: bool = Field(True, description="false: only the task's examples leave the cluster")
+    generator_temperature: float = Field(0.2, ge=0, le=2)
+
+    @model_validator(mode="after")
+    def _improvement_window_holds_the_minimum(self) -> Settings:
+        if self.improvement_min_validations > self.improvement_window:
+            raise ValueError(f"improvement_min_validations ({self.improvement_min_validations}) must be at most "
+                             f"improvement_window ({self.improvement_window})")
+        return self
+
     # HTTP on the worker (app/web/): health, metrics, execute, tasks, the dashboard. Loopback by default, because
     # POST /execute needs no token unless web_token is set: a container sets web_host 0.0.0.0 and keeps the
     # port on its own network. 8080 is on by default so every worker can be probed; web_port 0 turns it off.

@@ -1,6 +1,7 @@
 """A worker process: a faust app hosting the loop's services. It reads the task and artifact tables, starts
 the sandbox pool, then executes requests and validates sampled executions (both batched, aiokafka); the
-validation loop's low-rate faust agents (join oracle verdicts, decide canaries, analytics) run on the same app.
+validation loop's low-rate faust agents (join oracle verdicts, decide canaries, analytics, anomalies, retention,
+improvement requests) run on the same app.
 
 A worker that cannot go on without losing a request (the cluster gone, a dead letter refused) logs one
 line saying why and exits with code 1, committing nothing more."""
@@ -29,6 +30,7 @@ from app.agents.detect_anomalies import DetectAnomalies
 from app.agents.emit_retention_events import EmitRetentionEvents
 from app.agents.execute_requests import ExecuteRequests
 from app.agents.join_oracle_verdicts import JoinOracleVerdicts
+from app.agents.request_improvements import RequestImprovements
 from app.agents.validate_executions import ValidateExecutions
 from app.contract.registry import register_schemas
 from app.contract.topics import topics_for
@@ -88,6 +90,7 @@ class LoopWorker(Service):
         self.daily_stats = AggregateDailyStats(app, self.settings, self.topics)
         DetectAnomalies(app, self.settings, self.topics, self.tables)
         EmitRetentionEvents(app, self.settings, self.topics)
+        RequestImprovements(app, self.settings, self.topics, self.tables)
 
     async def on_start(self) -> None:
         for handler in logging.getLogger().handlers:  # faust has set up logging by now

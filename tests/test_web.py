@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from app.contract.codecs import codec_for
-from app.contract.records import OracleKind, OracleSpec, TaskSpec, TaskSuspension, utc_now
+from app.contract.records import ImprovementRequest, OracleKind, OracleSpec, TaskSpec, TaskSuspension, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.domain.daily_windows import DailyWindows
@@ -27,6 +27,7 @@ from app.settings import Settings
 from devtools.broker import EmbeddedBroker, free_port
 from devtools.samples import program_source
 from tests.conftest import WorkerProcess, make_settings
+from tests.generator.test_service import request_for
 
 SLOW = "def run(input):\n    while True:\n        pass\n"
 
@@ -210,13 +211,16 @@ def test_tasks_a_task_and_its_stats(served: Served) -> None:
     assert sum(day["executions"] for day in stats["today_by_version"].values()) == 3
 
 
-def test_dashboard_data_shows_tasks_live_rates_and_dead_letters(served: Served) -> None:
+def test_dashboard_data_shows_tasks_live_rates_dead_letters_and_improvements(served: Served) -> None:
     async def garbage() -> None:
         producer = make_producer(served.settings)
         await producer.start()
         try:
             await producer.send_and_wait(topics_for(served.settings.topic_prefix).execution_requests.name,
                                          b"not a request at all", key=b"x")
+            spec = topics_for(served.settings.topic_prefix).improvement_requests
+            await producer.send_and_wait(spec.name, codec_for(ImprovementRequest, served.settings, spec).encode(
+                request_for("spam")), key=b"spam")
         finally:
             await producer.stop()
 
@@ -229,13 +233,15 @@ def test_dashboard_data_shows_tasks_live_rates_and_dead_letters(served: Served) 
         spam = next(t for t in data["tasks"] if t["task_id"] == "spam")
         live = spam["live"]
         letters = [d for d in data["dead_letters"] if d["error_type"] == "DecodeError"]
-        return data if live and live["executions"] >= 1 and letters else None
+        return data if live and live["executions"] >= 1 and letters and data["improvements"] else None
 
     data = eventually(shown, what="spam's live window and the dead letter")
     spam = next(t for t in data["tasks"] if t["task_id"] == "spam")
     assert spam["active_version"] == 1 and spam["versions"] == [1, 2]
     assert spam["live"]["per_second"] > 0 and spam["live"]["p50_ms"] is not None
     assert data["ready"] is True and data["worker_id"] == "web-1"
+    shown_request = data["improvements"][0]  # without the sources and examples it carries
+    assert shown_request["improvement_id"] == "spam-v1-1" and "active_source" not in shown_request
 
 
 def test_every_path_of_the_openapi_document_answers(served: Served) -> None:

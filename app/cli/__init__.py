@@ -11,6 +11,8 @@ from app.cli import (
     artifacts,
     dev,
     export,
+    generator,
+    improvements,
     oracle,
     programs,
     schemas,
@@ -40,7 +42,8 @@ def cli(ctx: click.Context, config: Path | None, bootstrap_servers: str | None, 
 
 
 for command in (topics.topics, tasks.task, artifacts.artifact, programs.run_program, worker.worker, send.send,
-                tail.tail, oracle.oracle, dev.broker, dev.dev, schemas.schemas, export.export, stats.stats):
+                tail.tail, oracle.oracle, dev.broker, dev.dev, schemas.schemas, export.export, stats.stats,
+                generator.generator, improvements.improvements):
     cli.add_command(command)
 
 

@@ -1,11 +1,13 @@
-"""`loopai artifact publish|activate|list|show|canary|promote|abort|check`: program versions and canaries."""
+"""`loopai artifact publish|activate|list|show|generate|canary|promote|abort|check`: program versions and canaries."""
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from app.cli.common import control_call, control_read, read_text
+from app.cli.generator import generate_first, provider_options
 from app.contract.records import (
     CanaryDecision,
     ProgramArtifact,
@@ -74,6 +76,16 @@ def artifact_list(ctx: click.Context, task_id: str) -> None:
         click.echo(f"  {d.decided_at:%Y-%m-%d %H:%M:%S}\t{d.action.value}\tv{d.candidate_version} vs "
                    f"v{d.active_version or '-'}\taccuracy {_rate(d.candidate_accuracy)} vs "
                    f"{_rate(d.active_accuracy)} ({d.validations} validations)\t{d.reason}\tby {d.decided_by}")
+
+
+@artifact.command("generate")
+@click.argument("task_id")
+@provider_options
+@click.pass_context
+def artifact_generate(ctx: click.Context, task_id: str, **options: Any) -> None:
+    """Ask the generator for a first version of TASK_ID; it is checked and scored on the task's examples like any
+    candidate, and published active. Exit 1 with the reason when it is not."""
+    generate_first(ctx, task_id, options)
 
 
 @artifact.command("show")

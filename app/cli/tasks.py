@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from app.cli.common import control_call, control_read, json_file
+from app.cli.generator import generate_first, generator_settings, provider_options
 from app.contract.records import (
     Comparison,
     OracleKind,
@@ -56,6 +57,8 @@ def _task_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="The largest timeout_ms a request may ask for, up to 60000 (default 1000); a request "
                           "above it is rejected. Raise it deliberately: a call that loops holds a worker's process "
                           "that long."),
+        click.option("--auto-improve", type=click.Choice(["on", "off"]),
+                     help="Ask the generator for a better version when the program falls short (default on)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -65,6 +68,8 @@ def _task_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def _task_changes(options: dict[str, Any]) -> dict[str, Any]:
     """The task fields the options give: schema and example files read, oracle options in one `oracle` dict."""
     given = {name: value for name, value in options.items() if value is not None}
+    if "auto_improve" in given:
+        given["auto_improve"] = given["auto_improve"] == "on"
     for name in ("input_schema", "output_schema", "examples"):
         if name in given:
             given[name] = json_file(given[name])
@@ -82,9 +87,18 @@ def _task_changes(options: dict[str, Any]) -> dict[str, Any]:
 @task.command("create")
 @click.argument("name")
 @_task_options
+@click.option("--generate", is_flag=True,
+              help="Then ask the generator for a first version from the description, schemas and examples; it is "
+                   "checked and scored on the examples like any candidate, and published active.")
+@provider_options
 @click.pass_context
-def task_create(ctx: click.Context, name: str, **options: Any) -> None:
+def task_create(ctx: click.Context, name: str, generate: bool, generator_command: str | None,
+                generator_base_url: str | None, generator_model: str | None, **options: Any) -> None:
     """Create a task; refuses one that exists (`task update` changes it)."""
+    generating = {"generator_command": generator_command, "generator_base_url": generator_base_url,
+                  "generator_model": generator_model}
+    if generate:
+        generator_settings(ctx, generating)  # a missing generator is said before the task is made
     changes = _task_changes(options)
     if changes.get("oracle") and "kind" not in changes["oracle"]:
         raise click.UsageError("--comparison, --tolerance, --shadow-version and --oracle-timeout-s describe an "
@@ -92,6 +106,8 @@ def task_create(ctx: click.Context, name: str, **options: Any) -> None:
     saved = control_call(ctx, lambda control: control.create_task(TaskSpec(name=name, updated_at=utc_now(),
                                                                             **changes)))
     click.echo(f"task {saved.name} created")
+    if generate:
+        generate_first(ctx, saved.name, generating)
 
 
 @task.command("update")

@@ -72,6 +72,7 @@ class SamplingStrategy(StrEnum):
     STRATIFIED = "stratified"
     EDGE_CASES = "edge_cases"
     ADAPTIVE = "adaptive"
+    DIVERSE = "diverse"
 
 
 class OracleKind(StrEnum):
@@ -152,6 +153,10 @@ class ProgramArtifact(Record):
     llm_model: str | None = None
     created_at: datetime
     status: ProgramStatus = ProgramStatus.DRAFT
+    # Provenance of a generated version (app/generator): the version it was written to improve on, and the
+    # improvement request it answers.
+    parent_version: Annotated[int, Field(gt=0)] | None = None
+    improvement_id: str | None = None
 
 
 class TaskExample(Record):
@@ -192,6 +197,8 @@ class TaskSpec(Record):
     # A new task has no baseline for the anomaly detectors to judge it by: its targets are judged from its first
     # minute instead (app/domain/anomaly_targets.py). None: the error rate is not watched against a bound.
     max_error_rate: Annotated[float, Field(ge=0, le=1)] | None = 0.05
+    # False: no improvement request is made for this task when its program falls short (docs/improvement.md).
+    auto_improve: bool = True
 
 
 class TaskSuspension(Record):
@@ -372,9 +379,62 @@ class RetentionEvent(Record):
     emitted_at: datetime
 
 
+class ImprovementStatus(StrEnum):
+    REQUESTED = "requested"
+    PUBLISHED = "published"
+    REFUSED = "refused"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class ImprovementTrigger(StrEnum):
+    ACCURACY = "accuracy"
+    ANOMALY = "anomaly"
+    FIRST_VERSION = "first_version"
+
+
+class FailingExample(Record):
+    """One execution the active version got wrong: its input, what the oracle said, what the program said (or
+    the error it ended in)."""
+
+    input: JsonValue
+    expected: JsonValue = None
+    got: JsonValue = None
+    error: str | None = None
+
+
+class ImprovementRequest(Record):
+    """A task's program falls short (or the task has none yet): a request for a better version, and what came of
+    it. The watcher writes it `requested`; the generator writes the same id again with the outcome."""
+
+    improvement_id: NonEmpty
+    task_id: TaskName
+    status: ImprovementStatus
+    trigger: ImprovementTrigger
+    reason: str
+    description: str = ""
+    input_schema: dict[str, JsonValue] | None = None
+    output_schema: dict[str, JsonValue] | None = None
+    examples: list[TaskExample] = Field(default_factory=list)
+    active_version: Annotated[int, Field(gt=0)] | None = None
+    active_source: str | None = None
+    accuracy: float | None = None
+    accuracy_target: float | None = None
+    validated: Count = 0
+    failing_examples: list[FailingExample] = Field(default_factory=list)
+    candidate_version: Annotated[int, Field(gt=0)] | None = None
+    candidate_score: float | None = None
+    active_score: float | None = None
+    llm_provider: str | None = None
+    llm_model: str | None = None
+    attempts: Count = 0
+    requested_at: datetime
+    updated_at: datetime
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.__name__: cls
     for cls in (ExecutionRequest, ExecutionResult, ProgramArtifact, TaskSpec, DeadLetter, ValidationRequest,
                 OracleVerdict, Validation, CanaryDecision, DailyStats, StatsPartial, AnomalySignal,
-                RetentionEvent, TaskSuspension)
+                RetentionEvent, TaskSuspension, ImprovementRequest)
 }

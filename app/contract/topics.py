@@ -62,6 +62,7 @@ class Topics:
     retention_events: TopicSpec
     leader_election: TopicSpec
     task_suspensions: TopicSpec
+    improvement_requests: TopicSpec
 
     def __init__(self, specs: dict[str, TopicSpec], prefix: str = "") -> None:
         declared = set(Topics.__annotations__)

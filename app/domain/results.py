@@ -100,6 +100,7 @@ class ResultAssembler:
             sampled = self.sampler.decide(
                 execution_id, request.task_id, strategy, task.sampling_rate, status=status, output=value,
                 latency_ms=latency_ms, latency_target_ms=task.latency_target_ms, forced=request.force_validation,
+                input=request.input,
             )
         output = None if output_json is None else orjson.Fragment(output_json)
         result = {  # every ExecutionResult field, in .avsc order

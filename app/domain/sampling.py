@@ -11,6 +11,8 @@ Strategies (a task's `sampling_strategy`, its `sampling_rate`):
   whose `confidence` (or `score` in [0, 1]) is below LOW_CONFIDENCE; others at `rate`.
 - adaptive: the rate rises with the recent disagreement of validations (rate * (1 + ADAPTIVE_GAIN *
   disagreement)), within [rate, ADAPTIVE_MAX]; it falls back as agreement returns.
+- diverse: like stratified, but over kinds of input (app/domain/diversity.py signature: its keys and a min-hash
+  bucket of its words) rather than output classes: inputs unlike the recent ones are sampled more often.
 `force_validation` on a request always samples.
 """
 
@@ -20,7 +22,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-STRATEGIES = ("random", "stratified", "edge_cases", "adaptive")
+from app.domain.diversity import signature
+
+STRATEGIES = ("random", "stratified", "edge_cases", "adaptive", "diverse")
 LOW_CONFIDENCE = 0.6
 ADAPTIVE_GAIN = 4.0
 ADAPTIVE_MAX = 0.5
@@ -66,8 +70,9 @@ class Sampler:
     disagreement: dict[str, float] = field(default_factory=dict)  # recent share of mismatches, per task
 
     def decide(self, execution_id: str, task_id: str, strategy: str, rate: float, *, status: str,
-               output: Any, latency_ms: float, latency_target_ms: float, forced: bool = False) -> bool:
-        """Whether this execution is sampled."""
+               output: Any, latency_ms: float, latency_target_ms: float, forced: bool = False,
+               input: Any = None) -> bool:
+        """Whether this execution is sampled (`input` is looked at by the diverse strategy only)."""
         if forced:
             return True
         draw = fraction_of(execution_id)
@@ -80,6 +85,8 @@ class Sampler:
             return edge or draw < rate
         if strategy == "adaptive":
             return draw < self.adaptive_rate(task_id, rate)
+        if strategy == "diverse":
+            return draw < self._stratified_rate(task_id, "input:" + signature(input), rate)
         return draw < rate
 
     def _stratified_rate(self, task_id: str, label: str, rate: float) -> float:

@@ -90,12 +90,13 @@ def openapi_document() -> dict[str, Any]:
             "/api/dashboard": {"get": {
                 "summary": "What the dashboard page shows, refreshed by its polling: every task with its live window "
                            "(executions/s, error rate, execution time and request -> result p50/p95/p99), signals, "
-                           "dead letters; with `chart`, that task's last 15 minutes",
+                           "dead letters, improvements; with `chart`, that task's last 15 minutes",
                 "parameters": [{"name": "chart", "in": "query", "required": False, "schema": {"type": "string"},
                                 "description": "a task id: `chart.points` is its last 15 minutes, a point every "
                                                "`chart.step_s` s: [unix s, executions/s, error rate, request -> "
                                                "result p99 ms, execution p99 ms]"}],
-                "responses": {"200": _json("tasks with live figures, signals, dead letters, the chart")}}},
+                "responses": {"200": _json("tasks with live figures, signals, dead letters, improvements, the "
+                                                  "chart")}}},
             "/": {"get": {"summary": "The dashboard page",
                           "responses": {"200": {"description": "HTML",
                                                 "content": {"text/html": {"schema": {"type": "string"}}}}}}},

@@ -1,6 +1,7 @@
-"""What the whole loop has seen lately: consumes validations, anomaly-signals and dead-letters (every partition,
-no group, so every worker sees all of them), produces the last N signals and dead letters and the validations
-counted per task and version since the worker started, for the dashboard and /metrics."""
+"""What the whole loop has seen lately: consumes validations, anomaly-signals, dead-letters and improvement-requests
+(every partition, no group, so every worker sees all of them), produces the last N signals, dead letters and
+improvement records and the validations counted per task and version since the worker started, for the dashboard
+and /metrics."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from app.contract.codecs import DecodeError, codec_for
-from app.contract.records import AnomalySignal, DeadLetter, Validation, ValidationStatus
+from app.contract.records import AnomalySignal, DeadLetter, ImprovementRequest, Validation, ValidationStatus
 from app.contract.topics import Topics
 from app.kafka.clients import make_consumer
 from app.kafka.metadata import topic_partitions
@@ -26,17 +27,20 @@ log = logging.getLogger(__name__)
 
 
 class RecentEvents:
-    """Follows the three topics from shortly before their end: the last `web_recent_items` records of each
-    signals and dead-letters partition are shown at once; validations count from the end (this start on)."""
+    """Follows the four topics from shortly before their end: the last `web_recent_items` records of each
+    signals, dead-letters and improvement-requests partition are shown at once; validations count from the end
+    (this start on)."""
 
     def __init__(self, settings: Settings, topics: Topics) -> None:
         self._settings = settings
         self._topics = topics
         self._codecs = {spec.name: codec_for(spec.record, settings, spec)
-                        for spec in (topics.validations, topics.anomaly_signals, topics.dead_letters)}
+                        for spec in (topics.validations, topics.anomaly_signals, topics.dead_letters,
+                                     topics.improvement_requests)}
         keep = settings.web_recent_items
         self.signals: deque[AnomalySignal] = deque(maxlen=keep)
         self.dead_letters: deque[DeadLetter] = deque(maxlen=keep)
+        self.improvements: deque[ImprovementRequest] = deque(maxlen=keep)  # requests and outcomes, as they come
         self.validations: Counter[tuple[str, str, str]] = Counter()  # (task, version, outcome) -> validations
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -62,7 +66,7 @@ class RecentEvents:
             await self._consumer.stop()
 
     def apply(self, topic: str, value: bytes | None) -> None:
-        """One record of one of the three topics; what cannot be decoded is not shown (it is some other
+        """One record of one of the four topics; what cannot be decoded is not shown (it is some other
         writer's problem, and the dead-letter topic is exactly where such records already are)."""
         if value is None:
             return
@@ -77,6 +81,8 @@ class RecentEvents:
             self.signals.append(record)
         elif isinstance(record, DeadLetter):
             self.dead_letters.append(record)
+        elif isinstance(record, ImprovementRequest):
+            self.improvements.append(record)
 
     def accuracy(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(task, version) -> (validated, matched), since the worker started."""

@@ -25,7 +25,7 @@ from prometheus_client.core import Metric
 from pydantic import ValidationError
 
 from app.agents.execute_requests import ExecuteRequests
-from app.contract.records import DailyStats, DeadLetter, Record, utc_now
+from app.contract.records import DailyStats, DeadLetter, ImprovementRequest, Record, utc_now
 from app.contract.topics import Topics
 from app.domain.daily_stats import StatsKey
 from app.domain.task_budget import in_force
@@ -286,10 +286,18 @@ class WebServer:
             "dead_letters": [_letter_summary(letter) for letter in reversed(self.recent.dead_letters)],
             "chart": None if chart is None else {"task_id": chart, "step_s": SERIES_STEP_S,
                                                  "points": self.metrics.history(chart)},
+            "improvements": [_improvement_summary(r) for r in reversed(self.recent.improvements)],
         })
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_document())
+
+
+def _improvement_summary(record: ImprovementRequest) -> dict[str, Any]:
+    """An improvement request or outcome as the dashboard lists it (not the sources and examples it carries)."""
+    return record.model_dump(mode="json", include={
+        "improvement_id", "task_id", "status", "trigger", "reason", "active_version", "candidate_version",
+        "candidate_score", "active_score", "updated_at"})
 
 
 # Probes and scrapers keep working without the token, and a browser's icon request (it tells nothing); everything

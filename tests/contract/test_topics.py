@@ -22,7 +22,7 @@ def test_prefix_applies_to_every_topic() -> None:
         "acme.oracle-verdicts", "acme.validations", "acme.canary-decisions", "acme.oracle-pending-changelog",
         "acme.canary-accuracy-changelog", "acme.analytics", "acme.stats-partials", "acme.anomaly-signals",
         "acme.retention-events", "acme.canary-signals-changelog", "acme.daily-windows-changelog",
-        "acme.leader-election", "acme.task-suspensions",
+        "acme.leader-election", "acme.task-suspensions", "acme.improvement-requests",
     }
 
 

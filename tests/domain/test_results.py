@@ -23,7 +23,7 @@ from app.contract.records import (
 from app.domain.resolution import ExecutionPlan
 from app.domain.results import ResultAssembler, rejected_fields, result_fields
 from app.domain.sampling import fraction_of
-from app.sandbox.pool import Outcome
+from app.sandbox.calls import Outcome
 
 NOW = datetime(2026, 12, 7, 12, tzinfo=UTC)
 RESULTS = json_codec(ExecutionResult)

@@ -94,3 +94,15 @@ def test_decisions_are_deterministic_and_forced_always_samples() -> None:
         again = [decide(Sampler(), eid, strategy) for eid in IDS[:500]]
         assert first == again
         assert all(decide(Sampler(), eid, strategy, rate=0.0, forced=True) for eid in IDS[:50])
+
+
+def test_diverse_samples_rare_kinds_of_input_more_at_the_same_overall_rate() -> None:
+    from app.domain.diversity import signature
+
+    common, rare = {"text": "lunch at noon"}, {"text": "invoice overdue pay now"}
+    assert signature(common) != signature(rare)  # two kinds of input
+    sampler = Sampler()
+    inputs = [rare if i % 50 == 0 else common for i in range(len(IDS))]  # 2 % rare
+    picked = [value for eid, value in zip(IDS, inputs, strict=True) if decide(sampler, eid, "diverse", input=value)]
+    assert abs(len(picked) / len(IDS) - 0.1) < TOLERANCE
+    assert picked.count(rare) >= 0.95 * inputs.count(rare)  # half the budget is more than the rare kind has

@@ -108,6 +108,9 @@ async function poll() {
       + `${s.method} score ${s.score.toFixed(1)}) ${s.hint}`]);
     renderEvents("letters", data.dead_letters, (d) => [d.dead_lettered_at,
       `${d.error_type}: ${d.reason} (${d.source_topic}:${d.source_partition}@${d.source_offset}, ${d.worker_id})`]);
+    renderEvents("improvements", data.improvements, (r) => [r.updated_at,
+      `${r.task_id} v${r.active_version ?? "-"}${r.candidate_version ? ` → v${r.candidate_version}` : ""}: `
+      + `${r.status} (${r.trigger}) ${r.reason}`]);
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (error) {
     $("health").textContent = "unreachable";

@@ -1,0 +1,1 @@
+"""The generator: answers improvement requests with candidate programs (docs/improvement.md)."""
