@@ -139,11 +139,11 @@ class ValidateExecutions:
         try:
             kind = request.oracle.kind
             if kind is OracleKind.EXTERNAL:
-                self._add(batch, self._topics.oracle_requests.name, request.execution_id,
+                self._add_record(batch, self._topics.oracle_requests.name, request.execution_id,
                           self._oracle_codec.encode(request), message)
                 batch.forwarded.append(id(message))
             elif kind is OracleKind.LABEL:
-                self._send(batch, validated(request, request.expected_output, utc_now()), message)
+                self._add_validation(batch, validated(request, request.expected_output, utc_now()), message)
             else:
                 self._queue_shadow(request, message, batch)
         except Exception as exc:  # one request's failure must not stop the stream
@@ -156,9 +156,9 @@ class ValidateExecutions:
         version = shadow_version_for(request, task)
         artifact = self._tables.artifacts.version(request.task_id, version) if version is not None else None
         if task is None or version is None or artifact is None:
-            self._send(batch, unvalidated(request, ValidationStatus.FAILED,
-                                          f"no shadow version to compare with (wanted {version})", utc_now()),
-                       message)
+            failed = unvalidated(request, ValidationStatus.FAILED,
+                                 f"no shadow version to compare with (wanted {version})", utc_now())
+            self._add_validation(batch, failed, message)
             return
         call = Call(request.task_id, artifact.program_id, artifact.source_code,
                     unpinned_timeout_ms(task, self._settings.default_timeout_ms) / 1000, request.input)
@@ -178,14 +178,14 @@ class ValidateExecutions:
                                      f"shadow version {version} ended as {outcome.status}: {outcome.error}", utc_now())
             else:
                 record = validated(request, outcome.output, utc_now())
-            self._send(batch, record, message)
+            self._add_validation(batch, record, message)
 
-    def _send(self, batch: _Batch, record: ValidationFields, message: Message) -> None:
-        self._add(batch, self._topics.validations.name, record["task_id"], self._validations.encode_fields(record),
-                  message)
+    def _add_validation(self, batch: _Batch, record: ValidationFields, message: Message) -> None:
+        self._add_record(batch, self._topics.validations.name, record["task_id"],
+                         self._validations.encode_fields(record), message)
         batch.validations.append((id(message), record))
 
-    def _add(self, batch: _Batch, topic: str, key: str, value: bytes, message: Message) -> None:
+    def _add_record(self, batch: _Batch, topic: str, key: str, value: bytes, message: Message) -> None:
         encoded = key.encode()
         batch.outbox.add(topic, partition_for(encoded, self._partitions[topic]), encoded, value, message)
 
