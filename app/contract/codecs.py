@@ -186,6 +186,8 @@ class RegistryAvroCodec(Generic[R]):
                 raise RegistryError(f"cannot fetch schema id {schema_id}: {exc}") from exc
             self._unknown[schema_id] = time.monotonic() + _UNKNOWN_ID_RETRY_S
             raise DecodeError(f"schema id {schema_id} is unknown to the schema registry") from exc
+        except Exception as exc:  # connection refused, unreadable answer: the HTTP client's many kinds
+            raise RegistryError(f"cannot fetch schema id {schema_id}: cannot reach the registry: {exc}") from exc
         if schema.schema_type not in (None, "AVRO") or schema.schema_str is None:
             raise DecodeError(f"schema id {schema_id} is a {schema.schema_type} schema, not Avro")
         try:

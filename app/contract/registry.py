@@ -77,7 +77,9 @@ def register_value_schema(client: SchemaRegistryClient, topic: TopicSpec, schema
             raise SchemaIncompatible(f"subject {subject}: the registry refused the schema: {exc.error_message}") \
                 from exc
         raise RegistryError(f"subject {subject}: the registry answered {exc}") from exc
-    except (OSError, ValueError) as exc:  # connection refused, bad URL, unreadable answer
+    except RegistryError:
+        raise
+    except Exception as exc:  # connection refused, bad URL, unreadable answer: the HTTP client's many kinds
         raise RegistryError(f"subject {subject}: cannot reach the registry: {exc}") from exc
 
 
@@ -93,7 +95,7 @@ def registered_id(client: SchemaRegistryClient, topic: TopicSpec, schema: dict[s
                                 "them with `loopai topics apply` or `loopai schemas register` (a worker registers "
                                 "them when it starts)") from exc
         raise RegistryError(f"subject {subject}: the registry answered {exc}") from exc
-    except (OSError, ValueError) as exc:  # connection refused, bad URL, unreadable answer
+    except Exception as exc:  # connection refused, bad URL, unreadable answer: the HTTP client's many kinds
         raise RegistryError(f"subject {subject}: cannot reach the registry: {exc}") from exc
     if found is None:
         raise RegistryError(f"subject {subject}: the registry's answer carries no schema id")
