@@ -41,15 +41,18 @@ class Served:
 
 def call(url: str, method: str = "GET", body: Any = None, raw: bytes | None = None,
          timeout_s: float = 30) -> tuple[int, Any]:
-    """(status, JSON body or text) of one HTTP call; error statuses are answers, not exceptions."""
+    """(status, JSON body, text, or bytes for an image) of one HTTP call; error statuses are answers, not
+    exceptions."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            status, text, kind = response.status, response.read().decode(), response.headers.get_content_type()
+            status, content, kind = response.status, response.read(), response.headers.get_content_type()
     except urllib.error.HTTPError as exc:
-        status, text, kind = exc.code, exc.read().decode(), exc.headers.get_content_type()
-    return status, json.loads(text) if kind == "application/json" else text
+        status, content, kind = exc.code, exc.read(), exc.headers.get_content_type()
+    if kind.startswith("image/"):
+        return status, content
+    return status, json.loads(content) if kind == "application/json" else content.decode()
 
 
 def eventually(check: Callable[[], Any], timeout_s: float = 30, what: str = "") -> Any:

@@ -101,6 +101,10 @@ def openapi_document() -> dict[str, Any]:
                           "responses": {"200": {"description": "HTML",
                                                 "content": {"text/html": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json("OpenAPI 3.1")}}},
+            "/favicon.ico": {"get": {"summary": "The dashboard's icon, open like /health",
+                                     "responses": {"200": {"description": "an .ico holding one PNG",
+                                                           "content": {"image/x-icon": {"schema": {
+                                                               "type": "string", "format": "binary"}}}}}}},
         },
         "components": {"schemas": _schemas(ExecuteBody, ExecutionResult, DeadLetter, TaskSpec, ProgramArtifact,
                                            DailyStats)},
