@@ -2,14 +2,26 @@
 tasks, days closed on time and emitted once, late partials dropped, open windows surviving a restart.
 
 Past days are simulated by partials dated in the past (what an executor sends for results executed then), with a
-grace period that ends a few seconds into the test."""
+grace period that ends a few seconds into the test.
+
+The agent's logic is also tested fast, at the end: its handlers called directly, without a broker or a worker."""
 
 import asyncio
-from datetime import timedelta
+import logging
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-from app.contract.codecs import codec_for
-from app.contract.records import DailyStats, StatsPartial, TaskSpec, utc_now
+import faust
+import pytest
+
+from app.agents import aggregate_daily_stats
+from app.agents.aggregate_daily_stats import AggregateDailyStats
+from app.contract.codecs import Codec, codec_for, json_codec
+from app.contract.records import DailyStats, DeadLetter, StatsPartial, TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.domain.daily_stats import StatsKey, WindowStats
@@ -17,9 +29,11 @@ from app.domain.daily_windows import DailyWindow, DailyWindows
 from app.domain.open_windows import OpenWindows
 from app.kafka.clients import apply_topics, make_producer, partition_for
 from app.kafka.loop_client import RequestSender, request_from
-from app.kafka.partitioned_state import read_state
+from app.kafka.partitioned_state import NotOwned, read_state
 from app.settings import Settings
+from app.worker import build_app
 from devtools.broker import EmbeddedBroker
+from tests.agents.test_decide_canaries import eventually
 from tests.conftest import WorkerProcess, collect, make_settings
 
 ZONE = "Europe/Paris"
@@ -161,3 +175,208 @@ async def test_two_workers_count_every_execution_exactly_once(broker: EmbeddedBr
     assert sum(d[0].executions for d in whole_days.values()) == sum(range(1, len(tasks) + 1))
     logs = [worker.log() for worker in workers]
     assert all("daily-windows-changelog" in log for log in logs), "both workers owned windows"
+
+
+# Fast tests: the agent's handlers called directly, without a broker or a worker. _consume is given its batches
+# (faust's take_events makes them by timing, which a test should not depend on) and _close is awaited as its
+# timer would; the per-partition state is a stand-in, and faust's sends are recorded. One test goes through
+# faust's test_context, to show _consume reads faust's own events.
+
+DAY = DailyWindows(ZONE).of_date("2026-03-09")  # far from a change of the clocks: 24 hours long
+NEXT_DAY = DailyWindows(ZONE).of_date("2026-03-10")
+GRACE = timedelta(hours=1)
+CLOSES_AT = DAY.end + GRACE
+
+
+class OwnedWindows:
+    """Stands in for the agent's PartitionedState: owns the partitions given, read back empty, and records each
+    changelog write as the windows it carried ({window key: executions}; {} for a tombstone)."""
+
+    def __init__(self, partitions: Iterable[int]) -> None:
+        self.values: dict[int, dict[bytes, OpenWindows]] = {partition: {} for partition in partitions}
+        self.writes: list[tuple[int, bytes, dict[str, int]]] = []
+
+    async def values_of(self, partition: int) -> dict[bytes, OpenWindows]:
+        if partition not in self.values:
+            raise NotOwned(partition)
+        return self.values[partition]
+
+    def owned(self) -> Iterator[tuple[int, dict[bytes, OpenWindows]]]:
+        return iter(list(self.values.items()))
+
+    def owns(self, partition: int) -> bool:
+        return partition in self.values
+
+    async def put(self, partition: int, key: bytes, value: OpenWindows) -> None:
+        self.writes.append((partition, key, {k.encode(): stats.executions for k, stats in value.stats.items()}))
+        if value:
+            self.values[partition][key] = value
+        else:
+            self.values[partition].pop(key, None)
+
+
+class Batches:
+    """Stands in for the agent's faust stream: take_events() yields the batches given, then ends."""
+
+    def __init__(self, batches: Iterable[list[Any]]) -> None:
+        self._batches = list(batches)
+
+    async def take_events(self, max_: int, within: float) -> AsyncIterator[list[Any]]:
+        for batch in self._batches:
+            yield batch
+
+
+@dataclass
+class Aggregator:
+    """The agent under test, its state, what it sent (topic name, key, value), and its clock."""
+
+    agent: AggregateDailyStats
+    app: faust.App
+    state: OwnedWindows
+    codec: Codec[StatsPartial]
+    now: datetime = DAY.end + timedelta(minutes=1)  # the next day, within the grace: both days open
+    sent: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
+    refusing: set[str] = field(default_factory=set)  # topics whose sends fail
+    offset: int = 0
+
+    def event(self, value: StatsPartial | bytes, partition: int = 0) -> Any:
+        """An event of stats-partials, at the next offset, as faust hands it to the agent."""
+        raw = value if isinstance(value, bytes) else self.codec.encode(value)
+        key = value.task_id.encode() if isinstance(value, StatsPartial) else b"spam"
+        message = SimpleNamespace(topic="p.stats-partials", partition=partition, offset=self.offset, key=key,
+                                  value=raw)
+        self.offset += 1
+        return SimpleNamespace(message=message, value=raw)
+
+    async def consume(self, *batches: list[Any]) -> None:
+        await self.agent._consume(Batches(batches))
+
+    def sent_to(self, topic: str, model: type) -> list[Any]:
+        codec = json_codec(model)
+        return [codec.decode(value) for name, _, value in self.sent if name == topic]
+
+
+@pytest.fixture
+async def aggregator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Aggregator:
+    settings = Settings(bootstrap_servers="127.0.0.1:9", topic_prefix="p.", data_dir=tmp_path,
+                        analytics_time_zone=ZONE, analytics_grace_s=GRACE.total_seconds())
+    topics = topics_for(settings.topic_prefix)
+    app = build_app(settings)
+    agent = AggregateDailyStats(app, settings, topics)
+    state = OwnedWindows([0, 1])
+    agent.state = state  # type: ignore[assignment]
+    aggregator = Aggregator(agent, app, state, codec_for(StatsPartial, settings, topics.stats_partials))
+
+    async def send(topic: Any, key: bytes | None = None, value: bytes = b"", **_: Any) -> None:
+        if topic.get_topic_name() in aggregator.refusing:
+            raise ConnectionError("broker gone")
+        aggregator.sent.append((topic.get_topic_name(), key, value))
+
+    async def flush() -> None:
+        pass
+
+    monkeypatch.setattr(faust.topics.Topic, "send", send)  # days closed and dead letters: recorded
+    app.producer = SimpleNamespace(flush=flush)  # type: ignore[assignment]
+    monkeypatch.setattr(aggregate_daily_stats, "utc_now", lambda: aggregator.now)
+    return aggregator
+
+
+async def test_the_partials_of_a_batch_merge_into_one_changelog_write_per_task(aggregator: Aggregator) -> None:
+    a = aggregator
+    await a.consume([a.event(partial("spam", DAY, 3, error=1)), a.event(partial("eggs", DAY, 7), partition=1),
+                     a.event(partial("spam", DAY, 2, version=2)), a.event(partial("spam", NEXT_DAY, 1))],
+                    [a.event(partial("spam", DAY, 5))])
+    day, next_day = DAY.date, NEXT_DAY.date
+    assert a.state.writes == [
+        (0, b"spam", {f"spam/1/{day}": 4, f"spam/2/{day}": 2, f"spam/all/{day}": 6, f"spam/1/{next_day}": 1,
+                      f"spam/all/{next_day}": 1}),
+        (1, b"eggs", {f"eggs/1/{day}": 7, f"eggs/all/{day}": 7}),
+        # The next batch: one write again, on top of the first.
+        (0, b"spam", {f"spam/1/{day}": 9, f"spam/2/{day}": 2, f"spam/all/{day}": 11, f"spam/1/{next_day}": 1,
+                      f"spam/all/{next_day}": 1}),
+    ]
+    assert a.sent == []  # nothing closed, nothing dead
+
+
+async def test_a_partial_merged_before_a_crash_is_not_counted_again(aggregator: Aggregator) -> None:
+    a = aggregator
+    merged = a.event(partial("spam", DAY, 3))
+    await a.consume([merged])
+    await a.consume([merged, a.event(partial("spam", DAY, 1))])  # delivered again, with the one after it
+    assert a.state.writes[-1] == (0, b"spam", {f"spam/1/{DAY.date}": 4, f"spam/all/{DAY.date}": 4})
+    assert a.agent.redelivered == 1
+
+
+async def test_a_partial_for_a_closed_day_is_reported_late_and_not_merged(aggregator: Aggregator,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    a = aggregator
+    a.now = CLOSES_AT - timedelta(microseconds=1)  # the last moment of the grace: still merged
+    await a.consume([a.event(partial("spam", DAY, 3))])
+    a.now = CLOSES_AT
+    with caplog.at_level(logging.WARNING, logger="app.agents.aggregate_daily_stats"):
+        await a.consume([a.event(partial("spam", DAY, 5)), a.event(partial("spam", NEXT_DAY, 2))])
+    assert a.agent.late == 1
+    assert f"late stats of spam v1 for {DAY.date} dropped (closed at {CLOSES_AT}; 1 late so far)" in caplog.text
+    assert a.state.writes[-1] == (0, b"spam", {f"spam/1/{DAY.date}": 3, f"spam/all/{DAY.date}": 3,
+                                               f"spam/1/{NEXT_DAY.date}": 2, f"spam/all/{NEXT_DAY.date}": 2})
+
+
+async def test_a_day_closes_once_its_grace_has_passed_exactly_once(aggregator: Aggregator) -> None:
+    a = aggregator
+    await a.consume([a.event(partial("spam", DAY, 3, error=1)), a.event(partial("spam", DAY, 2, version=2)),
+                     a.event(partial("spam", NEXT_DAY, 4)), a.event(partial("eggs", DAY, 7), partition=1)])
+    a.now = CLOSES_AT - timedelta(microseconds=1)
+    await a.agent._close()
+    assert a.sent == [] and len(a.state.writes) == 2
+    for a.now in (CLOSES_AT, CLOSES_AT + timedelta(minutes=5)):  # the timer's run on time, and a later one
+        await a.agent._close()
+    days = a.sent_to("p.analytics", DailyStats)
+    assert [key for _, key, _ in a.sent] == [
+        StatsKey(d.task_id, d.version, d.date).encode().encode() for d in days]
+    assert sorted((d.task_id, d.version or 0, d.date, d.executions) for d in days) == [
+        ("eggs", 0, DAY.date, 7), ("eggs", 1, DAY.date, 7),
+        ("spam", 0, DAY.date, 6), ("spam", 1, DAY.date, 4), ("spam", 2, DAY.date, 2)]
+    [whole] = [d for d in days if d.task_id == "spam" and d.version is None]
+    assert (whole.ok, whole.error, whole.success_rate, whole.closed_at) == (5, 1, 5 / 6, CLOSES_AT)
+    assert a.agent.closed == 5
+    # The closed days are forgotten: spam keeps the next day open, eggs has no window left (a tombstone).
+    assert a.state.writes[2:] == [(0, b"spam", {f"spam/1/{NEXT_DAY.date}": 4, f"spam/all/{NEXT_DAY.date}": 4}),
+                                  (1, b"eggs", {})]
+
+
+async def test_a_day_whose_emission_failed_is_closed_by_the_next_run(aggregator: Aggregator,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    a = aggregator
+    await a.consume([a.event(partial("spam", DAY, 3))])
+    a.now = CLOSES_AT
+    a.refusing.add("p.analytics")
+    with caplog.at_level(logging.ERROR, logger="app.agents.aggregate_daily_stats"):
+        await a.agent._close()  # logged: the timer goes on
+    assert "closing the daily windows of spam failed" in caplog.text
+    assert (a.sent, len(a.state.writes), a.agent.closed) == ([], 1, 0)
+    a.refusing.clear()
+    await a.agent._close()
+    assert [(d.version, d.executions) for d in a.sent_to("p.analytics", DailyStats)] == [(1, 3), (None, 3)]
+    assert a.state.writes[-1] == (0, b"spam", {})
+
+
+async def test_undecodable_events_become_dead_letters_and_the_batch_goes_on(aggregator: Aggregator) -> None:
+    a = aggregator
+    other_zone = partial("spam", DAY, 1).model_copy(update={"time_zone": "UTC"})
+    await a.consume([a.event(b"\xff not a partial"), a.event(other_zone), a.event(partial("spam", DAY, 2))])
+    letters = a.sent_to("p.dead-letters", DeadLetter)
+    assert [(d.error_type, d.source_topic, d.source_partition, d.source_offset, d.value) for d in letters] == [
+        ("DecodeError", "p.stats-partials", 0, 0, b"\xff not a partial"),
+        ("ValueError", "p.stats-partials", 0, 1, a.codec.encode(other_zone))]
+    assert letters[1].reason == f"cannot be aggregated: partial of spam dated in UTC, not {ZONE}"
+    assert a.state.writes == [(0, b"spam", {f"spam/1/{DAY.date}": 2, f"spam/all/{DAY.date}": 2})]
+
+
+async def test_partials_put_on_its_topic_are_merged_from_fausts_stream(aggregator: Aggregator) -> None:
+    a = aggregator
+    async with a.app.agents["aggregate_daily_stats"].test_context() as tested:
+        for ok in (1, 2, 3):
+            await tested.put(a.codec.encode(partial("spam", DAY, ok)), key=b"spam")
+        await eventually(lambda: a.state.writes and a.state.writes[-1][2].get(f"spam/all/{DAY.date}") == 6,
+                         "the three partials merged")
+    assert a.state.values[0][b"spam"].through == {"p.stats-partials": 2}
