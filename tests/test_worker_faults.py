@@ -356,6 +356,29 @@ async def test_a_worker_that_cannot_even_dead_letter_exits_1_uncommitted(setting
                .values()) == 0
 
 
+async def test_a_crash_of_the_app_stops_the_worker_with_one_line_and_exit_1(settings: Settings, tmp_path: Path) -> None:
+    """An error that escapes a faust timer or agent crashes the app: the worker must not go on with a partition
+    unserved, and must say why in one line (faust's own last word, "We experienced a crash! Reraising original
+    exception...", does not) and exit non-zero, so that a supervisor restarts it."""
+    await _provision(settings)
+    log = tmp_path / "crashing.log"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _CRASHING_WORKER],
+        env={**os.environ, **settings.to_env(), "LOOPAI_WORKER_ID": "crashing"},
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+    )
+    try:
+        code = await asyncio.to_thread(process.wait, 90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text(errors="replace")
+    critical = [line for line in text.splitlines() if "[CRITICAL]" in line]
+    assert code == 1, text[-3000:]
+    assert len(critical) == 1, critical
+    assert "after a crash" in critical[0] and "KeyError(b'3fcca70d')" in critical[0] and "_expire" in critical[0], critical
+
+
 # `loopai worker`, except that its producer has every batch to the topics named on the command line refused.
 _REFUSING_WORKER = """
 import sys
@@ -373,6 +396,21 @@ def refusing(*args, **kwargs):
     return producer
 
 execute_requests.make_producer = refusing
+run_worker(Settings())
+"""
+
+
+# `loopai worker`, except that the oracle join's expiry sweep raises, as it did when a partition moved at one of
+# its awaits (issue 22).
+_CRASHING_WORKER = """
+from app.agents.join_oracle_verdicts import JoinOracleVerdicts
+from app.settings import Settings
+from app.worker import run_worker
+
+async def _expire(self):
+    raise KeyError(b"3fcca70d")
+
+JoinOracleVerdicts._expire = _expire
 run_worker(Settings())
 """
 
