@@ -35,6 +35,7 @@ from app.contract.registry import register_schemas
 from app.contract.topics import topics_for
 from app.kafka.clients import BrokerWatch
 from app.kafka.leader import leader_assignor_for
+from app.kafka.recovery import read_changelogs_to_their_true_end
 from app.kafka.tables import TableReader
 from app.sandbox.boundary import Boundary
 from app.sandbox.pool import SandboxPool
@@ -233,6 +234,7 @@ def build_app(settings: Settings) -> faust.App:
         LeaderAssignor=leader_assignor_for(topics_for(settings.topic_prefix).leader_election),
     )
     _agent_fetch_waits[app] = settings.agent_fetch_max_wait_ms
+    read_changelogs_to_their_true_end(app, settings)
     return app
 
 
