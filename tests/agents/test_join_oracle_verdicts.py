@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -221,6 +222,53 @@ async def test_decisions_in_the_changelogs_last_record_batch_are_read_back(
         assert worker.stop() == 0, worker.log()[-3000:]
     assert [r.request_id for r in decided if r.request_id in found] == []
     assert [r.request_id for r in decided if not _decided(changes, r)] == []  # none waits again
+
+
+
+async def test_a_worker_joining_while_requests_expire_takes_no_worker_down(
+    broker: EmbeddedBroker, tmp_path: Any
+) -> None:
+    """Two workers hold 600 requests that no oracle answers, due over 12 s; a third worker joins meanwhile, so the
+    join's partitions move in the middle of expiry sweeps (each expiry awaits its sends). Every worker keeps
+    running, and every request expires once."""
+    settings = make_settings(broker)
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    workers = [WorkerProcess(settings, tmp_path / f"{name}.log", name) for name in ("first", "second", "third")]
+    await asyncio.gather(*(asyncio.to_thread(w.start) for w in workers[:2]))
+    try:
+        requests = [_request(f"e{n}", n % 6, timeout_s=4 + n % 13) for n in range(600)]
+        await OracleTraffic(settings).send(*requests)
+        workers[2].launch()
+        wanted = {r.request_id for r in requests}
+        records = await collect(settings, "validations",
+                                lambda rs: wanted <= {r.request_id for r in rs if isinstance(r, Validation)}, 90)
+        await asyncio.to_thread(workers[2].wait_serving)
+        running = [w.worker_id for w in workers if w.process is not None and w.process.poll() is None]
+    finally:
+        codes = [w.stop() for w in workers]
+    assert running == ["first", "second", "third"], [w.log()[-2000:] for w in workers]
+    assert codes == [0, 0, 0]
+    assert [w.worker_id for w in workers if "Crashed reason" in w.log()] == []
+    statuses: dict[str, list[ValidationStatus]] = {}
+    expired_at = []
+    for record in records:
+        if isinstance(record, Validation) and record.request_id in wanted:
+            statuses.setdefault(record.request_id, []).append(record.status)
+            expired_at.append(record.validated_at.timestamp())
+    assert {rid: s for rid, s in statuses.items() if s != [ValidationStatus.EXPIRED]} == {}
+    # the condition itself: the first two workers' agents rebalanced while requests were expiring
+    moved = [at for w in workers[:2] for at in _rejoined(w.log(), settings.app_id)]
+    assert any(min(expired_at) < at < max(expired_at) for at in moved), (moved, min(expired_at), max(expired_at))
+
+
+def _rejoined(log: str, group: str) -> list[float]:
+    """When a worker began rejoining its faust app's group (the agents' partitions move), from its log."""
+    times = []
+    for line in log.splitlines():
+        if f"(Re-)joining group {group} " in line + " ":
+            stamp = line[1:24]  # [2026-12-07 16:07:17,306]
+            times.append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return times
 
 
 @pytest.fixture
