@@ -176,7 +176,10 @@ async def failover(settings: Settings, minutes: float, rate: int, every_s: float
                    log_dir: Path) -> tuple[list[Stop], Observed]:
     await provision(settings)
     workers = {name: Worker(settings, log_dir, name) for name in ("worker-a", "worker-b")}
-    await asyncio.gather(*(w.start() for w in workers.values()))
+    for worker in workers.values():
+        # One after the other: the embedded broker numbers a group's first generation 0, and aiokafka sends no
+        # LeaveGroup from generation 0, so a worker stopped in it is only dropped when its session runs out.
+        await worker.start()
     observed, stops = Observed(), []
     stop_oracle = asyncio.Event()
     labels = {canonical({"i": i}): i * 3 for i in range(INPUTS)}
@@ -309,6 +312,8 @@ def report(stops: list[Stop], observed: Observed, broker: str, minutes: float, r
     if unjudged:
         print(f"NOT VALIDATED: {len(unjudged):,}, of which {len(unjudged & observed.asked):,} reached oracle-requests "
               f"and {len(unjudged & observed.answered):,} have a verdict on oracle-verdicts")
+        for execution_id in sorted(unjudged)[:3]:
+            print_history(observed, execution_id, stops)
     if lost:
         print(f"LOST: {lost[:10]}")
 
@@ -331,14 +336,19 @@ def judged_again(observed: Observed, sampled: set[str], stops: list[Stop]) -> No
             if before else "before any stop"
         print(f"  {validations[0].execution_id}: {' then '.join(v.status.value for v in validations)}, "
               f"{second - first:.1f} s apart, the second {after}")
-    origin = stops[0].at if stops else 0.0
     for validations in again[:3]:
-        execution_id = validations[0].execution_id
-        events = observed.history.get(execution_id, []) + [
-            (v.validated_at.timestamp(), f"validation {v.status.value}") for v in validations]
-        print(f"  {execution_id}, seconds after the first stop:")
-        for at, what in sorted(events):
-            print(f"    {at - origin:8.2f} {what}")
+        print_history(observed, validations[0].execution_id, stops)
+
+
+def print_history(observed: Observed, execution_id: str, stops: list[Stop]) -> None:
+    """An execution's oracle requests, verdicts, table entries and validations, in time."""
+    origin = stops[0].at if stops else 0.0
+    events = observed.history.get(execution_id, []) + [
+        (v.validated_at.timestamp(), f"validation {v.status.value}") for v in observed.validations
+        if v.execution_id == execution_id]
+    print(f"  {execution_id}, seconds after the first stop:")
+    for at, what in sorted(events):
+        print(f"    {at - origin:8.2f} {what}")
 
 
 def main() -> None:
