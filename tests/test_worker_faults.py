@@ -132,10 +132,10 @@ async def _results(settings: Settings, sent: list[ExecutionRequest], timeout_s: 
     return await collect(settings, "execution_results", complete, timeout_s)
 
 
-# Changelog records the survivor reads back. The case had about 100,000; faust reads them back at 1,000-5,000
-# a second on the embedded broker (100,000 took 132 s with the machine's load average at 16), so the suite's test
-# reads fewer, enough to last seconds.
-RECOVERED = 30_000
+# Changelog records the survivor reads back. The case had about 100,000; faust reads them back at 500-800 a
+# second on the embedded broker with the machine's load average at 14-16 (100,000 in 132 s, 30,000 in 58 s), so the
+# suite's test reads fewer, enough to last seconds.
+RECOVERED = 12_000
 
 
 async def _fill_the_joins_table(settings: Settings, count: int) -> None:
@@ -277,7 +277,7 @@ async def test_the_survivor_answers_while_it_reads_back_its_tables(
     longest = max((b - a for a, b in itertools.pairwise([restoring, *served, ready])), default=ready - restoring)
     print(f"\nrecovery of about {RECOVERED:,} records took {ready - restoring:.2f} s; the survivor answered "
           f"{len(served):,} requests meanwhile, at most {longest:.2f} s apart")
-    assert ready - restoring > 1.0  # there was a recovery to serve through
+    assert ready - restoring > 0.5  # there was a recovery to serve through
     assert longest < 2.0
 
 
