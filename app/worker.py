@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+import traceback
 import weakref
 from typing import Any
 
@@ -36,6 +37,7 @@ from app.contract.registry import register_schemas
 from app.contract.topics import topics_for
 from app.kafka.clients import BrokerWatch
 from app.kafka.leader import leader_assignor_for
+from app.kafka.recovery import read_changelogs_to_their_true_end
 from app.kafka.tables import TableReader
 from app.sandbox.boundary import Boundary
 from app.sandbox.pool import SandboxPool
@@ -234,6 +236,7 @@ def build_app(settings: Settings) -> faust.App:
         LeaderAssignor=leader_assignor_for(topics_for(settings.topic_prefix).leader_election),
     )
     _agent_fetch_waits[app] = settings.agent_fetch_max_wait_ms
+    read_changelogs_to_their_true_end(app, settings)
     return app
 
 
@@ -241,9 +244,30 @@ class Worker(faust.Worker):
     """faust starts the services before the app and stops them after it; a stopping worker must hand its
     request partitions over first (the agents' low-rate streams can wait), so here the app comes first."""
 
+    worker_id = ""  # for the crash line
+
     def on_init_dependencies(self) -> Any:
         dependencies = list(super().on_init_dependencies())  # also wires the app's "ready" callback
         return [self.app, *(service for service in dependencies if service is not self.app)]
+
+    def _shutdown_loop(self) -> None:
+        """After a crash (an error escaped an agent or a timer), faust's last word is "We experienced a crash!
+        Reraising original exception...", which does not say what crashed: say it in one line, and exit 1."""
+        reason, self.crash_reason = self.crash_reason, None
+        super()._shutdown_loop()
+        if reason is not None:
+            log.critical("worker %s stopped after a crash: %s (its traceback is above, at \"Crashed reason\")",
+                         self.worker_id, describe_crash(reason))
+            raise SystemExit(1)
+
+
+def describe_crash(reason: BaseException) -> str:
+    """The error and where it was raised: `KeyError(b'3fcc') in _expire (app/agents/x.py:87)`."""
+    frames = traceback.extract_tb(reason.__traceback__)
+    if not frames:
+        return repr(reason)
+    where = frames[-1]
+    return f"{reason!r} in {where.name} ({where.filename}:{where.lineno})"
 
 
 def _return_large_blocks() -> None:
@@ -261,6 +285,7 @@ def run_worker(settings: Settings) -> None:
     service = LoopWorker(settings)
     service.register_agents(app)
     worker = Worker(app, service, loglevel=settings.log_level, redirect_stdouts=False, quiet=True)
+    worker.worker_id = settings.worker_id
     try:
         worker.execute_from_commandline()
     except SystemExit:

@@ -8,7 +8,9 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -17,6 +19,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from app.contract.records import (
@@ -32,7 +35,7 @@ from app.contract.records import (
 )
 from app.contract.topics import TopicSpec, topics_for
 from app.control.plane import ControlPlane
-from app.kafka.clients import apply_topics
+from app.kafka.clients import apply_topics, make_consumer
 from app.kafka.loop_client import RequestSender, follow, request_from
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
@@ -50,6 +53,7 @@ class Stop:
     at: float  # wall clock
     signal: str
     victim: str
+    survivor_log: Path
     restarted_at: float = 0.0
 
 
@@ -60,6 +64,8 @@ class Observed:
     validations: list[Validation] = field(default_factory=list)
     asked: set[str] = field(default_factory=set)  # execution ids on oracle-requests
     answered: set[str] = field(default_factory=set)  # execution ids on oracle-verdicts
+    # execution id -> (record timestamp, what): its oracle requests and verdicts, and the join's table changes
+    history: dict[str, list[tuple[float, str]]] = field(default_factory=lambda: defaultdict(list))
 
 
 class Worker:
@@ -127,20 +133,41 @@ async def collect(settings: Settings, observed: Observed) -> None:
             if isinstance(record, Validation):
                 observed.validations.append(record)
 
-    async def oracle(spec: TopicSpec, seen: set[str]) -> None:
-        async for _, _, record in follow(settings, spec):
+    async def oracle(spec: TopicSpec, seen: set[str], what: str) -> None:
+        async for tp, offset, record in follow(settings, spec):
             if isinstance(record, ValidationRequest | OracleVerdict):
                 seen.add(record.execution_id)
+                made = record.requested_at if isinstance(record, ValidationRequest) else record.answered_at
+                observed.history[record.execution_id].append((made.timestamp(), f"{what} ({tp.partition}:{offset})"))
 
-    await asyncio.gather(results(), validations(), oracle(topics.oracle_requests, observed.asked),
-                         oracle(topics.oracle_verdicts, observed.answered))
+    async def table_changes() -> None:
+        """The join's table as its changelog has it, raw (a tombstone has no value)."""
+        consumer = make_consumer(settings)
+        await consumer.start()
+        try:
+            consumer.subscribe([topics.oracle_pending.name])
+            async for message in consumer:
+                change = json.loads(message.value) if message.value is not None else None
+                what = "tombstone" if change is None else \
+                    f"decided {change['decided']}" if "decided" in change else \
+                    "waits with its request" if "request" in change else "waits with a verdict"
+                observed.history[message.key.decode()].append(
+                    (message.timestamp / 1000, f"table: {what} ({message.partition}:{message.offset})"))
+        finally:
+            await consumer.stop()
+
+    await asyncio.gather(results(), validations(), oracle(topics.oracle_requests, observed.asked, "request"),
+                         oracle(topics.oracle_verdicts, observed.answered, "verdict"), table_changes())
 
 
-async def failover(settings: Settings, minutes: float, rate: int, every_s: float, log_dir: Path,
-                   ) -> tuple[list[Stop], Observed]:
+async def failover(settings: Settings, minutes: float, rate: int, every_s: float, signals: list[signal.Signals],
+                   log_dir: Path) -> tuple[list[Stop], Observed]:
     await provision(settings)
     workers = {name: Worker(settings, log_dir, name) for name in ("worker-a", "worker-b")}
-    await asyncio.gather(*(w.start() for w in workers.values()))
+    for worker in workers.values():
+        # One after the other: the embedded broker numbers a group's first generation 0, and aiokafka sends no
+        # LeaveGroup from generation 0, so a worker stopped in it is only dropped when its session runs out.
+        await worker.start()
     observed, stops = Observed(), []
     stop_oracle = asyncio.Event()
     labels = {canonical({"i": i}): i * 3 for i in range(INPUTS)}
@@ -152,17 +179,23 @@ async def failover(settings: Settings, minutes: float, rate: int, every_s: float
         await asyncio.sleep(every_s)
         round_ = 0
         while time.monotonic() + every_s / 2 < end:
-            victim = workers[("worker-a", "worker-b")[round_ % 2]]
-            sig = (signal.SIGKILL, signal.SIGTERM)[round_ % 2]
-            stop = Stop(time.time(), sig.name, victim.worker_id)
+            victim, survivor = workers["worker-a"], workers["worker-b"]
+            if round_ % 2:
+                victim, survivor = survivor, victim
+            sig = signals[round_ % len(signals)]
+            stop = Stop(time.time(), sig.name, victim.worker_id, survivor.log_path)
             stops.append(stop)
             await victim.stop(sig)
             await asyncio.sleep(max(0.0, stop.at + every_s / 2 - time.time()))
             stop.restarted_at = time.time()
             await victim.start()
+            serving_at = time.time()
             print(f"  {len(stops)}: {sig.name} {victim.worker_id} at {stop.at - stops[0].at:5.1f} s, started again "
-                  f"after {stop.restarted_at - stop.at:.1f} s", flush=True)
-            await asyncio.sleep(max(0.0, stop.at + every_s - time.time()))
+                  f"after {stop.restarted_at - stop.at:.1f} s, serving {serving_at - stop.restarted_at:.1f} s later",
+                  flush=True)
+            # The next stop finds both workers settled: a worker joins three groups and reads its tables back
+            # after it says it serves (15 s on the embedded broker), and a survivor still starting is slower.
+            await asyncio.sleep(max(0.0, max(stop.at + every_s, serving_at + every_s / 2) - time.time()))
             round_ += 1
         await producer
         await drain(observed)
@@ -207,19 +240,45 @@ def longest_gap(results: list[ExecutionResult], start: float, end: float) -> tup
     return longest, of
 
 
-def report(stops: list[Stop], observed: Observed, broker: str, minutes: float, rate: int) -> None:
+_LOG_TIME = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+
+
+def join_holds(log_path: Path, group: str, start: float, end: float) -> float:
+    """Seconds the broker held the JoinGroups of `group` that completed in [start, end) (wall clock), from a
+    worker's log: each "(Re-)joining group" to its "Joined group"."""
+    held, joining = 0.0, None
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = _LOG_TIME.match(line)
+        if not match:
+            continue
+        at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        if f"(Re-)joining group {group} " in line + " ":
+            joining = at
+        elif joining is not None and f"Joined group '{group}'" in line:
+            if start <= at < end:
+                held += at - max(joining, start)
+            joining = None
+    return held
+
+
+def report(stops: list[Stop], observed: Observed, broker: str, minutes: float, rate: int, group: str) -> None:
     print(f"\nbroker {broker}; 2 workers, {rate} requests/s for {minutes:g} min, {len(stops)} stops")
-    print(f"{'#':>3} {'signal':8} {'victim':9} {'longest gap after the stop':>28} {'after the restart':>19}")
-    gaps: dict[str, list[float]] = defaultdict(list)
+    print(f"{'#':>3} {'signal':8} {'victim':9} {'longest gap after the stop':>28} {'survivor join held':>19} "
+          f"{'after the restart':>18}")
+    gaps: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for n, stop in enumerate(stops, 1):
         end = stops[n].at if n < len(stops) else float("inf")
         after_stop, task = longest_gap(observed.results, stop.at, stop.restarted_at)
+        held = join_holds(stop.survivor_log, group, stop.at, stop.at + after_stop + 1)
         after_restart, _ = longest_gap(observed.results, stop.restarted_at, end)
-        gaps[stop.signal].append(after_stop)
-        print(f"{n:>3} {stop.signal:8} {stop.victim:9} {after_stop:>22.2f} s ({task}) {after_restart:>17.2f} s")
+        gaps[stop.signal].append((after_stop, after_stop - held))
+        print(f"{n:>3} {stop.signal:8} {stop.victim:9} {after_stop:>22.2f} s ({task}) {held:>17.2f} s "
+              f"{after_restart:>16.2f} s")
     for name, values in gaps.items():
-        print(f"{name}: longest gap median {statistics.median(values):.2f} s, max {max(values):.2f} s "
-              f"over {len(values)} stops")
+        raw, unheld = [v[0] for v in values], [v[1] for v in values]
+        print(f"{name}: longest gap median {statistics.median(raw):.2f} s, max {max(raw):.2f} s over {len(values)} "
+              f"stops; without the broker's join holds median {statistics.median(unheld):.2f} s, "
+              f"max {max(unheld):.2f} s")
     variants: dict[str, set[tuple[str, object]]] = defaultdict(set)
     for result in observed.results:
         variants[result.request_id].add((result.execution_id, result.output))
@@ -236,10 +295,13 @@ def report(stops: list[Stop], observed: Observed, broker: str, minutes: float, r
     print(f"sampled executions {len(sampled):,}; validations per execution: "
           + ", ".join(f"{count}: {n:,}" for count, n in sorted(spread.items()))
           + f" (statuses: {dict(statuses)})")
+    judged_again(observed, sampled, stops)
     unjudged = sampled - per_execution.keys()
     if unjudged:
         print(f"NOT VALIDATED: {len(unjudged):,}, of which {len(unjudged & observed.asked):,} reached oracle-requests "
               f"and {len(unjudged & observed.answered):,} have a verdict on oracle-verdicts")
+        for execution_id in sorted(unjudged)[:3]:
+            print_history(observed, execution_id, stops)
     if lost:
         print(f"LOST: {lost[:10]}")
 
@@ -250,15 +312,49 @@ every --every seconds, by SIGKILL and SIGTERM in turn, and started again halfway
 sampled for validation by an external oracle (a reference oracle service in this process answers every
 sample), so the oracle join is failed over too. Prints, for each stop, the longest time a task went without a
 result after it and after the restart; then the requests, lost ones (must be 0), duplicates (each must carry its
-original's execution id and output), and validations per sampled execution (must be exactly 1). Not a test:
-run it by hand,
+original's execution id and output), and validations per sampled execution (must be exactly 1), with when
+each execution validated more than once was judged. Not a test: run it by hand,
 
-    python -m bench.failover [--minutes N] [--rate R] [--every S] [--config FILE] [--embedded]
+    python -m bench.failover [--minutes N] [--rate R] [--every S] [--signal S] [--config FILE] [--embedded]
 
 The broker is the one the usual settings name (LOOPAI_* variables or --config), so an operator can run it against
 Apache Kafka; --embedded starts Tansu instead, which holds every JoinGroup for half the session timeout (3 s with
-the defaults, docs/delivery.md). The group timings are the settings' own.
+the defaults, docs/delivery.md): each gap is also printed without the holds of the survivor's executor-group
+joins, read from its log. The group timings are the settings' own.
 """  # what --help prints
+
+
+def judged_again(observed: Observed, sampled: set[str], stops: list[Stop]) -> None:
+    """For each execution validated more than once: its statuses, and when its second validation was written
+    after the stop before it (which path judged it again)."""
+    by_execution: dict[str, list[Validation]] = defaultdict(list)
+    for validation in observed.validations:
+        if validation.execution_id in sampled:
+            by_execution[validation.execution_id].append(validation)
+    again = [vs for vs in by_execution.values() if len(vs) > 1]
+    if not again:
+        return
+    print(f"validated more than once: {len(again)}")
+    for validations in again[:20]:
+        first, second = validations[0].validated_at.timestamp(), validations[1].validated_at.timestamp()
+        before = [(n, s) for n, s in enumerate(stops, 1) if s.at <= second]
+        after = f"{second - before[-1][1].at:.1f} s after stop {before[-1][0]} ({before[-1][1].signal})" \
+            if before else "before any stop"
+        print(f"  {validations[0].execution_id}: {' then '.join(v.status.value for v in validations)}, "
+              f"{second - first:.1f} s apart, the second {after}")
+    for validations in again[:3]:
+        print_history(observed, validations[0].execution_id, stops)
+
+
+def print_history(observed: Observed, execution_id: str, stops: list[Stop]) -> None:
+    """An execution's oracle requests, verdicts, table entries and validations, in time."""
+    origin = stops[0].at if stops else 0.0
+    events = observed.history.get(execution_id, []) + [
+        (v.validated_at.timestamp(), f"validation {v.status.value}") for v in observed.validations
+        if v.execution_id == execution_id]
+    print(f"  {execution_id}, seconds after the first stop:")
+    for at, what in sorted(events):
+        print(f"    {at - origin:8.2f} {what}")
 
 
 def main() -> None:
@@ -267,6 +363,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--rate", type=int, default=200, help="requests a second")
     parser.add_argument("--every", type=float, default=30.0, help="seconds between two stops")
+    parser.add_argument("--signal", choices=["alternate", "SIGTERM", "SIGKILL"], default="alternate",
+                        help="how workers are stopped: SIGKILL and SIGTERM in turn (default), or always one")
     parser.add_argument("--config", type=Path, help="settings file (else the LOOPAI_* variables)")
     parser.add_argument("--embedded", action="store_true", help="start the embedded broker (Tansu) for the run")
     args = parser.parse_args()
@@ -282,8 +380,10 @@ def main() -> None:
         settings = Settings.load(args.config, **overrides)
         print(f"logs in {log_dir}; broker {settings.bootstrap_servers} ({name}), session "
               f"{settings.session_timeout_s:g} s, heartbeat {settings.heartbeat_interval_s:g} s", flush=True)
-        stops, observed = asyncio.run(failover(settings, args.minutes, args.rate, args.every, log_dir))
-        report(stops, observed, f"{settings.bootstrap_servers} ({name})", args.minutes, args.rate)
+        signals = [signal.SIGKILL, signal.SIGTERM] if args.signal == "alternate" else [signal.Signals[args.signal]]
+        stops, observed = asyncio.run(failover(settings, args.minutes, args.rate, args.every, signals, log_dir))
+        report(stops, observed, f"{settings.bootstrap_servers} ({name})", args.minutes, args.rate,
+               f"{settings.app_id}-executors")
 
 
 if __name__ == "__main__":

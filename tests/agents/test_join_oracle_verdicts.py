@@ -5,7 +5,10 @@ a chosen moment."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
+from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -28,6 +31,7 @@ from app.contract.records import (
 from app.contract.topics import topics_for
 from app.domain.validation import ValidationFields
 from app.kafka.clients import apply_topics, make_producer, partition_for
+from app.kafka.tables import read_topic
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
 from tests.conftest import WorkerProcess, collect, make_settings
@@ -124,6 +128,147 @@ async def test_requests_and_verdicts_delivered_again_after_the_decision_are_not_
     assert [v.status for v in found[answered.request_id]] == [ValidationStatus.VALIDATED]
     assert [v.status for v in found[unanswered.request_id]] == [ValidationStatus.EXPIRED]
     assert [v.status for v in found[last.request_id]] == [ValidationStatus.EXPIRED]
+
+
+
+async def _table_changes(settings: Settings) -> dict[bytes, list[Any]]:
+    """The join's table as its changelog holds it, read to its true end: each key's values in order."""
+    changes: dict[bytes, list[Any]] = {}
+
+    def keep(_: Any, message: Any) -> None:
+        changes.setdefault(message.key, []).append(json.loads(message.value) if message.value is not None else None)
+
+    await read_topic(settings, topics_for(settings.topic_prefix).oracle_pending, keep)
+    return changes
+
+
+def _decided(changes: dict[bytes, list[Any]], request: ValidationRequest) -> bool:
+    """Whether the execution's latest entry in the join's table is its decision."""
+    latest = (changes.get(request.execution_id.encode()) or [None])[-1]
+    return latest is not None and "decided" in latest
+
+
+async def test_requests_and_verdicts_redelivered_after_a_kill_9_are_not_judged_again(
+    broker: EmbeddedBroker, tmp_path: Any
+) -> None:
+    """A worker decides 120 executions and is killed (-9) before faust commits the offsets of their requests and
+    verdicts; the next owner reads the decisions back from the table's changelog and is then handed every request
+    and verdict again: it must judge none of them again (nor wait for them again, which would end as a false
+    expiry). The verdicts come at once, so their decisions reach the changelog in a few record batches."""
+    settings = make_settings(broker)
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    requests = [_request(f"r{n}", n % 6, timeout_s=120) for n in range(120)]
+    traffic = OracleTraffic(settings)
+    # commits nothing within the test: all of it is delivered again to the next owner
+    victim = WorkerProcess(settings.model_copy(update={"commit_interval_s": 600}), tmp_path / "victim.log",
+                           "victim").start()
+    try:
+        await traffic.send(*requests)
+        await traffic.send(*(_verdict(r) for r in requests))
+        found = await _validations(settings, until=requests[-1].request_id)
+        deadline = time.monotonic() + 30
+        changes = await _table_changes(settings)
+        while not all(_decided(changes, r) for r in requests):
+            assert time.monotonic() < deadline, "the decisions never reached the table's changelog"
+            changes = await _table_changes(settings)
+        assert victim.process is not None
+        victim.process.kill()
+        victim.process.wait()
+    finally:
+        victim.stop()
+    assert sum(len(found.get(r.request_id, [])) for r in requests) == len(requests)
+    successor = WorkerProcess(settings, tmp_path / "successor.log", "successor").start()
+    try:
+        last = [_request("last", p, timeout_s=120) for p in range(6)]  # read after every redelivery of its partition
+        await traffic.send(*last, *(_verdict(r) for r in last))
+        for request in last:
+            found = await _validations(settings, until=request.request_id)
+        changes = await _table_changes(settings)
+    finally:
+        assert successor.stop() == 0, successor.log()[-3000:]
+    judged = {r.request_id: [v.status for v in found.get(r.request_id, [])] for r in requests}
+    assert {rid: statuses for rid, statuses in judged.items() if statuses != [ValidationStatus.VALIDATED]} == {}
+    assert [r.request_id for r in requests if not _decided(changes, r)] == []  # none waits again
+
+
+
+async def test_decisions_in_the_changelogs_last_record_batch_are_read_back(
+    broker: EmbeddedBroker, tmp_path: Any
+) -> None:
+    """300 decisions in one record batch of the join's changelog (the embedded broker answers ListOffsets with
+    that batch's first offset + 1): a worker starting on it must read them all back, and so must not wait again
+    for a request of any of them."""
+    settings = make_settings(broker)
+    topics = topics_for(settings.topic_prefix)
+    await apply_topics(settings, topics)
+    decided = [_request(f"d{n}", 2) for n in range(300)]
+    producer = make_producer(settings, linger_ms=200)
+    await producer.start()
+    try:
+        value = json.dumps({"decided": "validated", "deadline": time.time() + 3600}).encode()
+        sent = [await producer.send(topics.oracle_pending.name, value, key=r.execution_id.encode(), partition=2)
+                for r in decided]
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+    worker = WorkerProcess(settings, tmp_path / "worker.log", "reader").start()
+    try:
+        last = _request("last", 2)
+        traffic = OracleTraffic(settings)
+        await traffic.send(*decided, last, _verdict(last))  # delivered again, as after a crash
+        found = await _validations(settings, until=last.request_id)
+        changes = await _table_changes(settings)
+    finally:
+        assert worker.stop() == 0, worker.log()[-3000:]
+    assert [r.request_id for r in decided if r.request_id in found] == []
+    assert [r.request_id for r in decided if not _decided(changes, r)] == []  # none waits again
+
+
+
+async def test_a_worker_joining_while_requests_expire_takes_no_worker_down(
+    broker: EmbeddedBroker, tmp_path: Any
+) -> None:
+    """Two workers hold 600 requests that no oracle answers, due over 12 s; a third worker joins meanwhile, so the
+    join's partitions move in the middle of expiry sweeps (each expiry awaits its sends). Every worker keeps
+    running, and every request expires once."""
+    settings = make_settings(broker)
+    await apply_topics(settings, topics_for(settings.topic_prefix))
+    workers = [WorkerProcess(settings, tmp_path / f"{name}.log", name) for name in ("first", "second", "third")]
+    await asyncio.gather(*(asyncio.to_thread(w.start) for w in workers[:2]))
+    try:
+        requests = [_request(f"e{n}", n % 6, timeout_s=4 + n % 13) for n in range(600)]
+        await OracleTraffic(settings).send(*requests)
+        workers[2].launch()
+        wanted = {r.request_id for r in requests}
+        records = await collect(settings, "validations",
+                                lambda rs: wanted <= {r.request_id for r in rs if isinstance(r, Validation)}, 90)
+        await asyncio.to_thread(workers[2].wait_serving)
+        running = [w.worker_id for w in workers if w.process is not None and w.process.poll() is None]
+    finally:
+        codes = [w.stop() for w in workers]
+    assert running == ["first", "second", "third"], [w.log()[-2000:] for w in workers]
+    assert codes == [0, 0, 0]
+    assert [w.worker_id for w in workers if "Crashed reason" in w.log()] == []
+    statuses: dict[str, list[ValidationStatus]] = {}
+    expired_at = []
+    for record in records:
+        if isinstance(record, Validation) and record.request_id in wanted:
+            statuses.setdefault(record.request_id, []).append(record.status)
+            expired_at.append(record.validated_at.timestamp())
+    assert {rid: s for rid, s in statuses.items() if s != [ValidationStatus.EXPIRED]} == {}
+    # the condition itself: the first two workers' agents rebalanced while requests were expiring
+    moved = [at for w in workers[:2] for at in _rejoined(w.log(), settings.app_id)]
+    assert any(min(expired_at) < at < max(expired_at) for at in moved), (moved, min(expired_at), max(expired_at))
+
+
+def _rejoined(log: str, group: str) -> list[float]:
+    """When a worker began rejoining its faust app's group (the agents' partitions move), from its log."""
+    times = []
+    for line in log.splitlines():
+        if f"(Re-)joining group {group} " in line + " ":
+            stamp = line[1:24]  # [2026-12-07 16:07:17,306]
+            times.append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return times
 
 
 @pytest.fixture
