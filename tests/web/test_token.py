@@ -1,4 +1,4 @@
-"""web_token: with it set, the worker's routes answer 401 without it, except the probes' and Prometheus's; a
+"""web_token: with it set, the worker's routes answer 401 without it, except the probes', Prometheus's and the icon; a
 bearer header or the cookie the dashboard link sets lets a call through. The real route table, over the same
 stand-ins as test_health.py (no broker: the calls that pass stop at checks that need none)."""
 
@@ -32,6 +32,8 @@ async def test_without_the_token_execute_tasks_and_the_dashboard_are_401() -> No
         # Probes and Prometheus need no token (503: the stand-in broker never answered).
         assert (await client.get("/health")).status == 503
         assert (await client.get("/openapi.json")).status == 200
+        icon = await client.get("/favicon.ico")  # a browser asks before it has the cookie: the icon tells nothing
+        assert icon.status == 200 and icon.headers["Content-Type"] == "image/x-icon"
 
 
 async def test_a_bearer_header_or_the_dashboard_link_lets_calls_through() -> None:

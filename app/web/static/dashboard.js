@@ -104,7 +104,8 @@ async function poll() {
     renderTasks(data.tasks);
     if (data.chart) drawLive(data.chart, data.tasks.find((t) => t.task_id === data.chart.task_id));
     renderEvents("signals", data.signals, (s) => [s.detected_at,
-      `${s.task_id} v${s.version ?? "all"}: ${s.metric} ${s.value.toFixed(3)} (baseline ${s.baseline.toFixed(3)}, `
+      `${s.task_id} v${s.version ?? "all"}: ${s.metric} ${s.value.toFixed(3)} (`
+      + (s.method === "target" ? `target ${s.baseline.toFixed(3)}, ` : `baseline ${s.baseline.toFixed(3)}, `)
       + `${s.method} score ${s.score.toFixed(1)}) ${s.hint}`]);
     renderEvents("letters", data.dead_letters, (d) => [d.dead_lettered_at,
       `${d.error_type}: ${d.reason} (${d.source_topic}:${d.source_partition}@${d.source_offset}, ${d.worker_id})`]);
