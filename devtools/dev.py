@@ -1,8 +1,10 @@
 """`loopai dev`: the whole loop on an embedded broker. Starts the broker, applies topics, publishes the sample
 tasks and programs, starts a worker process and the reference oracle, sends traffic, and prints results,
 validations and canary decisions live: a quarter of the way in, spam-filter's v3 goes on canary to half of
-its requests and is promoted (or rolled back) on its validated accuracy. Then a summary, with the accuracy
-of each version and any anomaly signals seen.
+its requests and is promoted (or rolled back) on its validated accuracy. Meanwhile review-sentiment's v1 falls
+short of its target, the worker asks for a better version, a generator in this process (asking a fake endpoint:
+devtools/dev_improvement.py) publishes v2 as a canary, and the canary agent decides it. Then a summary, with the
+accuracy of each version, the improvements and any anomaly signals seen.
 
 Ctrl-C (SIGINT, also SIGTERM and SIGHUP) stops it in order: the traffic, then the wait for results still due
 (a second Ctrl-C skips it), the worker, the broker, and then the summary. The broker and the worker run in
@@ -39,6 +41,7 @@ from app.domain.daily_windows import DailyWindows
 from app.kafka.clients import apply_topics
 from app.kafka.loop_client import RequestSender, daily_stats, follow, request_from
 from app.settings import Settings
+from devtools import dev_improvement
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker, free_port, listening
 from devtools.oracle import canonical, serve_oracle
 from devtools.samples import INTENT_LABELS, SAMPLE_PROGRAMS, SPAM_TRUTH, program_source, sample_tasks, sample_traffic
@@ -76,6 +79,7 @@ class _Tally:
     accuracy: dict[tuple[str, int], list[int]] = field(default_factory=dict)
     decisions: list[str] = field(default_factory=list)
     signals: list[str] = field(default_factory=list)
+    improvements: list[str] = field(default_factory=list)
     daily: list[str] = field(default_factory=list)
 
     @property
@@ -96,6 +100,8 @@ class _Tally:
             _say(f"  {label:<32} {validated} validated, {matched} matched ({rate}), {expired} expired")
         for decision in self.decisions:
             _say(f"  canary decision: {decision}")
+        for improvement in self.improvements:
+            _say(f"  improvement: {improvement}")
         _say("today's analytics (running windows, all versions):")
         for line in self.daily or ["  none yet"]:
             _say(line)
@@ -136,7 +142,9 @@ async def _run(duration_s: float, rate: float, log_dir: Path, stop: _Stop) -> in
     failure: str | None = None
     worker_code = 0
     with EmbeddedBroker(log_file=log_dir / "broker.log") as broker:
+        # A demo's few seconds of traffic: canaries and improvement requests decide on 20 validations.
         settings = Settings.load(None, bootstrap_servers=broker.bootstrap_servers, canary_min_validations=20,
+                                 improvement_min_validations=20, generator_canary_percent=50.0,
                                  data_dir=log_dir / "worker-data", **EMBEDDED_TIMINGS)
         _say(f"embedded broker on {broker.bootstrap_servers}")
         if settings.web_port and listening(settings.web_port):  # a dev loop should not fail over a busy port
@@ -173,6 +181,9 @@ async def _set_up(settings: Settings) -> None:
         for task_id, program, activate in SAMPLE_PROGRAMS:
             artifact = await control.publish(task_id, program_source(program), activate=activate)
             _say(f"  published {task_id} v{artifact.version}{' (active)' if activate else ''}")
+        await control.put_task(dev_improvement.sentiment_task())
+        await control.publish(dev_improvement.TASK, dev_improvement.sentiment_source(), activate=True)
+        _say(f"  published {dev_improvement.TASK} v1 (active; the generator is to do better)")
 
 
 def _start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
@@ -221,14 +232,16 @@ async def _traffic_and_results(
         asyncio.ensure_future(_print_validations(settings, tally)),
         asyncio.ensure_future(_print_decisions(settings, tally)),
         asyncio.ensure_future(_collect_signals(settings, tally)),
+        asyncio.ensure_future(dev_improvement.print_improvements(settings, tally.improvements, _say)),
     ]
     labels = {canonical({"text": text}): label for text, label in INTENT_LABELS.items()}
     oracle = asyncio.ensure_future(serve_oracle(settings, labels, "devtools-labels", oracle_stop))
     traffic = sample_traffic()
+    reviews = dev_improvement.sentiment_traffic()
     started = time.monotonic()
     canary = False
     try:
-        async with RequestSender(settings) as sender:
+        async with RequestSender(settings) as sender, dev_improvement.Generator(settings):
             while not stop.requested.is_set() and (duration_s <= 0 or time.monotonic() - started < duration_s):
                 if not canary and time.monotonic() - started >= (duration_s / 4 if duration_s > 0 else 5):
                     async with ControlPlane(settings) as control:
@@ -240,8 +253,10 @@ async def _traffic_and_results(
                 task_id, value = next(traffic)
                 truth = SPAM_TRUTH.get(value["text"]) if task_id == "spam-filter" else None
                 request = request_from(task_id, value, expected_output=truth)
-                tally.sent.add(request.request_id)
-                await sender.send([request])
+                review, label = next(reviews)
+                labelled = request_from(dev_improvement.TASK, review, expected_output=label)
+                tally.sent.update((request.request_id, labelled.request_id))
+                await sender.send([request, labelled])
                 await stop.sleep(1 / rate)
         if stop.requested.is_set():
             _say(f"stopping: traffic stopped; waiting for {len(tally.missing)} result(s) still due "

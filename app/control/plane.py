@@ -208,9 +208,12 @@ class ControlPlane:
         await self._send_task(updated)
         return updated
 
-    async def start_canary(self, task_id: str, version: int, percent: float) -> CanaryDecision:
+    async def start_canary(self, task_id: str, version: int, percent: float, *, reason: str = "",
+                           decided_by: str = "manual") -> CanaryDecision:
         """Run a published version on `percent` % of the task's requests (0 < percent <= 100), the rest on the
-        active version. Starting the running canary's version again changes its percentage."""
+        active version. Starting the running canary's version again changes its percentage. `reason` is added to
+        the decision's; `decided_by` names who started it (the generator starts its candidates)."""
+        why = reason
         task = self.task(task_id)
         if not 0 < percent <= 100:
             raise ControlError(f"a canary's percent must be more than 0 and at most 100, not {percent:g}")
@@ -226,9 +229,11 @@ class ControlPlane:
         reason = f"{percent:g}% of requests run v{version}, the rest v{task.active_version}"
         if task.canary_version == version:
             reason += f" (was {task.canary_percent:g}%)"
+        if why:
+            reason += f"; {why}"
         updated = task.model_copy(update={"canary_version": version, "canary_percent": float(percent),
                                           "updated_at": utc_now()})
-        return await self._record_canary(task, updated, version, CanaryAction.STARTED, reason)
+        return await self._record_canary(task, updated, version, CanaryAction.STARTED, reason, decided_by)
 
     async def promote_canary(self, task_id: str) -> CanaryDecision:
         """Make the running canary the active version, by hand, whatever its accuracy."""
@@ -265,11 +270,11 @@ class ControlPlane:
         return task.canary_version
 
     async def _record_canary(self, before: TaskSpec, after: TaskSpec, candidate: int, action: CanaryAction,
-                             reason: str) -> CanaryDecision:
+                             reason: str, decided_by: str = "manual") -> CanaryDecision:
         """Write the task's new spec, then the decision that explains it (as the canary agent does)."""
         decision = CanaryDecision(task_id=before.name, candidate_version=candidate,
                                   active_version=before.active_version, action=action, reason=reason,
-                                  decided_by="manual", decided_at=utc_now())
+                                  decided_by=decided_by, decided_at=utc_now())
         await self._send_task(after)
         spec = self._topics.canary_decisions
         key = before.name.encode()

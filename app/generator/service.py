@@ -152,7 +152,8 @@ class Answerer:
         if first:
             return artifact.version, "active"
         percent = self._settings.generator_canary_percent
-        await self._control.start_canary(task.name, artifact.version, percent)
+        await self._control.start_canary(task.name, artifact.version, percent, decided_by="generator",
+                                         reason=f"improvement {request.improvement_id}")
         return artifact.version, f"a canary on {percent:g}% of requests"
 
     def outcome(self, request: ImprovementRequest, status: ImprovementStatus, reason: str,

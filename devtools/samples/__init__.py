@@ -54,14 +54,15 @@ INTENT_LABELS = {
 
 
 def sample_tasks() -> list[TaskSpec]:
-    """spam-filter: validated by the labels its requests carry; intent-classifier: by an external oracle."""
+    """spam-filter: validated by the labels its requests carry; intent-classifier: by an external oracle. Their new
+    versions are published by hand (auto_improve off): `loopai dev` improves a task of its own."""
     now = utc_now()
     return [
         TaskSpec(name="spam-filter", description="Label a message spam or ham.", input_schema=TEXT_INPUT_SCHEMA,
-                 sampling_rate=0.5, accuracy_target=0.8, latency_target_ms=10, updated_at=now),
+                 sampling_rate=0.5, accuracy_target=0.8, latency_target_ms=10, updated_at=now, auto_improve=False),
         TaskSpec(name="intent-classifier", description="Name the intent of a support message.",
                  input_schema=TEXT_INPUT_SCHEMA, sampling_rate=0.3, updated_at=now,
-                 oracle=OracleSpec(kind=OracleKind.EXTERNAL, timeout_s=5)),
+                 oracle=OracleSpec(kind=OracleKind.EXTERNAL, timeout_s=5), auto_improve=False),
     ]
 
 

@@ -34,7 +34,13 @@ def test_dev_runs_the_whole_loop_and_leaves_nothing_behind(tmp_path: Path) -> No
     # 67 %) below spam-filter's accuracy_target (80 %), once enough of its validations are in to be sure.
     signals = done.stdout[done.stdout.rindex("anomaly signals:"):].splitlines()
     assert signals[0] == "anomaly signals: none" or all(
-        line.startswith("  spam-filter v1 accuracy by target") for line in signals[1:]), done.stdout[-3000:]
+        line.startswith(("  spam-filter v1 accuracy by target", "  review-sentiment v1 accuracy by target"))
+        for line in signals[1:]), done.stdout[-3000:]
+    # One improvement: review-sentiment's v1 falls short, the generator publishes v2 as a canary, it is promoted. (The
+    # request's own line was missing once on a machine at load 19, its outcome there: cause not established; the
+    # outcome names the request it answers.)
+    assert "improvement: review-sentiment v1 -> v2: published" in summary, summary
+    assert "canary decision: review-sentiment v2 promoted by auto" in summary, summary
     # Neither its temporary directory (logs, the worker's faust data) nor anything in the working directory.
     assert not list(tmp_path.iterdir()) and "logs in" not in done.stdout
 

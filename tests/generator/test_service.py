@@ -88,6 +88,7 @@ async def test_a_better_candidate_is_published_as_a_canary_with_its_provenance(s
     assert records[-1] == outcome
     decisions = await collect(settings, "canary_decisions", lambda rs: len(rs) >= 1)
     assert isinstance(decisions[0], CanaryDecision) and decisions[0].candidate_version == 2
+    assert decisions[0].decided_by == "generator" and decisions[0].reason.endswith("; improvement better-v1-1")
 
 
 @pytest.mark.parametrize(("task", "status", "complaint"), [
