@@ -41,6 +41,9 @@ def _task_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="JSON file: a list of {input, expected_output}."),
         click.option("--accuracy-target", type=float, help="0-1 (default 0.9)."),
         click.option("--latency-target-ms", type=float, help="Default 10."),
+        click.option("--max-error-rate", type=click.FloatRange(0, 1),
+                     help="Share of the results that ran allowed to fail, 0-1 (default 0.05): above it, surely, an "
+                          "anomaly signal from the first minute of traffic."),
         click.option("--sampling-rate", type=float, help="Share of executions validated, 0-1 (default 0.05)."),
         click.option("--sampling-strategy", type=click.Choice([s.value for s in SamplingStrategy]),
                      help="Which executions are sampled (default random)."),

@@ -105,8 +105,9 @@ async def test_open_windows_survive_a_restart_then_close_on_time_once(broker: Em
                                                                       tmp_path: Path) -> None:
     """Yesterday's and today's windows fill on one worker; another takes over after it stops, goes on counting
     where it left off, and closes yesterday on time, with no traffic for it, exactly once."""
-    # Yesterday's partials must be in before it closes: a worker start on a busy machine takes up to ~20 s.
-    settings, day = settings_closing(broker, after_s=30)
+    # Yesterday must still be open when the second worker has started: two starts and a stop took over 30 s on a
+    # machine with a load of 15 on two cores.
+    settings, day = settings_closing(broker, after_s=60)
     await apply_topics(settings, topics_for(settings.topic_prefix))
     today = DailyWindows(ZONE).of_date(day.day + timedelta(days=1))  # today when the grace was set, even if
     long_ago = DailyWindows(ZONE).of_date(day.day - timedelta(days=3))  # the test runs past midnight

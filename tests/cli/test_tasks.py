@@ -35,11 +35,16 @@ def test_task_create_and_update_set_sampling_and_oracle(env: dict[str, str], tmp
     assert updated.returncode == 0 and "task spam updated: oracle, sampling_rate" in updated.stdout, updated.stderr
     shown = json.loads(loopai(env, "task", "show", "spam").stdout)
     assert shown["sampling_rate"] == 0.2 and shown["sampling_strategy"] == "stratified"
-    assert shown["input_schema"] == {"type": "object"}  # issue 11: a second create used to wipe it
+    assert shown["input_schema"] == {"type": "object"}  # a second create used to wipe it
     assert shown["oracle"]["comparison"] == "exact" and shown["oracle"]["timeout_s"] == 5.0
 
     assert loopai(env, "task", "update", "spam", "--oracle", "none").returncode == 0
     assert json.loads(loopai(env, "task", "show", "spam").stdout)["oracle"] is None
+    assert shown["max_error_rate"] == 0.05  # the default, until set
+    assert loopai(env, "task", "update", "spam", "--max-error-rate", "0.2").returncode == 0
+    assert json.loads(loopai(env, "task", "show", "spam").stdout)["max_error_rate"] == 0.2
+    refused = loopai(env, "task", "update", "spam", "--max-error-rate", "1.5")
+    assert refused.returncode == 2 and "1.5 is not in the range 0<=x<=1" in refused.stderr, refused.stderr
 
 
 @pytest.fixture
