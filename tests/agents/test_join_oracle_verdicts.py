@@ -142,6 +142,19 @@ async def _table_changes(settings: Settings) -> dict[bytes, list[Any]]:
     return changes
 
 
+async def _all_validations(settings: Settings, requests: list[ValidationRequest]) -> dict[str, list[Validation]]:
+    """The validations by request id, read until each of `requests` has one (the join writes them in the order it
+    decides them, not in the requests' order)."""
+    wanted = {r.request_id for r in requests}
+    records = await collect(settings, "validations",
+                            lambda rs: wanted <= {r.request_id for r in rs if isinstance(r, Validation)}, 90)
+    found: dict[str, list[Validation]] = {}
+    for record in records:
+        if isinstance(record, Validation):
+            found.setdefault(record.request_id, []).append(record)
+    return found
+
+
 def _decided(changes: dict[bytes, list[Any]], request: ValidationRequest) -> bool:
     """Whether the execution's latest entry in the join's table is its decision."""
     latest = (changes.get(request.execution_id.encode()) or [None])[-1]
@@ -165,7 +178,7 @@ async def test_requests_and_verdicts_redelivered_after_a_kill_9_are_not_judged_a
     try:
         await traffic.send(*requests)
         await traffic.send(*(_verdict(r) for r in requests))
-        found = await _validations(settings, until=requests[-1].request_id)
+        found = await _all_validations(settings, requests)
         deadline = time.monotonic() + 30
         changes = await _table_changes(settings)
         while not all(_decided(changes, r) for r in requests):
@@ -181,8 +194,7 @@ async def test_requests_and_verdicts_redelivered_after_a_kill_9_are_not_judged_a
     try:
         last = [_request("last", p, timeout_s=120) for p in range(6)]  # read after every redelivery of its partition
         await traffic.send(*last, *(_verdict(r) for r in last))
-        for request in last:
-            found = await _validations(settings, until=request.request_id)
+        found = await _all_validations(settings, last)
         changes = await _table_changes(settings)
     finally:
         assert successor.stop() == 0, successor.log()[-3000:]
