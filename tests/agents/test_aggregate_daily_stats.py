@@ -125,7 +125,7 @@ async def test_open_windows_survive_a_restart_then_close_on_time_once(broker: Em
     try:
         await send_partials(settings, [partial(task, today, 1) for task in ("a", "b", "c")])
         await executions_open(settings, {"a": 31, "b": 31, "c": 31, "spam": 6, "eggs": 7})  # continued, not reset
-        records = await collect(settings, "analytics", lambda rs: len(closed(rs)) >= 5, timeout_s=40)
+        records = await collect(settings, "analytics", lambda rs: len(closed(rs)) >= 5, timeout_s=100)  # at 60 s
         # Traffic after the close, and its window to wait for: by then a second emission would be there too.
         await send_partials(settings, [partial("spam", today, 1)])
         await executions_open(settings, {"a": 31, "b": 31, "c": 31, "spam": 1})

@@ -240,7 +240,7 @@ async def test_decisions_in_the_changelogs_last_record_batch_are_read_back(
 async def test_a_worker_joining_while_requests_expire_takes_no_worker_down(
     broker: EmbeddedBroker, tmp_path: Any
 ) -> None:
-    """Two workers hold 600 requests that no oracle answers, due over 12 s; a third worker joins meanwhile, so the
+    """Two workers hold 600 requests that no oracle answers, due over 36 s; a third worker joins meanwhile, so the
     join's partitions move in the middle of expiry sweeps (each expiry awaits its sends). Every worker keeps
     running, and every request expires once."""
     settings = make_settings(broker)
@@ -248,12 +248,14 @@ async def test_a_worker_joining_while_requests_expire_takes_no_worker_down(
     workers = [WorkerProcess(settings, tmp_path / f"{name}.log", name) for name in ("first", "second", "third")]
     await asyncio.gather(*(asyncio.to_thread(w.start) for w in workers[:2]))
     try:
-        requests = [_request(f"e{n}", n % 6, timeout_s=4 + n % 13) for n in range(600)]
+        # Due from 4 s to 40 s: a worker's start takes 10 s on a quiet machine and 30 s on a busy one.
+        requests = [_request(f"e{n}", n % 6, timeout_s=4 + n % 37) for n in range(600)]
         await OracleTraffic(settings).send(*requests)
-        workers[2].launch()
+        await collect(settings, "validations", lambda rs: any(isinstance(r, Validation) for r in rs), 60)
+        workers[2].launch()  # once the expiries have begun: its join falls among them
         wanted = {r.request_id for r in requests}
         records = await collect(settings, "validations",
-                                lambda rs: wanted <= {r.request_id for r in rs if isinstance(r, Validation)}, 90)
+                                lambda rs: wanted <= {r.request_id for r in rs if isinstance(r, Validation)}, 120)
         await asyncio.to_thread(workers[2].wait_serving)
         running = [w.worker_id for w in workers if w.process is not None and w.process.poll() is None]
     finally:
