@@ -190,21 +190,26 @@ def _audit(sent: list[ExecutionRequest], results: list[ExecutionResult]) -> int:
     return sum(r.request_id in wanted for r in results) - len(sent)
 
 
-def _join_hold(log: str, group: str, after: float) -> float:
+async def _join_hold(worker: WorkerProcess, group: str, after: float, timeout_s: float = 30) -> float:
     """Seconds the broker held the JoinGroup of `group` that completed first after `after` (wall clock), from
     the worker's log: its "(Re-)joining group" (or `after`, if the worker was already waiting to join then, as
-    it is when a rebalance is still under way on a busy machine) to "Joined group"."""
-    sent = None
-    for line in log.splitlines():
-        match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", line)
-        if not match:
-            continue
-        at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        if f"(Re-)joining group {group} " in line + " ":
-            sent = at
-        elif sent is not None and at >= after and f"Joined group '{group}'" in line:
-            return at - max(sent, after)
-    pytest.fail(f"no completed JoinGroup of {group} after {after} in the log")
+    it is when a rebalance is still under way on a busy machine) to "Joined group". Waits for that join to be
+    logged: the results that were awaited may have come before it (a task the stopped worker had not served)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sent = None
+        for line in worker.log().splitlines():
+            match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]", line)
+            if not match:
+                continue
+            at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if f"(Re-)joining group {group} " in line + " ":
+                sent = at
+            elif sent is not None and at >= after and f"Joined group '{group}'" in line:
+                return at - max(sent, after)
+        if time.monotonic() > deadline:
+            pytest.fail(f"no completed JoinGroup of {group} after {after} in the log within {timeout_s} s")
+        await asyncio.sleep(0.2)
 
 
 async def test_failover_after_sigkill_and_after_sigterm(
@@ -230,7 +235,7 @@ async def test_failover_after_sigkill_and_after_sigterm(
         killed_wall = time.time()
         first.process.send_signal(signal.SIGKILL)
         after_kill = await traffic.resumed(orphaned, by="second", after_wall=killed_wall, timeout_s=30)
-        kill_hold = _join_hold(second.log(), group, killed_wall)
+        kill_hold = await _join_hold(second, group, killed_wall)
 
         third = start_worker(settings, worker_id="third")
         since = await traffic.both_serving(("second", "third"))
@@ -238,7 +243,7 @@ async def test_failover_after_sigkill_and_after_sigterm(
         stopped_wall = time.time()
         second.process.send_signal(signal.SIGTERM)
         after_stop = await traffic.resumed(handed_over, by="third", after_wall=stopped_wall, timeout_s=30)
-        stop_hold = _join_hold(third.log(), group, stopped_wall)
+        stop_hold = await _join_hold(third, group, stopped_wall)
         assert second.process.wait(timeout=30) == 0
 
         traffic.sending = False
