@@ -24,8 +24,10 @@ from app.settings import Settings
 from bench.workload import TASKS, encode_requests, request_for
 
 
-async def wait_for_commits(settings: Settings, group: str, expected: int, timeout_s: float) -> None:
-    """Until the group has committed `expected` offsets: cheap to poll, unlike reading every result.
+async def wait_for_commits(settings: Settings, group: str, expected: int, timeout_s: float,
+                           poll_s: float = 0.5) -> None:
+    """Until the group has committed `expected` offsets, looking every `poll_s` (a timing's resolution): cheap to
+    poll, unlike reading every result.
     (consumer.committed, not the admin client: aiokafka cannot parse the embedded broker's OffsetFetch
     answer to the admin's request version.)"""
     spec = topics_for(settings.topic_prefix).execution_requests
@@ -37,7 +39,7 @@ async def wait_for_commits(settings: Settings, group: str, expected: int, timeou
             committed = [await probe.committed(TopicPartition(spec.name, p)) for p in range(spec.partitions)]
             if sum(offset or 0 for offset in committed) >= expected:
                 return
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(poll_s)
         raise TimeoutError(f"group {group} did not commit {expected} offsets in {timeout_s}s")
     finally:
         await probe.stop()

@@ -45,6 +45,11 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 Pending = tuple[ExecutionRequest, ExecutionPlan, Message]
+# A commit sends one daily-stats partial per task answered since the last, and a partial costs the worker and its
+# agents about what a few dozen results cost. With many tasks, each with few results per commit interval, a commit
+# waits (up to this many intervals, or until nothing is in flight) until its partials summarise enough results.
+_RESULTS_PER_PARTIAL = 32
+_COMMIT_HOLD_INTERVALS = 10
 
 
 class ExecuteRequests:
@@ -68,6 +73,8 @@ class ExecuteRequests:
             "executor", "requests", batch_size=settings.executor_batch_size,
             max_in_flight=settings.executor_batch_size * settings.executor_max_inflight_batches,
             commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._send_partials,
+            commit_due=self._partials_worth_sending,
+            max_commit_interval_s=_COMMIT_HOLD_INTERVALS * settings.executor_commit_interval_ms / 1000,
             blocked=lambda: self._lanes.full(), failure_of=self._consumer_failure)
         self.failed = pipeline.failed  # set, with `failure` saying why, when it had to stop without committing
         self._delivered: list[dict[str, Any]] = []  # results acknowledged since the last commit: its partials
@@ -253,6 +260,10 @@ class ExecuteRequests:
     def _undelivered(self, reason: str, answers: Answers) -> None:
         self.fail(reason)
         self.pipeline.let_go(len(answers.marks))
+
+    def _partials_worth_sending(self) -> bool:
+        delivered = self._delivered
+        return len(delivered) >= _RESULTS_PER_PARTIAL * len({fields["task_id"] for fields in delivered})
 
     async def _send_partials(self) -> None:
         """Before a commit: the daily-stats partials of the results acknowledged since the last one."""

@@ -6,11 +6,13 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from itertools import repeat
+from typing import Any
 
 from ddsketch import DDSketch
 from ddsketch.ddsketch import BaseDDSketch
 from ddsketch.mapping import LogarithmicMapping
 from ddsketch.pb.proto import DDSketchProto, KeyMappingProto, pb
+from ddsketch.store import DenseStore
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 # A DDSketch (Datadog's `ddsketch`) with relative accuracy RELATIVE_ACCURACY: every quantile it returns is within
@@ -20,6 +22,34 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 # themselves when they need them.
 
 RELATIVE_ACCURACY = 0.01
+
+
+_MAPPING = DDSketch(RELATIVE_ACCURACY)._mapping
+
+
+def _dense_store(first_key: int, counts: list[float]) -> DenseStore:
+    """A store holding `counts` for the keys from `first_key` on, built in one go."""
+    store = DenseStore()
+    nonzero = [index for index, count in enumerate(counts) if count]
+    if nonzero:
+        store.bins = counts
+        store.offset = first_key
+        store.min_key = first_key + nonzero[0]
+        store.max_key = first_key + nonzero[-1]
+        store.count = float(sum(counts))
+    return store
+
+
+_ACCEPTED: set[bytes] = set()  # mapping messages seen to be ours: checking one costs a mapping's construction
+
+
+def _our_mapping(mapping: Any) -> bool:
+    data = mapping.SerializeToString()
+    if data not in _ACCEPTED:
+        if KeyMappingProto.from_proto(mapping).gamma != _MAPPING.gamma:
+            return False
+        _ACCEPTED.add(data)
+    return True
 
 
 class SketchError(ValueError):
@@ -56,9 +86,16 @@ class LatencySketch:
         # add() counts it as zero too.
         bucketed = list(filter(smallest.__lt__, values))
         rounded = Counter(map(math.ceil, map(multiplier.__mul__, map(math.log, bucketed, repeat(2)))))
-        store = sketch._store
-        for key, count in rounded.items():
-            store.add(int(key + offset), float(count))
+        if rounded:
+            first = min(rounded)
+            counts = [0.0] * (max(rounded) - first + 1)
+            for key, count in rounded.items():
+                counts[key - first] = float(count)
+            added = _dense_store(int(first + offset), counts)
+            if sketch._store.count:
+                sketch._store.merge(added)
+            else:
+                sketch._store = added
         sketch._zero_count += len(values) - len(bucketed)
         sketch._count += len(values)
         sketch._sum += sum(v for v in values if v > 0)
@@ -125,17 +162,21 @@ class LatencySketch:
             message = pb.DDSketch.FromString(data)
         except ProtobufDecodeError as exc:
             raise SketchError(f"not a DDSketch protobuf: {exc}") from exc
-        decoded = DDSketchProto.from_proto(message)
-        expected = DDSketch(RELATIVE_ACCURACY)
-        if not message.HasField("mapping") or decoded._mapping.gamma != expected._mapping.gamma:
+        expected = _MAPPING
+        if not message.HasField("mapping") or not _our_mapping(message.mapping):
             raise SketchError(f"sketch of another accuracy (gamma {message.mapping.gamma}); "
                               f"expected relative accuracy {RELATIVE_ACCURACY}")
-        if decoded._negative_store.count:
+        negative, positive = message.negativeValues, message.positiveValues
+        if any(negative.contiguousBinCounts) or any(negative.binCounts.values()):
             raise SketchError("sketch holds negative latencies")
+        if positive.binCounts:  # the sparse form (other writers): the library's own decoder
+            store = DDSketchProto.from_proto(message)._store
+        else:  # what to_bytes writes: the bins as they are, in one list (the library adds them one by one)
+            store = _dense_store(positive.contiguousBinIndexOffset, list(positive.contiguousBinCounts))
         # Our own mapping, not the decoded one: that one is rebuilt from gamma and its values differ in the last
         # bits, so a restored sketch would not answer exactly as the original did.
-        return cls(BaseDDSketch(mapping=expected._mapping, store=decoded._store,
-                                negative_store=decoded._negative_store, zero_count=decoded._zero_count))
+        return cls(BaseDDSketch(mapping=expected, store=store, negative_store=DenseStore(),
+                                zero_count=message.zeroCount))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, LatencySketch) and self.to_bytes() == other.to_bytes()

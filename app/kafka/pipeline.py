@@ -43,10 +43,13 @@ class Pipeline:
     """One member's consumer (set `consumer` before start). start(take) fetches until stop(); `take` gets each
     fetch's records, tracked (track) and later counted done (done). Fetching pauses while `max_in_flight` records
     are not done or `blocked()` says so. `before_commit` runs before each commit (e.g. to send statistics of
-    what is done). `failed` is set, with `failure` saying why, when it had to stop without committing."""
+    what is done); `commit_due(seconds since the last commit)` may hold a commit back while records are in flight,
+    for at most `max_commit_interval_s`. `failed` is set, with `failure` saying why, when it had to stop without
+    committing."""
 
     def __init__(self, name: str, records: str, *, max_in_flight: int, batch_size: int,
                  commit_interval_s: float, before_commit: Callable[[], Awaitable[None]],
+                 commit_due: Callable[[], bool] = lambda: True, max_commit_interval_s: float = 0.0,
                  blocked: Callable[[], bool] = lambda: False,
                  failure_of: Callable[[KafkaError], str] = describe_error) -> None:
         self.name = name  # of the member, in log lines
@@ -56,6 +59,8 @@ class Pipeline:
         self._batch_size = batch_size
         self._commit_interval_s = commit_interval_s
         self._before_commit = before_commit
+        self._commit_due = commit_due
+        self._max_commit_interval_s = max_commit_interval_s
         self._blocked = blocked
         self._failure_of = failure_of
         self._progress = PartitionProgress()
@@ -64,6 +69,7 @@ class Pipeline:
         self._room.set()
         self._changed = asyncio.Condition()  # notified whenever records are done
         self._done_since_commit = asyncio.Event()
+        self._idle = asyncio.Event()  # set when the last record in flight is done
         self._commit_lock = asyncio.Lock()
         self._work: set[asyncio.Future[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -90,6 +96,8 @@ class Pipeline:
         self._in_flight -= len(marks)
         self.update_room()
         self._done_since_commit.set()
+        if not self._in_flight:
+            self._idle.set()
         async with self._changed:
             self._changed.notify_all()
 
@@ -182,11 +190,19 @@ class Pipeline:
 
     async def _commit_often(self) -> None:
         """Every commit interval, when records were done since: commit up to each partition's first record not
-        yet done."""
+        yet done, unless commit_due() holds it back (while records are in flight, up to the longest interval)."""
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while not self.failed.is_set():
             await self._done_since_commit.wait()
+            if self._in_flight and loop.time() - last < self._max_commit_interval_s and not self._commit_due():
+                self._idle.clear()
+                with contextlib.suppress(TimeoutError):  # nothing left in flight: commit at once
+                    await asyncio.wait_for(self._idle.wait(), self._commit_interval_s)
+                continue
             self._done_since_commit.clear()
             await self.commit()
+            last = loop.time()
             await asyncio.sleep(self._commit_interval_s)
 
     async def commit(self) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from operator import itemgetter
 from typing import Any
@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 # charged once (process.py's watchdog); a process that dies by itself is charged to the call it was running,
 # which gets one more try in a fresh process; every other unanswered call runs again: innocent calls are never
 # failed. Tenants apart: each version's calls run in its own chunks, at most _PER_OWNER processes at once, and
-# each chunk's outcomes are emitted when it ends, so one task's slow calls never hold another's.
+# each chunk's outcomes are emitted when it ends, so one task's slow calls never hold another's. A version's calls
+# wait in its own queue while its processes are busy, and go as one chunk when one is free: with many tasks, a
+# fetch holds few calls of each, and a round trip to a process per call would cost more than the calls.
 _MAX_BLAMELESS_DEATHS = 3  # deaths in a row with no call running and no answer, per chunk, before it fails
 _CORES = os.cpu_count() or 1
 # Processes one version may use at once: half the cores, so a version whose calls spin leaves the worker and the
@@ -70,6 +72,8 @@ class SandboxPool:
         self._all: set[SandboxProcess] = set()
         self._changed = asyncio.Condition()
         self._background_work: set[asyncio.Task[None]] = set()
+        self._queues: dict[Owner, _Queue] = {}  # per version: calls waiting for its processes
+        self._runners: set[asyncio.Task[None]] = set()
         self._starting = 0  # spares being started
         self._batches = itertools.count(1)
         self._zygote = Zygote(boundary)  # forks every process of the pool (restarted if it dies)
@@ -113,9 +117,11 @@ class SandboxPool:
 
     async def stream(self, calls: Sequence[Call], emit: Emit) -> None:
         """Run every call, emitting outcomes (with their indices in `calls`) chunk by chunk as each ends; returns
-        when every call has been emitted once. A version's chunks run at once on up to _PER_OWNER processes."""
+        when every call has been emitted once. Raises what a bug raised in one of its chunks (then nothing more
+        of it is emitted), or what cancels the caller."""
         if not calls:
             return
+        job = _Job(calls, emit, asyncio.get_running_loop().create_future())
         # Each version's calls, as ranges while they are contiguous (a batch is fetched partition by partition,
         # and a partition's requests are often one task's): no per-call index lists to build or walk.
         by_owner: dict[Owner, range | list[int]] = {}
@@ -130,24 +136,50 @@ class SandboxPool:
             else:
                 seen.extend(range(at, end))
             at = end
-        jobs = [self._run_owner(owner, indices, calls, emit) for owner, indices in by_owner.items()]
-        if len(jobs) == 1:
-            await jobs[0]
-        else:
-            await asyncio.gather(*jobs)
+        for owner, indices in by_owner.items():
+            self._enqueue(owner, job, indices)
+        try:
+            await job.done
+        finally:
+            job.ended = True  # cancelled or failed: its calls still queued are dropped, its outcomes not emitted
 
-    async def _run_owner(self, owner: Owner, indices: Sequence[int], calls: Sequence[Call], emit: Emit) -> None:
-        """One version's calls, in chunks at once. A version whose output size is not known yet runs a first small
-        chunk alone, and the rest in chunks sized by what it returned."""
-        if owner not in self._output_per_call and len(indices) > _FIRST_CHUNK:
-            await self._run_chunk(owner, indices[:_FIRST_CHUNK], calls, emit)
-            indices = indices[_FIRST_CHUNK:]
-        size = self._chunk_for(owner, len(indices))
-        chunks = [self._run_chunk(owner, indices[i:i + size], calls, emit) for i in range(0, len(indices), size)]
-        if len(chunks) == 1:
-            await chunks[0]
-        else:
-            await asyncio.gather(*chunks)
+    def _enqueue(self, owner: Owner, job: _Job, indices: range | list[int]) -> None:
+        """Queue a version's calls behind those already waiting for its processes, and start a runner for them
+        unless enough run already: a version's calls that arrive while its processes are busy go as one chunk."""
+        queue = self._queues.get(owner)
+        if queue is None:
+            queue = self._queues[owner] = _Queue()
+        queue.segments.append((job, indices))
+        queue.calls += len(indices)
+        limit = min(_PER_OWNER, self._size)
+        while queue.runners < limit and queue.calls > queue.runners * _MIN_CHUNK:
+            queue.runners += 1
+            runner = asyncio.ensure_future(self._serve(owner, queue))
+            self._runners.add(runner)
+            runner.add_done_callback(self._runners.discard)
+
+    async def _serve(self, owner: Owner, queue: _Queue) -> None:
+        """A runner of one version: takes its queued calls chunk by chunk until none are left. A version whose
+        output size is not known yet runs a small first chunk."""
+        try:
+            while queue.calls:
+                if self.room is not None:
+                    await self.room(owner[0])  # while it waits, more of the version's calls gather
+                size = self._chunk_for(owner, queue.calls) if owner in self._output_per_call else _FIRST_CHUNK
+                chunk = _Chunk(queue.take(size))
+                try:
+                    await self._run_chunk(owner, chunk)
+                except Exception as exc:  # a bug: it fails its calls' callers, not the version's other calls
+                    log.exception("a sandbox chunk of %s failed", owner[0])
+                    chunk.fail(exc)
+                except BaseException:
+                    chunk.fail(_stopped())
+                    raise
+        finally:
+            queue.runners -= 1
+            if not queue.runners:
+                del self._queues[owner]
+                _Chunk(queue.take(queue.calls)).fail(_stopped())  # cancelled: what is left fails its callers
 
     def _chunk_for(self, owner: Owner, calls: int) -> int:
         """Calls per chunk: spread over the processes a version may use, at least _MIN_CHUNK (IPC costs), at
@@ -172,65 +204,63 @@ class SandboxPool:
                 if outcome.status == "timeout":
                     self.on_timeout(owner[0])
 
-    def _refused(self, owner: Owner, pending: Sequence[int], emit: Emit) -> bool:
-        """Emit `rejected` outcomes for the pending calls if the gate refuses their task now."""
-        why = self.gate(owner[0]) if self.gate is not None and pending else None
+    def _refused(self, owner: Owner, chunk: _Chunk) -> bool:
+        """Emit `rejected` outcomes for the chunk's calls and every queued call of the version if the gate refuses
+        their task now."""
+        why = self.gate(owner[0]) if self.gate is not None else None
         if why is None:
             return False
-        emit(pending, [Outcome("rejected", error=why)] * len(pending))
+        queue = self._queues.get(owner)
+        for part in (chunk, _Chunk(queue.take(queue.calls)) if queue is not None else None):
+            if part is not None and part.size:
+                part.emit([Outcome("rejected", error=why)] * part.size)
         return True
 
-    async def _run_chunk(self, owner: Owner, indices: Sequence[int], calls: Sequence[Call], emit: Emit) -> None:
-        pending, retried, blameless = indices, set(), 0
-        while pending:
-            if self.room is not None:
-                await self.room(owner[0])
-            if self._refused(owner, pending, emit):
+    async def _run_chunk(self, owner: Owner, chunk: _Chunk) -> None:
+        retried: set[tuple[int, int]] = set()
+        blameless = 0
+        while chunk.size:
+            if self._refused(owner, chunk):
                 return
-            chunk = calls[pending.start:pending.stop] if isinstance(pending, range) else [calls[i] for i in pending]
             process = await self._acquire(owner)
-            if self._refused(owner, pending, emit):  # suspended while this chunk waited for a process
+            if self._refused(owner, chunk):  # suspended while this chunk waited for a process
                 await self._release(process)
                 return
+            sent = chunk.calls()
             try:
-                answers = await process.run(next(self._batches), chunk)
-                if len(answers) != len(chunk):
-                    raise RuntimeError(f"{len(answers)} answers to {len(chunk)} calls")
+                answers = await process.run(next(self._batches), sent)
+                if len(answers) != len(sent):
+                    raise RuntimeError(f"{len(answers)} answers to {len(sent)} calls")
             except SandboxDied as death:
                 await self._release(process)
                 answered = len(death.answers)
                 if answered:
                     self._charge(owner, death.answers)
-                    emit(pending[:answered], death.answers)
+                    chunk.emit(death.answers)
                     blameless = 0  # progress: a process that retires after a timeout is not a crash loop
-                pending = pending[answered:]
                 if death.running is None or death.running < answered:
                     blameless += 1 if not answered else 0
                     if blameless > _MAX_BLAMELESS_DEATHS:
-                        emit(pending, [Outcome("error", error=f"{death}; the sandbox process kept dying")]
-                             * len(pending))
+                        chunk.emit([Outcome("error", error=f"{death}; the sandbox process kept dying")] * chunk.size)
                         return
                     continue
                 culprit = death.running - answered
-                index = pending[culprit]
                 if death.timed_out:
                     outcome = Outcome("timeout", error=f"{death}; its sandbox process was killed")
-                elif index in retried:
+                elif chunk.identity(culprit) in retried:
                     outcome = Outcome("error", error=f"{death} twice while running this call")
                 else:  # perhaps killed from outside: one more try in a fresh process
-                    retried.add(index)
+                    retried.add(chunk.identity(culprit))
                     continue
                 self._charge(owner, [outcome])
-                emit([index], [outcome])
-                pending = [i for i in pending if i != index]
+                chunk.emit_one(culprit, outcome)
                 continue
             except Exception:  # a bug: the process is given back (dead or alive) before the error goes up
                 await self._release(process)
                 raise
             await self._release(process)
             self._charge(owner, answers)
-            emit(pending, answers)
-            return
+            chunk.emit(answers)
 
     async def _acquire(self, owner: Owner) -> SandboxProcess:
         async with self._changed:
@@ -339,7 +369,9 @@ class SandboxPool:
         return process
 
     async def stop(self) -> None:
-        await asyncio.gather(*self._background_work, return_exceptions=True)
+        for runner in self._runners:  # their callers' calls not yet emitted fail
+            runner.cancel()
+        await asyncio.gather(*self._runners, *self._background_work, return_exceptions=True)
         await asyncio.gather(*(p.stop() for p in list(self._all)), return_exceptions=True)
         self._all.clear()
         self._spares.clear()
@@ -348,6 +380,138 @@ class SandboxPool:
         self._bound.clear()
         self._bound_total = 0
         await self._zygote.stop()
+
+
+Segment = tuple["_Job", "range | list[int]"]  # calls of one stream() caller, by their indices in its calls
+
+
+class _Job:
+    """One stream() call: its calls, where their outcomes go, and how many are still due."""
+
+    __slots__ = ("calls", "done", "due", "emit", "ended")
+
+    def __init__(self, calls: Sequence[Call], emit: Emit, done: asyncio.Future[None]) -> None:
+        self.calls = calls
+        self.emit = emit
+        self.done = done
+        self.due = len(calls)
+        self.ended = False
+
+    def deliver(self, indices: Sequence[int], outcomes: Sequence[Outcome]) -> None:
+        if self.ended:
+            return
+        try:
+            self.emit(indices, outcomes)
+        except Exception as exc:
+            self.fail(exc)
+            return
+        self.due -= len(indices)
+        if not self.due:
+            self.ended = True
+            self.done.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.ended:
+            self.ended = True
+            self.done.set_exception(error)
+
+
+class _Queue:
+    """A version's calls waiting for its processes, oldest first, and the runners taking them."""
+
+    __slots__ = ("calls", "runners", "segments")
+
+    def __init__(self) -> None:
+        self.segments: deque[Segment] = deque()
+        self.calls = 0
+        self.runners = 0
+
+    def take(self, size: int) -> list[Segment]:
+        """Up to `size` calls from the front; those of callers that are gone are dropped."""
+        taken: list[Segment] = []
+        while size > 0 and self.segments:
+            job, indices = self.segments[0]
+            if job.ended or len(indices) <= size:
+                self.segments.popleft()
+                self.calls -= len(indices)
+                if not job.ended:
+                    taken.append((job, indices))
+                    size -= len(indices)
+            else:
+                taken.append((job, indices[:size]))
+                self.segments[0] = (job, indices[size:])
+                self.calls -= size
+                size = 0
+        return taken
+
+
+class _Chunk:
+    """Calls of one version sent to a process as one batch, possibly of several callers; each outcome goes to its
+    caller as it arrives, in order."""
+
+    __slots__ = ("segments", "size")
+
+    def __init__(self, segments: list[Segment]) -> None:
+        self.segments = segments
+        self.size = sum(len(indices) for _, indices in segments)
+
+    def calls(self) -> list[Call]:
+        sent: list[Call] = []
+        for job, indices in self.segments:
+            if isinstance(indices, range):
+                sent += job.calls[indices.start:indices.stop]
+            else:
+                sent += [job.calls[i] for i in indices]
+        return sent
+
+    def emit(self, outcomes: Sequence[Outcome]) -> None:
+        """Give the first len(outcomes) calls their outcomes; they leave the chunk."""
+        at, count = 0, len(outcomes)
+        while at < count:
+            job, indices = self.segments[0]
+            take = min(len(indices), count - at)
+            if take == len(indices):
+                del self.segments[0]
+                job.deliver(indices, outcomes if take == count else outcomes[at:at + take])
+            else:
+                self.segments[0] = (job, indices[take:])
+                job.deliver(indices[:take], outcomes[at:at + take])
+            at += take
+        self.size -= count
+
+    def _find(self, position: int) -> tuple[int, int]:
+        for number, (_, indices) in enumerate(self.segments):
+            if position < len(indices):
+                return number, position
+            position -= len(indices)
+        raise IndexError(position)
+
+    def identity(self, position: int) -> tuple[int, int]:
+        """Which call is at this position: (its caller's id, its index there)."""
+        number, at = self._find(position)
+        job, indices = self.segments[number]
+        return id(job), indices[at]
+
+    def emit_one(self, position: int, outcome: Outcome) -> None:
+        """Give the call at this position its outcome; it leaves the chunk."""
+        number, at = self._find(position)
+        job, indices = self.segments[number]
+        rest = [*indices[:at], *indices[at + 1:]]
+        if rest:
+            self.segments[number] = (job, rest)
+        else:
+            del self.segments[number]
+        self.size -= 1
+        job.deliver([indices[at]], [outcome])
+
+    def fail(self, error: BaseException) -> None:
+        for job, _ in self.segments:
+            job.fail(error)
+        self.segments, self.size = [], 0
+
+
+def _stopped() -> RuntimeError:
+    return RuntimeError("the sandbox pool stopped")
 
 
 async def run_once(boundary: Boundary, source: str, value: Any, timeout_s: float) -> Outcome:

@@ -1,6 +1,7 @@
 import random
 
 import pytest
+from ddsketch.pb.proto import DDSketchProto, pb
 
 from app.domain.latency_sketch import RELATIVE_ACCURACY, LatencySketch, SketchError
 
@@ -110,3 +111,26 @@ def test_adding_many_at_once_is_adding_them_one_by_one(seed: int) -> None:
     for value in values:
         one_by_one.add(value)
     assert at_once.to_bytes() == one_by_one.to_bytes() and at_once.count == len(values)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_bytes_read_back_as_the_library_reads_them(seed: int) -> None:
+    """from_bytes builds the store in one go; the library's decoder, bin by bin, gives the same sketch. add_all
+    into a sketch that holds values already is adding them one by one too."""
+    rng = random.Random(seed)
+    first = [rng.lognormvariate(rng.uniform(-6, 4), 1.5) for _ in range(rng.randint(1, 200))] + [0.0]
+    second = [rng.uniform(0.0, 100.0) for _ in range(rng.randint(0, 50))]
+    sketch, one_by_one = LatencySketch(), LatencySketch()
+    sketch.add_all(first)
+    sketch.add_all(second)
+    for value in first + second:
+        one_by_one.add(value)
+    data = sketch.to_bytes()
+    assert data == one_by_one.to_bytes()
+    library = LatencySketch(DDSketchProto.from_proto(pb.DDSketch.FromString(data)))
+    ours = LatencySketch.from_bytes(data)
+    assert ours.count == library.count == len(first) + len(second)
+    assert [ours.quantile(q) for q in (0, 0.25, 0.5, 0.99, 1)] == \
+        pytest.approx([library.quantile(q) for q in (0, 0.25, 0.5, 0.99, 1)], rel=1e-12)
+    ours.merge(LatencySketch.from_bytes(data))
+    assert ours.count == 2 * sketch.count and ours.to_bytes() != data

@@ -77,15 +77,15 @@ async def until(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def started(consumer: Consumer, max_in_flight: int = 1000,
-            blocked: Callable[[], bool] = lambda: False) -> tuple[Pipeline, Taken, list[str]]:
+def started(consumer: Consumer, max_in_flight: int = 1000, blocked: Callable[[], bool] = lambda: False,
+            **options: Any) -> tuple[Pipeline, Taken, list[str]]:
     before: list[str] = []
 
     async def before_commit() -> None:
         before.append("partials")
 
     pipeline = Pipeline("test", "requests", max_in_flight=max_in_flight, batch_size=500, commit_interval_s=0.01,
-                        before_commit=before_commit, blocked=blocked)
+                        before_commit=before_commit, blocked=blocked, **options)
     pipeline.consumer = consumer  # type: ignore[assignment]
     taken = Taken()
     taken.pipeline = pipeline
@@ -110,6 +110,25 @@ async def test_commits_reach_only_the_first_record_not_yet_done() -> None:
     assert before and pipeline.committed == {P0: 4, P1: 12}
     consumer.ends = {P0: 9, P1: 12}
     assert await pipeline.lag() == {0: 5, 1: 0}
+    await pipeline.stop()
+
+
+async def test_a_commit_not_yet_due_waits_while_records_are_in_flight_and_no_longer() -> None:
+    """commit_due() may hold commits back (the executor: until its stats partials summarise enough results), but
+    only while records are in flight and for at most max_commit_interval_s."""
+    consumer = Consumer(P0)
+    pipeline, taken, _ = started(consumer, commit_due=lambda: False, max_commit_interval_s=1.2)
+    await consumer.fetches.put({P0: records(P0, range(0, 4))})
+    await until(lambda: taken.fetched == 4)
+    loop = asyncio.get_running_loop()
+    await taken.done(P0, 0)
+    await until(lambda: bool(consumer.commits))  # held too, for max_commit_interval_s from the start
+    await taken.done(P0, 1)
+    since = loop.time()
+    await until(lambda: consumer.commits[-1] == {P0: 2})
+    assert loop.time() - since >= 1.1  # held while 2 and 3 were in flight
+    await taken.done(P0, 2, 3)  # nothing in flight: committed at once
+    await until(lambda: consumer.commits[-1] == {P0: 4}, timeout_s=1.0)
     await pipeline.stop()
 
 

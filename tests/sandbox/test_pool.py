@@ -4,12 +4,12 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 
 from app.sandbox.boundary import Boundary, Limits
-from app.sandbox.calls import Call
+from app.sandbox.calls import Call, Outcome
 from app.sandbox.pool import SandboxPool
 from devtools.samples import program_source
 from tests.sandbox.probing import HANDSHAKE, Scripted
@@ -185,3 +185,68 @@ async def test_hundreds_of_processes_start_at_once() -> None:
         assert len(set(pool.pids)) >= tasks
     finally:
         await pool.stop()
+
+
+# Answers every call of a batch with the batch's size, after sleeping as long as its first input asks (saying on
+# its progress page that it runs that call).
+BATCH_SIZES = HANDSHAKE.replace("number = json.loads(sys.stdin.buffer.readline())['batch']\n", "") + (
+    "for line in sys.stdin.buffer:\n"
+    "    batch = json.loads(line)\n"
+    "    struct.pack_into('qqq', page, 0, batch['batch'], 0, time.monotonic_ns())\n"
+    "    time.sleep(batch['run'][0][1].get('sleep', 0))\n"
+    "    output = str(len(batch['run'])).encode()\n"
+    "    answers = [['ok', len(output), None, 1.0, None] for _ in batch['run']]\n"
+    "    os.write(1, json.dumps(answers).encode() + b'\\n' + output * len(answers))\n"
+)
+
+
+def sized(n: int, sleep: float = 0.0, task: str = "t") -> Call:
+    return Call(task, "v1", DOUBLE, 5.0, {"n": n, "sleep": sleep})
+
+
+@pytest.fixture
+async def batch_sizes() -> AsyncIterator[SandboxPool]:
+    started = SandboxPool(Scripted(Limits(memory_mb=256), script=BATCH_SIZES), 1, spares=1)
+    await started.start()
+    yield started
+    await started.stop()
+
+
+async def test_calls_that_arrive_while_their_process_is_busy_go_as_one_batch(batch_sizes: SandboxPool) -> None:
+    """Three fetches' calls of a task queue behind its busy process and then run together: with many tasks, a
+    fetch holds few calls of each, and a round trip per call would cost more than the calls."""
+    pool = batch_sizes
+    await pool.run([sized(0)])  # the version's output size is known: no small first chunk
+    first = asyncio.ensure_future(pool.run([sized(0, sleep=0.5)]))
+    await wait_for(lambda: pool.pids_running("t"), what="the first call running")
+    later = await asyncio.gather(*(pool.run([sized(n), sized(n)]) for n in range(3)))
+    assert [o.output for o in await first] == [1]
+    assert [o.output for batch in later for o in batch] == [6] * 6
+
+
+async def test_a_caller_that_goes_away_leaves_the_others_their_outcomes(batch_sizes: SandboxPool) -> None:
+    """A cancelled caller's queued calls are dropped (they never run), and a caller whose emit raises gets its
+    error; the callers that share their batch get every outcome."""
+    pool = batch_sizes
+    await pool.run([sized(0)])
+    first = asyncio.ensure_future(pool.run([sized(0, sleep=0.5)]))
+    await wait_for(lambda: pool.pids_running("t"), what="the first call running")
+    gone = asyncio.ensure_future(pool.run([sized(1)] * 5))
+    seen: list[int] = []
+
+    def broken(indices: Sequence[int], outcomes: Sequence[Outcome]) -> None:
+        raise RuntimeError("a bug in the caller")
+
+    def keep(indices: Sequence[int], outcomes: Sequence[Outcome]) -> None:
+        seen.extend(int(o.output) for o in outcomes)
+
+    failing = asyncio.ensure_future(pool.stream([sized(2)] * 2, broken))
+    kept = asyncio.ensure_future(pool.stream([sized(3)] * 3, keep))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await first
+    with pytest.raises(RuntimeError, match="a bug in the caller"):
+        await failing
+    await kept
+    assert seen == [5, 5, 5]  # ran with the failing caller's two calls, not the cancelled one's five
+    assert gone.cancelled()
