@@ -1,11 +1,5 @@
-"""Synchronous execution over HTTP: consumes the body of POST /execute, produces its request on
-execution-requests and returns what it ended as, read from execution-results (or dead-letters).
-
-One producer and one results consumer serve every call. The consumer fetches only what somebody waits for: the
-results partition of each awaited task (results are keyed by task) and the dead letters while any call waits.
-A partition is followed from its end, fixed before the request is sent, so a result cannot be produced before
-the consumer could see it; with nobody waiting on it, it is paused (a worker does not read the results stream
-it writes)."""
+"""Synchronous execution over HTTP: consumes the body of POST /execute, produces its request on execution-requests and
+returns what it ended as, read from execution-results (or dead-letters)."""
 
 from __future__ import annotations
 
@@ -29,6 +23,12 @@ from app.kafka.loop_client import (
 )
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
+
+# One producer and one results consumer serve every call. The consumer fetches only what somebody waits for: the
+# results partition of each awaited task (results are keyed by task) and the dead letters while any call waits. A
+# partition is followed from its end, fixed before the request is sent, so a result cannot be produced before the
+# consumer could see it; with nobody waiting on it, it is paused (a worker does not read the results stream it
+# writes).
 
 log = logging.getLogger(__name__)
 

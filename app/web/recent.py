@@ -1,7 +1,6 @@
-"""What the whole loop has seen lately: consumes validations, anomaly-signals, dead-letters and improvement-requests
-(every partition, no group, so every worker sees all of them), produces the last N signals, dead letters and
-improvement records and the validations counted per task and version since the worker started, for the dashboard
-and /metrics."""
+"""What the whole loop has seen lately: consumes validations, anomaly-signals, dead-letters and improvement-requests,
+produces the last N signals, dead letters and improvement records and the validations counted per task and version
+since the worker started, for the dashboard and /metrics."""
 
 from __future__ import annotations
 
@@ -49,7 +48,7 @@ class RecentEvents:
         consumer = self._consumer = make_consumer(self._settings, fetch_max_wait_ms=200)
         await consumer.start()
         partitions = [TopicPartition(name, p) for name in self._codecs for p in await topic_partitions(consumer, name)]
-        consumer.assign(partitions)
+        consumer.assign(partitions)  # every partition, no group: every worker sees all of them
         await consumer.seek_to_end(*partitions)
         for tp in partitions:
             end = await consumer.position(tp)

@@ -1,7 +1,6 @@
-"""The worker's HTTP server (aiohttp, on the worker's event loop): consumes requests on web_host:web_port and
-the worker's parts (tables, executor, sandbox pool, broker watch), produces /health, /metrics, /execute, /tasks,
-/tasks/{id}, /tasks/{id}/stats, /api/dashboard, /openapi.json, the dashboard page and its icon; with web_token
-set, only /health, /metrics, /openapi.json and /favicon.ico answer without it."""
+"""The worker's HTTP server (aiohttp, on the worker's event loop): consumes requests on web_host:web_port and the
+worker's parts (tables, executor, sandbox pool, broker watch), produces /health, /metrics, /execute, /tasks,
+/tasks/{id}, /tasks/{id}/stats, /api/dashboard, /openapi.json, the dashboard page and its icon."""
 
 from __future__ import annotations
 
