@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ from app.contract.codecs import Codec, DecodeError, codec_for
 from app.contract.records import ProgramArtifact, Record, TaskSpec, TaskSuspension
 from app.contract.records import artifact_key as artifact_key  # its home is records; importers here keep working
 from app.contract.topics import TopicSpec, topics_for
-from app.kafka.clients import make_consumer
+from app.kafka.clients import cancel_and_wait, make_consumer
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
 
@@ -169,10 +168,7 @@ class TableReader:
         self._follower = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        await cancel_and_wait(self._follower)
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None

@@ -4,7 +4,6 @@ returns what it ended as, read from execution-results (or dead-letters)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Annotated
 
@@ -15,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 from app.contract.codecs import codec_for
 from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult
 from app.contract.topics import Topics
-from app.kafka.clients import make_consumer, partition_for
+from app.kafka.clients import cancel_and_wait, make_consumer, partition_for
 from app.kafka.loop_client import (
     RequestSender,
     ending_of,  # the same test send --wait uses
@@ -78,10 +77,7 @@ class Executions:
         self._task = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._consumer is not None:
             await self._consumer.stop()
         await self._sender.__aexit__(None, None, None)

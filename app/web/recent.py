@@ -5,7 +5,6 @@ since the worker started, for the dashboard and /metrics."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from aiokafka.errors import KafkaError
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import AnomalySignal, DeadLetter, ImprovementRequest, Validation, ValidationStatus
 from app.contract.topics import Topics
-from app.kafka.clients import make_consumer
+from app.kafka.clients import cancel_and_wait, make_consumer
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
 from app.web.metrics import counter, gauge
@@ -57,10 +56,7 @@ class RecentEvents:
         self._task = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._consumer is not None:
             await self._consumer.stop()
 
