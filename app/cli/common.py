@@ -1,5 +1,5 @@
 """Shared by the commands: settings from the context, a broker check first, one line of error for every
-expected failure (`run`, `control_call`), reading the files a command is given."""
+expected failure (`run`, `control_call`), reading the files a command is given, and stopping on Ctrl-C."""
 
 import asyncio
 import contextlib
@@ -108,3 +108,11 @@ def interrupted_by(*signals: signal.Signals) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stop_on_ctrl_c() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets, on the running loop: how a serving command hears it should stop."""
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    return stop
