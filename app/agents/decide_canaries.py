@@ -61,10 +61,12 @@ class DecideCanaries:
             self._consume)
 
     def accuracy_of(self, task_id: str, version: int | None) -> Accuracy:
+        """A task version's validated and matched counts so far (none for no version)."""
         counts = self.accuracy.get(f"{task_id}/{version}".encode()) if version is not None else None
         return Accuracy(*counts) if counts else Accuracy()
 
     def signals_of(self, task_id: str, version: int) -> list[AnomalySignal]:
+        """The newest anomaly signals kept against a task version (_SIGNALS_KEPT at most)."""
         stored = self.signals.get(f"{task_id}/{version}".encode()) or []
         return [self._stored_signals.decode(text.encode()) for text in stored]
 

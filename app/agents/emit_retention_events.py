@@ -62,6 +62,7 @@ class RetentionJob:
         return await self.write(snapshot, plan)
 
     async def plan(self, now: datetime) -> tuple[Snapshot, RetentionPlan]:
+        """Read the topics to their true end and plan what expires at `now`, past what earlier runs' events say."""
         topics, settings = self._topics, self._settings
         snapshot = Snapshot(Table(topics.task_specs, settings), ArtifactTable(topics.program_artifacts, settings),
                             Table(topics.analytics, settings))

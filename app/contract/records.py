@@ -131,6 +131,8 @@ class ExecutionResult(Record):
 
 
 class ComplexityMetrics(Record):
+    """What the static check measured of a program's source (app/domain/programs.py)."""
+
     lines_of_code: int
     cyclomatic_complexity: int
     estimated_latency_ms: float | None = None
@@ -158,6 +160,8 @@ class ProgramArtifact(Record):
 
 
 class TaskExample(Record):
+    """An input of a task and, when known, the output it should give."""
+
     input: JsonValue
     expected_output: JsonValue = None
 

@@ -81,6 +81,7 @@ class ControlPlane:
         await self.tables.stop()
 
     def task(self, name: str) -> TaskSpec:
+        """The task of this name; ControlError saying how to create it when there is none."""
         task = self.tables.tasks.get(name)
         if task is None:
             raise ControlError(f"unknown task {name!r}; create it with `loopai task create {name}`")

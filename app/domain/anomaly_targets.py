@@ -37,6 +37,7 @@ class Targets:
 
     @classmethod
     def of(cls, spec: TaskSpec) -> Targets:
+        """The targets a task's spec sets."""
         return cls(spec.max_error_rate, spec.latency_target_ms, spec.accuracy_target)
 
 
@@ -59,6 +60,7 @@ class TargetLimits:
 
     @property
     def z(self) -> float:
+        """The normal quantile of `confidence`: the score a breach must reach."""
         return NormalDist().inv_cdf(self.confidence)
 
 

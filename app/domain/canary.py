@@ -28,6 +28,8 @@ def runs_canary(request_id: str, percent: float) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Accuracy:
+    """Validations of one task version and how many of them matched."""
+
     validated: int = 0
     matched: int = 0
 
@@ -46,6 +48,8 @@ class Accuracy:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """What to do with a canary now, and why (the reason goes on the decision record)."""
+
     action: str  # promote | rollback | wait
     reason: str
 

@@ -75,6 +75,7 @@ class ImprovementWatch:
         return watch
 
     def in_incident(self, task_id: str, active_version: int | None) -> bool:
+        """Whether the task's active version has an open incident (its request made, no recovery yet)."""
         watch = self._tasks.get(task_id)
         return watch is not None and watch.version == active_version and watch.in_incident
 

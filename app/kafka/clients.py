@@ -84,6 +84,8 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
 
 @dataclass(frozen=True)
 class TopicApplied:
+    """What `apply_topics` did to one topic (created it, altered its configs or not) and the line that says so."""
+
     name: str
     created: bool
     detail: str

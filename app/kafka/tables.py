@@ -39,6 +39,7 @@ class Table(Generic[R]):
         self.on_record: Callable[[R], None] | None = None  # told of every record applied (not of tombstones)
 
     def apply(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+        """Apply one record of the topic: a value replaces its key's row, a tombstone removes it."""
         if key is None:
             self.skipped += 1
             log.error("%s offset %d has no key; skipped", self.spec.name, offset)
@@ -74,6 +75,7 @@ class Table(Generic[R]):
         return len(self._rows)
 
     def values(self) -> Iterator[R]:
+        """The rows as they are now (a copy: records may be applied meanwhile)."""
         return iter(list(self._rows.values()))
 
 
@@ -157,6 +159,7 @@ class TableReader:
 
     @property
     def on_suspension(self) -> Callable[[TaskSuspension], None] | None:
+        """Told of every suspension record applied (the worker's task budget listens)."""
         return self.suspensions.on_record
 
     @on_suspension.setter

@@ -71,6 +71,7 @@ class Zygote:
 
     @property
     def alive(self) -> bool:
+        """Ready, and neither failed to start nor gone since."""
         return self._control is not None and self._ready is not None and self._ready.done() \
             and not self._ready.exception()
 
@@ -242,5 +243,6 @@ class Zygote:
 
 
 def pidfd_kill(pidfd: int) -> None:
+    """SIGKILL through a pidfd (no pid can be reused under it); a process already ended is no error."""
     with contextlib.suppress(OSError):  # it has ended already
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)

@@ -319,6 +319,7 @@ class EventLoopLag:
         self.worst_s = 0.0
 
     async def run(self) -> None:
+        """Sample forever: sleep `interval_s`, then count how late the loop woke."""
         loop = asyncio.get_running_loop()
         while True:
             asked = loop.time() + self._interval_s
@@ -331,6 +332,7 @@ class EventLoopLag:
         self.worst_s = max(self.worst_s, lag_s)
 
     def metrics(self) -> Iterator[Metric]:
+        """The lag histogram, as /metrics shows it."""
         cumulative, buckets = 0, []
         for bound, count in zip((*LAG_BOUNDS_S, float("inf")), self.buckets, strict=True):
             cumulative += count
