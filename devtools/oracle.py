@@ -1,9 +1,5 @@
-"""A reference oracle service: answers external oracle requests from a JSONL file of labelled inputs.
-
-Consumes oracle-requests, looks each request's input up among the labels, and produces an oracle verdict
-keyed by execution id. An input without a label gets no answer, so its validation expires (as with any
-oracle that cannot answer). File lines: {"input": {...}, "output": <the right output>}.
-"""
+"""A reference oracle service: consumes oracle-requests and a JSONL file of labelled inputs ({"input": {...}, "output":
+<the right output>}), produces an oracle verdict keyed by execution id for each input it has a label for."""
 
 from __future__ import annotations
 
@@ -22,6 +18,8 @@ from app.kafka.clients import make_consumer, make_producer, partition_for
 from app.kafka.delivery import Outbox, deliver_all
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
+
+# An input without a label gets no answer, so its validation expires (as with any oracle that cannot answer).
 
 log = logging.getLogger(__name__)
 

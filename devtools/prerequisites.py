@@ -1,9 +1,6 @@
-"""What the test suite needs beyond the Python packages, checked before `make test` starts.
-
-Consumes: this machine (PATH, the dynamic linker's cache, /usr/share/java); produces: one line per missing
-system package with the command that installs it, and exit 1 (or, with --install, apt-get installs them). The
-Connect jars and the compose client are fetched, not installed: devtools/connect.py and devtools/compose.py.
-"""
+"""What the test suite needs beyond the Python packages, checked before `make test` starts: consumes this machine (PATH,
+the dynamic linker's cache, /usr/share/java), produces one line per missing system package with the command that
+installs it, and exit 1 (or, with --install, apt-get installs them)."""
 
 from __future__ import annotations
 
@@ -16,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devtools.connect import CLASSPATH_DIR, DEFAULT_CACHE, JETTY_JARS, SYSTEM_JAVA_DIR
+
+# The Connect jars and the compose client are fetched, not installed: devtools/connect.py and devtools/compose.py.
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,5 @@
-"""A local schema registry for development and tests: the REST calls of confluent-kafka's SchemaRegistryClient
-(register, look up, fetch by id, latest version, subject config) over HTTP, stored in its mock registry.
-
-A `mock://` registry lives inside one client object of one process; a worker in a subprocess, `loopai dev`
-or another client reaches this one by URL instead. Compatibility is not enforced here: loopai checks BACKWARD
-itself before registering (app/contract/registry.py), as it does against a real registry.
-"""
+"""A local schema registry for development and tests: serves the REST calls of confluent-kafka's SchemaRegistryClient
+(register, look up, fetch by id, latest version, subject config) over HTTP, stored in its mock registry."""
 
 from __future__ import annotations
 
@@ -18,6 +13,10 @@ from urllib.parse import unquote, urlsplit
 from confluent_kafka.schema_registry import RegisteredSchema, Schema
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.schema_registry.schema_registry_client import SchemaRegistryClient
+
+# A `mock://` registry lives inside one client object of one process; a worker in a subprocess, `loopai dev` or
+# another client reaches this one by URL instead. Compatibility is not enforced here: loopai checks BACKWARD itself
+# before registering (app/contract/registry.py), as it does against a real registry.
 
 
 class LocalRegistry:

@@ -1,11 +1,6 @@
 """Refreshes the README's picture of the dashboard: runs `loopai dev` (embedded broker, sample tasks, traffic, a
-canary), opens its dashboard in headless Chromium (Debian's chromium, driven by playwright, as
-tests/test_dashboard.py does) once the chart has a few minutes of points, and writes docs/dashboard.png.
-
-    python -m devtools.screenshot [--minutes 3] [--rate 30] [--task spam-filter] [--out docs/dashboard.png]
-
-Then `loopai dev` is stopped as Ctrl-C stops it; its own output goes to stderr.
-"""
+canary), opens its dashboard in headless Chromium once the chart has a few minutes of points, and writes
+docs/dashboard.png."""
 
 from __future__ import annotations
 
@@ -17,6 +12,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+# Chromium is Debian's, driven by playwright, as tests/test_dashboard.py does. Run as
+#     python -m devtools.screenshot [--minutes 3] [--rate 30] [--task spam-filter] [--out docs/dashboard.png]
+# Then `loopai dev` is stopped as Ctrl-C stops it; its own output goes to stderr.
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]

@@ -1,6 +1,6 @@
 """Fixtures: the real embedded broker (one per session), settings with a unique topic prefix per test,
-worker processes, helpers that wait for results by request id, and metadata answered as Apache Kafka
-answers it."""
+worker processes, `loopai broker` in a subprocess, helpers that wait for results by request id, and metadata
+answered as Apache Kafka answers it."""
 
 from __future__ import annotations
 
@@ -250,3 +250,14 @@ def wait_for_text(
             pytest.fail(f"exited with {process.returncode} before {pattern.pattern!r}:\n{text[-3000:]}")
         time.sleep(0.1)
     pytest.fail(f"no {pattern.pattern!r} after {timeout_s}s:\n{text[-3000:]}")
+
+
+def loopai_broker(output: Path) -> subprocess.Popen[bytes]:
+    """`loopai broker` on a free port, in a session of its own (as a terminal runs it), its output in a file."""
+    with open(output, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "app.cli", "broker", "--port", "0"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+# What `loopai broker` prints for the other commands once it listens; group 2 is the port.
+BROKER_EXPORT = re.compile(r"^export LOOPAI_BOOTSTRAP_SERVERS=(127\.0\.0\.1:(\d+))$", re.M)

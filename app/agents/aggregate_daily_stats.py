@@ -1,11 +1,6 @@
-"""Aggregates daily statistics: consumes stats-partials (key task_id: the executors' per-batch summaries of
-results, and the validators' of validations), merges them into each task's open daily windows (kept in the
-daily-windows changelog), and produces each day's DailyStats to analytics once, when the day closes (end +
-grace), traffic or not.
-
-A task's windows live with the partition its key falls in, so exactly one worker owns them. A partial for a
-day already closed is late: dropped, logged and counted (`late`).
-"""
+"""Aggregates daily statistics: consumes stats-partials (key task_id: the executors' and validators' per-batch
+summaries), merges them into each task's open daily windows (the daily-windows changelog), and produces each day's
+DailyStats to analytics once, when the day closes (end + grace), traffic or not."""
 
 from __future__ import annotations
 
@@ -24,6 +19,9 @@ from app.domain.daily_stats import StatsKey
 from app.domain.open_windows import OpenWindows
 from app.kafka.partitioned_state import NotOwned, PartitionedState
 from app.settings import Settings
+
+# A task's windows live with the partition its key falls in, so exactly one worker owns them. A partial for a day
+# already closed is late: dropped, logged and counted (`late`).
 
 log = logging.getLogger(__name__)
 _BATCH = 1000  # events merged before their windows go to the changelog

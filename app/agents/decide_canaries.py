@@ -1,8 +1,6 @@
-"""Decides canary rollouts: consumes stats-partials (for the validated and matched counts the validators'
-partials carry) and anomaly signals (both key task_id, co-partitioned, so one owner per task), keeps those counts
-and the signals per task version in faust tables, and when
-a task's canary has shown itself better or worse, or has a signal against it (app/domain/canary.py), produces a
-canary decision and the task's new spec (promoted: the candidate becomes active; rolled back: the canary ends)."""
+"""Decides canary rollouts: consumes stats-partials (validated and matched counts) and anomaly-signals, produces a
+canary decision and the task's new spec when a canary has shown itself better or worse, or has a signal against it
+(app/domain/canary.py)."""
 
 from __future__ import annotations
 
@@ -26,6 +24,10 @@ from app.domain.canary import Accuracy, decide, signals_against
 from app.domain.sampling import Sampler
 from app.kafka.tables import TableReader
 from app.settings import Settings
+
+# Both inputs are keyed by task_id and co-partitioned, so one worker owns a task; the validators' partials carry the
+# counts, kept with the signals per task version in faust tables. Promoted: the candidate becomes active; rolled back:
+# the canary ends.
 
 log = logging.getLogger(__name__)
 _SIGNALS_KEPT = 20  # per task version: a decision needs one; the newest few say enough on the record
@@ -59,10 +61,12 @@ class DecideCanaries:
             self._consume)
 
     def accuracy_of(self, task_id: str, version: int | None) -> Accuracy:
+        """A task version's validated and matched counts so far (none for no version)."""
         counts = self.accuracy.get(f"{task_id}/{version}".encode()) if version is not None else None
         return Accuracy(*counts) if counts else Accuracy()
 
     def signals_of(self, task_id: str, version: int) -> list[AnomalySignal]:
+        """The newest anomaly signals kept against a task version (_SIGNALS_KEPT at most)."""
         stored = self.signals.get(f"{task_id}/{version}".encode()) or []
         return [self._stored_signals.decode(text.encode()) for text in stored]
 

@@ -1,7 +1,5 @@
-"""Detects anomalies: consumes stats-partials (key task_id, so each task has one owner) and the task table (for
-each task's targets), produces one AnomalySignal per incident in a task version's error rate, p99 latency or
-accuracy to anomaly-signals, keyed by task_id. A timer closes the minutes of tasks that went quiet
-(docs/anomalies.md)."""
+"""Detects anomalies: consumes stats-partials and the task table (each task's targets), produces to anomaly-signals (key
+task_id) one AnomalySignal per incident in a task version's error rate, p99 latency or accuracy (docs/anomalies.md)."""
 
 from __future__ import annotations
 
@@ -20,6 +18,9 @@ from app.domain.anomaly_targets import Targets
 from app.domain.anomaly_watch import AnomalyWatch
 from app.kafka.tables import TableReader
 from app.settings import Settings
+
+# stats-partials are keyed by task_id, so each task has one owner. A timer closes the minutes of tasks that went
+# quiet.
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,6 @@
-"""Emits retention events: reads task-specs, program-artifacts, analytics and the retention-events trail to their
-true end, plans with app/domain/retention.py, and produces tombstones (expired analytics days, unused program
-versions beyond keep_versions) and RetentionEvents (those, and the days the deleting topics drop).
-
-Runs on a faust timer on the group's leader only. A run that doubles one (two leaders for a moment around a
-rebalance) is harmless: a tombstone written twice deletes the same key, and the next run reads them all back,
-so it plans nothing twice; only events of keys both runs planned at once can repeat.
-"""
+"""Emits retention events: reads task-specs, program-artifacts, analytics and the retention-events trail to their true
+end, produces tombstones (expired analytics days, unused program versions beyond keep_versions) and RetentionEvents
+(those, and the days the deleting topics drop), planned by app/domain/retention.py."""
 
 from __future__ import annotations
 
@@ -29,6 +24,10 @@ from app.kafka.clients import make_consumer, make_producer, partition_for
 from app.kafka.metadata import topic_partitions
 from app.kafka.tables import ArtifactTable, Table, consume_to_end, read_to_end
 from app.settings import Settings
+
+# Runs on a faust timer on the group's leader only. A run that doubles one (two leaders for a moment around a
+# rebalance) is harmless: a tombstone written twice deletes the same key, and the next run reads them all back, so it
+# plans nothing twice; only events of keys both runs planned at once can repeat.
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,7 @@ class RetentionJob:
         return await self.write(snapshot, plan)
 
     async def plan(self, now: datetime) -> tuple[Snapshot, RetentionPlan]:
+        """Read the topics to their true end and plan what expires at `now`, past what earlier runs' events say."""
         topics, settings = self._topics, self._settings
         snapshot = Snapshot(Table(topics.task_specs, settings), ArtifactTable(topics.program_artifacts, settings),
                             Table(topics.analytics, settings))

@@ -1,11 +1,6 @@
-"""Joins external oracles' verdicts with the requests they answer: consumes oracle-requests and oracle-verdicts
-(both keyed by execution_id, co-partitioned) and produces validations, each with its daily-stats partial (see
-validate_executions). A request waits in a faust table (its changelog is the registry's oracle_pending topic, so
-it survives a restart or a rebalance); one still unanswered past its oracle's timeout_s becomes an `expired`
-validation, never a silent drop. Kafka orders no two topics: a fast oracle's verdict may be read before its
-request, so it waits in the same table for the request. Each execution is decided once: the decision stays in
-the table for as long as a redelivered request could come (docs/validation.md).
-"""
+"""Joins external oracles' verdicts with the requests they answer: consumes oracle-requests and oracle-verdicts (both
+keyed by execution_id, co-partitioned), produces validations, each with its daily-stats partial (as
+validate_executions does), and an `expired` validation for a request its oracle leaves unanswered."""
 
 from __future__ import annotations
 
@@ -23,6 +18,12 @@ from app.domain.daily_stats import summarise_validations
 from app.domain.validation import ValidationFields, unvalidated, validated
 from app.kafka.clients import partition_for
 from app.settings import Settings
+
+# A request waits in a faust table (its changelog is the registry's oracle_pending topic, so it survives a restart or
+# a rebalance); one still unanswered past its oracle's timeout_s becomes an `expired` validation, never a silent drop.
+# Kafka orders no two topics: a fast oracle's verdict may be read before its request, so it waits in the same table
+# for the request. Each execution is decided once: the decision stays in the table for as long as a redelivered
+# request could come (docs/validation.md).
 
 log = logging.getLogger(__name__)
 _EXPIRY_CHECK_S = 1.0

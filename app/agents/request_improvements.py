@@ -1,7 +1,6 @@
-"""Requests improvements: consumes validations and anomaly signals (both key task_id, co-partitioned, so one owner
-per task), watches each task's active version (app/domain/improvement.py), and when it falls short produces one
-ImprovementRequest per incident to improvement-requests (key task_id): the task's spec and examples, the active
-version and its source, the figures, and diverse failing examples (docs/improvement.md)."""
+"""Requests improvements: consumes validations and anomaly signals, watches each task's active version
+(app/domain/improvement.py), and when it falls short produces one ImprovementRequest per incident to
+improvement-requests (key task_id) (docs/improvement.md)."""
 
 from __future__ import annotations
 
@@ -25,6 +24,9 @@ from app.contract.topics import Topics
 from app.domain.improvement import ImprovementWatch, Shortfall
 from app.kafka.tables import TableReader, read_table
 from app.settings import Settings
+
+# Both inputs are keyed by task_id and co-partitioned, so one worker owns a task. A request carries the task's spec
+# and examples, the active version and its source, the figures, and diverse failing examples.
 
 log = logging.getLogger(__name__)
 _BATCH, _BATCH_WITHIN_S = 1000, 0.05

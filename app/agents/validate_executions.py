@@ -68,9 +68,11 @@ class ValidateExecutions:
 
     @property
     def failure(self) -> str | None:
+        """Why the validator had to stop without committing; None while it serves."""
         return self.pipeline.failure
 
     async def start(self) -> None:
+        """Join the validators' group and start answering validation requests once the tables are read."""
         settings = self._settings
         self._producer = make_producer(settings)
         self.pipeline.consumer = make_consumer(settings, group_id=f"{settings.app_id}-validators",
@@ -83,6 +85,7 @@ class ValidateExecutions:
         self.pipeline.start(self._take, self._tables.ready.wait())  # a shadow oracle needs the artifacts
 
     def fail(self, reason: str) -> None:
+        """Stop fetching and committing: from now on nothing is committed."""
         self.pipeline.fail(reason)
 
     async def stop(self) -> None:

@@ -48,4 +48,5 @@ for command in (topics.topics, tasks.task, artifacts.artifact, programs.run_prog
 
 
 def main() -> None:
+    """The `loopai` console script."""
     cli(prog_name="loopai")

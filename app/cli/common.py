@@ -1,5 +1,5 @@
 """Shared by the commands: settings from the context, a broker check first, one line of error for every
-expected failure (`run`, `control_call`), reading the files a command is given."""
+expected failure (`run`, `control_call`), reading the files a command is given, and stopping on Ctrl-C."""
 
 import asyncio
 import contextlib
@@ -23,6 +23,7 @@ T = TypeVar("T")
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine; an expected failure becomes one line of error, not a traceback."""
     try:
         return asyncio.run(coro)
     except (ControlError, ProgramRejected, ConfigError, BrokerUnreachable, TopicUnavailable, RegistryError) as exc:
@@ -34,6 +35,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def settings_of(ctx: click.Context) -> Settings:
+    """The settings (--config file, environment, overrides), loaded once per command; a bad one is one line of error."""
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "settings" not in obj:
         try:
@@ -54,6 +56,7 @@ def kafka_settings(ctx: click.Context) -> Settings:
 
 
 def read_text(path: Path) -> str:
+    """A file's UTF-8 text; one that cannot be read, or is not UTF-8, is one line of error."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -63,10 +66,12 @@ def read_text(path: Path) -> str:
 
 
 def not_utf8(exc: UnicodeDecodeError) -> str:
+    """Why text is not UTF-8: the first bad byte and its offset."""
     return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
 
 
 def json_file(path: Path | None) -> Any:
+    """The JSON value of a file (None without one); invalid JSON is one line of error naming where."""
     if path is None:
         return None
     try:
@@ -108,3 +113,11 @@ def interrupted_by(*signals: signal.Signals) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stop_on_ctrl_c() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets, on the running loop: how a serving command hears it should stop."""
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    return stop

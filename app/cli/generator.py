@@ -1,14 +1,12 @@
 """`loopai generator serve`, `loopai artifact generate NAME` (and `task create NAME --generate`): candidate
 programs from an OpenAI-compatible endpoint or a command (docs/improvement.md)."""
 
-import asyncio
-import signal
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from app.cli.common import kafka_settings, run
+from app.cli.common import kafka_settings, run, stop_on_ctrl_c
 from app.contract.records import ImprovementStatus
 from app.generator.providers import Provider, provider_from
 from app.settings import Settings
@@ -69,9 +67,7 @@ def generator_serve(ctx: click.Context, **options: Any) -> None:
     settings, provider = generator_settings(ctx, options)
 
     async def go() -> int:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        stop = stop_on_ctrl_c()
 
         def ready() -> None:
             click.echo(f"generator serving ({provider.name}, {provider.model}); Ctrl-C stops it")

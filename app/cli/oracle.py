@@ -1,15 +1,10 @@
 """`loopai oracle serve`: the reference oracle service, answering oracle requests from a labels file."""
 
-import asyncio
-import signal
 from pathlib import Path
 
 import click
 
-from app.cli.common import (
-    kafka_settings,
-    run,
-)
+from app.cli.common import kafka_settings, run, stop_on_ctrl_c
 
 
 @click.group()
@@ -34,9 +29,7 @@ def oracle_serve(ctx: click.Context, labels: Path, oracle_id: str) -> None:
     settings = kafka_settings(ctx)
 
     async def go() -> int:
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        stop = stop_on_ctrl_c()
 
         def ready() -> None:
             click.echo(f"oracle {oracle_id} serving {len(table)} label(s) from {labels}; Ctrl-C stops it")

@@ -12,6 +12,7 @@ from app.cli.common import kafka_settings, run
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.topics import topics_for
 from app.kafka.clients import make_consumer
+from app.kafka.loop_client import messages_until_idle
 from app.kafka.metadata import topic_partitions
 
 
@@ -103,20 +104,10 @@ def tail(ctx: click.Context, topic: str, count: int, from_beginning: bool, follo
                 record = _decoded(codec, tp, message)
                 if record is not None and wanted(record):
                     show(record)
-            idle = 0.0
-            while True:
-                batches = await consumer.getmany(timeout_ms=200)
-                if not batches:
-                    idle += 0.2
-                    if idle_exit is not None and idle >= idle_exit:
-                        return
-                    continue
-                idle = 0.0
-                for tp, messages in batches.items():
-                    for message in messages:
-                        record = _decoded(codec, tp, message)
-                        if record is not None and wanted(record):
-                            show(record)
+            async for tp, message in messages_until_idle(consumer, idle_exit):
+                record = _decoded(codec, tp, message)
+                if record is not None and wanted(record):
+                    show(record)
         finally:
             await consumer.stop()
 

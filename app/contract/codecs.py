@@ -69,14 +69,18 @@ class Codec(Protocol[R]):
 
     model: type[R]
 
-    def encode(self, record: R) -> bytes: ...
+    def encode(self, record: R) -> bytes:
+        """The record in this wire format."""
+        ...
 
     def encode_fields(self, fields: dict[str, Any]) -> bytes:
         """Encode a record given as its fields (every field, python values) without building the model:
         the executor's hot path. encode_fields(r.model_dump()) decodes to the same record as encode(r)."""
         ...
 
-    def decode(self, data: bytes) -> R: ...
+    def decode(self, data: bytes) -> R:
+        """The record the bytes hold; DecodeError when they hold none."""
+        ...
 
     def loose(self, data: bytes) -> dict[str, Any] | None:
         """The fields as a plain dict without validation, or None if the bytes are not even that."""

@@ -1,8 +1,4 @@
-"""The record models: pydantic mirrors of schemas/*.avsc, one to one (tests/contract/test_records.py proves it).
-
-Fields typed `JsonValue` are JSON strings on the Avro wire (logicalType "json") and nested JSON in the
-JSON wire format.
-"""
+"""The record models: pydantic mirrors of schemas/*.avsc, one to one (tests/contract/test_records.py proves it)."""
 
 from __future__ import annotations
 
@@ -14,6 +10,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+# Fields typed `JsonValue` are JSON strings on the Avro wire (logicalType "json") and nested JSON in the JSON wire
+# format.
 JsonValue = Any
 TaskName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
@@ -133,6 +131,8 @@ class ExecutionResult(Record):
 
 
 class ComplexityMetrics(Record):
+    """What the static check measured of a program's source (app/domain/programs.py)."""
+
     lines_of_code: int
     cyclomatic_complexity: int
     estimated_latency_ms: float | None = None
@@ -160,6 +160,8 @@ class ProgramArtifact(Record):
 
 
 class TaskExample(Record):
+    """An input of a task and, when known, the output it should give."""
+
     input: JsonValue
     expected_output: JsonValue = None
 

@@ -1,9 +1,6 @@
-"""The control plane: creates and updates tasks, publishes/activates program artifacts, starts, promotes and
-aborts canaries, resumes suspended tasks (task-specs, program-artifacts, canary-decisions and task-suspensions
-topics), and reads a task's decisions back.
-
-Reads the current tables first (to the true end), so versions and activations build on what is there.
-"""
+"""The control plane: consumes commands (create and update tasks, publish/activate program artifacts, start, promote and
+abort canaries, resume suspended tasks), produces them to task-specs, program-artifacts, canary-decisions and
+task-suspensions, and reads a task's decisions back."""
 
 from __future__ import annotations
 
@@ -34,6 +31,8 @@ from app.kafka.clients import make_producer, partition_for
 from app.kafka.metadata import topic_partitions
 from app.kafka.tables import TableReader, artifact_key, read_to_end
 from app.settings import Settings
+
+# Reads the current tables first (to the true end), so versions and activations build on what is there.
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +81,7 @@ class ControlPlane:
         await self.tables.stop()
 
     def task(self, name: str) -> TaskSpec:
+        """The task of this name; ControlError saying how to create it when there is none."""
         task = self.tables.tasks.get(name)
         if task is None:
             raise ControlError(f"unknown task {name!r}; create it with `loopai task create {name}`")

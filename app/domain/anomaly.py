@@ -1,18 +1,5 @@
-"""Anomaly detection on one-minute metrics: consumes MinuteMetrics in time order, produces AnomalySignals.
-
-Per task version and metric (error rate, p99 latency), two methods watch each closed minute, upward only:
-- zscore: the minute against the mean and stdev of the last `baseline_minutes` quiet minutes (sudden spikes);
-- ewma: an exponentially weighted mean (weight `ewma_lambda`) against a reference mean that follows quiet
-  minutes only slowly (`reference_alpha` per minute), in units of the chart's stdev sigma*sqrt(l/(2-l)): slow
-  drifts, which a rolling baseline would learn as normal.
-Hysteresis: a detector that raised a signal stays quiet until both scores have stayed under their re-arm
-thresholds for `rearm_minutes`, so one incident is one signal; minutes inside an incident teach no baseline.
-Stdevs have floors, so a perfectly steady metric does not turn noise into an incident: for error rates the
-binomial stdev at max(mean, `error_rate_floor`), for latency `latency_floor` times the mean.
-A version seen for the first time starts from a copy of the baseline of its task's warmed-up version seen last,
-so a canary is judged against what the task did before it from its first minute, not after an hour of learning
-(which would learn a broken canary as normal); a task's first version learns for `baseline_minutes`.
-"""
+"""Anomaly detection on one-minute metrics: consumes MinuteMetrics in time order, produces AnomalySignals when a task
+version's error rate or p99 latency rises (a z-score for spikes, an EWMA for slow drifts)."""
 
 from __future__ import annotations
 
@@ -24,6 +11,19 @@ from datetime import datetime
 
 from app.contract.records import AnomalyMethod, AnomalyMetric, AnomalySignal
 from app.domain.minute_buckets import MinuteMetrics
+
+# Per task version and metric (error rate, p99 latency), two methods watch each closed minute, upward only:
+# - zscore: the minute against the mean and stdev of the last `baseline_minutes` quiet minutes (sudden spikes);
+# - ewma: an exponentially weighted mean (weight `ewma_lambda`) against a reference mean that follows quiet minutes
+#   only slowly (`reference_alpha` per minute), in units of the chart's stdev sigma*sqrt(l/(2-l)): slow drifts, which
+#   a rolling baseline would learn as normal.
+# Hysteresis: a detector that raised a signal stays quiet until both scores have stayed under their re-arm thresholds
+# for `rearm_minutes`, so one incident is one signal; minutes inside an incident teach no baseline.
+# Stdevs have floors, so a perfectly steady metric does not turn noise into an incident: for error rates the binomial
+# stdev at max(mean, `error_rate_floor`), for latency `latency_floor` times the mean.
+# A version seen for the first time starts from a copy of the baseline of its task's warmed-up version seen last, so a
+# canary is judged against what the task did before it from its first minute, not after an hour of learning (which
+# would learn a broken canary as normal); a task's first version learns for `baseline_minutes`.
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,18 +1,6 @@
-"""Target breaches from a task's first minute: consumes each task version's counts as its StatsPartials arrive
-(results that ran, failed, ran past the latency target; validated and matched) with the task's targets, produces
-an AnomalySignal (method `target`) as soon as a target is surely breached, with no baseline to learn first.
-
-"Surely" is a one-sided binomial score test over the last `window_minutes`: with n observations and a share p of
-them on the wrong side, the target p0 is breached when (p - p0) / sqrt(p0 (1 - p0) / n) >= z, z the normal
-quantile of `confidence`, and n >= `min_executions`. That is exactly "p0 lies outside the Wilson score interval"
-of the observed share. What it tests, per task version:
-- error rate: (error + timeout) / ran above the task's `max_error_rate`;
-- latency: the share of calls that ran longer than `latency_target_ms` above 1 - `latency_quantile` (the target is
-  a p99: breached when surely more than 1 % of calls are slower);
-- accuracy: matched / validated below `accuracy_target` (only a task whose executions are validated).
-Hysteresis, as the baseline detectors (app/domain/anomaly.py): a target that raised a signal stays quiet until
-`rearm_minutes` minutes in a row, each closing a window that holds observations, score under `rearm_z`.
-"""
+"""Target breaches from a task's first minute: consumes each task version's counts as its StatsPartials arrive, with the
+task's targets, produces an AnomalySignal (method `target`) as soon as a target is surely breached, with no baseline
+to learn first."""
 
 from __future__ import annotations
 
@@ -26,6 +14,18 @@ from app.contract.records import AnomalyMethod, AnomalyMetric, AnomalySignal, St
 from app.domain.latency_sketch import LatencySketch
 from app.domain.minute_buckets import MINUTE, minute_start
 
+# The counts: results that ran, failed, ran past the latency target; validated and matched.
+# "Surely" is a one-sided binomial score test over the last `window_minutes`: with n observations and a share p of
+# them on the wrong side, the target p0 is breached when (p - p0) / sqrt(p0 (1 - p0) / n) >= z, z the normal quantile
+# of `confidence`, and n >= `min_executions`. That is exactly "p0 lies outside the Wilson score interval" of the
+# observed share. What it tests, per task version:
+# - error rate: (error + timeout) / ran above the task's `max_error_rate`;
+# - latency: the share of calls that ran longer than `latency_target_ms` above 1 - `latency_quantile` (the target is a
+#   p99: breached when surely more than 1 % of calls are slower);
+# - accuracy: matched / validated below `accuracy_target` (only a task whose executions are validated).
+# Hysteresis, as the baseline detectors (app/domain/anomaly.py): a target that raised a signal stays quiet until
+# `rearm_minutes` minutes in a row, each closing a window that holds observations, score under `rearm_z`.
+
 
 @dataclass(frozen=True, slots=True)
 class Targets:
@@ -37,6 +37,7 @@ class Targets:
 
     @classmethod
     def of(cls, spec: TaskSpec) -> Targets:
+        """The targets a task's spec sets."""
         return cls(spec.max_error_rate, spec.latency_target_ms, spec.accuracy_target)
 
 
@@ -59,6 +60,7 @@ class TargetLimits:
 
     @property
     def z(self) -> float:
+        """The normal quantile of `confidence`: the score a breach must reach."""
         return NormalDist().inv_cdf(self.confidence)
 
 

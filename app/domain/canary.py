@@ -1,12 +1,5 @@
-"""Canary rollout: which requests run the candidate version, and when the candidate is promoted or rolled back.
-
-Routing is deterministic in the request id, so a redelivered request runs the same version. The decision
-compares validated accuracy: promote once the candidate has at least `min_validations` validations and its
-accuracy is at least both the active version's and the task's target; roll back once it falls below the
-active version's (or the target) by more than `margin`, or at once when an anomaly signal was raised against
-the candidate since its canary started: a canary that broke its task's error rate or latency is not promoted on
-accuracy, however good (a rollback, not a wait, so the broken version stops taking traffic now).
-"""
+"""Canary rollout: consumes request ids, validated accuracy counts and anomaly signals, produces which version a request
+runs and whether a canary's candidate is promoted, rolled back or waits."""
 
 from __future__ import annotations
 
@@ -16,6 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from app.contract.records import AnomalyMetric, AnomalySignal
+
+# Routing is deterministic in the request id, so a redelivered request runs the same version. The decision compares
+# validated accuracy: promote once the candidate has at least `min_validations` validations and its accuracy is at
+# least both the active version's and the task's target; roll back once it falls below the active version's (or the
+# target) by more than `margin`, or at once when an anomaly signal was raised against the candidate since its canary
+# started: a canary that broke its task's error rate or latency is not promoted on accuracy, however good (a rollback,
+# not a wait, so the broken version stops taking traffic now).
 
 
 def runs_canary(request_id: str, percent: float) -> bool:
@@ -28,6 +28,8 @@ def runs_canary(request_id: str, percent: float) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Accuracy:
+    """Validations of one task version and how many of them matched."""
+
     validated: int = 0
     matched: int = 0
 
@@ -46,6 +48,8 @@ class Accuracy:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """What to do with a canary now, and why (the reason goes on the decision record)."""
+
     action: str  # promote | rollback | wait
     reason: str
 

@@ -37,6 +37,8 @@ def program_from_answer(answer: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Case:
+    """One input a candidate program is scored on, with the output it should give."""
+
     input: Any
     expected: Any
 
@@ -58,6 +60,8 @@ def cases_for(request: ImprovementRequest) -> list[Case]:
 
 @dataclass(frozen=True, slots=True)
 class Score:
+    """How many of its cases a program got right."""
+
     right: int
     total: int
 
@@ -103,4 +107,5 @@ class RateLimit:
         return 0.0 if last is None else max(0.0, last + self.interval_s - now)
 
     def spend(self, task_id: str, now: float) -> None:
+        """Count a candidate for the task at `now`: the next one waits `interval_s`."""
         self.last[task_id] = now

@@ -15,6 +15,8 @@ _SPACE = re.compile(r"\s+")
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """Whether an output matched the expected one; `details` says where it did not."""
+
     match: bool
     details: str = ""
 

@@ -30,6 +30,7 @@ class StatsKey:
     date: str
 
     def encode(self) -> str:
+        """The key as tables store it, task_id/version/date (version ALL_VERSIONS for the whole task)."""
         version = ALL_VERSIONS if self.version is None else str(self.version)
         return f"{self.task_id}/{version}/{self.date}"
 

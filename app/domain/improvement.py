@@ -1,15 +1,5 @@
-"""When a task's active program falls short, and which of its failures to show a generator.
-
-A task falls short when, over its last `window` validations of the active version (at least `min_validations`),
-an exact one-sided binomial test rejects "accuracy >= accuracy_target" at level `alpha`: P(X <= matched) < alpha
-for X ~ Binomial(validated, accuracy_target). It is tested after every batch, so over many looks the chance of a
-false alarm is above `alpha` (hence a small one); the hysteresis below bounds what a false alarm costs: one
-request. An error-rate (or timeout) anomaly signal on the active version falls short at once.
-
-Hysteresis: one request per incident. Once a task has fallen short, nothing more is asked for it until a new
-version goes live (the watch starts afresh on it) or the task recovers: its last `min_validations` validations since
-then reach the target, after which it may fall short again.
-"""
+"""When a task's active program falls short: consumes its validations and anomaly signals, produces a Shortfall (the
+figures for the request) and the diverse failing examples to show a generator."""
 
 from __future__ import annotations
 
@@ -19,6 +9,15 @@ from dataclasses import dataclass, field
 
 from app.contract.records import AnomalyMetric, AnomalySignal, FailingExample, ImprovementTrigger, Validation
 from app.domain.diversity import choose_diverse, features
+
+# A task falls short when, over its last `window` validations of the active version (at least `min_validations`), an
+# exact one-sided binomial test rejects "accuracy >= accuracy_target" at level `alpha`: P(X <= matched) < alpha for X
+# ~ Binomial(validated, accuracy_target). It is tested after every batch, so over many looks the chance of a false
+# alarm is above `alpha` (hence a small one); the hysteresis below bounds what a false alarm costs: one request. An
+# error-rate (or timeout) anomaly signal on the active version falls short at once.
+# Hysteresis: one request per incident. Once a task has fallen short, nothing more is asked for it until a new version
+# goes live (the watch starts afresh on it) or the task recovers: its last `min_validations` validations since then
+# reach the target, after which it may fall short again.
 
 _SIGNAL_METRICS = frozenset({AnomalyMetric.ERROR_RATE, AnomalyMetric.TIMEOUTS})
 
@@ -76,6 +75,7 @@ class ImprovementWatch:
         return watch
 
     def in_incident(self, task_id: str, active_version: int | None) -> bool:
+        """Whether the task's active version has an open incident (its request made, no recovery yet)."""
         watch = self._tasks.get(task_id)
         return watch is not None and watch.version == active_version and watch.in_incident
 

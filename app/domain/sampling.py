@@ -1,20 +1,5 @@
-"""Which executions are sampled for validation. Every decision compares a fraction drawn from the execution id
-with a probability, so it is deterministic given the id and the sampler's state: a redelivered request makes
-the same choice.
-
-Strategies (a task's `sampling_strategy`, its `sampling_rate`):
-- random: each execution with probability `rate`.
-- stratified: equal share per output class, so rare classes are seen. The budget rate * n (n executions seen
-  recently) is split equally among the classes; a class too rare to fill its share is sampled whole and what
-  it leaves goes to the others (water-filling). The overall rate stays `rate`.
-- edge_cases: every error and timeout, every execution slower than the task's latency target, every output
-  whose `confidence` (or `score` in [0, 1]) is below LOW_CONFIDENCE; others at `rate`.
-- adaptive: the rate rises with the recent disagreement of validations (rate * (1 + ADAPTIVE_GAIN *
-  disagreement)), within [rate, ADAPTIVE_MAX]; it falls back as agreement returns.
-- diverse: like stratified, but over kinds of input (app/domain/diversity.py signature: its keys and a min-hash
-  bucket of its words) rather than output classes: inputs unlike the recent ones are sampled more often.
-`force_validation` on a request always samples.
-"""
+"""Which executions are sampled for validation: consumes an execution (id, status, latency, output) with its task's
+sampling strategy and rate, produces the decision, deterministic given the id and the sampler's state."""
 
 from __future__ import annotations
 
@@ -23,6 +8,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.domain.diversity import signature
+
+# Every decision compares a fraction drawn from the execution id with a probability, so a redelivered request makes
+# the same choice. Strategies (a task's `sampling_strategy`, its `sampling_rate`):
+# - random: each execution with probability `rate`.
+# - stratified: equal share per output class, so rare classes are seen. The budget rate * n (n executions seen
+#   recently) is split equally among the classes; a class too rare to fill its share is sampled whole and what it
+#   leaves goes to the others (water-filling). The overall rate stays `rate`.
+# - edge_cases: every error and timeout, every execution slower than the task's latency target, every output whose
+#   `confidence` (or `score` in [0, 1]) is below LOW_CONFIDENCE; others at `rate`.
+# - adaptive: the rate rises with the recent disagreement of validations (rate * (1 + ADAPTIVE_GAIN * disagreement)),
+#   within [rate, ADAPTIVE_MAX]; it falls back as agreement returns.
+# - diverse: like stratified, but over kinds of input (app/domain/diversity.py signature: its keys and a min-hash
+#   bucket of its words) rather than output classes: inputs unlike the recent ones are sampled more often.
+# `force_validation` on a request always samples.
 
 STRATEGIES = ("random", "stratified", "edge_cases", "adaptive", "diverse")
 LOW_CONFIDENCE = 0.6

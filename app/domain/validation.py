@@ -1,9 +1,5 @@
-"""Validation of sampled executions: which oracle checks an execution, and the validation record of a
-comparison. Pure: the agents decode, call these, and send.
-
-Validation records are built as field dicts in .avsc order, as results are (app/domain/results.py): the codecs
-encode them without a model, which costs a third of building and dumping a Validation (the validator's hot
-path: every sampled execution)."""
+"""Validation of sampled executions: consumes a sampled execution and its task, produces which oracle checks it and the
+validation record of a comparison. Pure: the agents decode, call these, and send."""
 
 from __future__ import annotations
 
@@ -18,6 +14,10 @@ from app.contract.records import (
     ValidationStatus,
 )
 from app.domain.comparison import compare
+
+# Validation records are built as field dicts in .avsc order, as results are (app/domain/results.py): the codecs
+# encode them without a model, which costs a third of building and dumping a Validation (the validator's hot path:
+# every sampled execution).
 
 LABEL_ORACLE = OracleSpec(kind=OracleKind.LABEL)
 

@@ -1,8 +1,6 @@
-"""`loopai generator serve`: consumes improvement requests, asks a provider for a candidate program, checks it as
-any program is checked (the static check, then runs in the sandbox, never in this process), scores it offline
-against the active version on the task's examples and the failing examples, and publishes only a better one, with
-its provenance, as a canary (a first version: active at once). Produces the outcome of every request, published,
-refused, failed or skipped, with the reason, on improvement-requests under the request's id."""
+"""`loopai generator serve`: consumes improvement requests, asks a provider for a candidate program and publishes it
+as a canary when it scores better; produces every request's outcome (published, refused, failed or skipped, with the
+reason) on improvement-requests under the request's id."""
 
 from __future__ import annotations
 
@@ -42,6 +40,10 @@ from app.sandbox.boundary import Boundary
 from app.sandbox.calls import Call
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
+
+# A candidate is checked as any program is checked (the static check, then runs in the sandbox, never in this
+# process), scored offline against the active version on the task's examples and the failing examples, and published
+# only when better, with its provenance, as a canary (a first version: active at once).
 
 log = logging.getLogger(__name__)
 

@@ -74,8 +74,18 @@ async def stop_clients(*clients: AIOKafkaConsumer | AIOKafkaProducer | None, tim
                 log.warning("%s did not stop cleanly: %s", type(client).__name__, describe_error(exc))
 
 
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task (None: never started) and return once it has ended; its cancellation is no error."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 @dataclass(frozen=True)
 class TopicApplied:
+    """What `apply_topics` did to one topic (created it, altered its configs or not) and the line that says so."""
+
     name: str
     created: bool
     detail: str
@@ -164,10 +174,7 @@ class BrokerWatch:
         self._task = asyncio.ensure_future(self._watch())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._client is not None:
             await self._client.close()
 

@@ -58,6 +58,7 @@ class Outbox(Generic[T]):
         self.slots: dict[Slot, list[Outgoing[T]]] = {}
 
     def add(self, topic: str, partition: int, key: bytes | None, value: bytes, tag: T) -> None:
+        """Add a record for a partition; `tag` comes back with its outcome."""
         self.records(topic, partition).append((key, value, tag))
 
     def records(self, topic: str, partition: int) -> list[Outgoing[T]]:

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import DailyStats, DeadLetter, ExecutionRequest, ExecutionResult, Record, utc_now
@@ -81,23 +81,31 @@ async def follow(
             await consumer.seek_to_beginning(*partitions)
         else:
             await consumer.seek_to_end(*partitions)
-        idle = 0.0
-        while True:
-            batches = await consumer.getmany(timeout_ms=200)
-            if not batches:
-                idle += 0.2
-                if idle_timeout_s is not None and idle >= idle_timeout_s:
-                    return
-                continue
-            idle = 0.0
-            for tp, messages in batches.items():
-                for message in messages:
-                    try:
-                        yield tp, message.offset, codec.decode(message.value)
-                    except DecodeError as exc:
-                        yield tp, message.offset, exc
+        async for tp, message in messages_until_idle(consumer, idle_timeout_s):
+            try:
+                yield tp, message.offset, codec.decode(message.value)
+            except DecodeError as exc:
+                yield tp, message.offset, exc
     finally:
         await consumer.stop()
+
+
+async def messages_until_idle(
+    consumer: AIOKafkaConsumer, idle_timeout_s: float | None
+) -> AsyncIterator[tuple[TopicPartition, ConsumerRecord[Any, Any]]]:
+    """Each message the consumer fetches from where it stands, until idle_timeout_s pass without one (None: never)."""
+    idle = 0.0
+    while True:
+        batches = await consumer.getmany(timeout_ms=200)
+        if not batches:
+            idle += 0.2
+            if idle_timeout_s is not None and idle >= idle_timeout_s:
+                return
+            continue
+        idle = 0.0
+        for tp, messages in batches.items():
+            for message in messages:
+                yield tp, message
 
 
 async def send_and_wait(

@@ -80,6 +80,7 @@ class ResultWriter:
         self._partitions: dict[str, int] = {}
 
     async def start(self) -> None:
+        """Learn the partition count of each topic written (the cluster's, which topics.yaml may not match)."""
         self.validations_dropped = 0
         self.partials_dropped = 0
         for topic in (self._results_topic, self._letters_topic, self._validations_topic, self._partials_topic):
@@ -185,6 +186,7 @@ class ResultWriter:
         return outbox
 
     def add_letter(self, outbox: Outbox[Tag], letter: DeadLetter) -> None:
+        """Add a dead letter, on the dead-letters partition its source partition maps to."""
         topic = self._letters_topic
         outbox.add(topic, letter.source_partition % self._partitions[topic], letter.key,
                    self._letters.encode(letter), letter)

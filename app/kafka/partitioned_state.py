@@ -93,6 +93,7 @@ class PartitionedState(Generic[V]):
                 yield partition, self._values[partition]
 
     def owns(self, partition: int) -> bool:
+        """Whether the partition is assigned here (read back or still being read)."""
         return partition in self._ready
 
     async def put(self, partition: int, key: bytes, value: V) -> None:

@@ -32,6 +32,7 @@ class Segment:
 
     @property
     def end(self) -> int:
+        """The offset just past the segment's last record."""
         return self.offsets[-1] + 1
 
     def first_undone(self) -> int | None:

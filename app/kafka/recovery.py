@@ -1,8 +1,5 @@
-"""faust's table recovery, read to each changelog partition's true end. faust reads a table's changelog back up to
-the end offsets ListOffsets(latest) answers; the embedded broker answers the base offset of the last record batch
-+ 1, so a recovery stopped short of that batch's later records, and faust crashed a worker whose table had already
-read past that answer (`ConsistencyError: The persisted offset ... is higher than the last offset in that topic`).
-The true end is the high watermark of a real fetch response (as app/kafka/tables.py reads its tables)."""
+"""faust's table recovery, read to each changelog partition's true end: consumes the changelog partitions a table
+recovers, produces their end offsets as a real fetch response's high watermark says them."""
 
 from __future__ import annotations
 
@@ -17,6 +14,12 @@ from faust.tables.recovery import Recovery
 
 from app.kafka.clients import make_consumer
 from app.settings import Settings
+
+# faust reads a table's changelog back up to the end offsets ListOffsets(latest) answers; the embedded broker answers
+# the base offset of the last record batch + 1, so a recovery stopped short of that batch's later records, and faust
+# crashed a worker whose table had already read past that answer (`ConsistencyError: The persisted offset ... is
+# higher than the last offset in that topic`). The true end is the high watermark of a real fetch response (as
+# app/kafka/tables.py reads its tables).
 
 log = logging.getLogger(__name__)
 

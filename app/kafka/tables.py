@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ from app.contract.codecs import Codec, DecodeError, codec_for
 from app.contract.records import ProgramArtifact, Record, TaskSpec, TaskSuspension
 from app.contract.records import artifact_key as artifact_key  # its home is records; importers here keep working
 from app.contract.topics import TopicSpec, topics_for
-from app.kafka.clients import make_consumer
+from app.kafka.clients import cancel_and_wait, make_consumer
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
 
@@ -40,6 +39,7 @@ class Table(Generic[R]):
         self.on_record: Callable[[R], None] | None = None  # told of every record applied (not of tombstones)
 
     def apply(self, key: bytes | None, value: bytes | None, offset: int) -> None:
+        """Apply one record of the topic: a value replaces its key's row, a tombstone removes it."""
         if key is None:
             self.skipped += 1
             log.error("%s offset %d has no key; skipped", self.spec.name, offset)
@@ -75,6 +75,7 @@ class Table(Generic[R]):
         return len(self._rows)
 
     def values(self) -> Iterator[R]:
+        """The rows as they are now (a copy: records may be applied meanwhile)."""
         return iter(list(self._rows.values()))
 
 
@@ -158,6 +159,7 @@ class TableReader:
 
     @property
     def on_suspension(self) -> Callable[[TaskSuspension], None] | None:
+        """Told of every suspension record applied (the worker's task budget listens)."""
         return self.suspensions.on_record
 
     @on_suspension.setter
@@ -169,10 +171,7 @@ class TableReader:
         self._follower = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+        await cancel_and_wait(self._follower)
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None

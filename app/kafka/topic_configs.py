@@ -54,6 +54,8 @@ _Struct: TypeAlias = IncrementalAlterConfigsRequest_v0
 
 
 class IncrementalAlterConfigsRequest(Request[_Struct]):
+    """IncrementalAlterConfigs (API 44), which aiokafka lacks: its version 0 only."""
+
     API_KEY = 44
 
     def __init__(self, resources: list[Any]) -> None:
@@ -76,6 +78,7 @@ class ConfigChange:
     wanted: dict[str, str]
 
     def describe(self) -> str:
+        """The difference in one line: `name had -> wanted` per config."""
         return ", ".join(f"{k} {self.had.get(k)} -> {v}" for k, v in self.wanted.items())
 
 

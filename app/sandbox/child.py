@@ -50,9 +50,8 @@ _deadline = 0.0
 _armed_at = float("inf")
 _timed_out = False  # the timer fired during the running call (even where the program swallowed it)
 # Freed memory is kept for the next batch (boundary.MALLOC_ENVIRONMENT), but not by a process left idle: this long
-# after its last batch, the timer fires once more and the heap's free pages go back to the system. Measured with
-# bench/zygote.py: an idle process after a batch of 1,000 spam_v1 calls kept 4.7 MB of its own, 2.5 MB trimmed;
-# the next batch faults its pages in again (~0.1 ms), which one second idle makes up for.
+# after its last batch, the timer fires once more and the heap's free pages go back to the system. The next batch
+# faults them in again, a cost a second of idleness makes up for (docs/design.md, Sandbox, has the figures).
 _IDLE_TRIM_S = 1.0
 _idle = False
 _malloc_trim = ctypes.CDLL(None).malloc_trim

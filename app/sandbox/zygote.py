@@ -72,7 +72,7 @@ def main(probe: str | None = None) -> None:
             message, ancillary, _, _ = control.recvmsg(MESSAGE.size, socket.CMSG_SPACE(_FDS.size))
             if not message:
                 os._exit(0)  # the worker hung up; the children die with this process
-            fds = _received_fds(ancillary)
+            fds = received_fds(ancillary)
             if message[:1] != b"S" or len(fds) != 2:
                 for received in fds:
                     os.close(received)
@@ -127,7 +127,8 @@ def _reap(control: socket.socket) -> None:
         control.send(MESSAGE.pack(b"X", pid, os.waitstatus_to_exitcode(status)))
 
 
-def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+def received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds a control message carried (SCM_RIGHTS), in order; the worker's side reads its answers with it too."""
     fds = array.array("i")
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 
 from app.sandbox.boundary import Boundary, SandboxUnavailable
-from app.sandbox.zygote import MESSAGE
+from app.sandbox.zygote import MESSAGE, received_fds
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,6 @@ def host_pid(pidfd: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def _fds_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds = array.array("i")
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
-    return list(fds)
 
 
 class _ZygoteProtocol(asyncio.SubprocessProtocol):
@@ -79,6 +71,7 @@ class Zygote:
 
     @property
     def alive(self) -> bool:
+        """Ready, and neither failed to start nor gone since."""
         return self._control is not None and self._ready is not None and self._ready.done() \
             and not self._ready.exception()
 
@@ -169,7 +162,7 @@ class Zygote:
             except OSError as exc:
                 self._on_gone(f"the sandbox zygote's control socket failed: {exc}")
                 return
-            fds = _fds_of(ancillary)
+            fds = received_fds(ancillary)
             if len(message) != MESSAGE.size:
                 for fd in fds:
                     os.close(fd)
@@ -250,5 +243,6 @@ class Zygote:
 
 
 def pidfd_kill(pidfd: int) -> None:
+    """SIGKILL through a pidfd (no pid can be reused under it); a process already ended is no error."""
     with contextlib.suppress(OSError):  # it has ended already
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)

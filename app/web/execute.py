@@ -1,16 +1,9 @@
-"""Synchronous execution over HTTP: consumes the body of POST /execute, produces its request on
-execution-requests and returns what it ended as, read from execution-results (or dead-letters).
-
-One producer and one results consumer serve every call. The consumer fetches only what somebody waits for: the
-results partition of each awaited task (results are keyed by task) and the dead letters while any call waits.
-A partition is followed from its end, fixed before the request is sent, so a result cannot be produced before
-the consumer could see it; with nobody waiting on it, it is paused (a worker does not read the results stream
-it writes)."""
+"""Synchronous execution over HTTP: consumes the body of POST /execute, produces its request on execution-requests and
+returns what it ended as, read from execution-results (or dead-letters)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Annotated
 
@@ -21,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 from app.contract.codecs import codec_for
 from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult
 from app.contract.topics import Topics
-from app.kafka.clients import make_consumer, partition_for
+from app.kafka.clients import cancel_and_wait, make_consumer, partition_for
 from app.kafka.loop_client import (
     RequestSender,
     ending_of,  # the same test send --wait uses
@@ -29,6 +22,12 @@ from app.kafka.loop_client import (
 )
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
+
+# One producer and one results consumer serve every call. The consumer fetches only what somebody waits for: the
+# results partition of each awaited task (results are keyed by task) and the dead letters while any call waits. A
+# partition is followed from its end, fixed before the request is sent, so a result cannot be produced before the
+# consumer could see it; with nobody waiting on it, it is paused (a worker does not read the results stream it
+# writes).
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +77,7 @@ class Executions:
         self._task = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._consumer is not None:
             await self._consumer.stop()
         await self._sender.__aexit__(None, None, None)

@@ -1,7 +1,6 @@
-"""A worker's metrics: consumes each delivered batch's result fields and the timestamps of the requests they
-answer (counted once per batch, not per result) and the worker's own counters, produces Prometheus families on the
-worker's own registry, the dashboard's live window (executions per second, error rate, percentiles of execution
-time and of request -> result over the last seconds) and its last 15 minutes as points every 10 s."""
+"""A worker's metrics: consumes each delivered batch's result fields, the timestamps of the requests they answer and the
+worker's own counters, produces Prometheus families on the worker's own registry and the dashboard's live window and
+last 15 minutes."""
 
 from __future__ import annotations
 
@@ -320,6 +319,7 @@ class EventLoopLag:
         self.worst_s = 0.0
 
     async def run(self) -> None:
+        """Sample forever: sleep `interval_s`, then count how late the loop woke."""
         loop = asyncio.get_running_loop()
         while True:
             asked = loop.time() + self._interval_s
@@ -332,6 +332,7 @@ class EventLoopLag:
         self.worst_s = max(self.worst_s, lag_s)
 
     def metrics(self) -> Iterator[Metric]:
+        """The lag histogram, as /metrics shows it."""
         cumulative, buckets = 0, []
         for bound, count in zip((*LAG_BOUNDS_S, float("inf")), self.buckets, strict=True):
             cumulative += count

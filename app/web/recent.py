@@ -1,12 +1,10 @@
-"""What the whole loop has seen lately: consumes validations, anomaly-signals, dead-letters and improvement-requests
-(every partition, no group, so every worker sees all of them), produces the last N signals, dead letters and
-improvement records and the validations counted per task and version since the worker started, for the dashboard
-and /metrics."""
+"""What the whole loop has seen lately: consumes validations, anomaly-signals, dead-letters and improvement-requests,
+produces the last N signals, dead letters and improvement records and the validations counted per task and version
+since the worker started, for the dashboard and /metrics."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from aiokafka.errors import KafkaError
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import AnomalySignal, DeadLetter, ImprovementRequest, Validation, ValidationStatus
 from app.contract.topics import Topics
-from app.kafka.clients import make_consumer
+from app.kafka.clients import cancel_and_wait, make_consumer
 from app.kafka.metadata import topic_partitions
 from app.settings import Settings
 from app.web.metrics import counter, gauge
@@ -49,7 +47,7 @@ class RecentEvents:
         consumer = self._consumer = make_consumer(self._settings, fetch_max_wait_ms=200)
         await consumer.start()
         partitions = [TopicPartition(name, p) for name in self._codecs for p in await topic_partitions(consumer, name)]
-        consumer.assign(partitions)
+        consumer.assign(partitions)  # every partition, no group: every worker sees all of them
         await consumer.seek_to_end(*partitions)
         for tp in partitions:
             end = await consumer.position(tp)
@@ -58,10 +56,7 @@ class RecentEvents:
         self._task = asyncio.ensure_future(self._follow())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._consumer is not None:
             await self._consumer.stop()
 

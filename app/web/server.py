@@ -1,12 +1,10 @@
-"""The worker's HTTP server (aiohttp, on the worker's event loop): consumes requests on web_host:web_port and
-the worker's parts (tables, executor, sandbox pool, broker watch), produces /health, /metrics, /execute, /tasks,
-/tasks/{id}, /tasks/{id}/stats, /api/dashboard, /openapi.json, the dashboard page and its icon; with web_token
-set, only /health, /metrics, /openapi.json and /favicon.ico answer without it."""
+"""The worker's HTTP server (aiohttp, on the worker's event loop): consumes requests on web_host:web_port and the
+worker's parts (tables, executor, sandbox pool, broker watch), produces /health, /metrics, /execute, /tasks,
+/tasks/{id}, /tasks/{id}/stats, /api/dashboard, /openapi.json, the dashboard page and its icon."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -29,7 +27,7 @@ from app.contract.records import DailyStats, DeadLetter, ImprovementRequest, Rec
 from app.contract.topics import Topics
 from app.domain.daily_stats import StatsKey
 from app.domain.task_budget import in_force
-from app.kafka.clients import BrokerWatch
+from app.kafka.clients import BrokerWatch, cancel_and_wait
 from app.kafka.loop_client import daily_stats
 from app.kafka.tables import TableReader
 from app.sandbox.pool import SandboxPool
@@ -100,10 +98,7 @@ class WebServer:
         return app
 
     async def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+        await cancel_and_wait(self._sampler)
         if self._runner is not None:
             await self._runner.cleanup()
         await self._executions.stop()
