@@ -1,6 +1,6 @@
 """Many tenants per worker: throughput and memory of one worker as the same traffic is spread over more tasks.
-In: --requests, --tasks counts; out: for each count, requests/s cold and warm (against one task's), the worker's
-RSS and its sandbox processes' own memory (USS) and PSS."""
+In: --requests, --tasks counts, --rounds; out: for each count, requests/s cold and warm (against one task's), the
+worker's RSS and its sandbox processes' own memory (USS) and PSS."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ async def provision(settings: Settings, tasks: list[str]) -> None:
             await control.publish(name, PROGRAM, activate=True)
 
 
-async def one_count(broker: EmbeddedBroker, work: Path, count: int, requests: int) -> list[tuple[float, ...]]:
+async def one_count(broker: EmbeddedBroker, work: Path, count: int, requests: int,
+                    rounds: int) -> list[tuple[float, ...]]:
+    """A cold run (the tasks' processes start), then `rounds` warm ones."""
     prefix = f"tenants{count}."
     settings = Settings(bootstrap_servers=broker.bootstrap_servers, topic_prefix=prefix, app_id=f"tenants{count}",
                         data_dir=work / f"data{count}", web_port=0, sandbox_processes=count + 16,
@@ -70,7 +72,7 @@ async def one_count(broker: EmbeddedBroker, work: Path, count: int, requests: in
                 raise RuntimeError(log_path.read_text(errors="replace")[-3000:])
             await asyncio.sleep(0.1)
         group, done = f"{settings.app_id}-executors", 0
-        for _ in range(2):
+        for _ in range(1 + rounds):
             encoded = encode_requests(settings, [request_from(tasks[i % count], {"n": i}) for i in range(requests)])
             started = time.monotonic()
             await send_encoded(settings, encoded)
@@ -90,17 +92,17 @@ async def one_count(broker: EmbeddedBroker, work: Path, count: int, requests: in
     return runs
 
 
-async def run(requests: int, counts: list[int]) -> None:
+async def run(requests: int, counts: list[int], rounds: int) -> None:
     with tempfile.TemporaryDirectory() as work, EmbeddedBroker(log_file=Path(work) / "broker.log") as broker:
-        say(f"{requests} requests spread evenly over N tasks, one worker (embedded broker); each count twice: "
-            "cold (its sandbox processes start), then warm")
+        say(f"{requests} requests spread evenly over N tasks, one worker (embedded broker); each count cold (its "
+            f"sandbox processes start), then warm: the median of {rounds} rounds, and memory after the last")
         say(f"{'tasks':>6} {'run':>5} {'req/s':>8} {'vs 1 task':>10} {'worker MB':>10} {'sandbox USS MB':>15} "
             f"{'sandbox PSS MB':>15} {'processes':>10}")
         base = None
         for count in counts:
-            for label, (rate, worker_mb, uss, pss, processes) in zip(("cold", "warm"),
-                                                                       await one_count(broker, Path(work), count,
-                                                                                       requests), strict=True):
+            cold, *warm = await one_count(broker, Path(work), count, requests, rounds)
+            median = sorted(warm, key=lambda run: run[0])[len(warm) // 2]
+            for label, (rate, worker_mb, uss, pss, processes) in (("cold", cold), ("warm", (median[0], *warm[-1][1:]))):
                 if label == "warm" and base is None:
                     base = rate
                 ratio = f"{rate / base:.2f}" if base else "-"
@@ -110,10 +112,11 @@ async def run(requests: int, counts: list[int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20_000)
+    parser.add_argument("--requests", type=int, default=100_000, help="per round")
     parser.add_argument("--tasks", default="1,16,100,1000", help="task counts, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3, help="warm rounds per count")
     args = parser.parse_args()
-    asyncio.run(run(args.requests, [int(n) for n in args.tasks.split(",")]))
+    asyncio.run(run(args.requests, [int(n) for n in args.tasks.split(",")], args.rounds))
 
 
 if __name__ == "__main__":

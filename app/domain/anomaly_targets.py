@@ -100,8 +100,10 @@ class TargetDetector:
         self._watched: dict[tuple[str, int, AnomalyMetric], _Watched] = {}
         self._judged_until: dict[tuple[str, int], datetime] = {}  # minutes before it were judged for re-arming
 
-    def add(self, partial: StatsPartial, targets: Targets, clock: datetime) -> list[AnomalySignal]:
-        """Fold one partial in and judge its task version's targets now (`clock`: the task's event-time clock)."""
+    def add(self, partial: StatsPartial, targets: Targets, clock: datetime,
+            sketch: LatencySketch | None = None) -> list[AnomalySignal]:
+        """Fold one partial in and judge its task version's targets now (`clock`: the task's event-time clock;
+        `sketch`: the partial's, if decoded already)."""
         if partial.version is None:
             return []  # rejections of no version: nothing ran
         key = (partial.task_id, partial.version)
@@ -118,7 +120,7 @@ class TargetDetector:
         counts[_VALIDATED] += partial.validated
         counts[_MISMATCHED] += partial.validated - partial.matched
         if ran and partial.sketch:
-            sketch = LatencySketch.from_bytes(partial.sketch)
+            sketch = LatencySketch.from_bytes(partial.sketch) if sketch is None else sketch
             if targets.latency_target_ms is not None:
                 counts[_SLOW] += sketch.count_above(targets.latency_target_ms)
             minute.sketch.merge(sketch)

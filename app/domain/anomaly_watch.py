@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from app.contract.records import AnomalySignal, StatsPartial
 from app.domain.anomaly import AnomalyDetector, AnomalyThresholds
 from app.domain.anomaly_targets import TargetDetector, TargetLimits, Targets
+from app.domain.latency_sketch import LatencySketch
 from app.domain.minute_buckets import MinuteBuckets
 
 _NEVER = datetime.min.replace(tzinfo=UTC)
@@ -60,11 +61,12 @@ class AnomalyWatch:
         task = self._tasks.get(partial.task_id)
         if task is None:
             task = self._tasks[partial.task_id] = _TaskMinutes(MinuteBuckets(self.lateness))
-        task.buckets.add_partial(partial)
+        sketch = LatencySketch.from_bytes(partial.sketch)  # once, for the minutes and the targets
+        task.buckets.add_partial(partial, sketch)
         task.latest_event = max(task.latest_event, partial.event_at)
         task.arrived_at = now
         targets = self.targets_of(partial.task_id)
-        breached = [] if targets is None else self._targets.add(partial, targets, self._clock(task, now))
+        breached = [] if targets is None else self._targets.add(partial, targets, self._clock(task, now), sketch)
         return breached + self._close(task, now)
 
     def tick(self, now: datetime) -> list[AnomalySignal]:

@@ -58,10 +58,11 @@ class MinuteBuckets:
         bucket.merge(stats)
         return True
 
-    def add_partial(self, partial: StatsPartial) -> bool:
-        """Fold a StatsPartial into the minute of its event_at."""
+    def add_partial(self, partial: StatsPartial, sketch: LatencySketch | None = None) -> bool:
+        """Fold a StatsPartial into the minute of its event_at (`sketch`: its sketch, if decoded already; merged
+        in, not kept)."""
         stats = WindowStats(ok=partial.ok, error=partial.error, timeout=partial.timeout, rejected=partial.rejected,
-                            sketch=LatencySketch.from_bytes(partial.sketch))
+                            sketch=LatencySketch.from_bytes(partial.sketch) if sketch is None else sketch)
         return self.add(partial.task_id, partial.version, partial.event_at, stats)
 
     def add_results(self, results: Iterable[Mapping[str, Any]]) -> None:

@@ -122,20 +122,18 @@ class SandboxPool:
         if not calls:
             return
         job = _Job(calls, emit, asyncio.get_running_loop().create_future())
-        # Each version's calls, as ranges while they are contiguous (a batch is fetched partition by partition,
-        # and a partition's requests are often one task's): no per-call index lists to build or walk.
+        # Each version's calls: a range when the batch is all one version's (no index list to build or walk).
+        owners = list(map(_owner, calls))
         by_owner: dict[Owner, range | list[int]] = {}
-        at = 0
-        for owner, run in itertools.groupby(map(_owner, calls)):
-            end = at + len(list(run))
-            seen = by_owner.get(owner)
-            if seen is None:
-                by_owner[owner] = range(at, end)
-            elif isinstance(seen, range):
-                by_owner[owner] = [*seen, *range(at, end)]
-            else:
-                seen.extend(range(at, end))
-            at = end
+        if owners.count(owners[0]) == len(owners):
+            by_owner[owners[0]] = range(len(owners))
+        else:
+            for index, owner in enumerate(owners):
+                seen = by_owner.get(owner)
+                if seen is None:
+                    by_owner[owner] = [index]
+                else:
+                    seen.append(index)  # type: ignore[union-attr]  # only the one-version case is a range
         for owner, indices in by_owner.items():
             self._enqueue(owner, job, indices)
         try:
