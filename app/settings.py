@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     agent_fetch_max_wait_ms: int = Field(1500, ge=0, le=10_000)
     # How often answered requests are committed, after their daily-stats partials are sent (one per
     # task/version/day over all of them): a crash redoes at most this much work besides the requests in flight.
+    # While requests are in flight a commit may wait up to 10 intervals for its partials to summarise enough
+    # results each (app/agents/execute_requests.py).
     executor_commit_interval_ms: int = Field(100, ge=0, le=10_000)
     default_timeout_ms: int = Field(1000, ge=1, le=60_000)
     # A task whose calls keep timing out is suspended: task_suspend_timeouts of them within task_suspend_window_s

@@ -1,11 +1,5 @@
 """Executes requests: consumes execution-requests in Kafka batches, runs each against its program version in
-the sandbox pool, and produces exactly one execution-result or dead letter per request.
-
-Each task's results go out as soon as its own calls are done, whatever was fetched with them; offsets are
-committed per partition up to the first request whose outcome is not yet acknowledged (app/kafka/progress.py),
-so a crash re-runs only what may be undelivered (a redelivered request yields the same execution_id).
-Fetching pauses while too many requests, or too many bytes of outputs, are in flight.
-"""
+the sandbox pool, and produces exactly one execution-result or dead letter per request."""
 
 from __future__ import annotations
 
@@ -21,34 +15,37 @@ from aiokafka.errors import (
 )
 
 from app.contract.codecs import DecodeError, codec_for
-from app.contract.records import AnomalySignal, DeadLetter, ExecutionRequest, TaskSuspension, utc_now
+from app.contract.records import DeadLetter, ExecutionRequest, utc_now
 from app.contract.topics import Topics
-from app.domain.resolution import ExecutionPlan, Refused, Resolver, SchemaValidators
+from app.domain.resolution import ExecutionPlan, Refused, Resolver, SchemaValidators, calls_of
 from app.domain.results import ResultAssembler, rejected_fields
-from app.domain.task_budget import TimeoutBudget, signal_of
+from app.domain.task_budget import TimeoutBudget
 from app.kafka.clients import make_consumer, make_producer, stop_clients
 from app.kafka.delivery import describe_error
 from app.kafka.lanes import Answers, Lanes
 from app.kafka.outcomes import (
     Message,
     ResultWriter,
+    UnsentStats,
     dead_letter_for,
     start_answering,
 )
 from app.kafka.pipeline import Pipeline
 from app.kafka.progress import Mark
+from app.kafka.suspensions import SuspensionNotices
 from app.kafka.tables import TableReader
-from app.sandbox.calls import Call, Outcome
+from app.sandbox.calls import Outcome
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# Each task's results go out as soon as its own calls are done, whatever was fetched with them; offsets are
+# committed per partition up to the first request whose outcome is not yet acknowledged (app/kafka/pipeline.py),
+# so a crash re-runs only what may be undelivered (a redelivered request yields the same execution_id). Fetching
+# pauses while too many requests, or too many bytes of outputs, are in flight.
 Pending = tuple[ExecutionRequest, ExecutionPlan, Message]
-# A commit sends one daily-stats partial per task answered since the last, and a partial costs the worker and its
-# agents about what a few dozen results cost. With many tasks, each with few results per commit interval, a commit
-# waits (up to this many intervals, or until nothing is in flight) until its partials summarise enough results.
-_RESULTS_PER_PARTIAL = 32
+# A commit waits at most this many intervals for its stats partials to be worth sending (UnsentStats).
 _COMMIT_HOLD_INTERVALS = 10
 
 
@@ -63,6 +60,8 @@ class ExecuteRequests:
         self._tables = tables
         self._pool = pool
         self._requests = codec_for(ExecutionRequest, settings, topics.execution_requests)
+        # Results acknowledged since the last commit: their daily-stats partials go out before it.
+        self._unsent: UnsentStats[dict[str, Any]] = UnsentStats(lambda results: self._writer.write_stats(results))
         self._validators = SchemaValidators()
         self.assembler = ResultAssembler(settings.worker_id)
         self._producer: AIOKafkaProducer
@@ -72,12 +71,11 @@ class ExecuteRequests:
         self.pipeline = pipeline = Pipeline(
             "executor", "requests", batch_size=settings.executor_batch_size,
             max_in_flight=settings.executor_batch_size * settings.executor_max_inflight_batches,
-            commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._send_partials,
-            commit_due=self._partials_worth_sending,
+            commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._unsent.send,
+            commit_due=self._unsent.worth_sending,
             max_commit_interval_s=_COMMIT_HOLD_INTERVALS * settings.executor_commit_interval_ms / 1000,
             blocked=lambda: self._lanes.full(), failure_of=self._consumer_failure)
         self.failed = pipeline.failed  # set, with `failure` saying why, when it had to stop without committing
-        self._delivered: list[dict[str, Any]] = []  # results acknowledged since the last commit: its partials
         self.executed = 0
         self.dead_lettered = 0
         # Called with each acknowledged group of results' fields, and each with its request's message (for its
@@ -86,8 +84,7 @@ class ExecuteRequests:
         # The tasks' timeout budget: a suspended task's requests get a rejected result at once.
         self.budget = budget
         self.refusal: Callable[[str], str | None] | None = budget.refusal if budget is not None else None
-        self._suspensions = codec_for(TaskSuspension, settings, topics.task_suspensions)
-        self._signals = codec_for(AnomalySignal, settings, topics.anomaly_signals)
+        self._notices = SuspensionNotices(settings, topics)
 
     @property
     def failure(self) -> str | None:
@@ -218,7 +215,7 @@ class ExecuteRequests:
                 answered[index] = 1
             self._answer([pending[i] for i in indices], outcomes, [marks[i] for i in indices])
 
-        calls = _calls(pending)
+        calls = calls_of(pending)
         try:
             await self._pool.stream(calls, emit)
             return
@@ -252,7 +249,7 @@ class ExecuteRequests:
     async def _delivered_now(self, answers: Answers, sent_results: list[dict[str, Any]], sent_letters: int) -> None:
         self.executed += len(sent_results)
         self.dead_lettered += sent_letters
-        self._delivered += sent_results
+        self._unsent.add(sent_results)
         if self.on_results is not None:
             self.on_results(sent_results, answers.results)
         await self.pipeline.done(answers.marks)
@@ -261,33 +258,13 @@ class ExecuteRequests:
         self.fail(reason)
         self.pipeline.let_go(len(answers.marks))
 
-    def _partials_worth_sending(self) -> bool:
-        delivered = self._delivered
-        return len(delivered) >= _RESULTS_PER_PARTIAL * len({fields["task_id"] for fields in delivered})
-
-    async def _send_partials(self) -> None:
-        """Before a commit: the daily-stats partials of the results acknowledged since the last one."""
-        delivered, self._delivered = self._delivered, []
-        await self._writer.write_stats(delivered)
-
     def charge_timeout(self, task_id: str) -> None:
         """A call of the task timed out (the sandbox pool tells): charge its budget, and when that suspends the
         task, say so on task-suspensions (every worker refuses it) and anomaly-signals."""
         suspension = self.budget.charge(task_id) if self.budget is not None else None
         if suspension is not None:
             log.warning("task %s suspended: %s", task_id, suspension.reason)
-            self.pipeline.spawn(self._announce(suspension))
-
-    async def _announce(self, suspension: TaskSuspension) -> None:
-        key = suspension.task_id.encode()
-        try:
-            await asyncio.gather(
-                self._producer.send_and_wait(self._topics.task_suspensions.name, self._suspensions.encode(suspension),
-                                             key=key),
-                self._producer.send_and_wait(self._topics.anomaly_signals.name,
-                                             self._signals.encode(signal_of(suspension)), key=key))
-        except Exception as exc:  # the suspension holds on this worker all the same
-            log.error("could not announce the suspension of %s: %s", suspension.task_id, describe_error(exc))
+            self.pipeline.spawn(self._notices.announce(self._producer, suspension))
 
     def _consumer_failure(self, exc: KafkaError) -> str:
         if isinstance(exc.__cause__, InvalidSessionTimeoutError):
@@ -299,17 +276,3 @@ class ExecuteRequests:
     def _dead_letter(self, message: Message, reason: str, error_type: str) -> DeadLetter:
         return dead_letter_for(message, reason, error_type, self._settings.worker_id)
 
-
-def _calls(pending: list[Pending]) -> list[Call]:
-    """The sandbox calls of a batch. A batch's plans are mostly one shared object (app/domain/resolution's
-    Resolver), so its program and timeout are read once per plan; each Call is made as the tuple it is (a
-    NamedTuple's own constructor costs twice as much)."""
-    calls: list[Call] = []
-    runs: dict[int, tuple[str, str, float]] = {}
-    made = tuple.__new__
-    for q, r, _ in pending:
-        run = runs.get(id(r))
-        if run is None:
-            run = runs[id(r)] = (r.artifact.program_id, r.artifact.source_code, r.timeout_ms / 1000)
-        calls.append(made(Call, (q.task_id, *run, q.input)))
-    return calls

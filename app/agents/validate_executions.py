@@ -17,7 +17,15 @@ from app.domain.validation import ValidationFields, shadow_version_for, unvalida
 from app.kafka.clients import make_consumer, make_producer, partition_for, stop_clients
 from app.kafka.delivery import Outbox, describe_error
 from app.kafka.metadata import topic_partitions
-from app.kafka.outcomes import Message, ResultWriter, Tag, Undeliverable, dead_letter_for, start_answering
+from app.kafka.outcomes import (
+    Message,
+    ResultWriter,
+    Tag,
+    Undeliverable,
+    UnsentStats,
+    dead_letter_for,
+    start_answering,
+)
 from app.kafka.pipeline import Pipeline
 from app.kafka.progress import Mark
 from app.kafka.tables import TableReader
@@ -56,12 +64,14 @@ class ValidateExecutions:
         self._partitions: dict[str, int] = {}
         self._producer: AIOKafkaProducer
         self._writer: ResultWriter
+        # Validations acknowledged since the last commit: their daily-stats partials go out before it.
+        self._unsent: UnsentStats[ValidationFields] = UnsentStats(
+            lambda validations: self._writer.write_validation_stats(validations))
         self.pipeline = pipeline = Pipeline(
             "validator", "validation requests", batch_size=_BATCH, max_in_flight=2 * _BATCH,
-            commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._send_partials,
+            commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._unsent.send,
             failure_of=lambda exc: f"consuming {topics.validation_requests.name} failed: {describe_error(exc)}")
         self.failed = pipeline.failed  # set, with `failure` saying why, when it had to stop without committing
-        self._delivered: list[ValidationFields] = []  # validations acknowledged since the last commit
         self.validated = 0  # validations produced
         self.forwarded = 0  # requests forwarded to an external oracle
         self.dead_lettered = 0
@@ -118,16 +128,11 @@ class ValidateExecutions:
             self.pipeline.let_go(len(batch.marks))
             return
         delivered = [record for key, record in batch.validations if key not in fallen_back]
-        self._delivered += delivered
+        self._unsent.add(delivered)
         self.validated += len(delivered)
         self.forwarded += sum(1 for key in batch.forwarded if key not in fallen_back)
         self.dead_lettered += batch.letters + len(fallen_back)
         await self.pipeline.done(batch.marks)
-
-    async def _send_partials(self) -> None:
-        """Before a commit: the daily-stats partials of the validations acknowledged since the last one."""
-        delivered, self._delivered = self._delivered, []
-        await self._writer.write_validation_stats(delivered)
 
     def _answer(self, message: Message, batch: _Batch) -> None:
         """Adds a message's answer to the batch (a shadow run is only queued, see _run_shadows)."""

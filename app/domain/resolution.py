@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -10,6 +10,7 @@ import jsonschema_rs
 
 from app.contract.records import ExecutionRequest, ProgramArtifact, TaskSpec
 from app.domain.canary import runs_canary
+from app.sandbox.calls import Call
 
 
 class ExecutionPlan(NamedTuple):
@@ -162,3 +163,18 @@ class Resolver:
                 plan = (ExecutionPlan(artifact, unpinned_timeout_ms(task, self._default_timeout_ms), task), is_valid)
         self._plans[task_id] = plan
         return plan
+
+
+def calls_of(pending: Iterable[tuple[ExecutionRequest, ExecutionPlan, Any]]) -> list[Call]:
+    """The sandbox calls of (request, plan, anything) triples. A batch's plans are mostly one shared object (the
+    Resolver's), so a plan's program and timeout are read once; each Call is made as the tuple it is (a
+    NamedTuple's own constructor costs twice as much)."""
+    calls: list[Call] = []
+    runs: dict[int, tuple[str, str, float]] = {}
+    made = tuple.__new__
+    for q, r, _ in pending:
+        run = runs.get(id(r))
+        if run is None:
+            run = runs[id(r)] = (r.artifact.program_id, r.artifact.source_code, r.timeout_ms / 1000)
+        calls.append(made(Call, (q.task_id, *run, q.input)))
+    return calls

@@ -5,7 +5,8 @@ even that can be sent, Undeliverable is raised."""
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeAlias
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Generic, TypeAlias, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.abc import ConsumerRebalanceListener
@@ -28,6 +29,7 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 Message: TypeAlias = ConsumerRecord[Any, Any]
+Fields = TypeVar("Fields", bound=Mapping[str, Any])
 Tag: TypeAlias = "Message | DeadLetter"  # what an outgoing record stands for: a request's result, or a letter
 
 
@@ -59,6 +61,33 @@ async def start_answering(consumer: AIOKafkaConsumer, producer: AIOKafkaProducer
         await stop_clients(consumer, producer)
         raise
     return writer
+
+
+# A commit sends one daily-stats partial per task answered since the last, and a partial costs the worker and its
+# agents about what a few dozen results cost. With many tasks, each with few results per commit interval, a commit
+# may wait (Pipeline's max_commit_interval_s, or until nothing is in flight) until its partials summarise enough.
+RESULTS_PER_PARTIAL = 32
+
+
+class UnsentStats(Generic[Fields]):
+    """Records acknowledged since the last commit (results or validations, as field dicts), whose daily-stats
+    partials `send` writes before the commit."""
+
+    def __init__(self, send: Callable[[list[Fields]], Awaitable[None]]) -> None:
+        self.records: list[Fields] = []
+        self._send = send
+
+    def add(self, records: list[Fields]) -> None:
+        self.records += records
+
+    def worth_sending(self) -> bool:
+        """Whether their partials, one per task, would summarise RESULTS_PER_PARTIAL records each."""
+        records = self.records
+        return len(records) >= RESULTS_PER_PARTIAL * len({fields["task_id"] for fields in records})
+
+    async def send(self) -> None:
+        records, self.records = self.records, []
+        await self._send(records)
 
 
 class ResultWriter:
