@@ -91,7 +91,8 @@ class Settings(BaseSettings):
     # a task of megabyte outputs costs its own throughput, not the worker's memory.
     executor_max_output_bytes: int = Field(64 << 20, ge=1 << 20)
     # How long a fetch may wait for requests. Apache Kafka answers a fetch as soon as a record arrives, so this
-    # only paces an idle poll; the embedded broker waits it out every time (EMBEDDED_TIMINGS sets it low).
+    # only paces an idle poll; the embedded broker waits it out every time (EMBEDDED_TIMINGS sets it low), and
+    # the wait doubles while fetches come back empty with records waiting (a long partition on that broker).
     executor_fetch_max_wait_ms: int = Field(20, ge=0, le=1000)
     # The same for the agents' consumers, the faust agents' and the validator's (faust fixes it at 1500 ms; so
     # does the default here). On the embedded broker each hop of the validation loop and the analytics waited

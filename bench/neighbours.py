@@ -22,7 +22,13 @@ from app.contract.codecs import codec_for
 from app.contract.records import ExecutionRequest, TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
-from app.kafka.clients import apply_topics, make_consumer, make_producer, partition_for
+from app.kafka.clients import (
+    apply_topics,
+    make_consumer,
+    make_producer,
+    partition_for,
+    widen_fetch_wait_if_starved,
+)
 from app.kafka.loop_client import request_from
 from app.settings import Settings
 from bench import say
@@ -63,7 +69,10 @@ async def steady(settings: Settings, rate: int, neighbour: str, neighbour_rate: 
 
     async def receive() -> None:
         while True:
-            for messages in (await consumer.getmany(timeout_ms=100)).values():
+            fetched = await consumer.getmany(timeout_ms=100)
+            if not fetched:
+                await widen_fetch_wait_if_starved(consumer)
+            for messages in fetched.values():
                 now = time.perf_counter()
                 for message in messages:
                     request_id = orjson.loads(message.value)["request_id"]

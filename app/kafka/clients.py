@@ -82,6 +82,30 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
             await task
 
 
+# Apache Kafka answers a fetch as soon as it has records, so a short fetch wait only paces idle polls. The embedded
+# broker (Tansu, memory storage) needs a time to find an offset that grows with the record batches before it in
+# the partition (measured: 20,000 one-record batches need more than 5 ms, 50,000 more than 10, 100,000 more than
+# 20), and answers empty when the wait runs out first: a consumer with a short wait then stalls for good once a
+# trickle of small batches has made its partition long enough.
+_FETCH_WAIT_CEILING_MS = 1000
+
+
+async def widen_fetch_wait_if_starved(consumer: AIOKafkaConsumer) -> None:
+    """After a fetch that came back empty: if records wait past the consumer's position in a partition it is
+    assigned (the broker could not find them within the fetch wait), double its fetch wait, up to a second.
+    Never happens on Apache Kafka."""
+    for tp in consumer.assignment():
+        end = consumer.highwater(tp)
+        if end is not None and end > await consumer.position(tp):
+            fetcher = consumer._fetcher  # aiokafka keeps the wait there and reads it for every fetch request
+            wait = fetcher._fetch_max_wait_ms
+            if wait < _FETCH_WAIT_CEILING_MS:
+                fetcher._fetch_max_wait_ms = min(_FETCH_WAIT_CEILING_MS, max(1, wait) * 2)
+                log.warning("fetches of %s came back empty with records waiting at %d..%d: fetch wait %d ms -> %d ms",
+                            tp, await consumer.position(tp), end, wait, fetcher._fetch_max_wait_ms)
+            return
+
+
 @dataclass(frozen=True)
 class TopicApplied:
     """What `apply_topics` did to one topic (created it, altered its configs or not) and the line that says so."""

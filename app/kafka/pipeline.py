@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
+from app.kafka.clients import widen_fetch_wait_if_starved
 from app.kafka.delivery import describe_error
 from app.kafka.outcomes import Message
 from app.kafka.progress import Mark, PartitionProgress, Segment
@@ -182,6 +183,8 @@ class Pipeline:
                 if batches and not self.stopping:
                     take(batches)
                     self.update_room()
+                elif not batches:
+                    await widen_fetch_wait_if_starved(self.consumer)
         except KafkaError as exc:
             self.fail(self._failure_of(exc))
         except Exception as exc:

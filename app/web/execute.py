@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 from app.contract.codecs import codec_for
 from app.contract.records import DeadLetter, ExecutionRequest, ExecutionResult
 from app.contract.topics import Topics
-from app.kafka.clients import cancel_and_wait, make_consumer, partition_for
+from app.kafka.clients import cancel_and_wait, make_consumer, partition_for, widen_fetch_wait_if_starved
 from app.kafka.loop_client import (
     RequestSender,
     ending_of,  # the same test send --wait uses
@@ -131,6 +131,8 @@ class Executions:
         while True:
             try:
                 batches = await self._consumer.getmany(timeout_ms=200)
+                if not batches:
+                    await widen_fetch_wait_if_starved(self._consumer)
             except KafkaError as exc:
                 log.warning("execute: reading results: %s; retrying", exc)
                 await asyncio.sleep(0.5)

@@ -5,6 +5,7 @@ import contextlib
 import itertools
 import time
 
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from app.contract.topics import topics_for
@@ -12,6 +13,7 @@ from app.kafka.clients import (
     ConnectBackoff,
     apply_topics,
     partition_for,
+    widen_fetch_wait_if_starved,
 )
 from app.settings import Settings
 
@@ -60,3 +62,38 @@ async def test_connection_attempts_to_an_address_that_refuses_them_back_off() ->
     started = time.monotonic()
     assert await backoff.connect(create, "broker", 9092) == "connection"
     assert time.monotonic() - started < 0.05  # no backoff once it connects
+
+
+class _Fetcher:
+    def __init__(self, wait_ms: int) -> None:
+        self._fetch_max_wait_ms = wait_ms
+
+
+class _Consumer:
+    """What widen_fetch_wait_if_starved reads of an aiokafka consumer."""
+
+    def __init__(self, wait_ms: int, end: int | None, position: int) -> None:
+        self._fetcher = _Fetcher(wait_ms)
+        self.tp = TopicPartition("requests", 0)
+        self.end, self.at = end, position
+
+    def assignment(self) -> set[TopicPartition]:
+        return {self.tp}
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.end
+
+    async def position(self, tp: TopicPartition) -> int:
+        return self.at
+
+
+async def test_a_fetch_wait_too_short_for_the_broker_to_find_waiting_records_is_doubled_up_to_a_second() -> None:
+    """The embedded broker answers a fetch empty when it cannot find the offset within the wait (it scans a
+    partition's batches: a long partition of small batches stalled a consumer with a 2 ms wait for good)."""
+    starved = _Consumer(2, end=30_000, position=20_000)
+    for expected in (4, 8, 16, 32, 64, 128, 256, 512, 1000, 1000):
+        await widen_fetch_wait_if_starved(starved)  # type: ignore[arg-type]
+        assert starved._fetcher._fetch_max_wait_ms == expected
+    for idle in (_Consumer(2, end=20_000, position=20_000), _Consumer(2, end=None, position=0)):
+        await widen_fetch_wait_if_starved(idle)  # type: ignore[arg-type]  # nothing waits: an idle poll
+        assert idle._fetcher._fetch_max_wait_ms == 2
