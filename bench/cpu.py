@@ -33,7 +33,13 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
         return 0.0, 0.0
     fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
     utime, stime, cutime, cstime = (int(f) * _TICK_S for f in fields[11:15])  # fields 14-17 of stat
-    return utime + stime, cutime + cstime
+    # stat counts whole clock ticks: a process that runs a few ms between samples (an idle task's sandbox process)
+    # shows none of it. schedstat has the main thread's run time in ns; both only grow, so their larger is kept.
+    try:
+        leader = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        leader = 0.0
+    return max(utime + stime, leader), cutime + cstime
 
 
 def tree_seconds(roots: list[int]) -> tuple[float, float]:

@@ -154,12 +154,16 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def run(seconds: float, rate: int, rounds: int) -> None:
-    with tempfile.TemporaryDirectory() as work, EmbeddedBroker(log_file=Path(work) / "broker.log") as broker:
+async def scenario(work: Path, rate: int, neighbour: str, neighbour_rate: int,
+                   seconds: float) -> tuple[list[float], Counter[str], float]:
+    """One scenario on a fresh broker and worker (the embedded broker slows as its partitions grow: a scenario run
+    after others would pay for their logs): the victim's latencies, the neighbour's statuses, the worker's peak
+    RSS in MB."""
+    with EmbeddedBroker(log_file=work / "broker.log") as broker:
         settings = Settings(bootstrap_servers=broker.bootstrap_servers, topic_prefix="neighbours.",
-                            app_id="neighbours", data_dir=Path(work) / "data", web_port=0, **EMBEDDED_TIMINGS)
+                            app_id="neighbours", data_dir=work / "data", web_port=0, **EMBEDDED_TIMINGS)
         await provision(settings)
-        log_path = Path(work) / "worker.log"
+        log_path = work / "worker.log"
         env = {**settings.to_env(), "LOOPAI_WORKER_ID": "bench-neighbours", "PATH": "/usr/bin:/bin"}
         with open(log_path, "wb") as log:
             worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, cwd=work,
@@ -171,26 +175,8 @@ async def run(seconds: float, rate: int, rounds: int) -> None:
                     raise RuntimeError(log_path.read_text(errors="replace")[-3000:])
                 await asyncio.sleep(0.1)
             await steady(settings, rate, "", 0, 1.0)  # warm: the victim's sandbox process is started
-            say(f"victim: {rate} req/s of a trivial program for {seconds:g} s per scenario, one worker "
-                f"(embedded broker); {rounds} rounds, scenarios interleaved, medians of the rounds' figures")
-            figures: dict[str, list[tuple[float, float, Counter[str]]]] = {name: [] for name in SCENARIOS}
-            for _ in range(rounds):
-                for name, (task, task_rate) in SCENARIOS.items():
-                    latencies, statuses = await steady(settings, rate, task, task_rate, seconds)
-                    figures[name].append((quantile(latencies, 0.5), quantile(latencies, 0.99), statuses))
-                    if task:  # its budget starts afresh each round (a spinning task is suspended after 10)
-                        async with ControlPlane(settings) as control:
-                            await control.resume(task)
-            say(f"{'neighbour':<32} {'p50 ms':>8} {'p99 ms':>8} {'p99 vs alone':>13}  p99 of each round; "
-                "the neighbour's results (last round)")
-            alone_p99 = statistics.median(p99 for _, p99, _ in figures["alone"])
-            for name, runs in figures.items():
-                p50 = statistics.median(p50 for p50, _, _ in runs)
-                p99 = statistics.median(p99 for _, p99, _ in runs)
-                what = ", ".join(f"{count} {status}" for status, count in sorted(runs[-1][2].items())) or "-"
-                rounds_p99 = " ".join(f"{p99:.0f}" for _, p99, _ in runs)
-                say(f"{name:<32} {p50:>8.1f} {p99:>8.1f} {p99 / alone_p99:>12.2f}x  [{rounds_p99}]; {what}")
-            say(f"worker peak resident memory: {peak_rss_mb(worker.pid):.0f} MB")
+            latencies, statuses = await steady(settings, rate, neighbour, neighbour_rate, seconds)
+            return latencies, statuses, peak_rss_mb(worker.pid)
         finally:
             worker.terminate()
             try:
@@ -201,9 +187,34 @@ async def run(seconds: float, rate: int, rounds: int) -> None:
             lines = log_path.read_text(errors="replace").splitlines()
             late = [line for line in lines if "ran at most" in line]
             if late:
-                say("worker: " + late[-1].split("] ", 3)[-1].strip())
+                say("    worker: " + late[-1].split("] ", 3)[-1].strip())
             for line in [line for line in lines if "ERROR" in line or "CRITICAL" in line][-10:]:
-                say(f"worker: {line[:300]}")
+                say(f"    worker: {line[:300]}")
+
+
+async def run(seconds: float, rate: int, rounds: int) -> None:
+    say(f"victim: {rate} req/s of a trivial program for {seconds:g} s per scenario, one worker (embedded broker), "
+        f"a fresh broker and worker for each scenario; {rounds} rounds, scenarios interleaved, medians of the "
+        "rounds' figures")
+    figures: dict[str, list[tuple[float, float, Counter[str]]]] = {name: [] for name in SCENARIOS}
+    peak = 0.0
+    for round_ in range(rounds):
+        for name, (task, task_rate) in SCENARIOS.items():
+            with tempfile.TemporaryDirectory() as work:
+                latencies, statuses, rss = await scenario(Path(work), rate, task, task_rate, seconds)
+            figures[name].append((quantile(latencies, 0.5), quantile(latencies, 0.99), statuses))
+            peak = max(peak, rss)
+            say(f"    round {round_ + 1}, {name}: p99 {figures[name][-1][1]:.1f} ms")
+    say(f"{'neighbour':<32} {'p50 ms':>8} {'p99 ms':>8} {'p99 vs alone':>13}  p99 of each round; "
+        "the neighbour's results (last round)")
+    alone_p99 = statistics.median(p99 for _, p99, _ in figures["alone"])
+    for name, runs in figures.items():
+        p50 = statistics.median(p50 for p50, _, _ in runs)
+        p99 = statistics.median(p99 for _, p99, _ in runs)
+        what = ", ".join(f"{count} {status}" for status, count in sorted(runs[-1][2].items())) or "-"
+        rounds_p99 = " ".join(f"{p99:.0f}" for _, p99, _ in runs)
+        say(f"{name:<32} {p50:>8.1f} {p99:>8.1f} {p99 / alone_p99:>12.2f}x  [{rounds_p99}]; {what}")
+    say(f"worker peak resident memory (the largest of every scenario's worker): {peak:.0f} MB")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Many tenants per worker: throughput and memory of one worker as the same traffic is spread over more tasks.
-In: --requests, --tasks counts, --rounds; out: for each count, requests/s cold and warm (against one task's), the
-worker's RSS and its sandbox processes' own memory (USS) and PSS."""
+In: --requests, --tasks counts, --rounds; out: for each count, requests/s cold and warm (against one task's), CPU per
+request of the worker, its sandbox processes and the broker, the worker's RSS and its sandbox processes' USS and PSS."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from app.kafka.loop_client import request_from
 from app.sandbox.process import Memory, measure_memory
 from app.settings import Settings
 from bench import say
+from bench.cpu import tree_seconds
 from bench.probes import wait_for_commits
 from bench.workload import encode_requests, send_encoded
 from devtools.broker import EMBEDDED_TIMINGS, EmbeddedBroker
@@ -40,6 +41,12 @@ def descendants(pid: int) -> list[int]:
         found += kids
         todo += kids
     return found
+
+
+def cpu_split(worker: int, broker: int) -> tuple[float, float, float]:
+    """CPU seconds so far of the worker process, of its sandbox processes (all its descendants), and of the broker."""
+    tree, own = tree_seconds([worker])
+    return own, tree - own, tree_seconds([broker])[0]
 
 
 async def provision(settings: Settings, tasks: list[str]) -> None:
@@ -74,13 +81,15 @@ async def one_count(broker: EmbeddedBroker, work: Path, count: int, requests: in
         group, done = f"{settings.app_id}-executors", 0
         for _ in range(1 + rounds):
             encoded = encode_requests(settings, [request_from(tasks[i % count], {"n": i}) for i in range(requests)])
-            started = time.monotonic()
+            started, cpu_before = time.monotonic(), cpu_split(worker.pid, broker.pid)
             await send_encoded(settings, encoded)
             done += requests
             await wait_for_commits(settings, group, done, 600, poll_s=0.01)
             seconds = time.monotonic() - started
+            cpu_us = [(after - before) / requests * 1e6
+                      for before, after in zip(cpu_before, cpu_split(worker.pid, broker.pid), strict=True)]
             sandboxes = [measure_memory(pid) or GONE for pid in descendants(worker.pid)]
-            runs.append((requests / seconds, (measure_memory(worker.pid) or GONE).rss / MB,
+            runs.append((requests / seconds, *cpu_us, (measure_memory(worker.pid) or GONE).rss / MB,
                          sum(m.uss for m in sandboxes) / MB, sum(m.pss for m in sandboxes) / MB, len(sandboxes)))
     finally:
         worker.terminate()
@@ -96,17 +105,19 @@ async def run(requests: int, counts: list[int], rounds: int) -> None:
     with tempfile.TemporaryDirectory() as work, EmbeddedBroker(log_file=Path(work) / "broker.log") as broker:
         say(f"{requests} requests spread evenly over N tasks, one worker (embedded broker); each count cold (its "
             f"sandbox processes start), then warm: the median of {rounds} rounds, and memory after the last")
-        say(f"{'tasks':>6} {'run':>5} {'req/s':>8} {'vs 1 task':>10} {'worker MB':>10} {'sandbox USS MB':>15} "
-            f"{'sandbox PSS MB':>15} {'processes':>10}")
+        say(f"{'tasks':>6} {'run':>5} {'req/s':>8} {'vs 1 task':>10} {'CPU µs/request: worker':>23} {'sandboxes':>10} "
+            f"{'broker':>7} {'worker MB':>10} {'sandbox USS MB':>15} {'sandbox PSS MB':>15} {'processes':>10}")
         base = None
         for count in counts:
             cold, *warm = await one_count(broker, Path(work), count, requests, rounds)
             median = sorted(warm, key=lambda run: run[0])[len(warm) // 2]
-            for label, (rate, worker_mb, uss, pss, processes) in (("cold", cold), ("warm", (median[0], *warm[-1][1:]))):
+            for label, (rate, worker_us, sandbox_us, broker_us, worker_mb, uss, pss, processes) in (
+                    ("cold", cold), ("warm", (*median[:4], *warm[-1][4:]))):
                 if label == "warm" and base is None:
                     base = rate
                 ratio = f"{rate / base:.2f}" if base else "-"
-                say(f"{count:>6} {label:>5} {rate:>8.0f} {ratio:>10} {worker_mb:>10.0f} {uss:>15.1f} {pss:>15.1f} "
+                say(f"{count:>6} {label:>5} {rate:>8.0f} {ratio:>10} {worker_us:>23.1f} {sandbox_us:>10.1f} "
+                    f"{broker_us:>7.1f} {worker_mb:>10.0f} {uss:>15.1f} {pss:>15.1f} "
                     f"{processes:>10}")
 
 

@@ -73,6 +73,11 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
+
     def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:
         """Start the broker and wait until it accepts connections."""
         if listening(self.port):
