@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from operator import itemgetter
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 from app.sandbox.boundary import Boundary, SandboxUnavailable
 from app.sandbox.calls import Call, Outcome
 from app.sandbox.process import SandboxDied, SandboxProcess
+from app.sandbox.queues import CallQueue, Chunk, Emit, Job
 from app.sandbox.zygote_host import Zygote
 
 __all__ = ["Call", "Emit", "Outcome", "SandboxDied", "SandboxPool", "SandboxProcess", "run_once"]
@@ -41,7 +42,6 @@ _MIN_CHUNK = 32  # calls: below this, another process costs more in IPC than it 
 _FIRST_CHUNK = 8  # calls of a version whose output size is not known yet
 _CHUNK_OUTPUT_BYTES = 4 << 20  # a chunk's expected outputs: a task of large outputs runs in small chunks
 _owner = itemgetter(0, 1)  # of a Call: (task_id, key)
-Emit = Callable[[Sequence[int], Sequence[Outcome]], None]  # (indices into the calls, their outcomes)
 Gate = Callable[[str], "str | None"]  # task_id -> why its calls may not run now (suspended), or None
 
 
@@ -72,7 +72,7 @@ class SandboxPool:
         self._all: set[SandboxProcess] = set()
         self._changed = asyncio.Condition()
         self._background_work: set[asyncio.Task[None]] = set()
-        self._queues: dict[Owner, _Queue] = {}  # per version: calls waiting for its processes
+        self._queues: dict[Owner, CallQueue] = {}  # per version: calls waiting for its processes
         self._runners: set[asyncio.Task[None]] = set()
         self._starting = 0  # spares being started
         self._batches = itertools.count(1)
@@ -121,7 +121,7 @@ class SandboxPool:
         of it is emitted), or what cancels the caller."""
         if not calls:
             return
-        job = _Job(calls, emit, asyncio.get_running_loop().create_future())
+        job = Job(calls, emit, asyncio.get_running_loop().create_future())
         # Each version's calls: a range when the batch is all one version's (no index list to build or walk).
         owners = list(map(_owner, calls))
         by_owner: dict[Owner, range | list[int]] = {}
@@ -141,12 +141,12 @@ class SandboxPool:
         finally:
             job.ended = True  # cancelled or failed: its calls still queued are dropped, its outcomes not emitted
 
-    def _enqueue(self, owner: Owner, job: _Job, indices: range | list[int]) -> None:
+    def _enqueue(self, owner: Owner, job: Job, indices: range | list[int]) -> None:
         """Queue a version's calls behind those already waiting for its processes, and start a runner for them
         unless enough run already: a version's calls that arrive while its processes are busy go as one chunk."""
         queue = self._queues.get(owner)
         if queue is None:
-            queue = self._queues[owner] = _Queue()
+            queue = self._queues[owner] = CallQueue()
         queue.segments.append((job, indices))
         queue.calls += len(indices)
         limit = min(_PER_OWNER, self._size)
@@ -156,7 +156,7 @@ class SandboxPool:
             self._runners.add(runner)
             runner.add_done_callback(self._runners.discard)
 
-    async def _serve(self, owner: Owner, queue: _Queue) -> None:
+    async def _serve(self, owner: Owner, queue: CallQueue) -> None:
         """A runner of one version: takes its queued calls chunk by chunk until none are left. A version whose
         output size is not known yet runs a small first chunk."""
         try:
@@ -164,7 +164,7 @@ class SandboxPool:
                 if self.room is not None:
                     await self.room(owner[0])  # while it waits, more of the version's calls gather
                 size = self._chunk_for(owner, queue.calls) if owner in self._output_per_call else _FIRST_CHUNK
-                chunk = _Chunk(queue.take(size))
+                chunk = Chunk(queue.take(size))
                 try:
                     await self._run_chunk(owner, chunk)
                 except Exception as exc:  # a bug: it fails its calls' callers, not the version's other calls
@@ -177,7 +177,7 @@ class SandboxPool:
             queue.runners -= 1
             if not queue.runners:
                 del self._queues[owner]
-                _Chunk(queue.take(queue.calls)).fail(_stopped())  # cancelled: what is left fails its callers
+                Chunk(queue.take(queue.calls)).fail(_stopped())  # cancelled: what is left fails its callers
 
     def _chunk_for(self, owner: Owner, calls: int) -> int:
         """Calls per chunk: spread over the processes a version may use, at least _MIN_CHUNK (IPC costs), at
@@ -202,19 +202,19 @@ class SandboxPool:
                 if outcome.status == "timeout":
                     self.on_timeout(owner[0])
 
-    def _refused(self, owner: Owner, chunk: _Chunk) -> bool:
+    def _refused(self, owner: Owner, chunk: Chunk) -> bool:
         """Emit `rejected` outcomes for the chunk's calls and every queued call of the version if the gate refuses
         their task now."""
         why = self.gate(owner[0]) if self.gate is not None else None
         if why is None:
             return False
         queue = self._queues.get(owner)
-        for part in (chunk, _Chunk(queue.take(queue.calls)) if queue is not None else None):
+        for part in (chunk, Chunk(queue.take(queue.calls)) if queue is not None else None):
             if part is not None and part.size:
                 part.emit([Outcome("rejected", error=why)] * part.size)
         return True
 
-    async def _run_chunk(self, owner: Owner, chunk: _Chunk) -> None:
+    async def _run_chunk(self, owner: Owner, chunk: Chunk) -> None:
         retried: set[tuple[int, int]] = set()
         blameless = 0
         while chunk.size:
@@ -378,134 +378,6 @@ class SandboxPool:
         self._bound.clear()
         self._bound_total = 0
         await self._zygote.stop()
-
-
-Segment = tuple["_Job", "range | list[int]"]  # calls of one stream() caller, by their indices in its calls
-
-
-class _Job:
-    """One stream() call: its calls, where their outcomes go, and how many are still due."""
-
-    __slots__ = ("calls", "done", "due", "emit", "ended")
-
-    def __init__(self, calls: Sequence[Call], emit: Emit, done: asyncio.Future[None]) -> None:
-        self.calls = calls
-        self.emit = emit
-        self.done = done
-        self.due = len(calls)
-        self.ended = False
-
-    def deliver(self, indices: Sequence[int], outcomes: Sequence[Outcome]) -> None:
-        if self.ended:
-            return
-        try:
-            self.emit(indices, outcomes)
-        except Exception as exc:
-            self.fail(exc)
-            return
-        self.due -= len(indices)
-        if not self.due:
-            self.ended = True
-            self.done.set_result(None)
-
-    def fail(self, error: BaseException) -> None:
-        if not self.ended:
-            self.ended = True
-            self.done.set_exception(error)
-
-
-class _Queue:
-    """A version's calls waiting for its processes, oldest first, and the runners taking them."""
-
-    __slots__ = ("calls", "runners", "segments")
-
-    def __init__(self) -> None:
-        self.segments: deque[Segment] = deque()
-        self.calls = 0
-        self.runners = 0
-
-    def take(self, size: int) -> list[Segment]:
-        """Up to `size` calls from the front; those of callers that are gone are dropped."""
-        taken: list[Segment] = []
-        while size > 0 and self.segments:
-            job, indices = self.segments[0]
-            if job.ended or len(indices) <= size:
-                self.segments.popleft()
-                self.calls -= len(indices)
-                if not job.ended:
-                    taken.append((job, indices))
-                    size -= len(indices)
-            else:
-                taken.append((job, indices[:size]))
-                self.segments[0] = (job, indices[size:])
-                self.calls -= size
-                size = 0
-        return taken
-
-
-class _Chunk:
-    """Calls of one version sent to a process as one batch, possibly of several callers; each outcome goes to its
-    caller as it arrives, in order."""
-
-    __slots__ = ("segments", "size")
-
-    def __init__(self, segments: list[Segment]) -> None:
-        self.segments = segments
-        self.size = sum(len(indices) for _, indices in segments)
-
-    def calls(self) -> list[Call]:
-        sent: list[Call] = []
-        for job, indices in self.segments:
-            if isinstance(indices, range):
-                sent += job.calls[indices.start:indices.stop]
-            else:
-                sent += [job.calls[i] for i in indices]
-        return sent
-
-    def emit(self, outcomes: Sequence[Outcome]) -> None:
-        """Give the first len(outcomes) calls their outcomes; they leave the chunk."""
-        at, count = 0, len(outcomes)
-        while at < count:
-            job, indices = self.segments[0]
-            take = min(len(indices), count - at)
-            if take == len(indices):
-                del self.segments[0]
-                job.deliver(indices, outcomes if take == count else outcomes[at:at + take])
-            else:
-                self.segments[0] = (job, indices[take:])
-                job.deliver(indices[:take], outcomes[at:at + take])
-            at += take
-        self.size -= count
-
-    def _find(self, position: int) -> tuple[int, int]:
-        for number, (_, indices) in enumerate(self.segments):
-            if position < len(indices):
-                return number, position
-            position -= len(indices)
-        raise IndexError(position)
-
-    def identity(self, position: int) -> tuple[int, int]:
-        """Which call is at this position: (its caller's id, its index there)."""
-        number, at = self._find(position)
-        job, indices = self.segments[number]
-        return id(job), indices[at]
-
-    def emit_one(self, position: int, outcome: Outcome) -> None:
-        """Give the call at this position its outcome; it leaves the chunk."""
-        number, at = self._find(position)
-        job, indices = self.segments[number]
-        rest = [*indices[:at], *indices[at + 1:]]
-        if rest:
-            self.segments[number] = (job, rest)
-        else:
-            del self.segments[number]
-        self.size -= 1
-        job.deliver([indices[at]], [outcome])
-
-    def fail(self, error: BaseException) -> None:
-        for job, _ in self.segments:
-            job.fail(error)
-        self.segments, self.size = [], 0
 
 
 def _stopped() -> RuntimeError:
