@@ -192,14 +192,16 @@ async def scenario(work: Path, rate: int, neighbour: str, neighbour_rate: int,
                 say(f"    worker: {line[:300]}")
 
 
-async def run(seconds: float, rate: int, rounds: int) -> None:
+async def run(seconds: float, rate: int, rounds: int, only: list[str]) -> None:
     say(f"victim: {rate} req/s of a trivial program for {seconds:g} s per scenario, one worker (embedded broker), "
         f"a fresh broker and worker for each scenario; {rounds} rounds, scenarios interleaved, medians of the "
         "rounds' figures")
-    figures: dict[str, list[tuple[float, float, Counter[str]]]] = {name: [] for name in SCENARIOS}
+    scenarios = {name: how for name, how in SCENARIOS.items()
+                 if name == "alone" or not only or any(name.startswith(prefix) for prefix in only)}
+    figures: dict[str, list[tuple[float, float, Counter[str]]]] = {name: [] for name in scenarios}
     peak = 0.0
     for round_ in range(rounds):
-        for name, (task, task_rate) in SCENARIOS.items():
+        for name, (task, task_rate) in scenarios.items():
             with tempfile.TemporaryDirectory() as work:
                 latencies, statuses, rss = await scenario(Path(work), rate, task, task_rate, seconds)
             figures[name].append((quantile(latencies, 0.5), quantile(latencies, 0.99), statuses))
@@ -222,8 +224,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per scenario")
     parser.add_argument("--rate", type=int, default=500, help="victim requests per second")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="", help="neighbours to run beside 'alone', by the start of their names")
     args = parser.parse_args()
-    asyncio.run(run(args.seconds, args.rate, args.rounds))
+    asyncio.run(run(args.seconds, args.rate, args.rounds, [n for n in args.only.split(",") if n]))
 
 
 if __name__ == "__main__":
