@@ -3,7 +3,6 @@ the sandbox pool, and produces exactly one execution-result or dead letter per r
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,7 +50,8 @@ _COMMIT_HOLD_INTERVALS = 10
 
 class ExecuteRequests:
     """The executor service of a worker. start() joins the executor group; stop() finishes in-flight work.
-    `failed` is set, with `failure` saying why, when it had to stop without committing."""
+    Its `pipeline` tells whether it has joined, its partitions and their lag, and (`failed`, `failure`) why it had
+    to stop without committing."""
 
     def __init__(self, settings: Settings, topics: Topics, tables: TableReader, pool: SandboxPool,
                  budget: TimeoutBudget | None = None) -> None:
@@ -68,14 +68,13 @@ class ExecuteRequests:
         self._bulk_producer: AIOKafkaProducer
         self._writer: ResultWriter
         self._lanes: Lanes
-        self.pipeline = pipeline = Pipeline(
+        self.pipeline = Pipeline(
             "executor", "requests", batch_size=settings.executor_batch_size,
             max_in_flight=settings.executor_batch_size * settings.executor_max_inflight_batches,
             commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._unsent.send,
             commit_due=self._unsent.worth_sending,
             max_commit_interval_s=_COMMIT_HOLD_INTERVALS * settings.executor_commit_interval_ms / 1000,
             blocked=lambda: self._lanes.full(), failure_of=self._consumer_failure)
-        self.failed = pipeline.failed  # set, with `failure` saying why, when it had to stop without committing
         self.executed = 0
         self.dead_lettered = 0
         # Called with each acknowledged group of results' fields, and each with its request's message (for its
@@ -85,14 +84,6 @@ class ExecuteRequests:
         self.budget = budget
         self.refusal: Callable[[str], str | None] | None = budget.refusal if budget is not None else None
         self._notices = SuspensionNotices(settings, topics)
-
-    @property
-    def failure(self) -> str | None:
-        return self.pipeline.failure
-
-    @property
-    def joined(self) -> asyncio.Event:
-        return self.pipeline.joined
 
     async def start(self) -> None:
         settings = self._settings
@@ -122,18 +113,6 @@ class ExecuteRequests:
         await self.pipeline.stop()
         await stop_clients(getattr(self.pipeline, "consumer", None), getattr(self, "_producer", None),
                            getattr(self, "_bulk_producer", None))
-
-    async def drain(self) -> None:
-        """Wait until every request fetched so far is answered and committed."""
-        await self.pipeline.drain()
-
-    def partitions(self) -> list[int]:
-        """The requests partitions assigned to this worker now."""
-        return self.pipeline.partitions()
-
-    async def lag(self) -> dict[int, int]:
-        """Requests not yet committed per assigned partition (see Pipeline.lag)."""
-        return await self.pipeline.lag()
 
     async def wait_for_output_room(self, task_id: str) -> None:
         """Return once the outputs held leave room for another chunk of this task (the sandbox pool awaits it)."""
