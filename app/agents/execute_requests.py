@@ -8,10 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import (
-    InvalidSessionTimeoutError,
-    KafkaError,
-)
 
 from app.contract.codecs import DecodeError, codec_for
 from app.contract.records import DeadLetter, ExecutionRequest, utc_now
@@ -19,7 +15,7 @@ from app.contract.topics import Topics
 from app.domain.resolution import ExecutionPlan, Refused, Resolver, SchemaValidators, calls_of
 from app.domain.results import ResultAssembler, rejected_fields
 from app.domain.task_budget import TimeoutBudget
-from app.kafka.clients import make_consumer, make_producer, stop_clients
+from app.kafka.clients import consumer_failure, make_consumer, make_producer, stop_clients
 from app.kafka.delivery import describe_error
 from app.kafka.lanes import Answers, Lanes
 from app.kafka.outcomes import (
@@ -74,7 +70,7 @@ class ExecuteRequests:
             commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._unsent.send,
             commit_due=self._unsent.worth_sending,
             max_commit_interval_s=_COMMIT_HOLD_INTERVALS * settings.executor_commit_interval_ms / 1000,
-            blocked=lambda: self._lanes.full(), failure_of=self._consumer_failure)
+            blocked=lambda: self._lanes.full(), failure_of=consumer_failure(topics.execution_requests.name, settings))
         self.executed = 0
         self.dead_lettered = 0
         # Called with each acknowledged group of results' fields, and each with its request's message (for its
@@ -244,13 +240,6 @@ class ExecuteRequests:
         if suspension is not None:
             log.warning("task %s suspended: %s", task_id, suspension.reason)
             self.pipeline.spawn(self._notices.announce(self._producer, suspension))
-
-    def _consumer_failure(self, exc: KafkaError) -> str:
-        if isinstance(exc.__cause__, InvalidSessionTimeoutError):
-            return (f"the group coordinator refused session_timeout_s={self._settings.session_timeout_s:g}: "
-                    "it must lie within the broker's group.min.session.timeout.ms and "
-                    "group.max.session.timeout.ms (Apache Kafka's defaults: 6 s and 30 min)")
-        return f"consuming {self._topics.execution_requests.name} failed: {describe_error(exc)}"
 
     def _dead_letter(self, message: Message, reason: str, error_type: str) -> DeadLetter:
         return dead_letter_for(message, reason, error_type, self._settings.worker_id)

@@ -14,7 +14,7 @@ from app.contract.records import OracleKind, Validation, ValidationRequest, Vali
 from app.contract.topics import Topics
 from app.domain.resolution import unpinned_timeout_ms
 from app.domain.validation import ValidationFields, shadow_version_for, unvalidated, validated
-from app.kafka.clients import make_consumer, make_producer, partition_for, stop_clients
+from app.kafka.clients import consumer_failure, make_consumer, make_producer, partition_for, stop_clients
 from app.kafka.delivery import Outbox, describe_error
 from app.kafka.metadata import topic_partitions
 from app.kafka.outcomes import (
@@ -70,7 +70,7 @@ class ValidateExecutions:
         self.pipeline = Pipeline(
             "validator", "validation requests", batch_size=_BATCH, max_in_flight=2 * _BATCH,
             commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._unsent.send,
-            failure_of=lambda exc: f"consuming {topics.validation_requests.name} failed: {describe_error(exc)}")
+            failure_of=consumer_failure(topics.validation_requests.name, settings))
         self.validated = 0  # validations produced
         self.forwarded = 0  # requests forwarded to an external oracle
         self.dead_lettered = 0
