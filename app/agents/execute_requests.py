@@ -35,14 +35,14 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Each task's results go out as soon as its own calls are done, whatever was fetched with them; offsets are
-# committed per partition up to the first request whose outcome is not yet acknowledged (app/kafka/pipeline.py),
-# so a crash re-runs only what may be undelivered (a redelivered request yields the same execution_id). Fetching
-# pauses while too many requests, or too many bytes of outputs, are in flight.
 # A commit waits at most this many intervals for its stats partials to be worth sending (UnsentStats).
 _COMMIT_HOLD_INTERVALS = 10
 
 
+# Each task's results go out as soon as its own calls are done, whatever was fetched with them; offsets are
+# committed per partition up to the first request whose outcome is not yet acknowledged (app/kafka/pipeline.py),
+# so a crash re-runs only what may be undelivered (a redelivered request yields the same execution_id). Fetching
+# pauses while too many requests, or too many bytes of outputs, are in flight.
 class ExecuteRequests:
     """The executor service of a worker. start() joins the executor group; stop() finishes in-flight work.
     Its `pipeline` tells whether it has joined, its partitions and their lag, and (`failed`, `failure`) why it had
@@ -73,7 +73,8 @@ class ExecuteRequests:
         # Called with each acknowledged group of results' fields, and each with its request's message (for its
         # timestamp: app/web/metrics.py counts both).
         self.on_results: Callable[[list[dict[str, Any]], list[tuple[dict[str, Any], Message]]], None] | None = None
-        # The tasks' timeout budget: a suspended task's requests get a rejected result at once.
+        # The tasks' timeout budget, charged on each timeout: a suspended task's requests get a rejected result
+        # at once (the triage asks it).
         self.budget = budget
         self._triage = RequestTriage(settings, topics, tables, budget.refusal if budget is not None else None)
         self._notices = SuspensionNotices(settings, topics)
