@@ -127,13 +127,14 @@ class LoopWorker(Service):
 
     async def _stop_on_failure(self) -> None:
         waits = [asyncio.ensure_future(event.wait())
-                 for event in (self.executor.failed, self.validator.failed, self.watch.lost)]
+                 for event in (self.executor.pipeline.failed, self.validator.pipeline.failed, self.watch.lost)]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
-        self.failure = self.executor.failure or self.validator.failure or self.watch.lost_reason
+        self.failure = (self.executor.pipeline.failure or self.validator.pipeline.failure
+                        or self.watch.lost_reason)
         self.executor.fail(self.failure)
         self.validator.fail(self.failure)
         log.critical("worker %s stopping, nothing more committed: %s", self.settings.worker_id, self.failure)

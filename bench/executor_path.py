@@ -17,15 +17,17 @@ from typing import Any
 import orjson
 from aiokafka import ConsumerRecord, TopicPartition
 
-from app.agents.execute_requests import ExecuteRequests, _calls
 from app.contract.codecs import codec_for
 from app.contract.records import ExecutionResult, ProgramArtifact, TaskSpec, utc_now
 from app.contract.topics import topics_for
 from app.domain.daily_stats import summarise_results
 from app.domain.daily_windows import DailyWindows
+from app.domain.resolution import calls_of
 from app.domain.results import ResultAssembler
 from app.kafka.lanes import Answers
 from app.kafka.loop_client import request_from
+from app.kafka.progress import PartitionProgress
+from app.kafka.triage import RequestTriage
 from app.sandbox.boundary import Boundary, Limits
 from app.sandbox.process import SandboxProcess
 from app.settings import Settings
@@ -62,10 +64,14 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
                                        source_code=program_source("spam_v1"), created_at=utc_now())
                  for name in TASKS}
     tables = SimpleNamespace(tasks=tasks, artifacts=SimpleNamespace(version=lambda t, v: artifacts.get(t)))
-    executor = ExecuteRequests(settings, topics, tables, None)  # type: ignore[arg-type]  # _triage needs no more
-    executor._lanes = SimpleNamespace(main=Answers())  # type: ignore[assignment]  # where refusals would go
+    triage = RequestTriage(settings, topics, tables)  # type: ignore[arg-type]  # it reads no more of the tables
+    progress, refused = PartitionProgress(), Answers()  # where the executor's pipeline tracks; where refusals go
+
+    def triaged() -> list[Any]:
+        return triage(by_partition, lambda tp, records: progress.add(tp, [r.offset for r in records]), refused)[0]
+
     by_partition = messages(batch_size)
-    pending = executor._triage(by_partition)[0]
+    pending = triaged()
     process = SandboxProcess(Boundary(Limits()))
     frame = answers_frame(batch_size)
     loop = asyncio.get_running_loop()
@@ -74,12 +80,12 @@ async def steps(batch_size: int) -> dict[str, Callable[[], Any]]:
     executed_at = utc_now()
 
     def decode_and_resolve() -> None:
-        assert len(executor._triage(by_partition)[0]) == batch_size
+        assert len(triaged()) == batch_size
 
     def batch_lines() -> list[bytes]:  # one per version, as the pool writes them (app/sandbox/pool.py)
         return [orjson.dumps({"batch": 1, "load": [], "key": key, "run": [(c.timeout_s, c.input) for c in calls]},
                              option=orjson.OPT_APPEND_NEWLINE)
-                for key, calls in itertools.groupby(_calls(pending), key=attrgetter("key"))]
+                for key, calls in itertools.groupby(calls_of(pending), key=attrgetter("key"))]
 
     def parse_answers() -> None:
         process._results, process._expected, process._done = [], batch_size, loop.create_future()

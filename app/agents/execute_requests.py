@@ -3,24 +3,18 @@ the sandbox pool, and produces exactly one execution-result or dead letter per r
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import (
-    InvalidSessionTimeoutError,
-    KafkaError,
-)
 
-from app.contract.codecs import DecodeError, codec_for
-from app.contract.records import DeadLetter, ExecutionRequest, utc_now
+from app.contract.records import utc_now
 from app.contract.topics import Topics
-from app.domain.resolution import ExecutionPlan, Refused, Resolver, SchemaValidators, calls_of
-from app.domain.results import ResultAssembler, rejected_fields
+from app.domain.resolution import calls_of
+from app.domain.results import ResultAssembler
 from app.domain.task_budget import TimeoutBudget
-from app.kafka.clients import make_consumer, make_producer, stop_clients
+from app.kafka.clients import consumer_failure, make_consumer, make_producer, stop_clients
 from app.kafka.delivery import describe_error
 from app.kafka.lanes import Answers, Lanes
 from app.kafka.outcomes import (
@@ -34,24 +28,25 @@ from app.kafka.pipeline import Pipeline
 from app.kafka.progress import Mark
 from app.kafka.suspensions import SuspensionNotices
 from app.kafka.tables import TableReader
+from app.kafka.triage import Pending, RequestTriage
 from app.sandbox.calls import Outcome
 from app.sandbox.pool import SandboxPool
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Each task's results go out as soon as its own calls are done, whatever was fetched with them; offsets are
-# committed per partition up to the first request whose outcome is not yet acknowledged (app/kafka/pipeline.py),
-# so a crash re-runs only what may be undelivered (a redelivered request yields the same execution_id). Fetching
-# pauses while too many requests, or too many bytes of outputs, are in flight.
-Pending = tuple[ExecutionRequest, ExecutionPlan, Message]
 # A commit waits at most this many intervals for its stats partials to be worth sending (UnsentStats).
 _COMMIT_HOLD_INTERVALS = 10
 
 
+# Each task's results go out as soon as its own calls are done, whatever was fetched with them; offsets are
+# committed per partition up to the first request whose outcome is not yet acknowledged (app/kafka/pipeline.py),
+# so a crash re-runs only what may be undelivered (a redelivered request yields the same execution_id). Fetching
+# pauses while too many requests, or too many bytes of outputs, are in flight.
 class ExecuteRequests:
     """The executor service of a worker. start() joins the executor group; stop() finishes in-flight work.
-    `failed` is set, with `failure` saying why, when it had to stop without committing."""
+    Its `pipeline` tells whether it has joined, its partitions and their lag, and (`failed`, `failure`) why it had
+    to stop without committing."""
 
     def __init__(self, settings: Settings, topics: Topics, tables: TableReader, pool: SandboxPool,
                  budget: TimeoutBudget | None = None) -> None:
@@ -59,40 +54,30 @@ class ExecuteRequests:
         self._topics = topics
         self._tables = tables
         self._pool = pool
-        self._requests = codec_for(ExecutionRequest, settings, topics.execution_requests)
         # Results acknowledged since the last commit: their daily-stats partials go out before it.
         self._unsent: UnsentStats[dict[str, Any]] = UnsentStats(lambda results: self._writer.write_stats(results))
-        self._validators = SchemaValidators()
         self.assembler = ResultAssembler(settings.worker_id)
         self._producer: AIOKafkaProducer
         self._bulk_producer: AIOKafkaProducer
         self._writer: ResultWriter
         self._lanes: Lanes
-        self.pipeline = pipeline = Pipeline(
+        self.pipeline = Pipeline(
             "executor", "requests", batch_size=settings.executor_batch_size,
             max_in_flight=settings.executor_batch_size * settings.executor_max_inflight_batches,
             commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._unsent.send,
             commit_due=self._unsent.worth_sending,
             max_commit_interval_s=_COMMIT_HOLD_INTERVALS * settings.executor_commit_interval_ms / 1000,
-            blocked=lambda: self._lanes.full(), failure_of=self._consumer_failure)
-        self.failed = pipeline.failed  # set, with `failure` saying why, when it had to stop without committing
+            blocked=lambda: self._lanes.full(), failure_of=consumer_failure(topics.execution_requests.name, settings))
         self.executed = 0
         self.dead_lettered = 0
         # Called with each acknowledged group of results' fields, and each with its request's message (for its
         # timestamp: app/web/metrics.py counts both).
         self.on_results: Callable[[list[dict[str, Any]], list[tuple[dict[str, Any], Message]]], None] | None = None
-        # The tasks' timeout budget: a suspended task's requests get a rejected result at once.
+        # The tasks' timeout budget, charged on each timeout: a suspended task's requests get a rejected result
+        # at once (the triage asks it).
         self.budget = budget
-        self.refusal: Callable[[str], str | None] | None = budget.refusal if budget is not None else None
+        self._triage = RequestTriage(settings, topics, tables, budget.refusal if budget is not None else None)
         self._notices = SuspensionNotices(settings, topics)
-
-    @property
-    def failure(self) -> str | None:
-        return self.pipeline.failure
-
-    @property
-    def joined(self) -> asyncio.Event:
-        return self.pipeline.joined
 
     async def start(self) -> None:
         settings = self._settings
@@ -123,18 +108,6 @@ class ExecuteRequests:
         await stop_clients(getattr(self.pipeline, "consumer", None), getattr(self, "_producer", None),
                            getattr(self, "_bulk_producer", None))
 
-    async def drain(self) -> None:
-        """Wait until every request fetched so far is answered and committed."""
-        await self.pipeline.drain()
-
-    def partitions(self) -> list[int]:
-        """The requests partitions assigned to this worker now."""
-        return self.pipeline.partitions()
-
-    async def lag(self) -> dict[int, int]:
-        """Requests not yet committed per assigned partition (see Pipeline.lag)."""
-        return await self.pipeline.lag()
-
     async def wait_for_output_room(self, task_id: str) -> None:
         """Return once the outputs held leave room for another chunk of this task (the sandbox pool awaits it)."""
         await self._lanes.wait_for_room(task_id)
@@ -147,63 +120,10 @@ class ExecuteRequests:
     def _take(self, batches: dict[TopicPartition, list[Message]]) -> None:
         """A fetch's requests: refusals and dead letters go out at once, the rest to the sandbox pool, whose
         outcomes go out task by task as they come."""
-        pending, marks = self._triage(batches)
+        pending, marks = self._triage(batches, self.pipeline.track, self._lanes.main)
         self._lanes.flush_soon()
         if pending:
             self.pipeline.spawn(self._execute(pending, marks))
-
-    def _triage(self, batches: dict[TopicPartition, list[Message]]) -> tuple[list[Pending], list[Mark]]:
-        """Decode and resolve a fetch's requests: what to run (and the records they answer); refusals and dead
-        letters are added to the main lane."""
-        now = utc_now()
-        out = self._lanes.main
-        pending: list[Pending] = []
-        marks: list[Mark] = []
-        decode, worker_id = self._requests.decode, self._settings.worker_id
-        resolve = Resolver(self._tables.tasks.get, self._tables.artifacts.version, self._validators,
-                           self._settings.default_timeout_ms)
-        refusal = self.refusal
-        for tp, messages in batches.items():
-            segment = self.pipeline.track(tp, messages)
-            for index, message in enumerate(messages):
-                mark = (segment, index)
-                try:
-                    value = message.value
-                    if value is None:
-                        out.letters.append(self._dead_letter(message, "message has no value", "EmptyMessage"))
-                        out.marks.append(mark)
-                        continue
-                    try:
-                        request = decode(value)
-                    except DecodeError as exc:
-                        self._undecodable(message, exc, now)
-                        out.marks.append(mark)
-                        continue
-                    why = refusal(request.task_id) if refusal is not None else None
-                    decision = resolve(request) if why is None else Refused(why, request.version)
-                    if type(decision) is ExecutionPlan:
-                        pending.append((request, decision, message))
-                        marks.append(mark)
-                    else:
-                        assert isinstance(decision, Refused)
-                        out.results.append((rejected_fields(request.task_id, request.request_id, decision.message,
-                                                            now, worker_id, decision.version), message))
-                        out.marks.append(mark)
-                except Exception as exc:  # a bug must not cost the request: it goes to the dead letters
-                    log.exception("request at %s:%d failed", message.topic, message.offset)
-                    out.letters.append(self._dead_letter(message, f"internal error: {exc}", type(exc).__name__))
-                    out.marks.append(mark)
-        return pending, marks
-
-    def _undecodable(self, message: Message, error: DecodeError, now: Any) -> None:
-        """A request that names itself gets its one result, saying why it was refused; else a dead letter."""
-        fields = self._requests.loose(message.value) or {}
-        request_id, task_id = fields.get("request_id"), fields.get("task_id")
-        if isinstance(request_id, str) and request_id and isinstance(task_id, str) and task_id:
-            self._lanes.main.results.append((rejected_fields(task_id, request_id, str(error), now,
-                                                             self._settings.worker_id), message))
-        else:
-            self._lanes.main.letters.append(self._dead_letter(message, str(error), "DecodeError"))
 
     async def _execute(self, pending: list[Pending], marks: list[Mark]) -> None:
         """Run a fetch's calls; each chunk's outcomes are answered as it ends. If the pool fails as a whole, the
@@ -241,7 +161,7 @@ class ExecuteRequests:
         out.results += results
         out.validations += validations
         for message, reason, error_type in failures:
-            out.letters.append(self._dead_letter(message, reason, error_type))
+            out.letters.append(dead_letter_for(message, reason, error_type, self._settings.worker_id))
         out.marks += marks
         self._lanes.flush_chunk(out)
         self.pipeline.update_room()
@@ -265,14 +185,3 @@ class ExecuteRequests:
         if suspension is not None:
             log.warning("task %s suspended: %s", task_id, suspension.reason)
             self.pipeline.spawn(self._notices.announce(self._producer, suspension))
-
-    def _consumer_failure(self, exc: KafkaError) -> str:
-        if isinstance(exc.__cause__, InvalidSessionTimeoutError):
-            return (f"the group coordinator refused session_timeout_s={self._settings.session_timeout_s:g}: "
-                    "it must lie within the broker's group.min.session.timeout.ms and "
-                    "group.max.session.timeout.ms (Apache Kafka's defaults: 6 s and 30 min)")
-        return f"consuming {self._topics.execution_requests.name} failed: {describe_error(exc)}"
-
-    def _dead_letter(self, message: Message, reason: str, error_type: str) -> DeadLetter:
-        return dead_letter_for(message, reason, error_type, self._settings.worker_id)
-

@@ -14,7 +14,7 @@ from app.contract.records import OracleKind, Validation, ValidationRequest, Vali
 from app.contract.topics import Topics
 from app.domain.resolution import unpinned_timeout_ms
 from app.domain.validation import ValidationFields, shadow_version_for, unvalidated, validated
-from app.kafka.clients import make_consumer, make_producer, partition_for, stop_clients
+from app.kafka.clients import consumer_failure, make_consumer, make_producer, partition_for, stop_clients
 from app.kafka.delivery import Outbox, describe_error
 from app.kafka.metadata import topic_partitions
 from app.kafka.outcomes import (
@@ -51,7 +51,7 @@ class _Batch:
 
 class ValidateExecutions:
     """The validation service of a worker. start() joins the validators' group; stop() finishes the batches in
-    hand. `failed` is set, with `failure` saying why, when it had to stop without committing."""
+    hand. Its `pipeline` tells (`failed`, `failure`) why it had to stop without committing."""
 
     def __init__(self, settings: Settings, topics: Topics, tables: TableReader, pool: SandboxPool) -> None:
         self._settings = settings
@@ -67,19 +67,13 @@ class ValidateExecutions:
         # Validations acknowledged since the last commit: their daily-stats partials go out before it.
         self._unsent: UnsentStats[ValidationFields] = UnsentStats(
             lambda validations: self._writer.write_validation_stats(validations))
-        self.pipeline = pipeline = Pipeline(
+        self.pipeline = Pipeline(
             "validator", "validation requests", batch_size=_BATCH, max_in_flight=2 * _BATCH,
             commit_interval_s=settings.executor_commit_interval_ms / 1000, before_commit=self._unsent.send,
-            failure_of=lambda exc: f"consuming {topics.validation_requests.name} failed: {describe_error(exc)}")
-        self.failed = pipeline.failed  # set, with `failure` saying why, when it had to stop without committing
+            failure_of=consumer_failure(topics.validation_requests.name, settings))
         self.validated = 0  # validations produced
         self.forwarded = 0  # requests forwarded to an external oracle
         self.dead_lettered = 0
-
-    @property
-    def failure(self) -> str | None:
-        """Why the validator had to stop without committing; None while it serves."""
-        return self.pipeline.failure
 
     async def start(self) -> None:
         """Join the validators' group and start answering validation requests once the tables are read."""

@@ -1,6 +1,6 @@
-"""Kafka plumbing shared by every process: client factories, explicit partitioning, batched sends,
-idempotent topic creation (and config alignment) from the registry, a watch that notices when the cluster
-stops answering, and a backoff between the connection attempts of every client in the process."""
+"""Kafka plumbing shared by every process: client factories and why a group consumer gave up, explicit
+partitioning, batched sends, idempotent topic creation (and config alignment) from the registry, a watch that
+notices when the cluster stops answering, and a backoff between the connection attempts of every client."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import aiokafka.client
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.client import AIOKafkaClient
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import InvalidSessionTimeoutError, KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 from aiokafka.protocol.admin import ApiVersionRequest
 
@@ -61,6 +61,20 @@ def make_consumer(settings: Settings, *topics: str, **overrides: Any) -> AIOKafk
     }
     args.update(overrides)
     return AIOKafkaConsumer(*topics, **args)
+
+
+def consumer_failure(topic: str, settings: Settings) -> Callable[[KafkaError], str]:
+    """Why a group member consuming `topic` (its consumer made with settings.group_args()) cannot go on, from the
+    error that stopped it: a session timeout the coordinator refused is named with the bounds it must lie in."""
+
+    def failure(exc: KafkaError) -> str:
+        if isinstance(exc.__cause__, InvalidSessionTimeoutError):
+            return (f"the group coordinator refused session_timeout_s={settings.session_timeout_s:g}: "
+                    "it must lie within the broker's group.min.session.timeout.ms and "
+                    "group.max.session.timeout.ms (Apache Kafka's defaults: 6 s and 30 min)")
+        return f"consuming {topic} failed: {describe_error(exc)}"
+
+    return failure
 
 
 async def stop_clients(*clients: AIOKafkaConsumer | AIOKafkaProducer | None, timeout_s: float = 10) -> None:

@@ -145,11 +145,6 @@ class Pipeline:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
-    async def drain(self) -> None:
-        """Wait until every record taken so far is done and committed."""
-        await self._settled(None, None)
-        await self.commit()
-
     async def hand_over(self, revoked: list[TopicPartition]) -> None:
         """Before the revoked partitions move: wait (a while) for their records in flight, commit what is done,
         and stop tracking them; answers still arriving for them go out but are never committed here."""

@@ -121,10 +121,10 @@ class WebServer:
             reasons.append(f"the broker at {self._settings.bootstrap_servers} has not answered lately")
         if not self._tables.ready.is_set():
             reasons.append("task and artifact tables not recovered yet")
-        if not self._executor.joined.is_set():
+        if not self._executor.pipeline.joined.is_set():
             reasons.append("the executor has not joined its group yet")
-        if self._executor.failure is not None:
-            reasons.append(f"the executor failed: {self._executor.failure}")
+        if self._executor.pipeline.failure is not None:
+            reasons.append(f"the executor failed: {self._executor.pipeline.failure}")
         tasks = list(self._tables.tasks.values())
         return not reasons, {
             "status": "ready" if not reasons else "not ready",
@@ -133,7 +133,7 @@ class WebServer:
             "broker": {"reachable": reachable, "last_answer_s_ago": None if silent_s is None else round(silent_s, 3)},
             "tables": {"recovered": self._tables.ready.is_set(), "tasks": len(tasks),
                        "artifacts": len(self._tables.artifacts)},
-            "partitions": self._executor.partitions(),
+            "partitions": self._executor.pipeline.partitions(),
             "active_versions": {t.name: t.active_version for t in sorted(tasks, key=lambda t: t.name)},
         }
 
@@ -143,7 +143,7 @@ class WebServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         try:
-            self._lag = await self._executor.lag()
+            self._lag = await self._executor.pipeline.lag()
         except Exception as exc:  # a scrape during a rebalance: report the rest, without lag
             log.debug("lag not known: %s", exc)
             self._lag = {}

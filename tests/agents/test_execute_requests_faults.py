@@ -116,7 +116,7 @@ async def test_a_result_too_large_for_its_topic_becomes_a_dead_letter(echo: Sett
                                         "MessageSizeTooLargeError")
         assert letter.error_type == "MessageSizeTooLargeError"
     await _until(lambda: _committed(echo, 50))
-    assert not running.executor.failed.is_set()
+    assert not running.executor.pipeline.failed.is_set()
 
 
 async def test_a_dead_letter_too_large_goes_again_without_the_request_bytes(
@@ -143,10 +143,10 @@ async def test_when_not_even_a_dead_letter_can_be_sent_nothing_is_committed(
     for topic in (topics.execution_results.name, topics.dead_letters.name):
         running.producer.refuse[topic] = lambda t=topic: TopicAuthorizationFailedError(t)
     await _send(echo, [request_from("echo", {"n": 1}) for _ in range(20)])
-    await asyncio.wait_for(running.executor.failed.wait(), 30)
-    assert running.executor.failure.startswith("the dead letter for ")
-    assert "could not be sent to" in running.executor.failure
-    assert "TopicAuthorizationFailedError" in running.executor.failure
+    await asyncio.wait_for(running.executor.pipeline.failed.wait(), 30)
+    assert running.executor.pipeline.failure.startswith("the dead letter for ")
+    assert "could not be sent to" in running.executor.pipeline.failure
+    assert "TopicAuthorizationFailedError" in running.executor.pipeline.failure
     await _send(echo, [request_from("echo", {"n": 1}) for _ in range(20)])  # later batches: not committed either
     await asyncio.sleep(1)
     assert await _committed_total(echo) == 0
@@ -178,8 +178,8 @@ async def test_a_commit_refused_for_good_stops_the_executor(echo: Settings, star
     running.consumer.fail_next = 10**9
     running.consumer.error = lambda: GroupAuthorizationFailedError(echo.app_id)
     await _send(echo, [request_from("echo", {"n": 1})])
-    await asyncio.wait_for(running.executor.failed.wait(), 30)
-    assert running.executor.failure.startswith("committing offsets failed: GroupAuthorizationFailedError")
+    await asyncio.wait_for(running.executor.pipeline.failed.wait(), 30)
+    assert running.executor.pipeline.failure.startswith("committing offsets failed: GroupAuthorizationFailedError")
 
 
 async def test_a_coordinator_move_during_a_commit_is_retried(echo: Settings, start_executor) -> None:
@@ -201,7 +201,7 @@ async def test_a_coordinator_move_during_a_commit_is_retried(echo: Settings, sta
     ids = await _send(echo, [request_from("echo", {"n": 2}) for _ in range(100)])
     await results_for(echo, ids)
     await _until(lambda: _committed(echo, 100))
-    assert moves and not running.executor.failed.is_set()
+    assert moves and not running.executor.pipeline.failed.is_set()
     results = await collect(echo, "execution_results", lambda rs: len(rs) >= 100)
     assert len(results) == 100
 
@@ -251,8 +251,8 @@ async def test_a_refused_session_timeout_is_named(echo: Settings, start_executor
             raise KafkaError("Unexpected error during coordination") from cause
 
     running.consumer._consumer.getmany = refused
-    await asyncio.wait_for(running.executor.failed.wait(), 10)
-    assert running.executor.failure.startswith(
+    await asyncio.wait_for(running.executor.pipeline.failed.wait(), 10)
+    assert running.executor.pipeline.failure.startswith(
         f"the group coordinator refused session_timeout_s={echo.session_timeout_s:g}: it must lie within "
         "the broker's group.min.session.timeout.ms")
 

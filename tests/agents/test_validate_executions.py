@@ -105,7 +105,7 @@ async def started(settings: Settings, pool: Pool) -> AsyncIterator[ValidateExecu
         yield service
     finally:
         await service.stop()
-    assert service.failure is None
+    assert service.pipeline.failure is None
 
 
 async def records_of(settings: Settings, topic: str, model: type, count: int) -> list[Any]:

@@ -6,12 +6,13 @@ import itertools
 import time
 
 from aiokafka import TopicPartition
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import InvalidSessionTimeoutError, KafkaConnectionError, KafkaError
 
 from app.contract.topics import topics_for
 from app.kafka.clients import (
     ConnectBackoff,
     apply_topics,
+    consumer_failure,
     partition_for,
     widen_fetch_wait_if_starved,
 )
@@ -27,6 +28,14 @@ def test_partition_for_matches_kafkas_default_partitioner() -> None:
     for key, java_hash in JAVA_MURMUR2.items():
         for partitions in (1, 3, 6, 7):
             assert partition_for(key, partitions) == (java_hash & 0x7FFFFFFF) % partitions, (key, partitions)
+
+
+def test_a_consumer_failure_names_its_topic_or_the_session_timeout_the_coordinator_refused() -> None:
+    failure = consumer_failure("requests", Settings(bootstrap_servers="kafka:9092", session_timeout_s=45))
+    assert failure(KafkaConnectionError("no broker")) == "consuming requests failed: KafkaConnectionError: no broker"
+    refused = KafkaError("join failed")
+    refused.__cause__ = InvalidSessionTimeoutError()
+    assert failure(refused).startswith("the group coordinator refused session_timeout_s=45: it must lie within ")
 
 
 async def test_apply_topics_reports_what_it_did(settings: Settings) -> None:

@@ -22,7 +22,8 @@ def server(answered_at: float | None, tables_ready: bool, joined: bool, failure:
         joined_event.set()
     spec = TaskSpec(name="spam", updated_at=utc_now(), active_version=2)
     tables: Any = SimpleNamespace(ready=ready, tasks=SimpleNamespace(values=lambda: [spec]), artifacts=[1, 2])
-    executor: Any = SimpleNamespace(joined=joined_event, failure=failure, partitions=lambda: [0, 3])
+    pipeline = SimpleNamespace(joined=joined_event, failure=failure, partitions=lambda: [0, 3])
+    executor: Any = SimpleNamespace(pipeline=pipeline)
     web._settings = Settings(bootstrap_servers="kafka:9092", worker_id="w")
     web._tables, web._executor = tables, executor
     web._watch = SimpleNamespace(answered_at=answered_at)  # type: ignore[assignment]

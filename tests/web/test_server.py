@@ -80,8 +80,8 @@ async def served() -> AsyncIterator[Served]:
     async def lag() -> dict[int, int]:
         return {0: 3}
 
-    executor: Any = SimpleNamespace(joined=joined, failure=None, partitions=lambda: [0, 2], executed=42,
-                                    dead_lettered=1, lag=lag)
+    pipeline = SimpleNamespace(joined=joined, failure=None, partitions=lambda: [0, 2], lag=lag)
+    executor: Any = SimpleNamespace(pipeline=pipeline, executed=42, dead_lettered=1)
     watch: Any = SimpleNamespace(answered_at=time.monotonic())
     web = WebServer(SETTINGS, TOPICS, tables, executor, SimpleNamespace(replaced=0), watch)  # type: ignore[arg-type]
     async with TestClient(TestServer(web.application())) as client:
