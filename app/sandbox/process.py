@@ -294,7 +294,8 @@ class SandboxProcess:
             if size > self._max_line:
                 raise ValueError("answer larger than the output limit")
             return False
-        frame = bytes(self._buffer[end + 1:size])
+        with memoryview(self._buffer) as view:  # one copy of the outputs (a bytearray slice would be a second)
+            frame = bytes(view[end + 1:size])
         del self._buffer[:size]
         self._accept(header, frame)
         return True
