@@ -217,7 +217,8 @@ class OwnedWindows:
 
 
 class Batches:
-    """Stands in for the agent's faust stream: take_events() yields the batches given, then ends."""
+    """Stands in for an agent's faust stream: take_events() yields the batches given, events() their events one at
+    a time, then either ends."""
 
     def __init__(self, batches: Iterable[list[Any]]) -> None:
         self._batches = list(batches)
@@ -225,6 +226,11 @@ class Batches:
     async def take_events(self, max_: int, within: float) -> AsyncIterator[list[Any]]:
         for batch in self._batches:
             yield batch
+
+    async def events(self) -> AsyncIterator[Any]:
+        for batch in self._batches:
+            for event in batch:
+                yield event
 
 
 @dataclass

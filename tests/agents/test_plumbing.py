@@ -2,21 +2,26 @@
 (its original bytes and where they came from; one that cannot be sent does not stop the stream), and the state of
 an event's partition across a rebalance."""
 
+from __future__ import annotations
+
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 import pytest
 
 from app.agents.plumbing import EventDeadLetters, owned_values, raw_topic
 from app.contract.codecs import json_codec
-from app.contract.records import DeadLetter
+from app.contract.records import DeadLetter, Record
 from app.contract.topics import topics_for
 from app.kafka.partitioned_state import NotOwned
 from app.settings import Settings
 from app.worker import build_app
+
+R = TypeVar("R", bound=Record)
 
 
 @pytest.fixture
@@ -24,9 +29,34 @@ def settings(tmp_path: Path) -> Settings:
     return Settings(bootstrap_servers="kafka:9092", topic_prefix="p.", worker_id="w7", data_dir=tmp_path)
 
 
-def event(value: bytes | None, key: bytes | None = b"k") -> Any:
-    message = SimpleNamespace(topic="p.stats-partials", partition=3, offset=41, key=key, value=value)
+def event(value: bytes | None, key: bytes | None = b"k", topic: str = "p.stats-partials", partition: int = 3,
+          offset: int = 41) -> Any:
+    """An event as faust hands it to an agent: its value, and its message's origin and bytes."""
+    message = SimpleNamespace(topic=topic, partition=partition, offset=offset, key=key, value=value)
     return SimpleNamespace(message=message, value=value)
+
+
+@dataclass
+class Sends:
+    """Stands in for faust's Topic.send (install() it): what the agents sent, as (topic name, key, value); a send
+    to a topic in `refusing` fails."""
+
+    sent: list[tuple[str, bytes | None, bytes]] = field(default_factory=list)
+    refusing: set[str] = field(default_factory=set)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> Sends:
+        async def send(topic: Any, key: bytes | None = None, value: bytes = b"", **_: Any) -> None:
+            if topic.get_topic_name() in self.refusing:
+                raise ConnectionError("broker gone")
+            self.sent.append((topic.get_topic_name(), key, value))
+
+        monkeypatch.setattr(faust.topics.Topic, "send", send)
+        return self
+
+    def to(self, topic: str, model: type[R]) -> list[R]:
+        """The records sent to `topic`, decoded."""
+        codec = json_codec(model)
+        return [codec.decode(value) for name, _, value in self.sent if name == topic]
 
 
 def test_a_raw_topic_carries_bytes_of_every_registry_topic_named(settings: Settings) -> None:
@@ -40,15 +70,10 @@ def test_a_raw_topic_carries_bytes_of_every_registry_topic_named(settings: Setti
 
 async def test_a_dead_letter_carries_the_events_bytes_and_source(settings: Settings,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    sent: list[tuple[str, bytes | None, bytes]] = []
-
-    async def send(topic: Any, key: bytes | None = None, value: bytes = b"", **_: Any) -> None:
-        sent.append((topic.get_topic_name(), key, value))
-
-    monkeypatch.setattr(faust.topics.Topic, "send", send)
+    sends = Sends().install(monkeypatch)
     letters = EventDeadLetters(build_app(settings), settings, topics_for(settings.topic_prefix))
     await letters.send(event(b"\xff garbage"), "not a partial", "DecodeError")
-    [(topic, key, value)] = sent
+    [(topic, key, value)] = sends.sent
     letter = json_codec(DeadLetter).decode(value)
     assert topic == "p.dead-letters" and key == b"k"
     assert (letter.reason, letter.error_type, letter.value, letter.key) == ("not a partial", "DecodeError",
