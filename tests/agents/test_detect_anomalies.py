@@ -1,16 +1,29 @@
 """Anomaly signals end to end on the embedded broker: StatsPartials of synthetic minutes (hours in the past, as a
 replay) go to stats-partials, a worker's agent judges them, signals come out on anomaly-signals, and a canary
 with a signal against it is rolled back; a new task's real traffic breaking its error-rate bound is signalled
-within its first minute."""
+within its first minute.
+
+The agent's own logic is also tested fast, at the end: its handlers called directly, without a broker or a worker
+(how minutes are judged is app/domain/anomaly_watch.py's, tested in tests/domain/test_anomaly_watch.py)."""
+
+from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
 
+import faust
 import pytest
+from faust.types import TP
 
-from app.contract.codecs import codec_for
+from app.agents import detect_anomalies
+from app.agents.detect_anomalies import DetectAnomalies
+from app.contract.codecs import codec_for, json_codec
 from app.contract.records import (
     AnomalyMethod,
     AnomalyMetric,
@@ -27,7 +40,10 @@ from app.control.plane import ControlPlane
 from app.kafka.clients import apply_topics, make_producer
 from app.kafka.loop_client import RequestSender, request_from
 from app.settings import Settings
+from app.worker import build_app
 from devtools.broker import EmbeddedBroker
+from tests.agents.test_aggregate_daily_stats import Batches
+from tests.agents.test_plumbing import Sends, event
 from tests.conftest import WorkerProcess, collect, make_settings, results_for
 from tests.synthetic_partials import partials
 
@@ -181,3 +197,102 @@ async def test_a_new_task_breaking_its_error_bound_is_signalled_within_its_first
     assert (signal.metric, signal.method, signal.version) == (AnomalyMetric.ERROR_RATE, AnomalyMethod.TARGET, 1)
     assert 0.3 < signal.value < 0.7 and signal.baseline == 0.05, signal
     assert signal.detected_at - first_sent < timedelta(seconds=60) and waited < 60, (signal, waited)
+
+
+REPLAYED_AT = at(300)  # the wall clock of the fast tests: an hour after their traffic, as in a replay
+
+
+@dataclass
+class Detector:
+    """The agent under test, its faust app, the task table it reads, what it sent, and its clock."""
+
+    agent: DetectAnomalies
+    app: faust.App
+    tasks: dict[str, TaskSpec]
+    sends: Sends
+    now: datetime = REPLAYED_AT
+    offset: int = 0
+
+    async def consume(self, stream: Iterable[StatsPartial | bytes], partition: int = 0) -> None:
+        """The partials (or bytes) as events of stats-partials in one partition, at the next offsets."""
+        events = []
+        for record in stream:
+            value = record if isinstance(record, bytes) else json_codec(StatsPartial).encode(record)
+            events.append(event(value, key=b"spam", topic="p.stats-partials", partition=partition, offset=self.offset))
+            self.offset += 1
+        await self.agent._consume(Batches([events]))
+
+    def signals(self) -> list[tuple[bytes | None, str, AnomalyMetric, AnomalyMethod, datetime]]:
+        """The signals sent: (key, task, metric, method, detected at)."""
+        codec = json_codec(AnomalySignal)
+        return [(key, s.task_id, s.metric, s.method, s.detected_at)
+                for s, key in ((codec.decode(v), k) for topic, k, v in self.sends.sent if topic == "p.anomaly-signals")]
+
+
+@pytest.fixture
+def detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Detector:
+    settings = Settings(bootstrap_servers="127.0.0.1:9", topic_prefix="p.", data_dir=tmp_path)
+    ready = asyncio.Event()
+    ready.set()
+    tasks: dict[str, TaskSpec] = {}
+    app = build_app(settings)
+    agent = DetectAnomalies(app, settings, topics_for(settings.topic_prefix),
+                            SimpleNamespace(ready=ready, tasks=tasks))  # type: ignore[arg-type]
+    detector = Detector(agent, app, tasks, Sends().install(monkeypatch))
+    monkeypatch.setattr(detect_anomalies, "utc_now", lambda: detector.now)
+    return detector
+
+
+def spiking_last(task: str, seed: int) -> Iterator[StatsPartial]:
+    """80 minutes from T0 whose last has an error-rate spike: judged once the task goes quiet."""
+    return partials(task, 1, T0, 80, seed=seed, error_rate=lambda m: 0.3 if m == 79 else 0.01)
+
+
+async def test_partials_become_signals_keyed_by_task(detector: Detector) -> None:
+    await detector.consume(partials("spiky", 1, T0, 100, seed=12, error_rate=lambda m: 0.25 if m == 90 else 0.01))
+    assert detector.signals() == [(b"spiky", "spiky", AnomalyMetric.ERROR_RATE, AnomalyMethod.ZSCORE, at(91))]
+
+
+async def test_a_task_in_the_table_is_judged_against_its_targets_from_its_first_minute(detector: Detector) -> None:
+    detector.tasks["targeted"] = TaskSpec(name="targeted", max_error_rate=0.05, latency_target_ms=1000,
+                                         updated_at=T0)
+    half_broken = {"error_rate": lambda m: 0.5}
+    await detector.consume(partials("targeted", 1, T0, 2, seed=1, **half_broken))
+    await detector.consume(partials("unknown", 1, T0, 2, seed=2, **half_broken))  # no spec: no targets
+    assert [(task, metric, method) for _, task, metric, method, _ in detector.signals()] == [
+        ("targeted", AnomalyMetric.ERROR_RATE, AnomalyMethod.TARGET)]
+
+
+async def test_bad_partials_become_dead_letters_and_the_stream_goes_on(detector: Detector) -> None:
+    unreadable = next(partials("spiky", 1, T0, 1, seed=3)).model_copy(update={"sketch": b"not a sketch"})
+    await detector.consume([b"\xff not a partial", unreadable,
+                            *partials("spiky", 1, T0, 100, seed=12, error_rate=lambda m: 0.25 if m == 90 else 0.01)])
+    letters = detector.sends.to("p.dead-letters", DeadLetter)
+    assert [(d.source_offset, d.error_type, d.value) for d in letters] == [
+        (0, "DecodeError", b"\xff not a partial"), (1, "SketchError", json_codec(StatsPartial).encode(unreadable))]
+    assert letters[1].reason.startswith("anomaly detection failed: not a DDSketch protobuf")
+    assert [task for _, task, *_ in detector.signals()] == ["spiky"]
+
+
+async def test_the_timer_judges_quiet_tasks_but_not_those_of_a_revoked_partition(detector: Detector) -> None:
+    await detector.consume(spiking_last("kept", seed=4), partition=0)
+    await detector.consume(spiking_last("moved", seed=4), partition=1)
+    await detector.agent._tick()
+    assert detector.signals() == []  # their last minute is open until they have been quiet a while
+    # Partition 1 of stats-partials goes to another worker; partition 1 of another topic says nothing of "kept".
+    await detector.agent._forget_revoked(detector.app, {TP("p.stats-partials", 1), TP("p.anomaly-signals", 0)},
+                                         signal=None)
+    detector.now += timedelta(minutes=5)
+    await detector.agent._tick()
+    assert detector.signals() == [(b"kept", "kept", AnomalyMetric.ERROR_RATE, AnomalyMethod.ZSCORE, at(80))]
+
+
+async def test_a_tick_that_fails_is_logged_and_the_timer_goes_on(detector: Detector, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    def broken(now: datetime) -> list[AnomalySignal]:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(detector.agent.watch, "tick", broken)
+    with caplog.at_level(logging.ERROR, logger="app.agents.detect_anomalies"):
+        await detector.agent._tick()  # does not raise: a timer that raises takes the worker down
+    assert "anomaly tick failed" in caplog.text
