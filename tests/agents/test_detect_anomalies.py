@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,7 +43,7 @@ from app.settings import Settings
 from app.worker import build_app
 from devtools.broker import EmbeddedBroker
 from tests.agents.test_aggregate_daily_stats import Batches
-from tests.agents.test_plumbing import Sends, event
+from tests.agents.test_plumbing import Events, Sends
 from tests.conftest import WorkerProcess, collect, make_settings, results_for
 from tests.synthetic_partials import partials
 
@@ -211,16 +211,11 @@ class Detector:
     tasks: dict[str, TaskSpec]
     sends: Sends
     now: datetime = REPLAYED_AT
-    offset: int = 0
+    events: Events = field(default_factory=lambda: Events({StatsPartial: "p.stats-partials"}))
 
-    async def consume(self, stream: Iterable[StatsPartial | bytes], partition: int = 0) -> None:
-        """The partials (or bytes) as events of stats-partials in one partition, at the next offsets."""
-        events = []
-        for record in stream:
-            value = record if isinstance(record, bytes) else json_codec(StatsPartial).encode(record)
-            events.append(event(value, key=b"spam", topic="p.stats-partials", partition=partition, offset=self.offset))
-            self.offset += 1
-        await self.agent._consume(Batches([events]))
+    async def consume(self, stream: Iterable[StatsPartial | tuple[str, bytes]], partition: int = 0) -> None:
+        """The partials (or bytes on the topic named with them) as events of one partition."""
+        await self.agent._consume(Batches([self.events(*stream, partition=partition)]))
 
     def signals(self) -> list[tuple[bytes | None, str, AnomalyMetric, AnomalyMethod, datetime]]:
         """The signals sent: (key, task, metric, method, detected at)."""
@@ -265,7 +260,7 @@ async def test_a_task_in_the_table_is_judged_against_its_targets_from_its_first_
 
 async def test_bad_partials_become_dead_letters_and_the_stream_goes_on(detector: Detector) -> None:
     unreadable = next(partials("spiky", 1, T0, 1, seed=3)).model_copy(update={"sketch": b"not a sketch"})
-    await detector.consume([b"\xff not a partial", unreadable,
+    await detector.consume([("p.stats-partials", b"\xff not a partial"), unreadable,
                             *partials("spiky", 1, T0, 100, seed=12, error_rate=lambda m: 0.25 if m == 90 else 0.01)])
     letters = detector.sends.to("p.dead-letters", DeadLetter)
     assert [(d.source_offset, d.error_type, d.value) for d in letters] == [

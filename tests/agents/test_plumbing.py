@@ -36,6 +36,24 @@ def event(value: bytes | None, key: bytes | None = b"k", topic: str = "p.stats-p
     return SimpleNamespace(message=message, value=value)
 
 
+class Events:
+    """Makes events of records as faust hands them to an agent, at successive offsets: a record JSON-encoded on its
+    type's topic in `topic_of`, or (topic name, bytes) as they are."""
+
+    def __init__(self, topic_of: dict[type[Record], str]) -> None:
+        self._topic_of = topic_of
+        self.offset = 0
+
+    def __call__(self, *records: Record | tuple[str, bytes], partition: int = 0) -> list[Any]:
+        made = []
+        for record in records:
+            topic, value = record if isinstance(record, tuple) else (
+                self._topic_of[type(record)], json_codec(type(record)).encode(record))
+            made.append(event(value, topic=topic, partition=partition, offset=self.offset))
+            self.offset += 1
+        return made
+
+
 @dataclass
 class Sends:
     """Stands in for faust's Topic.send (install() it): what the agents sent, as (topic name, key, value); a send

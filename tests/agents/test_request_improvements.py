@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -48,7 +48,7 @@ from app.worker import build_app
 from devtools.broker import EmbeddedBroker
 from devtools.fake_llm import FakeChat, Fixture
 from tests.agents.test_aggregate_daily_stats import Batches
-from tests.agents.test_plumbing import Sends, event
+from tests.agents.test_plumbing import Events, Sends
 from tests.agents.test_validation_loop import validations_of
 from tests.conftest import WorkerProcess, make_settings
 from tests.domain.test_improvement import signal, validation
@@ -144,20 +144,12 @@ class Watcher:
     topics: Topics
     tasks: dict[str, TaskSpec]
     sends: Sends
-    offset: int = 0
+    events: Events = field(default_factory=lambda: Events({Validation: "p.validations",
+                                                          AnomalySignal: "p.anomaly-signals"}))
 
     async def consume(self, *records: Validation | AnomalySignal | tuple[str, bytes]) -> None:
-        """One batch of events, each on its topic (bytes as they are, on the topic named with them)."""
-        events = []
-        for record in records:
-            if isinstance(record, tuple):
-                topic, value = record
-            else:
-                spec = self.topics.validations if isinstance(record, Validation) else self.topics.anomaly_signals
-                topic, value = spec.name, json_codec(type(record)).encode(record)
-            events.append(event(value, key=b"spam", topic=topic, partition=0, offset=self.offset))
-            self.offset += 1
-        await self.agent._consume(Batches([events]))
+        """One batch of events (bytes as they are, on the topic named with them)."""
+        await self.agent._consume(Batches([self.events(*records)]))
 
     def requests(self) -> list[ImprovementRequest]:
         return self.sends.to(self.topics.improvement_requests.name, ImprovementRequest)
