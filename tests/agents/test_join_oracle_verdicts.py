@@ -1,14 +1,18 @@
 """The external-oracle join: one validation per execution when its requests and verdicts are delivered again
 (on the embedded broker, through a worker), and its expiry sweep across a rebalance, simulated: faust moves
 partitions (and drops the keys its table read back for them) at any await, which no broker can be made to do at
-a chosen moment."""
+a chosen moment.
+
+The join's own logic is also tested fast, at the end: its handlers called directly, without a broker or a worker."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,12 +20,15 @@ import faust
 import pytest
 from faust.types import TP
 
+from app.agents import join_oracle_verdicts
 from app.agents.join_oracle_verdicts import JoinOracleVerdicts
 from app.contract.codecs import codec_for, json_codec
 from app.contract.records import (
+    DeadLetter,
     OracleKind,
     OracleSpec,
     OracleVerdict,
+    StatsPartial,
     Validation,
     ValidationRequest,
     ValidationStatus,
@@ -34,6 +41,8 @@ from app.kafka.clients import apply_topics, make_producer, partition_for
 from app.kafka.tables import read_topic
 from app.settings import Settings
 from devtools.broker import EmbeddedBroker
+from tests.agents.test_aggregate_daily_stats import Batches
+from tests.agents.test_plumbing import Events, Sends
 from tests.conftest import WorkerProcess, collect, make_settings
 
 
@@ -286,8 +295,8 @@ def _rejoined(log: str, group: str) -> list[float]:
 
 
 @pytest.fixture
-def join(broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> tuple[faust.App, JoinOracleVerdicts, list[Any]]:
-    settings = make_settings(broker)
+def join(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[faust.App, JoinOracleVerdicts, list[Any]]:
+    settings = Settings(bootstrap_servers="127.0.0.1:9", topic_prefix="p.", data_dir=tmp_path)
     topics = topics_for(settings.topic_prefix)
     app = faust.App(settings.app_id, broker=f"kafka://{settings.bootstrap_servers}")
     joined = JoinOracleVerdicts(app, settings, topics)
@@ -330,3 +339,105 @@ async def test_a_rebalance_at_an_await_of_the_expiry_sweep_takes_nothing_down(
     # longer kept here, nor is d.
     assert [(key, value["decided"]) for key, value in changelog] == [(key_a, "expired"), (key_c, "expired")]
     assert list(joined.pending.data) == [key_c]
+
+
+@dataclass
+class Joiner:
+    """The join under test, owning every partition; what it sent, its table's changelog, and its clock."""
+
+    agent: JoinOracleVerdicts
+    sends: Sends
+    changelog: list[Any]
+    now: float
+    events: Events = field(default_factory=lambda: Events({ValidationRequest: "p.oracle-requests",
+                                                          OracleVerdict: "p.oracle-verdicts"}))
+
+    async def consume(self, *records: ValidationRequest | OracleVerdict | tuple[str, bytes]) -> None:
+        """Events of oracle-requests and oracle-verdicts (bytes as they are, on the topic named with them)."""
+        await self.agent._consume(Batches([self.events(*records)]))
+
+    def validations(self) -> list[tuple[str, ValidationStatus, bool | None, str]]:
+        """The validations sent: (request id, status, match, details)."""
+        return [(v.request_id, v.status, v.match, v.details) for v in self.sends.to("p.validations", Validation)]
+
+
+@pytest.fixture
+def joiner(join: tuple[faust.App, JoinOracleVerdicts, list[Any]], monkeypatch: pytest.MonkeyPatch) -> Joiner:
+    app, joined, changelog = join
+    joiner = Joiner(joined, Sends().install(monkeypatch), changelog, now=time.time())
+    monkeypatch.setattr(app, "assignor", Rebalances(app, joined._requests_topic, set(range(6))))
+    monkeypatch.setattr(join_oracle_verdicts, "time", SimpleNamespace(time=lambda: joiner.now))
+    return joiner
+
+
+async def test_a_request_is_judged_once_its_verdict_comes_and_only_once(joiner: Joiner) -> None:
+    request = _request("answered", 2, timeout_s=5)
+    await joiner.consume(request)
+    assert joiner.sends.sent == []  # waiting for its verdict
+    await joiner.consume(_verdict(request))
+    assert joiner.validations() == [(request.request_id, ValidationStatus.VALIDATED, True, "")]
+    # Its daily-stats partial follows it, keyed by task like it.
+    assert [(topic, key) for topic, key, _ in joiner.sends.sent] == [("p.validations", b"asked"),
+                                                                      ("p.stats-partials", b"asked")]
+    [partial] = joiner.sends.to("p.stats-partials", StatsPartial)
+    assert (partial.task_id, partial.validated, partial.matched) == ("asked", 1, 1)
+    # Delivered again, the request and its verdict are not judged again, nor does the request wait and expire.
+    await joiner.consume(request, _verdict(request))
+    joiner.now += 60
+    await joiner.agent._expire()
+    assert len(joiner.validations()) == 1
+    assert [value["decided"] for key, value in joiner.changelog if "decided" in value] == ["validated"]
+
+
+async def test_a_verdict_read_before_its_request_judges_it_when_it_comes(joiner: Joiner) -> None:
+    request = _request("fast", 3)
+    await joiner.consume(_verdict(request).model_copy(update={"output": "ham"}))
+    assert joiner.sends.sent == []
+    await joiner.consume(request)
+    assert joiner.validations() == [(request.request_id, ValidationStatus.VALIDATED, False, "'spam' != 'ham'")]
+
+
+async def test_a_request_whose_verdict_never_comes_expires_once_and_is_forgotten_later(joiner: Joiner) -> None:
+    request = _request("unanswered", 4, timeout_s=5)
+    await joiner.consume(request)
+    joiner.now += 4.9
+    await joiner.agent._expire()
+    assert joiner.sends.sent == []  # not due yet
+    joiner.now += 0.2
+    await joiner.agent._expire()
+    assert joiner.validations() == [(request.request_id, ValidationStatus.EXPIRED, None, "no verdict within 5 s")]
+    await joiner.consume(_verdict(request), request)  # too late; and delivered again
+    await joiner.agent._expire()
+    assert len(joiner.validations()) == 1
+    # The decision is remembered for an hour, then forgotten: a tombstone in the changelog.
+    key = request.execution_id.encode()
+    joiner.now += 3600
+    await joiner.agent._expire()
+    assert joiner.agent.pending.get(key) is None and joiner.changelog[-1] == (key, None)
+
+
+async def test_undecodable_requests_and_verdicts_become_dead_letters(joiner: Joiner) -> None:
+    request = _request("after", 1)
+    await joiner.consume(("p.oracle-requests", b"\xff not a request"), ("p.oracle-verdicts", b'{"output": 1}'),
+                         request, _verdict(request))
+    letters = joiner.sends.to("p.dead-letters", DeadLetter)
+    assert [(d.source_topic, d.source_offset, d.error_type) for d in letters] == [
+        ("p.oracle-requests", 0, "DecodeError"), ("p.oracle-verdicts", 1, "DecodeError")]
+    assert [v[0] for v in joiner.validations()] == [request.request_id]  # the stream goes on
+
+
+async def test_a_verdict_read_while_its_expiry_is_being_sent_is_not_judged_too(
+        joiner: Joiner, monkeypatch: pytest.MonkeyPatch) -> None:
+    request = _request("raced", 5)
+    await joiner.consume(request)
+    sent: list[ValidationStatus] = []
+
+    async def send(record: ValidationFields) -> None:
+        sent.append(record["status"])
+        if len(sent) == 1:  # the stream reads the verdict at the expiry's await
+            await joiner.consume(_verdict(request))
+
+    monkeypatch.setattr(joiner.agent, "_send", send)
+    joiner.now += 2
+    await joiner.agent._expire()
+    assert sent == [ValidationStatus.EXPIRED]
