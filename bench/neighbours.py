@@ -24,9 +24,11 @@ from app.contract.topics import topics_for
 from app.control.plane import ControlPlane
 from app.kafka.clients import (
     apply_topics,
+    cancel_and_wait,
     make_consumer,
     make_producer,
     partition_for,
+    stop_clients,
     widen_fetch_wait_if_starved,
 )
 from app.kafka.loop_client import request_from
@@ -192,6 +194,57 @@ async def scenario(work: Path, rate: int, neighbour: str, neighbour_rate: int,
                 say(f"    worker: {line[:300]}")
 
 
+async def broker_alone(work: Path, rate: int, seconds: float, megabytes_per_s: int) -> list[float]:
+    """No worker: small records at `rate`/s to the victim's results partition, beside `megabytes_per_s` records of
+    1 MB to the huge-outputs task's, on a fresh broker: the small records' produce->seen latencies in ms (what the
+    broker alone adds beside a neighbour's megabytes)."""
+    with EmbeddedBroker(log_file=work / "broker.log") as broker:
+        settings = Settings(bootstrap_servers=broker.bootstrap_servers, topic_prefix="alone.", app_id="alone",
+                            data_dir=work / "data", web_port=0, **EMBEDDED_TIMINGS)
+        topics = topics_for(settings.topic_prefix)
+        await apply_topics(settings, topics)
+        results = topics.execution_results
+        consumer = await _reader(settings, partition_for(b"victim", results.partitions))
+        sent_at: dict[bytes, float] = {}
+        latencies: list[float] = []
+
+        async def receive() -> None:
+            while True:
+                fetched = await consumer.getmany(timeout_ms=100)
+                now = time.perf_counter()
+                for messages in fetched.values():
+                    for message in messages:
+                        if message.value in sent_at:
+                            latencies.append((now - sent_at.pop(message.value)) * 1000)
+
+        receiver = asyncio.ensure_future(receive())
+        producer, bulk = make_producer(settings), make_producer(settings)  # as the worker's main and bulk lanes
+        await producer.start()
+        await bulk.start()
+        small_partition = partition_for(b"victim", results.partitions)
+        big_partition = partition_for(b"huge-outputs", results.partitions)
+        megabyte = b"x" * 999_000
+        try:
+            started, number = time.perf_counter(), 0
+            for tick in range(int(seconds * 100)):
+                for _ in range(max(1, rate // 100)):
+                    value = b"%08d" % number + b"." * 300  # about a result's size
+                    sent_at[value] = time.perf_counter()
+                    await producer.send(results.name, value, key=b"victim", partition=small_partition)
+                    number += 1
+                if megabytes_per_s and tick % max(1, 100 // megabytes_per_s) == 0:
+                    await bulk.send(results.name, megabyte, key=b"huge-outputs", partition=big_partition)
+                await asyncio.sleep(max(0.0, started + (tick + 1) * 0.01 - time.perf_counter()))
+            deadline = time.monotonic() + 30
+            while sent_at and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            await stop_clients(producer, bulk)
+            await cancel_and_wait(receiver)
+            await consumer.stop()
+        return latencies
+
+
 async def run(seconds: float, rate: int, rounds: int, only: list[str]) -> None:
     say(f"victim: {rate} req/s of a trivial program for {seconds:g} s per scenario, one worker (embedded broker), "
         f"a fresh broker and worker for each scenario; {rounds} rounds, scenarios interleaved, medians of the "
@@ -217,6 +270,15 @@ async def run(seconds: float, rate: int, rounds: int, only: list[str]) -> None:
         rounds_p99 = " ".join(f"{p99:.0f}" for _, p99, _ in runs)
         say(f"{name:<32} {p50:>8.1f} {p99:>8.1f} {p99 / alone_p99:>12.2f}x  [{rounds_p99}]; {what}")
     say(f"worker peak resident memory (the largest of every scenario's worker): {peak:.0f} MB")
+    if "1 MB outputs" in scenarios:
+        floors: dict[int, list[float]] = {0: [], 20: []}
+        for _ in range(rounds):
+            for megabytes_per_s, p99s in floors.items():
+                with tempfile.TemporaryDirectory() as work:
+                    p99s.append(quantile(await broker_alone(Path(work), rate, seconds, megabytes_per_s), 0.99))
+        alone, beside = statistics.median(floors[0]), statistics.median(floors[20])
+        say(f"the broker alone (no worker; small records at {rate}/s, medians): p99 {alone:.1f} ms, beside 20 records "
+            f"of 1 MB a second {beside:.1f} ms ({beside / alone:.2f}x)")
 
 
 def main() -> None:
