@@ -71,6 +71,7 @@ class SandboxPool:
         self._spares: list[SandboxProcess] = []
         self._all: set[SandboxProcess] = set()
         self._changed = asyncio.Condition()
+        self._waiting = 0  # runners waiting on _changed
         self._background_work: set[asyncio.Task[None]] = set()
         self._queues: dict[Owner, CallQueue] = {}  # per version: calls waiting for its processes
         self._runners: set[asyncio.Task[None]] = set()
@@ -261,16 +262,14 @@ class SandboxPool:
             chunk.emit(answers)
 
     async def _acquire(self, owner: Owner) -> SandboxProcess:
+        process = self._take_idle(owner)  # the common case needs no lock: nothing holds it across an await
+        if process is not None:
+            return process
         async with self._changed:
             while True:
-                idle = self._idle.get(owner)
-                if idle:
-                    process = idle.pop()
-                    self._lru.pop(process, None)
-                    if process.alive:
-                        return process
-                    self._forget(process)
-                    continue
+                process = self._take_idle(owner)
+                if process is not None:
+                    return process
                 bound = self._bound.get(owner, 0)
                 if bound < min(self._size, _PER_OWNER):
                     # A full pool makes room only for an owner that has no process yet; one that has a process
@@ -281,7 +280,11 @@ class SandboxPool:
                         self._bound[owner] = bound + 1
                         self._bound_total += 1
                         break
-                await self._changed.wait()
+                self._waiting += 1
+                try:
+                    await self._changed.wait()
+                finally:
+                    self._waiting -= 1
         try:
             process = await self._take_spare()
         except BaseException:
@@ -291,6 +294,18 @@ class SandboxPool:
             raise
         process.owner = owner
         return process
+
+    def _take_idle(self, owner: Owner) -> SandboxProcess | None:
+        """An idle live process of the owner, if it has one (dead ones found on the way are dropped)."""
+        idle = self._idle.get(owner)
+        while idle:
+            process = idle.pop()
+            self._lru.pop(process, None)
+            if process.alive:
+                return process
+            self._forget(process)
+            idle = self._idle.get(owner)
+        return None
 
     def _evict_for(self, owner: Owner) -> None:
         """Stop the least recently used idle process of another owner, freeing its place."""
@@ -305,14 +320,15 @@ class SandboxPool:
         self._forget(victim, replaced=False)
 
     async def _release(self, process: SandboxProcess) -> None:
-        async with self._changed:
-            if process.alive and process.owner is not None:
-                process.last_used = asyncio.get_running_loop().time()
-                self._idle.setdefault(process.owner, []).append(process)
-                self._lru[process] = None
-            else:
-                self._forget(process)
-            self._changed.notify_all()
+        if process.alive and process.owner is not None:
+            process.last_used = asyncio.get_running_loop().time()
+            self._idle.setdefault(process.owner, []).append(process)
+            self._lru[process] = None
+        else:
+            self._forget(process)
+        if self._waiting:  # runners wait for a process or for room: they look again
+            async with self._changed:
+                self._changed.notify_all()
 
     def _unbind(self, owner: Owner) -> None:
         self._bound_total -= 1
