@@ -82,11 +82,18 @@ class ValidateExecutions:
         self.pipeline.consumer = make_consumer(settings, group_id=f"{settings.app_id}-validators",
                                                fetch_max_wait_ms=settings.agent_fetch_max_wait_ms,
                                                **settings.group_args())
-        self._writer = await start_answering(self.pipeline.consumer, self._producer, settings, self._topics,
-                                             self._topics.validation_requests.name, self.pipeline.listener)
+        writer = await start_answering(self.pipeline.consumer, self._producer, settings, self._topics,
+                                       self._topics.validation_requests.name, self.pipeline.listener)
+        partitions = {}
         for spec in (self._topics.validations, self._topics.oracle_requests):  # before the first batch is read
-            self._partitions[spec.name] = len(await topic_partitions(self._producer, spec.name))
+            partitions[spec.name] = len(await topic_partitions(self._producer, spec.name))
+        self.answer_with(writer, partitions)
         self.pipeline.start(self._take, self._tables.ready.wait())  # a shadow oracle needs the artifacts
+
+    def answer_with(self, writer: ResultWriter, partitions: dict[str, int]) -> None:
+        """Where answers go: the writer (letters, partials) and the partition counts of validations and
+        oracle-requests. start() learns them from the cluster; a test may hand in its own."""
+        self._writer, self._partitions = writer, partitions
 
     def fail(self, reason: str) -> None:
         """Stop fetching and committing: from now on nothing is committed."""

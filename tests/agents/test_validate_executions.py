@@ -1,17 +1,19 @@
 """The validator in this process on the embedded broker, its tables and sandbox pool stood in (no worker, no
 sandbox): each oracle kind's answer, what it does when it cannot compare, dead letters of what is not a request,
-its partials, and the commit once all is answered. Through a worker, with real oracles and the sandbox:
-tests/agents/test_validation_loop.py."""
+its partials, and the commit once all is answered; at the end, a batch answered without a broker. Through a worker,
+with real oracles and the sandbox: tests/agents/test_validation_loop.py."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import pytest
+from aiokafka import TopicPartition
 
 from app.agents.validate_executions import ValidateExecutions
 from app.contract.codecs import codec_for
@@ -29,6 +31,7 @@ from app.contract.records import (
 )
 from app.contract.topics import topics_for
 from app.kafka.clients import make_producer
+from app.kafka.outcomes import ResultWriter
 from app.sandbox.calls import Call, Outcome
 from app.settings import Settings
 from tests.conftest import collect
@@ -180,3 +183,77 @@ async def committed_to_the_end(settings: Settings, timeout_s: float = 30) -> Non
     while (done := await committed(settings, f"{settings.app_id}-validators", spec.name)) != wanted:
         assert time.monotonic() < deadline, f"committed {done}, the log ends at {wanted}"
         await asyncio.sleep(0.1)
+
+
+# Its logic without a broker: a batch handed to it as the fetch loop would, its answers kept by a stand-in producer.
+
+
+class _Kept:
+    """A record batch that keeps what is appended."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes]] = []
+
+    def append(self, key: bytes | None, value: bytes, timestamp: None) -> object:
+        self.records.append((key, value))
+        return self
+
+    def close(self) -> None:
+        pass
+
+
+class KeptProducer:
+    """Stands in for a started producer: every topic has 3 partitions, and every batch is acknowledged and kept as
+    (topic, partition, key, value)."""
+
+    def __init__(self) -> None:
+        self.client = SimpleNamespace(cluster=SimpleNamespace(partitions_for_topic=lambda topic: {0, 1, 2}))
+        self.sent: list[tuple[str, int, bytes | None, bytes]] = []
+
+    def create_batch(self) -> _Kept:
+        return _Kept()
+
+    async def send_batch(self, batch: _Kept, topic: str, *, partition: int) -> asyncio.Future[None]:
+        self.sent += [(topic, partition, key, value) for key, value in batch.records]
+        ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ack.set_result(None)
+        return ack
+
+
+async def test_a_batch_is_answered_by_kind_without_a_broker() -> None:
+    settings, topics, pool = Settings.load(None), topics_for("t-"), Pool()
+    service = ValidateExecutions(settings, topics, Tables(), pool)  # type: ignore[arg-type]
+    producer = KeptProducer()
+    writer = ResultWriter(settings, topics, producer)  # type: ignore[arg-type]
+    await writer.start()
+    service.answer_with(writer, {topics.validations.name: 3, topics.oracle_requests.name: 3})
+    encode = codec_for(ValidationRequest, settings, topics.validation_requests).encode
+    values = [encode(validation_request("matched", "labelled", OracleSpec(kind=OracleKind.LABEL), "spam",
+                                        expected_output="spam")),
+              encode(validation_request("asked", "asked", OracleSpec(kind=OracleKind.EXTERNAL), "spam")),
+              encode(validation_request("shadowed", "shadowed", SHADOW, "free money")),
+              encode(validation_request("shadow-fails", "shadowed", SHADOW, "x", input={"fail": "boom"})),
+              b"\xff not a validation request", None]
+    tp = TopicPartition(topics.validation_requests.name, 4)
+    messages = [SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=10 + i, key=b"k", value=value)
+                for i, value in enumerate(values)]
+    service._take({tp: messages})  # type: ignore[dict-item]
+    deadline = time.monotonic() + 10
+    while service.validated + service.forwarded + service.dead_lettered < len(values):
+        assert time.monotonic() < deadline, producer.sent
+        await asyncio.sleep(0.01)
+
+    def sent_on(topic: str, model: type) -> list[Any]:
+        decode = codec_for(model, settings, topics.by_name(topic)).decode
+        return [decode(value) for name, _, _, value in producer.sent if name == topic]
+
+    validations = {v.request_id: v for v in sent_on(topics.validations.name, Validation)}
+    assert (validations["matched"].match, validations["shadowed"].match) == (True, True)
+    assert validations["shadow-fails"].details == "shadow version 1 ended as error: boom"
+    [forwarded] = sent_on(topics.oracle_requests.name, ValidationRequest)
+    assert forwarded.request_id == "asked"
+    letters = sent_on(topics.dead_letters.name, DeadLetter)
+    assert sorted((d.error_type, d.source_offset) for d in letters) == [("DecodeError", 14), ("EmptyMessage", 15)]
+    assert [c.key for c in pool.calls] == ["shadowed-v1", "shadowed-v1"]
+    assert (service.validated, service.forwarded, service.dead_lettered) == (3, 1, 2)
+    assert all(partition in range(3) for _, partition, _, _ in producer.sent)
