@@ -123,6 +123,7 @@ class ExecuteRequests:
         pending, marks = self._triage(batches, self.pipeline.track, self._lanes.main)
         self._lanes.flush_soon()
         if pending:
+            self.pipeline.spread(sum(map(len, batches.values())), len({request.task_id for request, _, _ in pending}))
             self.pipeline.spawn(self._execute(pending, marks))
 
     async def _execute(self, pending: list[Pending], marks: list[Mark]) -> None:

@@ -20,6 +20,12 @@ from app.kafka.outcomes import Message
 from app.kafka.progress import Mark, PartitionProgress, Segment
 
 log = logging.getLogger(__name__)
+# Fetch sizes that follow how a fetch spreads over keys (spread()): a key's records are handled in groups, and a
+# group costs the worker as much as several records (a sandbox round trip per task version), so with many keys a
+# larger fetch costs less per record (docs/performance.md has the figures).
+_MAX_GROWTH = 4
+_FEW_PER_KEY = 16
+_MANY_PER_KEY = 64
 
 # How long a revocation waits for the revoked partitions' records in flight before it lets them go: the group
 # waits for this member meanwhile. What is not done by then is redone by the next owner (duplicates, no loss).
@@ -57,7 +63,7 @@ class Pipeline:
         self._records = records  # what it consumes, in failures
         self.consumer: AIOKafkaConsumer
         self._max_in_flight = max_in_flight
-        self._batch_size = batch_size
+        self._batch_size = self._base_batch_size = batch_size
         self._commit_interval_s = commit_interval_s
         self._before_commit = before_commit
         self._commit_due = commit_due
@@ -112,6 +118,22 @@ class Pipeline:
             self._room.set()
         else:
             self._room.clear()
+
+    def spread(self, records: int, keys: int) -> None:
+        """A fetch of `records` over `keys` keys (tasks): while fetches come full and hold few records of each key,
+        fetch up to _MAX_GROWTH times more at once (and as many more in flight), so that each key's records come
+        in larger groups; back to the batch size given when keys have many records each."""
+        per_key = records / max(1, keys)
+        if records >= self._batch_size and per_key < _FEW_PER_KEY:
+            size = min(self._base_batch_size * _MAX_GROWTH, self._batch_size * 2)
+        elif per_key >= _MANY_PER_KEY:
+            size = max(self._base_batch_size, self._batch_size // 2)
+        else:
+            return
+        if size != self._batch_size:
+            self._max_in_flight = self._max_in_flight * size // self._batch_size
+            self._batch_size = size
+            self.update_room()
 
     def spawn(self, work: Awaitable[Any]) -> None:
         """Run work alongside; stop() cancels what is left of it."""

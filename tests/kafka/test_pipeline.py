@@ -25,11 +25,13 @@ class Consumer:
         self.commits: list[dict[TopicPartition, int]] = []
         self.ends: dict[TopicPartition, int] = {}
         self.refuse: Exception | None = None
+        self.asked: list[int] = []  # max_records of each getmany
 
     def assignment(self) -> set[TopicPartition]:
         return self.assigned
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Any]]:
+        self.asked.append(max_records)
         try:
             return await asyncio.wait_for(self.fetches.get(), timeout_ms / 1000)
         except TimeoutError:
@@ -207,3 +209,27 @@ async def test_stop_lets_the_records_in_flight_finish_and_commits_them() -> None
     await pipeline.stop()
     await finishing
     assert consumer.commits[-1] == {P0: 3}
+
+
+async def test_full_fetches_of_few_records_per_key_grow_and_fetches_of_many_per_key_shrink_back() -> None:
+    consumer = Consumer(P0)
+    pipeline, taken, _ = started(consumer, max_in_flight=1000)  # batches of 500, two in flight
+    pipeline.spread(500, 100)  # full, 5 records a key: twice as many at once, and twice as many in flight
+    pipeline.spread(1000, 200)
+    pipeline.spread(2000, 400)  # at most 4 times the batch size given
+    await consumer.fetches.put({P0: records(P0, range(0, 3))})
+    await until(lambda: taken.fetched == 3)
+    assert consumer.asked[-1] == 2000
+    pipeline.spread(100, 100)  # not full: no backlog to fetch in larger groups, nothing changes
+    pipeline.spread(1000, 4)  # 250 records a key: halved, not below the size given
+    pipeline.spread(500, 2)
+    pipeline.spread(500, 2)
+    await consumer.fetches.put({P0: records(P0, range(3, 1000 + 3))})  # more than 1,000 in flight: it pauses
+    await until(lambda: taken.fetched == 1003)
+    asked = len(consumer.asked)
+    await asyncio.sleep(0.3)  # a fetch would be asked for now if there were room: nothing to wait on but time
+    assert len(consumer.asked) == asked
+    await taken.done(P0, *range(0, 1003))
+    await until(lambda: len(consumer.asked) > asked)
+    assert consumer.asked[asked:] and set(consumer.asked[asked:]) == {500}
+    await pipeline.stop()
