@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     data_dir: Path | None = None
 
     # Executor
+    # Requests fetched at once; up to 4x this while fetches come full and spread over many tasks (Pipeline.spread).
     executor_batch_size: int = Field(1000, ge=1, le=100_000)
     # Requests in flight (fetched, not yet answered) are at most batch size x this, fetching pauses past it; and
     # at most this many deliveries of results are on their way at once (the next gathers what comes meanwhile).
