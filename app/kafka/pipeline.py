@@ -62,7 +62,7 @@ class Pipeline:
         self.name = name  # of the member, in log lines
         self._records = records  # what it consumes, in failures
         self.consumer: AIOKafkaConsumer
-        self._max_in_flight = max_in_flight
+        self._max_in_flight = self._base_max_in_flight = max_in_flight
         self._batch_size = self._base_batch_size = batch_size
         self._commit_interval_s = commit_interval_s
         self._before_commit = before_commit
@@ -131,8 +131,8 @@ class Pipeline:
         else:
             return
         if size != self._batch_size:
-            self._max_in_flight = self._max_in_flight * size // self._batch_size
             self._batch_size = size
+            self._max_in_flight = self._base_max_in_flight * size // self._base_batch_size
             self.update_room()
 
     def spawn(self, work: Awaitable[Any]) -> None:
